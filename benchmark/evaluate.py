@@ -1,0 +1,309 @@
+"""Early-exit evaluation from stored per-exit logits: exit policies, accuracy–FLOPs curves, summary numbers.
+
+The protocol is REGIMES.md, "Early-exit evaluation". Everything here is numpy on stored logits — no model,
+no torch, no re-forward — so re-evaluating a run takes milliseconds and later analyses can reuse the pieces.
+
+Conventions used throughout:
+- K exits, N samples, C classes. Logits are (K, N, C); confidences and correctness are (K, N).
+- Confidence is the max softmax probability, computed in float32 (stored float16 logits are upcast first).
+- A sample leaves at the first exit whose confidence >= that exit's threshold; the last exit takes the rest.
+  Thresholds are therefore K-1 numbers, one per internal exit.
+- exit_costs[k] is the cumulative FLOPs of leaving at exit k (backbone up to k plus every head up to k).
+  A policy point reports mean FLOPs per sample and accuracy as a fraction in [0, 1].
+- Thresholds and operating points are chosen on validation and only *applied* to test. The Pareto front,
+  the AUC and best_accuracy describe the test curve itself; they select nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+THRESHOLD_GRID = np.linspace(0.0, 1.0, 100)
+"""Global confidence thresholds tau of the SDN/ZTW-style sweep (same tau at every internal exit)."""
+
+BUDGET_Q = np.arange(1, 40) / 20
+"""Share ratios q of the MSDNet/L2W budgeted-batch curve: exit k gets a share proportional to q**k."""
+
+BUDGET_FRACTIONS = {"25pct": 0.25, "50pct": 0.50, "75pct": 0.75, "100pct": 1.00}
+"""Budgets of the accuracy_at_X summary numbers, as fractions of the backbone's FLOPs."""
+
+_BUDGET_RTOL = 1e-9
+"""A point 'fits' a budget up to this relative slack, so a mean of identical costs that rounds a hair
+above the exact budget is not excluded by floating-point noise."""
+
+
+@dataclass(frozen=True)
+class ExitOutputs:
+    """One split's per-exit confidences and correctness, (K, N) each: all an exit policy needs."""
+
+    confidence: np.ndarray  # float32, max softmax probability
+    prediction: np.ndarray  # int64, argmax class
+    correct: np.ndarray  # bool, prediction == label
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, y: np.ndarray) -> ExitOutputs:
+        confidence, prediction = max_softmax(logits)
+        y = np.asarray(y)
+        if y.shape != prediction.shape[1:]:
+            raise ValueError(f"labels of shape {y.shape} do not match logits of shape {np.shape(logits)}")
+        return cls(confidence, prediction, prediction == y[None, :])
+
+    @property
+    def n_exits(self) -> int:
+        return self.confidence.shape[0]
+
+
+@dataclass
+class Evaluation:
+    """Everything evaluate() computes for one run; see evaluate() for the columns."""
+
+    exits: pd.DataFrame
+    curves: pd.DataFrame
+    summary: dict
+
+
+def max_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence (max softmax probability, float32) and predicted class along the last axis.
+
+    Logits are upcast to float32 first: softmax in float16 saturates and would change exit decisions.
+    The max probability is 1 / sum(exp(z - max z)), which is the softmax at the argmax, computed stably.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    prediction = logits.argmax(axis=-1)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    confidence = np.float32(1.0) / shifted.sum(axis=-1)
+    return confidence, prediction
+
+
+def exit_decisions(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Index of the exit each sample leaves at: the first k < K-1 with confidence[k] >= thresholds[k], else K-1.
+
+    confidence: (K, N). thresholds: (K-1,) or a batch of policy points (..., K-1).
+    Returns int64 of shape (..., N). A threshold of +inf closes an exit; 0 sends everyone there.
+    """
+    confidence = np.asarray(confidence)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    n_exits, n_samples = confidence.shape
+    if thresholds.shape[-1:] != (n_exits - 1,):
+        raise ValueError(f"need {n_exits - 1} thresholds (one per internal exit), got shape {thresholds.shape}")
+    exits = np.full(thresholds.shape[:-1] + (n_samples,), n_exits - 1)
+    for k in reversed(range(n_exits - 1)):  # walking backwards, the earliest exit a sample passes wins
+        exits[confidence[k] >= thresholds[..., k, None]] = k
+    return exits
+
+
+def operating_point(exits: np.ndarray, correct: np.ndarray, exit_costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy (fraction) and mean FLOPs per sample of the exit assignment `exits` (..., N).
+
+    correct: (K, N) per-exit correctness; exit_costs: (K,) FLOPs of leaving at each exit.
+    """
+    exits = np.asarray(exits)
+    samples = np.arange(exits.shape[-1])
+    accuracy = correct[exits, samples].mean(axis=-1)
+    mean_flops = np.asarray(exit_costs, dtype=np.float64)[exits].mean(axis=-1)
+    return accuracy, mean_flops
+
+
+def budget_shares(q: np.ndarray | float, n_exits: int) -> np.ndarray:
+    """MSDNet/L2W exit shares p_k ∝ q**k for k = 1..K, normalised to sum to 1; shape q.shape + (K,).
+
+    q < 1 front-loads the early exits (cheap), q > 1 the late ones (accurate), q = 1 is uniform.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    shares = q[..., None] ** np.arange(1, n_exits + 1)
+    return shares / shares.sum(axis=-1, keepdims=True)
+
+
+def fit_budgeted_thresholds(confidence: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Per-exit thresholds that realise exit `shares` on this (validation) split, as MSDNet's dynamic_evaluate.
+
+    Walk the internal exits in order. Among samples not yet taken, exit k takes its floor(N * shares[k])
+    most confident ones: its threshold is the confidence of the last one taken, and every remaining sample
+    with confidence >= threshold leaves (so a tie at the boundary leaves together and may exceed the quota).
+    The taken set is updated after every exit; the last exit takes the rest.
+    A quota of 0 gives threshold +inf (exit closed). Where ties earlier left fewer samples than the quota,
+    the exit takes all that remain (MSDNet's loop would instead close it, leaving them to the last exit).
+
+    confidence: (K, N); shares: (K,) or (P, K). Returns thresholds (K-1,) or (P, K-1).
+    """
+    confidence = np.asarray(confidence)
+    shares = np.asarray(shares, dtype=np.float64)
+    n_exits, n_samples = confidence.shape
+    if shares.shape[-1] != n_exits:
+        raise ValueError(f"need {n_exits} shares, got shape {shares.shape}")
+    points = shares.reshape(-1, n_exits)
+    quotas = np.floor(n_samples * points[:, :-1]).astype(np.int64)  # (P, K-1)
+    remaining = np.ones((len(points), n_samples), dtype=bool)
+    thresholds = np.full((len(points), n_exits - 1), np.inf)
+    for k in range(n_exits - 1):
+        order = np.argsort(-confidence[k], kind="stable")  # most confident first
+        remaining_ranked = np.cumsum(remaining[:, order], axis=1)  # rank among the not-yet-taken
+        quota = np.minimum(quotas[:, k], remaining_ranked[:, -1])
+        last_taken = (remaining_ranked < quota[:, None]).sum(axis=1)  # position of the quota-th remaining
+        open_exit = quota > 0
+        thresholds[open_exit, k] = confidence[k, order[last_taken[open_exit]]]
+        remaining &= ~(confidence[k][None, :] >= thresholds[:, k, None])
+    return thresholds.reshape(shares.shape[:-1] + (n_exits - 1,))
+
+
+def _policy_frame(policy: str, params: np.ndarray, thresholds: np.ndarray,
+                  val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray) -> pd.DataFrame:
+    """Curve rows for a batch of threshold vectors (P, K-1) applied to validation and test alike."""
+    val_accuracy, val_flops = operating_point(exit_decisions(val.confidence, thresholds), val.correct, exit_costs)
+    test_accuracy, test_flops = operating_point(exit_decisions(test.confidence, thresholds), test.correct, exit_costs)
+    return pd.DataFrame({"policy": policy, "point": np.arange(len(params)), "param": np.asarray(params, float),
+                         "val_accuracy": val_accuracy, "val_flops": val_flops,
+                         "test_accuracy": test_accuracy, "test_flops": test_flops})
+
+
+def anytime_points(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray) -> pd.DataFrame:
+    """Policy "exit": every sample leaves at exit k (the anytime setting); param = k, cost = exit_costs[k]."""
+    exit_costs = np.asarray(exit_costs, dtype=np.float64)
+    exits = np.arange(val.n_exits)
+    return pd.DataFrame({"policy": "exit", "point": exits, "param": exits.astype(float),
+                         "val_accuracy": val.correct.mean(axis=1), "val_flops": exit_costs,
+                         "test_accuracy": test.correct.mean(axis=1), "test_flops": exit_costs})
+
+
+def threshold_sweep(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray,
+                    taus: np.ndarray = THRESHOLD_GRID) -> pd.DataFrame:
+    """Policy "threshold": one global tau at every internal exit (SDN/ZTW); param = tau. Nothing is fit."""
+    taus = np.asarray(taus, dtype=np.float64)
+    thresholds = np.repeat(taus[:, None], val.n_exits - 1, axis=1)
+    return _policy_frame("threshold", taus, thresholds, val, test, exit_costs)
+
+
+def budgeted_batch(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray,
+                   qs: np.ndarray = BUDGET_Q) -> pd.DataFrame:
+    """Policy "budgeted": MSDNet/L2W budgeted batch; per-exit thresholds fit on validation, applied to test.
+
+    param = q, the ratio of consecutive exit shares (see budget_shares).
+    """
+    thresholds = fit_budgeted_thresholds(val.confidence, budget_shares(qs, val.n_exits))
+    return _policy_frame("budgeted", qs, thresholds, val, test, exit_costs)
+
+
+def pareto_mask(costs: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
+    """True for points no other point dominates (cost <= and accuracy >=, one of them strictly).
+
+    Exact duplicates do not dominate each other, so both stay on the front. O(n log n): sort by cost
+    (most accurate first within a cost), then a point is on the front iff it is the most accurate at its
+    cost and strictly more accurate than every cheaper point.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    if costs.shape != accuracies.shape or costs.ndim != 1:
+        raise ValueError(f"costs {costs.shape} and accuracies {accuracies.shape} must be 1-D of equal length")
+    if len(costs) == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.lexsort((-accuracies, costs))
+    cost, accuracy = costs[order], accuracies[order]
+    starts_cost_group = np.r_[True, cost[1:] != cost[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts_cost_group, np.arange(len(cost)), 0))
+    best_so_far = np.maximum.accumulate(accuracy)
+    best_cheaper = np.r_[-np.inf, best_so_far][group_start]  # best accuracy strictly cheaper than this cost
+    on_front_sorted = (accuracy == accuracy[group_start]) & (accuracy > best_cheaper)
+    mask = np.empty(len(costs), dtype=bool)
+    mask[order] = on_front_sorted
+    return mask
+
+
+def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray) -> float:
+    """Area under a(x) = best accuracy reachable at cost fraction <= x, for x in [0, 1]; 0 below the cheapest point.
+
+    a(x) is the staircase through the Pareto front. The area is in [0, 1] for accuracies in [0, 1]: 1 only for
+    a free perfect classifier. Points costing more than the whole backbone (x > 1) add nothing.
+    """
+    cost_fractions = np.asarray(cost_fractions, dtype=np.float64)
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    front = pareto_mask(cost_fractions, accuracies)
+    order = np.argsort(cost_fractions[front], kind="stable")
+    steps_at = np.clip(cost_fractions[front][order], 0.0, 1.0)
+    step_heights = accuracies[front][order]  # increasing along the front
+    step_widths = np.diff(np.r_[steps_at, 1.0])
+    return float(np.sum(step_heights * step_widths))
+
+
+def accuracy_at_budget(curves: pd.DataFrame, budget_flops: float) -> float:
+    """Test accuracy of the point validation picks within a budget; NaN if no point fits.
+
+    Among all curve points whose *validation* mean FLOPs <= budget_flops, take the highest validation
+    accuracy (ties: the cheaper on validation, then the first listed) and report its test accuracy.
+    Selecting on test would be an oracle and overstate every regime.
+    """
+    val_flops = curves["val_flops"].to_numpy(dtype=np.float64)
+    fits = np.flatnonzero(val_flops <= budget_flops * (1 + _BUDGET_RTOL))
+    if len(fits) == 0:
+        return float("nan")
+    val_accuracy = curves["val_accuracy"].to_numpy(dtype=np.float64)[fits]
+    chosen = fits[np.lexsort((val_flops[fits], -val_accuracy))[0]]  # lexsort is stable: first listed wins ties
+    return float(curves["test_accuracy"].iloc[chosen])
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN), as sklearn's f1_score(average="macro").
+
+    Like sklearn, the classes are those present in y_true or y_pred (a class never seen nor predicted has no F1).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    n_classes = int(max(y_true.max(), y_pred.max())) + 1
+    true_positives = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
+    support = np.bincount(y_true, minlength=n_classes)  # TP + FN
+    predicted = np.bincount(y_pred, minlength=n_classes)  # TP + FP
+    present = (support + predicted) > 0
+    return float(np.mean(2 * true_positives[present] / (support + predicted)[present]))
+
+
+def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray, test_y: np.ndarray,
+             exit_costs: np.ndarray, backbone_cost: float) -> Evaluation:
+    """Every exit, policy curve and summary number of one run, from its stored validation and test logits.
+
+    val_logits, test_logits: (K, N, C), any float dtype. val_y, test_y: (N,) int labels.
+    exit_costs: (K,) cumulative FLOPs of leaving at each exit. backbone_cost: FLOPs of the plain backbone (100 %).
+
+    exits:  one row per exit: exit, flops, flops_fraction, val_accuracy, test_accuracy, test_macro_f1.
+    curves: one row per (policy, point) for policies "exit" (each exit alone), "threshold" (global tau sweep)
+            and "budgeted" (MSDNet budgeted batch): param, val_accuracy, val_flops, test_accuracy, test_flops,
+            test_flops_fraction, on_front (on the test Pareto front over all points of all policies).
+    summary: final_accuracy and final_macro_f1 (last exit, test); accuracy_at_{25,50,75,100}pct (chosen on
+            validation, see accuracy_at_budget); auc_normalised (staircase_auc of the test curve over
+            [0, 1] x backbone FLOPs); best_accuracy (top of the test front); front_size (number of points on it).
+    """
+    exit_costs = np.asarray(exit_costs, dtype=np.float64)
+    backbone_cost = float(backbone_cost)
+    if np.ndim(val_logits) != 3 or np.ndim(test_logits) != 3:
+        raise ValueError("logits must be (exits, samples, classes)")
+    if not (np.shape(val_logits)[0] == np.shape(test_logits)[0] == len(exit_costs)):
+        raise ValueError(f"exit counts differ: val {np.shape(val_logits)[0]}, test {np.shape(test_logits)[0]}, "
+                         f"exit_costs {len(exit_costs)}")
+    if backbone_cost <= 0:
+        raise ValueError(f"backbone_cost must be positive, got {backbone_cost}")
+    val = ExitOutputs.from_logits(val_logits, val_y)
+    test = ExitOutputs.from_logits(test_logits, test_y)
+    test_y = np.asarray(test_y)
+
+    exits = pd.DataFrame({
+        "exit": np.arange(len(exit_costs)), "flops": exit_costs, "flops_fraction": exit_costs / backbone_cost,
+        "val_accuracy": val.correct.mean(axis=1), "test_accuracy": test.correct.mean(axis=1),
+        "test_macro_f1": [macro_f1(test_y, prediction) for prediction in test.prediction],
+    })
+
+    curves = pd.concat([anytime_points(val, test, exit_costs), threshold_sweep(val, test, exit_costs),
+                        budgeted_batch(val, test, exit_costs)], ignore_index=True)
+    curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
+    curves["on_front"] = pareto_mask(curves["test_flops"].to_numpy(), curves["test_accuracy"].to_numpy())
+
+    summary = {
+        "final_accuracy": float(exits["test_accuracy"].iloc[-1]),
+        "final_macro_f1": float(exits["test_macro_f1"].iloc[-1]),
+        **{f"accuracy_at_{name}": accuracy_at_budget(curves, fraction * backbone_cost)
+           for name, fraction in BUDGET_FRACTIONS.items()},
+        "auc_normalised": staircase_auc(curves["test_flops_fraction"].to_numpy(), curves["test_accuracy"].to_numpy()),
+        "best_accuracy": float(curves["test_accuracy"].max()),
+        "front_size": int(curves["on_front"].sum()),
+    }
+    return Evaluation(exits=exits, curves=curves, summary=summary)

@@ -1,0 +1,304 @@
+"""Early-exit evaluation checked against brute force, hand computations and sklearn."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+from sklearn.metrics import f1_score
+
+from benchmark.evaluate import (
+    BUDGET_Q, ExitOutputs, accuracy_at_budget, budget_shares, evaluate, exit_decisions,
+    fit_budgeted_thresholds, macro_f1, max_softmax, operating_point, pareto_mask, staircase_auc,
+)
+
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def random_run(seed, n_exits, n_samples=50, n_classes=5, scale=3.0):
+    """Random logits, labels and increasing cumulative exit costs."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(n_exits, n_samples, n_classes)).astype(np.float32)
+    labels = rng.integers(0, n_classes, size=n_samples)
+    exit_costs = np.cumsum(rng.uniform(1.0, 3.0, size=n_exits))
+    return logits, labels, exit_costs
+
+
+def loop_softmax_confidence(logits_row):
+    """Max softmax probability of one sample at one exit, in float64 Python arithmetic."""
+    exps = [math.exp(z - max(logits_row)) for z in logits_row]
+    return max(exps) / sum(exps)
+
+
+def loop_exit_policy(logits, labels, exit_costs, thresholds):
+    """The exit rule sample by sample: leave at the first exit whose confidence >= its threshold."""
+    n_exits, n_samples, _ = logits.shape
+    taken, correct, cost = [], 0, 0.0
+    for i in range(n_samples):
+        k = n_exits - 1
+        for j in range(n_exits - 1):
+            if loop_softmax_confidence(list(map(float, logits[j, i]))) >= thresholds[j]:
+                k = j
+                break
+        taken.append(k)
+        correct += int(np.argmax(logits[k, i]) == labels[i])
+        cost += exit_costs[k]
+    return np.array(taken), correct / n_samples, cost / n_samples
+
+
+def loop_msdnet_thresholds(confidence, shares):
+    """MSDNet's dynamic_eval_find_threshold, transcribed as its per-sample loop."""
+    n_exits, n_samples = confidence.shape
+    taken = np.zeros(n_samples, dtype=bool)
+    thresholds = [math.inf] * (n_exits - 1)
+    for k in range(n_exits - 1):
+        quota = math.floor(n_samples * shares[k])
+        count = 0
+        for i in sorted(range(n_samples), key=lambda s: -confidence[k, s]):
+            if not taken[i]:
+                count += 1
+                if count == quota:
+                    thresholds[k] = confidence[k, i]
+                    break
+        taken |= confidence[k] >= thresholds[k]
+    return np.array(thresholds)
+
+
+def test_max_softmax_matches_scipy_and_argmax():
+    logits, _, _ = random_run(0, n_exits=3)
+    confidence, prediction = max_softmax(logits)
+    assert confidence.dtype == np.float32
+    np.testing.assert_allclose(confidence, softmax(logits.astype(np.float64), axis=-1).max(-1), rtol=1e-6)
+    np.testing.assert_array_equal(prediction, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n_exits", [3, 4])
+def test_exit_rule_matches_per_sample_loop(seed, n_exits):
+    logits, labels, exit_costs = random_run(seed, n_exits)
+    thresholds = np.random.default_rng(100 + seed).uniform(0.3, 1.0, size=n_exits - 1)
+    outputs = ExitOutputs.from_logits(logits, labels)
+
+    exits = exit_decisions(outputs.confidence, thresholds)
+    accuracy, mean_flops = operating_point(exits, outputs.correct, exit_costs)
+
+    loop_exits, loop_accuracy, loop_flops = loop_exit_policy(logits, labels, exit_costs, thresholds)
+    assert len(set(loop_exits)) > 1, "thresholds should spread samples over several exits"
+    np.testing.assert_array_equal(exits, loop_exits)
+    assert accuracy == pytest.approx(loop_accuracy, abs=1e-12)
+    assert mean_flops == pytest.approx(loop_flops, rel=1e-12)
+
+
+def test_exit_decisions_batch_of_points_equals_one_at_a_time():
+    logits, labels, _ = random_run(7, n_exits=4)
+    confidence = ExitOutputs.from_logits(logits, labels).confidence
+    points = np.random.default_rng(7).uniform(0.2, 1.0, size=(6, 3))
+    batched = exit_decisions(confidence, points)
+    for row, thresholds in zip(batched, points):
+        np.testing.assert_array_equal(row, exit_decisions(confidence, thresholds))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tau_zero_sends_all_to_first_exit_and_tau_above_one_to_last(seed):
+    logits, labels, exit_costs = random_run(seed, n_exits=4)
+    outputs = ExitOutputs.from_logits(logits, labels)
+
+    everyone_first = exit_decisions(outputs.confidence, np.zeros(3))
+    assert (everyone_first == 0).all()
+
+    everyone_last = exit_decisions(outputs.confidence, np.full(3, 1.01))
+    accuracy, mean_flops = operating_point(everyone_last, outputs.correct, exit_costs)
+    assert (everyone_last == 3).all()
+    assert accuracy == outputs.correct[-1].mean()
+    assert mean_flops == pytest.approx(exit_costs[-1], rel=1e-12)
+
+
+def test_budget_shares_are_normalised_powers_of_q():
+    shares = budget_shares(np.array([0.5, 1.0, 1.5]), 3)
+    np.testing.assert_allclose(shares[0], [4 / 7, 2 / 7, 1 / 7])
+    np.testing.assert_allclose(shares[1], [1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(shares[2], np.array([1.5, 2.25, 3.375]) / 7.125)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n_exits", [3, 4])
+def test_budgeted_thresholds_realise_the_shares_and_match_msdnet_loop(seed, n_exits):
+    logits, labels, _ = random_run(seed, n_exits, n_samples=200)
+    confidence = ExitOutputs.from_logits(logits, labels).confidence
+    assert all(len(np.unique(row)) == len(row) for row in confidence), "this test needs tie-free confidences"
+    all_shares = budget_shares(BUDGET_Q, n_exits)
+
+    thresholds = fit_budgeted_thresholds(confidence, all_shares)
+    exits = exit_decisions(confidence, thresholds)
+
+    assert exits.shape == (len(BUDGET_Q), 200) and ((exits >= 0) & (exits < n_exits)).all()  # one exit each
+    for shares, point_thresholds, point_exits in zip(all_shares, thresholds, exits):
+        counts = np.bincount(point_exits, minlength=n_exits)
+        expected = np.floor(200 * shares[:-1]).astype(int)
+        np.testing.assert_array_equal(counts[:-1], expected)
+        assert counts[-1] == 200 - expected.sum()
+        np.testing.assert_array_equal(point_thresholds, loop_msdnet_thresholds(confidence, shares))
+    np.testing.assert_array_equal(fit_budgeted_thresholds(confidence, all_shares[5]), thresholds[5])
+
+
+def test_budgeted_ties_leave_together_and_a_short_exit_takes_all_that_remain():
+    # 10 samples, 3 exits; exit 0 quota 3 but 6 samples tie at the top, so all 6 leave there.
+    confidence = np.array([[0.9] * 6 + [0.1, 0.2, 0.3, 0.4],
+                           [0.5] * 10,
+                           [0.5] * 10], dtype=np.float32)
+    shares = np.array([0.3, 0.5, 0.2])  # exit 1 quota 5 > the 4 remaining: it takes those 4
+    thresholds = fit_budgeted_thresholds(confidence, shares)
+    assert thresholds[0] == np.float32(0.9) and thresholds[1] == np.float32(0.5)
+    np.testing.assert_array_equal(np.bincount(exit_decisions(confidence, thresholds), minlength=3), [6, 4, 0])
+    closed = fit_budgeted_thresholds(confidence, np.array([0.05, 0.05, 0.9]))  # floor(10 * 0.05) = 0
+    assert np.isinf(closed).all()
+
+
+def pareto_mask_brute_force(costs, accuracies):
+    n = len(costs)
+    return np.array([not any(costs[j] <= costs[i] and accuracies[j] >= accuracies[i]
+                             and (costs[j] < costs[i] or accuracies[j] > accuracies[i]) for j in range(n))
+                     for i in range(n)])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_mask_matches_brute_force_with_ties_and_duplicates(seed):
+    rng = np.random.default_rng(seed)
+    costs = rng.integers(0, 8, size=40).astype(float)  # few distinct values: many ties and duplicates
+    accuracies = rng.integers(0, 8, size=40) / 8
+    mask = pareto_mask(costs, accuracies)
+    np.testing.assert_array_equal(mask, pareto_mask_brute_force(costs, accuracies))
+    assert mask.any()
+
+
+def test_pareto_mask_hand_case():
+    costs = np.array([1.0, 2.0, 2.0, 3.0, 3.0, 0.5])
+    accuracies = np.array([0.5, 0.6, 0.7, 0.7, 0.9, 0.5])
+    np.testing.assert_array_equal(pareto_mask(costs, accuracies), [False, False, True, False, True, True])
+
+
+def test_staircase_auc_hand_computed():
+    # front: (0.2, 0.5), (0.5, 0.7), (0.8, 0.9); (0.6, 0.6) is dominated; (1.2, 0.95) is past the budget axis.
+    fractions = np.array([0.5, 0.2, 0.6, 0.8, 1.2])
+    accuracies = np.array([0.7, 0.5, 0.6, 0.9, 0.95])
+    assert staircase_auc(fractions, accuracies) == pytest.approx(0.5 * 0.3 + 0.7 * 0.3 + 0.9 * 0.2)
+    assert staircase_auc(np.array([0.0]), np.array([1.0])) == pytest.approx(1.0)  # free and perfect
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_macro_f1_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 7, size=300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 9, size=300))  # classes 7, 8 only predicted
+    y_true[y_true == 3] = 4  # class 3 only predicted, never true
+    assert macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+
+
+def test_accuracy_at_budget_selects_on_validation():
+    curves = pd.DataFrame({"val_accuracy": [0.9, 0.6, 0.99], "val_flops": [10.0, 10.0, 20.0],
+                           "test_accuracy": [0.5, 0.95, 0.99]})
+    assert accuracy_at_budget(curves, 10.0) == 0.5  # val prefers point 0; test would prefer point 1
+    assert accuracy_at_budget(curves, 25.0) == 0.99
+    assert math.isnan(accuracy_at_budget(curves, 5.0))
+
+
+def confident_logits(predicted_class, n_samples, n_classes=3):
+    """Logits of one exit that predict `predicted_class` with confidence ~1 on every sample."""
+    logits = np.zeros((n_samples, n_classes), dtype=np.float32)
+    logits[:, predicted_class] = 20.0
+    return logits
+
+
+def test_evaluate_reports_test_accuracy_of_the_point_validation_picks():
+    # Validation: exit 0 always right, exit 1 always wrong. Test: the reverse. Both splits route alike.
+    labels = np.zeros(40, dtype=int)
+    val_logits = np.stack([confident_logits(0, 40), confident_logits(1, 40)])
+    test_logits = np.stack([confident_logits(1, 40), confident_logits(0, 40)])
+    result = evaluate(val_logits, labels, test_logits, labels, np.array([20.0, 100.0]), backbone_cost=100.0)
+
+    assert result.summary["accuracy_at_100pct"] == 0.0  # validation's choice (exit 0), not test's best
+    assert result.summary["best_accuracy"] == 1.0
+    assert result.summary["accuracy_at_25pct"] == 0.0
+
+
+def test_evaluate_nan_when_no_point_fits_the_budget():
+    logits, labels, _ = random_run(3, n_exits=3)
+    result = evaluate(logits, labels, logits, labels, np.array([40.0, 70.0, 110.0]), backbone_cost=100.0)
+    assert math.isnan(result.summary["accuracy_at_25pct"])
+    assert result.summary["accuracy_at_50pct"] == accuracy_at_budget(result.curves, 50.0)
+    assert not math.isnan(result.summary["accuracy_at_50pct"])  # exit 0 alone (40 FLOPs) fits
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_evaluate_tables_agree_with_building_blocks(seed):
+    rng = np.random.default_rng(seed)
+    val_logits, val_y, exit_costs = random_run(seed, n_exits=4, n_samples=120)
+    test_logits, test_y, _ = random_run(seed + 50, n_exits=4, n_samples=80)
+    backbone = float(exit_costs[-1]) * rng.uniform(0.9, 1.1)
+    result = evaluate(val_logits, val_y, test_logits, test_y, exit_costs, backbone)
+    exits, curves, summary = result.exits, result.curves, result.summary
+
+    assert list(exits.columns) == ["exit", "flops", "flops_fraction", "val_accuracy", "test_accuracy", "test_macro_f1"]
+    assert list(curves.columns) == ["policy", "point", "param", "val_accuracy", "val_flops", "test_accuracy",
+                                    "test_flops", "test_flops_fraction", "on_front"]
+    assert curves.groupby("policy").size().to_dict() == {"exit": 4, "threshold": 100, "budgeted": 39}
+    assert curves[["val_accuracy", "test_accuracy"]].stack().between(0, 1).all()
+
+    test_pred = test_logits.argmax(-1)
+    np.testing.assert_allclose(exits["test_macro_f1"], [f1_score(test_y, p, average="macro") for p in test_pred])
+    np.testing.assert_allclose(exits["test_accuracy"], (test_pred == test_y).mean(1))
+
+    # a threshold point recomputed by the per-sample loop, on test
+    row = curves[curves.policy == "threshold"].iloc[60]
+    _, loop_accuracy, loop_flops = loop_exit_policy(test_logits, test_y, exit_costs, [row.param] * 3)
+    assert row.test_accuracy == pytest.approx(loop_accuracy) and row.test_flops == pytest.approx(loop_flops)
+
+    np.testing.assert_array_equal(curves["on_front"], pareto_mask_brute_force(
+        curves["test_flops"].to_numpy(), curves["test_accuracy"].to_numpy()))
+    assert summary["front_size"] == curves["on_front"].sum()
+    assert summary["best_accuracy"] == curves.loc[curves.on_front, "test_accuracy"].max()
+    assert summary["final_accuracy"] == exits["test_accuracy"].iloc[-1]
+    assert 0.0 <= summary["auc_normalised"] <= 1.0
+    assert set(summary) == {"final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
+                            "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "best_accuracy",
+                            "front_size"}
+    json.dumps(summary)
+
+
+def test_single_exit_network_evaluates():
+    logits, labels, _ = random_run(0, n_exits=1)
+    result = evaluate(logits, labels, logits, labels, np.array([100.0]), backbone_cost=100.0)
+    assert (result.curves["test_accuracy"] == result.summary["final_accuracy"]).all()
+    assert result.summary["accuracy_at_100pct"] == result.summary["final_accuracy"]
+    assert result.summary["auc_normalised"] == 0.0  # the only point sits at x = 1
+
+
+def test_float16_logits_decide_like_their_float32_upcast():
+    val_logits, val_y, exit_costs = random_run(11, n_exits=4, n_samples=500, n_classes=10, scale=6.0)
+    test_logits, test_y, _ = random_run(12, n_exits=4, n_samples=500, n_classes=10, scale=6.0)
+    half_val, half_test = val_logits.astype(np.float16), test_logits.astype(np.float16)
+
+    from_half = evaluate(half_val, val_y, half_test, test_y, exit_costs, exit_costs[-1])
+    from_upcast = evaluate(half_val.astype(np.float32), val_y, half_test.astype(np.float32), test_y,
+                           exit_costs, exit_costs[-1])
+    pd.testing.assert_frame_equal(from_half.curves, from_upcast.curves)
+    pd.testing.assert_frame_equal(from_half.exits, from_upcast.exits)
+
+
+def test_evaluate_is_fast_on_a_realistic_run():
+    rng = np.random.default_rng(0)
+    n_exits, n_samples, n_classes = 6, 10_000, 100
+    val_logits = rng.normal(scale=4, size=(n_exits, n_samples, n_classes)).astype(np.float16)
+    test_logits = rng.normal(scale=4, size=(n_exits, n_samples, n_classes)).astype(np.float16)
+    labels = rng.integers(0, n_classes, size=n_samples)
+    exit_costs = np.cumsum(np.full(n_exits, 1e8))
+
+    evaluate(val_logits, labels, test_logits, labels, exit_costs, exit_costs[-1])  # warm-up (imports, caches)
+    start = time.perf_counter()
+    evaluate(val_logits, labels, test_logits, labels, exit_costs, exit_costs[-1])
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    print(f"evaluate(K={n_exits}, N={n_samples}, C={n_classes}): {elapsed_ms:.0f} ms")
+    assert elapsed_ms < 1000
