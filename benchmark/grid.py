@@ -1,0 +1,200 @@
+"""Grid files (TOML, data only — never evaluated) -> validated list of RunSpecs.
+
+A grid names datasets x archs x regimes x seeds and the settings they share:
+
+    description = "..."
+    datasets = ["digits"]; archs = ["small_cnn"]; regimes = ["joint", "mixed"]; seeds = [0, 1, 2]
+    [train]   epochs (total E), p1_epochs (default E // 2), batch_size, optimizer, lr, momentum, weight_decay, ...
+    [model]   head, exits
+    [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
+    [arch_overrides.<arch>]      train/model keys that differ for one arch (e.g. AdamW for ViTs)
+
+Every mistake is reported with the file and the offending key.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmark.errors import UserError
+from benchmark.spec import RunSpec
+
+GRIDS_DIR = Path(__file__).parent / "grids"
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": None,            # required: the total budget E
+    "p1_epochs": None,         # schedules with a P1 phase: E1 (default E // 2)
+    "batch_size": 128,
+    "optimizer": "sgd",        # "sgd" | "adamw"
+    "lr": 0.05,
+    "momentum": 0.9,           # sgd only
+    "nesterov": True,          # sgd only
+    "weight_decay": 5e-4,
+    "eval_every": 1,           # validation accuracy per exit every k epochs (history.csv)
+}
+MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
+LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
+TOP_KEYS = {"description", *LIST_KEYS, "train", "model", "hparams", "arch_overrides", "analyses"}
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: Path
+    description: str
+    specs: list[RunSpec]
+    raw: dict[str, Any]
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def resolve_grid_path(name_or_path: str) -> Path:
+    """A registered grid name (`quick`) or a path to the user's own TOML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise UserError(f"grid file '{candidate}' does not exist")
+        return candidate
+    path = GRIDS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown grid '{name_or_path}'. Valid grids: {', '.join(grid_names())} "
+                        f"(or pass the path of your own .toml grid file)")
+    return path
+
+
+def _bad(path: Path, key: str, problem: str) -> UserError:
+    return UserError(f"grid file {path}: key '{key}': {problem}")
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _check_table(path: Path, where: str, table: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise _bad(path, where, "must be a table, e.g. [" + where + "]")
+    for key, value in table.items():
+        if key not in defaults:
+            raise _bad(path, f"{where}.{key}", "unknown key" + _suggest(key, defaults))
+        default = defaults[key]
+        if default is not None and not isinstance(value, type(default)) and not (
+                isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+            if not (key == "exits" and isinstance(value, list)):
+                raise _bad(path, f"{where}.{key}", f"expected {type(default).__name__}, got {value!r}")
+    return table
+
+
+def _validate_train(path: Path, where: str, train: dict[str, Any]) -> None:
+    epochs, p1 = train.get("epochs"), train.get("p1_epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise _bad(path, f"{where}.epochs", f"the total epoch budget must be an integer >= 1, got {epochs!r}")
+    if p1 is not None and (not isinstance(p1, int) or not 1 <= p1 < epochs):
+        raise _bad(path, f"{where}.p1_epochs", f"must be an integer in [1, epochs - 1] = [1, {epochs - 1}], got {p1!r}")
+    if p1 is None and epochs < 2:
+        raise _bad(path, f"{where}.epochs", "must be >= 2 so that two-phase schedules get an epoch per phase")
+    if train["optimizer"] not in OPTIMIZERS:
+        raise _bad(path, f"{where}.optimizer", f"must be one of {OPTIMIZERS}, got {train['optimizer']!r}")
+    for key in ("batch_size", "eval_every"):
+        if train[key] < 1:
+            raise _bad(path, f"{where}.{key}", f"must be >= 1, got {train[key]}")
+    if train["lr"] <= 0:
+        raise _bad(path, f"{where}.lr", f"must be > 0, got {train['lr']}")
+
+
+def _names(path: Path, raw: dict, key: str, valid: list[str]) -> list:
+    values = raw.get(key)
+    if not isinstance(values, list) or not values:
+        raise _bad(path, key, f"must be a non-empty list, e.g. {key} = [...]")
+    if len(set(map(str, values))) != len(values):
+        raise _bad(path, key, "lists a value twice")
+    if key == "seeds":
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values):
+            raise _bad(path, key, f"seeds must be non-negative integers, got {values}")
+        return values
+    for value in values:
+        if value not in valid:
+            raise _bad(path, key, f"unknown name '{value}'. Valid: {', '.join(valid)}")
+    return values
+
+
+def load_grid(name_or_path: str) -> Grid:
+    from benchmark.data import dataset_names
+    from benchmark.models import arch_names
+    from regimes.registry import objective_names, parse_regime_name, regime_names, OBJECTIVES
+
+    path = resolve_grid_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"grid file {path} is not valid TOML: {e}") from None
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise _bad(path, key, "unknown key" + _suggest(key, TOP_KEYS))
+
+    datasets = _names(path, raw, "datasets", dataset_names())
+    archs = _names(path, raw, "archs", arch_names())
+    regimes = _names(path, raw, "regimes", regime_names())
+    seeds = _names(path, raw, "seeds", [])
+    train_base = {**TRAIN_DEFAULTS, **_check_table(path, "train", raw.get("train", {}), TRAIN_DEFAULTS)}
+    model_base = {**MODEL_DEFAULTS, **_check_table(path, "model", raw.get("model", {}), MODEL_DEFAULTS)}
+    _validate_train(path, "train", train_base)
+
+    hparams = raw.get("hparams", {})
+    if not isinstance(hparams, dict):
+        raise _bad(path, "hparams", "must be a table of [hparams.<objective>] tables")
+    for objective, values in hparams.items():
+        if objective not in OBJECTIVES and objective not in objective_names():
+            raise _bad(path, f"hparams.{objective}", "unknown objective" + _suggest(objective, objective_names()))
+        declared = OBJECTIVES[objective].hparams
+        for key in values:
+            if key not in declared:
+                raise _bad(path, f"hparams.{objective}.{key}", "unknown hyperparameter" + _suggest(key, declared))
+
+    overrides = raw.get("arch_overrides", {})
+    for arch, table in overrides.items():
+        if arch not in archs:
+            raise _bad(path, f"arch_overrides.{arch}", f"arch '{arch}' is not in this grid's archs {archs}")
+        _check_table(path, f"arch_overrides.{arch}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
+
+    specs = []
+    for dataset in datasets:
+        for arch in archs:
+            override = overrides.get(arch, {})
+            train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
+            model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}
+            _validate_train(path, f"arch_overrides.{arch}", train)
+            for regime in regimes:
+                _, objective = parse_regime_name(regime)
+                resolved = OBJECTIVES[objective](**hparams.get(objective, {})).hp
+                for seed in seeds:
+                    specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
+                                         train=dict(train), model=dict(model), hparams=resolved))
+    return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw)
+
+
+def parse_filters(only: tuple[str, ...]) -> list[tuple[str, str]]:
+    """`--only regime=mixed*` -> [("regime", "mixed*")]."""
+    from benchmark.spec import FILTER_KEYS
+    filters = []
+    for item in only:
+        key, sep, pattern = item.partition("=")
+        if not sep or key not in FILTER_KEYS or not pattern:
+            raise UserError(f"--only '{item}': expected KEY=GLOB with KEY one of {', '.join(FILTER_KEYS)}, "
+                            f"e.g. --only 'regime=mixed*'")
+        filters.append((key, pattern))
+    return filters
+
+
+def select(specs: list[RunSpec], filters: list[tuple[str, str]]) -> list[RunSpec]:
+    """Runs matching every filter (filters on the same key are alternatives)."""
+    by_key: dict[str, list[str]] = {}
+    for key, pattern in filters:
+        by_key.setdefault(key, []).append(pattern)
+    return [s for s in specs if all(any(s.matches(k, p) for p in ps) for k, ps in by_key.items())]

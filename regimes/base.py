@@ -1,0 +1,126 @@
+"""The regime interface: a Schedule says which parameters train when, an Objective how exit losses combine.
+
+A regime is `Schedule + Objective`, named `schedule` or `schedule+objective` (REGIMES.md). Schedules and
+objectives know nothing of the runner, the store or the CLI; the trainer (`benchmark/train.py`) runs them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TRAINS = ("backbone", "all", "heads")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One entry of a schedule. P1: backbone alone, P2: backbone and heads, P3: heads on a frozen backbone."""
+
+    name: str
+    trains: str
+    epochs: int
+
+    def __post_init__(self):
+        if self.trains not in TRAINS:
+            raise ValueError(f"Phase.trains must be one of {TRAINS}, got {self.trains!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Epoch budget of a run. `epochs` is the total E; schedules with a P1 give it `p1_epochs` (default E // 2)
+    and the rest to their second phase, so joint (E) and mixed (E/2 + E/2) train the backbone equally long."""
+
+    epochs: int
+    p1_epochs: int | None = None
+
+    @property
+    def first(self) -> int:
+        return self.epochs // 2 if self.p1_epochs is None else self.p1_epochs
+
+    @property
+    def second(self) -> int:
+        return self.epochs - self.first
+
+
+@dataclass
+class StepContext:
+    """What an objective may read during a step (REGIMES.md: epoch, total epochs, perturbation, phase)."""
+
+    phase: str
+    epoch: int                 # 0-based epoch within the phase
+    epochs: int                # epochs in the phase
+    step: int                  # 0-based optimizer step within the phase
+    num_exits: int
+    perturb: Callable[[Tensor], Tensor] | None = None   # the dataset's batched augmentation (for `cet`)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Schedule:
+    """Which parameters train in which phase; subclasses set `name`, `description` and `phases`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    source: ClassVar[str] = "arXiv 2407.14320 (ICML 2025)"
+
+    def phases(self, budget: Budget) -> list[Phase]:
+        raise NotImplementedError
+
+    @property
+    def uses_p1(self) -> bool:
+        return self.phases(Budget(2))[0].trains == "backbone"
+
+
+class Objective:
+    """How the exits' losses are built in the phases that train heads (P2, P3).
+
+    Subclasses declare `hparams` once: name -> (default, one-line meaning). The resolved values are in `self.hp`.
+    Most objectives override only `loss`; objectives that need their own optimisation step (l2w, cet) override `step`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    source: ClassVar[str]
+    reconstructed: ClassVar[bool] = False
+    hparams: ClassVar[dict[str, tuple[Any, str]]] = {}
+    uses_between: ClassVar[bool] = False   # True if `between` must be passed to the model's forward
+
+    def __init__(self, **overrides: Any):
+        unknown = set(overrides) - set(self.hparams)
+        if unknown:
+            raise KeyError(f"objective '{self.name}' has no hyperparameter(s) {sorted(unknown)}; "
+                           f"it has: {sorted(self.hparams) or 'none'}")
+        self.hp = {k: overrides.get(k, default) for k, (default, _) in self.hparams.items()}
+
+    def between(self, i: int, hidden: Tensor) -> Tensor:
+        """Acts on the hidden state after block i on its way into block i+1 (bdl detaches, ge rescales)."""
+        return hidden
+
+    def loss(self, logits: list[Tensor], y: Tensor, ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`."""
+        logits = model(x, between=self.between if self.uses_between else None)
+        loss = self.loss(logits, y, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach(), "exit_ce": exit_cross_entropies(logits, y)}
+
+
+def exit_cross_entropies(logits: list[Tensor], y: Tensor) -> Tensor:
+    """Per-exit mean cross-entropy, detached: what history.csv logs whatever the objective."""
+    with torch.no_grad():
+        return torch.stack([F.cross_entropy(z.float(), y) for z in logits])
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A schedule combined with an objective, e.g. `mixed+sdn`; plain `mixed` means `mixed+uniform`."""
+
+    name: str
+    schedule: Schedule
+    objective: Objective
