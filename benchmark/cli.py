@@ -1,0 +1,161 @@
+"""`bench`: run grids, list what is registered, show a run. User mistakes exit with 2 and one clear message."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from benchmark.errors import UserError
+
+DEFAULT_DATA_ROOT = Path(os.environ.get("EXITBENCH_DATA", "~/.cache/exitbench")).expanduser()
+
+
+class UserErrorsAsMessages(click.Group):
+    """Turns UserError into `error: ...` on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """exitbench: training regimes of early-exit networks under one protocol."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never hang on a hub lookup; pretrained=True says why it failed
+
+
+@main.command()
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="Registered grid name (see `bench list grids`) or path to a grid .toml file.")
+@click.option("--only", multiple=True, metavar="KEY=GLOB",
+              help="Keep runs whose KEY (dataset, arch, regime, seed, run_id) matches GLOB; repeatable.")
+@click.option("--executor", type=click.Choice(["local", "process"]), default="local", show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel runs for --executor process.")
+@click.option("--dry-run", is_flag=True, help="Print the runs and their state; train nothing.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: results/<grid>].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True, help="Where standard datasets live (or are downloaded to with --download).")
+@click.option("--download", is_flag=True, help="Download missing standard datasets into --data-root.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per run [default: all cores, split between --jobs].")
+@click.option("--retry-failed", is_flag=True, help="Rerun runs that failed before (they are skipped otherwise).")
+def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed):
+    """Train and evaluate every run of a grid that is not done yet, then regenerate the tables."""
+    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.runner import run_grid
+    from benchmark.store import ResultsStore
+
+    grid = load_grid(grid_name)
+    specs = select(grid.specs, parse_filters(only))
+    if not specs:
+        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    store = ResultsStore(results or Path("results") / grid.name)
+    if dry_run:
+        _print_plan(specs, store)
+        return
+    outcome = run_grid(specs, store, grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root,
+                       device=device, retry_failed=retry_failed, download=download, threads=threads)
+    click.echo(f"grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
+               f"{len(outcome.failed)} failed, {len(outcome.skipped_failed)} failed earlier (use --retry-failed)"
+               f"; tables in {store.tables_dir}")
+    for run_id, message in outcome.failed.items():
+        click.echo(f"  failed {run_id}: {message}", err=True)
+    if outcome.interrupted:
+        click.echo("interrupted: rerun the same command to finish the remaining runs", err=True)
+        sys.exit(130)
+    if outcome.failed:
+        sys.exit(1)
+
+
+def _print_plan(specs, store) -> None:
+    from benchmark.runner import p1_epochs
+    from benchmark.store import FAILED
+    click.echo(f"{'run_id':12}  {'state':8} {'dataset':12} {'arch':16} {'regime':18} seed  p1")
+    for spec in specs:
+        state = store.state(spec.run_id)
+        epochs = p1_epochs(spec)
+        p1 = "-" if epochs is None else ("stored" if (store.backbone_dir(spec.p1_id(epochs)) / "cost.json").is_file()
+                                         else "to train")
+        click.echo(f"{spec.run_id:12}  {state:8} {spec.dataset:12} {spec.arch:16} {spec.regime:18} {spec.seed:4}  {p1}")
+        if state == FAILED:
+            click.echo(f"{'':14}error: {store.error(spec.run_id)}")
+    counts = {s: sum(store.state(x.run_id) == s for x in specs) for s in ("done", "failed", "pending")}
+    click.echo(f"{len(specs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["regimes", "archs", "datasets", "grids"]), default="regimes")
+def list_(what):
+    """List registered regimes (with hyperparameters), architectures, datasets or grids."""
+    if what == "regimes":
+        from regimes.registry import OBJECTIVES, SCHEDULES, objective_names, schedule_names
+        click.echo("Schedules (a regime is SCHEDULE or SCHEDULE+OBJECTIVE):")
+        for name in schedule_names():
+            click.echo(f"  {name:10} {SCHEDULES[name].description}")
+        click.echo("Objectives:")
+        for name in objective_names():
+            cls = OBJECTIVES[name]
+            label = "  [reconstructed]" if cls.reconstructed else ""
+            click.echo(f"  {name:10} {cls.description}{label}\n  {'':10} source: {cls.source}")
+            for key, (default, meaning) in cls.hparams.items():
+                click.echo(f"  {'':10} {name}.{key} = {default!r}: {meaning}")
+    elif what == "archs":
+        from benchmark.models import arch_table
+        for row in arch_table():
+            click.echo(f"  {row['name']:18} {row['source']:12} {row['description']}")
+    elif what == "datasets":
+        from benchmark.data import dataset_table
+        for row in dataset_table():
+            click.echo(f"  {row['name']:14} {row['kind']:7} {row['classes']:>4} classes  {row['source']:28} "
+                       f"{row['description']}")
+    else:
+        from benchmark.grid import load_grid, grid_names
+        for name in grid_names():
+            grid = load_grid(name)
+            click.echo(f"  {name:8} {len(grid.specs):4} runs  {grid.description}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder to look in [default: every results/<grid>].")
+def show(run_id, results):
+    """Show a run's spec, state, per-exit results and summary."""
+    import json
+
+    import pandas as pd
+
+    from benchmark.store import ResultsStore, read_json
+    roots = [results] if results else sorted(p for p in Path("results").glob("*") if p.is_dir())
+    for root in roots:
+        store = ResultsStore(root)
+        folder = store.run_dir(run_id)
+        if not folder.is_dir():
+            continue
+        spec = read_json(folder / "spec.json") if (folder / "spec.json").is_file() else {}
+        click.echo(f"run {run_id} in {root}: {store.state(run_id)}")
+        click.echo(json.dumps(spec, indent=2, sort_keys=True))
+        if store.state(run_id) == "failed":
+            click.echo(f"error: {store.error(run_id)}")
+        if store.state(run_id) == "done":
+            metrics = read_json(folder / "metrics.json")
+            with pd.option_context("display.width", 120, "display.max_columns", 20):
+                click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(index=False))
+            for key, value in metrics["summary"].items():
+                click.echo(f"  {key:22} {value}")
+            click.echo(f"  {'train_wall_seconds':22} {metrics['cost']['wall_seconds']:.2f}")
+        return
+    where = results or "results/*"
+    raise UserError(f"no run '{run_id}' in {where}; `bench run --grid NAME --dry-run` lists run ids")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The multi-exit network: a backbone cut into blocks, exit heads after some blocks, the backbone's classifier last."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+Between = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class MultiExitNet(nn.Module):
+    """A backbone as an ordered list of blocks, with internal exit heads and the backbone's own classifier.
+
+    Exit k < K-1 is ``heads[k]`` applied to the output of block ``exit_blocks[k]``; the last exit is
+    ``classifier`` applied to the output of the last block. Regimes act on the network only through the
+    ``between`` hook of :meth:`forward`, so no regime needs its own model code.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        classifier: nn.Module,
+        heads: Sequence[nn.Module] = (),
+        exit_blocks: Sequence[int] = (),
+    ):
+        super().__init__()
+        exit_blocks = [int(b) for b in exit_blocks]
+        if len(heads) != len(exit_blocks):
+            raise ValueError(f"{len(heads)} heads but {len(exit_blocks)} exit blocks")
+        if any(b >= a for b, a in zip(exit_blocks, exit_blocks[1:])):
+            raise ValueError(f"exit blocks must be strictly increasing, got {exit_blocks}")
+        if exit_blocks and not 0 <= exit_blocks[0] <= exit_blocks[-1] < len(blocks) - 1:
+            raise ValueError(f"exit blocks must lie in [0, {len(blocks) - 2}] (the last block feeds the classifier), "
+                             f"got {exit_blocks}")
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = classifier
+        self.heads = nn.ModuleList(heads)
+        self.exit_blocks = exit_blocks
+        self._head_after_block = {block: k for k, block in enumerate(exit_blocks)}
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads) + 1
+
+    def forward(self, x: torch.Tensor, between: Between | None = None) -> list[torch.Tensor]:
+        """Logits of every exit in order (the last one is the classifier's).
+
+        ``between(i, hidden)`` is called on the output of every block i but the last, and what it returns is
+        what block i+1 receives. The head at block i reads the hidden state *before* ``between``, so a
+        regime can detach or rescale the path into later blocks without touching that head's own gradient.
+        """
+        logits = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == last:
+                break
+            if i in self._head_after_block:
+                logits.append(self.heads[self._head_after_block[i]](x))
+            if between is not None:
+                x = between(i, x)
+        logits.append(self.classifier(x))
+        return logits
+
+    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone alone: blocks then classifier, no head computed (phase P1 pays only for this)."""
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(x)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """Blocks and classifier: what P3 freezes (the trainer also puts them in eval() so BatchNorm stays put)."""
+        return [*self.blocks, self.classifier]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.backbone_modules() for p in module.parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters())

@@ -1,0 +1,116 @@
+"""CPU-sized backbones defined here: a small CNN (2-D, and 1-D for sensor series) and He et al.'s CIFAR ResNets."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.models.registry import Backbone, register_arch
+
+SMALL_CNN_WIDTHS = (32, 32, 64, 64)
+SMALL_CNN_STRIDES = (2, 1, 2, 1)  # the first and third blocks halve the resolution: 28 px -> 14, 14, 7, 7
+
+
+def _init_like_torchvision(module: nn.Module) -> None:
+    """He-normal convolutions (fan-out), BatchNorm at identity: the scheme torchvision's ResNets use."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _small_cnn(num_classes: int, in_channels: int, dims: int) -> Backbone:
+    conv, norm, pool = (
+        (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if dims == 2
+        else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
+    )
+    kernel = 3 if dims == 2 else 5
+    blocks, width_in = [], in_channels
+    for width, stride in zip(SMALL_CNN_WIDTHS, SMALL_CNN_STRIDES):
+        blocks.append(nn.Sequential(
+            conv(width_in, width, kernel, stride=stride, padding=kernel // 2, bias=False),
+            norm(width),
+            nn.ReLU(inplace=True),
+        ))
+        width_in = width
+    classifier = nn.Sequential(pool(1), nn.Flatten(1), nn.Linear(width_in, num_classes))
+    for block in blocks:
+        _init_like_torchvision(block)
+    return Backbone(blocks, classifier)
+
+
+@register_arch("small_cnn", family="small_cnn", source="exitbench", cpu_sized=True,
+               description="4 conv3x3-BN-ReLU blocks, widths 32-32-64-64, stride 2 in blocks 0 and 2; GAP + linear")
+def small_cnn(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
+    return _small_cnn(num_classes, input_shape[0], dims=2)
+
+
+@register_arch("small_cnn1d", family="small_cnn", source="exitbench", cpu_sized=True, input_kind="series",
+               description="small_cnn for sensor series (C, L): 4 conv1d(k=5)-BN-ReLU blocks, widths 32-32-64-64")
+def small_cnn1d(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
+    return _small_cnn(num_classes, input_shape[0], dims=1)
+
+
+class CifarBasicBlock(nn.Module):
+    """He et al. (2016) CIFAR BasicBlock with the parameter-free option-A shortcut.
+
+    Where the block changes shape, the shortcut subsamples with stride 2 and zero-pads the new channels,
+    so ResNet-20 has the paper's 0.27 M parameters.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.stride, self.extra_channels = stride, out_channels - in_channels
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, ::self.stride, ::self.stride]
+        if self.extra_channels:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        return F.relu(out + shortcut)
+
+
+def cifar_resnet(depth: int, num_classes: int, in_channels: int, base_width: int = 16) -> Backbone:
+    """ResNet-(6n+2) for CIFAR: a 3x3 stem, 3 stages of n BasicBlocks (widths w, 2w, 4w), GAP + linear.
+
+    Every BasicBlock is a block; the stem is merged into block 0.
+    """
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, base_width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(base_width),
+        nn.ReLU(inplace=True),
+    )
+    blocks, width_in = [], base_width
+    for stage in range(3):
+        width = base_width * 2**stage
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            blocks.append(CifarBasicBlock(width_in, width, stride))
+            width_in = width
+    blocks[0] = nn.Sequential(stem, blocks[0])
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(width_in, num_classes))
+    for block in blocks:
+        _init_like_torchvision(block)
+    return Backbone(blocks, classifier)
+
+
+@register_arch("cifar_resnet8", family="cifar_resnet", source="exitbench", cpu_sized=True,
+               description="He et al. CIFAR ResNet-8 (1 BasicBlock per stage, widths 16-32-64, option-A shortcuts)")
+def cifar_resnet8(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
+    return cifar_resnet(8, num_classes, input_shape[0])
+
+
+@register_arch("cifar_resnet20", family="cifar_resnet", source="exitbench", cpu_sized=True,
+               description="He et al. CIFAR ResNet-20 (3 BasicBlocks per stage, widths 16-32-64, option-A shortcuts)")
+def cifar_resnet20(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
+    return cifar_resnet(20, num_classes, input_shape[0])

@@ -1,0 +1,102 @@
+"""Trainer overhead against a minimal hand-written PyTorch loop on the same model, data and batches.
+
+    python -m benchmark.perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
+
+Both loops do the same work per step: index a batch, augment it, forward every exit, mean cross-entropy,
+backward, SGD step, cosine lr step. The trainer adds what makes it a benchmark: per-exit loss logging, the
+non-finite check and one validation pass per epoch (reported separately). Goal (DESIGN.md): <= 5 % per step.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.data import load_dataset
+from benchmark.determinism import configure, derive_seed, resolve_device, seed_everything
+from benchmark.models import build_model
+from benchmark.train import cosine_schedule, make_optimizer, run_phase
+from regimes.base import Phase
+from regimes.registry import build_regime
+
+TRAIN = {"batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+         "weight_decay": 5e-4, "eval_every": 10 ** 9}
+
+
+def fresh_model(arch, data, device):
+    seed_everything(0)
+    return build_model(arch, data.num_classes, data.input_shape, head="pool").to(device)
+
+
+def hand_loop(model, data, epochs: int, device) -> float:
+    """The minimal loop a researcher would write; returns seconds."""
+    optimizer = make_optimizer(list(model.parameters()), TRAIN)
+    n, bs = len(data.x_train), TRAIN["batch_size"]
+    steps = n // bs
+    scheduler = cosine_schedule(optimizer, steps * epochs)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(derive_seed(0, "epoch", epoch))
+        order = torch.randperm(n, generator=generator).to(device)
+        for b in range(steps):
+            idx = order[b * bs:(b + 1) * bs]
+            x, y = data.augment(data.x_train[idx], generator), data.y_train[idx]
+            loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def trainer(model, data, epochs: int, device) -> tuple[float, float]:
+    """run_phase on the same work; returns (seconds of training steps, seconds of validation passes)."""
+    start = time.perf_counter()
+    result = run_phase(model, Phase("P2", "all", epochs), build_regime("joint").objective, data, TRAIN,
+                       pairing_seed=0, epoch_offset=0, device=device)
+    total = time.perf_counter() - start
+    return result.cost.wall_seconds, total - result.cost.wall_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    configure(device, args.threads)
+    data = load_dataset(args.dataset, "~/.cache/exitbench").to(device)
+    steps = len(data.x_train) // TRAIN["batch_size"] * args.epochs
+    hand_model, trainer_model = fresh_model(args.arch, data, device), fresh_model(args.arch, data, device)
+    hand_loop(hand_model, data, 1, device)                       # warm-up both paths
+    trainer(trainer_model, data, 1, device)
+    hand, ours, evals = [], [], []
+    for _ in range(args.repeats):                                # interleaved, so drift hits both alike
+        hand.append(hand_loop(hand_model, data, args.epochs, device))
+        train_s, eval_s = trainer(trainer_model, data, args.epochs, device)
+        ours.append(train_s)
+        evals.append(eval_s)
+    h, t = statistics.median(hand), statistics.median(ours)
+    print(f"{args.arch} on {args.dataset}, {device}, {args.threads} threads, batch {TRAIN['batch_size']}, "
+          f"{steps} steps x {args.repeats} repeats (median)")
+    print(f"  hand-written loop : {1000 * h / steps:8.2f} ms/step")
+    print(f"  exitbench trainer : {1000 * t / steps:8.2f} ms/step   overhead {100 * (t / h - 1):+.1f} %")
+    print(f"  + validation pass : {1000 * statistics.median(evals) / args.epochs:8.1f} ms/epoch "
+          f"({100 * statistics.median(evals) / t:.1f} % of training time)")
+    if not math.isfinite(t):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The data flow of one run (DESIGN.md): spec -> data -> MultiExitNet -> phases -> per-exit logits ->
+evaluation from the stored logits -> files, `metrics.json` last.
+
+P1 backbones are shared: the first run that needs one trains and stores it under `backbones/<p1_id>/`, every
+later disjoint*/mixed* run of the same (dataset, arch, seed, P1 budget, training settings) loads it. Its cost is
+charged to every run that uses it (`p1_reused` says whether this run paid it in wall time).
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmark import flops as flop_count
+from benchmark.data import load_dataset
+from benchmark.determinism import configure, derive_seed, seed_everything
+from benchmark.evaluate import evaluate
+from benchmark.models import build_model
+from benchmark.spec import RunSpec
+from benchmark.store import ResultsStore, read_json, read_torch, write_csv, write_json, write_npz, write_torch
+from benchmark.train import PhaseCost, run_phase
+from regimes.base import Budget, Phase
+from regimes.registry import build_regime
+
+EpochCallback = Callable[[str, int, float], None]
+
+
+def initial_model(spec: RunSpec, data, device: torch.device):
+    """Same weights for every regime of a (dataset, arch, seed): seeded by the pairing seed only."""
+    seed_everything(spec.pairing_seed)
+    model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
+                        exits=spec.model["exits"])
+    model = model.to(device)
+    if device.type == "cuda" and len(data.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.no_grad()
+def collect_logits(model, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    """Per-exit logits (K, N, C) in float16 — what logits.npz stores and every metric is computed from."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x[start:start + batch_size])
+        chunks.append(torch.stack([z.float() for z in logits]).cpu())
+    return torch.cat(chunks, dim=1).numpy().astype(np.float16)
+
+
+def train_flops_estimate(phase: Phase, examples: int, costs: dict) -> float:
+    """Forward FLOPs of what runs + 2x forward for the backward of what trains (the usual 1:2 rule)."""
+    if phase.trains == "backbone":
+        return 3.0 * examples * costs["backbone"]
+    if phase.trains == "all":
+        return 3.0 * examples * costs["all_exits"]
+    return examples * (costs["all_exits"] + 2.0 * costs["heads"])
+
+
+def _history_frame(rows: list[dict], spec: RunSpec) -> pd.DataFrame:
+    return pd.DataFrame(rows).assign(run_id=spec.run_id)
+
+
+def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, device: torch.device,
+              on_epoch: EpochCallback | None) -> tuple[list[dict], PhaseCost, bool]:
+    """Load the shared P1 backbone into `model`, training and storing it first if nobody has."""
+    p1_id = spec.p1_id(phase.epochs)
+    folder = store.backbone_dir(p1_id)
+    with store.backbone_lock(p1_id):
+        if (folder / "cost.json").is_file():
+            model.load_state_dict(read_torch(folder / "model.pt"))
+            history = pd.read_csv(folder / "history.csv").to_dict("records")
+            return history, PhaseCost(**read_json(folder / "cost.json")["cost"]), True
+        for stale in folder.glob(".*.tmp"):         # left by a killed attempt
+            stale.unlink()
+        result = run_phase(model, phase, None, data, spec.train, pairing_seed=spec.pairing_seed,
+                           epoch_offset=0, device=device, on_epoch=on_epoch)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        write_json(folder / "spec.json", {"p1_id": p1_id, "dataset": spec.dataset, "arch": spec.arch,
+                                          "seed": spec.seed, "epochs": phase.epochs, "train": spec.train,
+                                          "model": spec.model})
+        write_csv(folder / "history.csv", pd.DataFrame(result.history))
+        write_torch(folder / "model.pt", state)
+        write_json(folder / "cost.json", {"cost": asdict(result.cost), "device": str(device)})   # last = done
+        return result.history, result.cost, False
+
+
+def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: torch.device, threads: int,
+                on_epoch: EpochCallback | None = None, keep_model: bool = False) -> dict:
+    """Train, evaluate and store one run. Returns metrics.json's content. Raises on failure (see `safe_execute`)."""
+    started = time.perf_counter()
+    environment = configure(device, threads)
+    folder = store.start_run(spec.run_id)
+    write_json(folder / "spec.json", spec.to_json())
+    data = load_dataset(spec.dataset, data_root).to(device)
+    regime = build_regime(spec.regime, spec.hparams)
+    model = initial_model(spec, data, device)
+    costs = {"backbone": flop_count.backbone_flops(model, data.input_shape),
+             "exits": flop_count.exit_costs(model, data.input_shape)}
+    costs["all_exits"] = costs["exits"][-1]
+    costs["heads"] = float(sum(flop_count.head_flops(model, data.input_shape)))
+
+    budget = Budget(spec.train["epochs"], spec.train["p1_epochs"])
+    history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
+    for phase in regime.schedule.phases(budget):
+        if phase.epochs == 0:
+            continue
+        seed_everything(derive_seed(spec.pairing_seed, "phase", phase.name))
+        if phase.name == "P1":
+            rows, cost, p1_reused = obtain_p1(spec, phase, model, data, store, device, on_epoch)
+        else:
+            result = run_phase(model, phase, regime.objective, data, spec.train, pairing_seed=spec.pairing_seed,
+                               epoch_offset=epoch_offset, device=device, on_epoch=on_epoch)
+            rows, cost = result.history, result.cost
+        history += rows
+        phase_costs.append({"phase": phase.name, "trains": phase.trains, "epochs": phase.epochs, **asdict(cost),
+                            "train_flops_estimate": train_flops_estimate(phase, cost.examples_seen, costs),
+                            "shared_p1_reused": phase.name == "P1" and p1_reused})
+        epoch_offset += phase.epochs
+    write_csv(folder / "history.csv", _history_frame(history, spec))
+
+    val_logits = collect_logits(model, data.x_val, device)
+    test_logits = collect_logits(model, data.x_test, device)
+    val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
+    write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
+              exit_flops=np.asarray(costs["exits"]))
+    stored = np.load(folder / "logits.npz")        # metrics come from what is on disk, nothing else
+    evaluation = evaluate(stored["val"], stored["val_y"], stored["test"], stored["test_y"],
+                          stored["exit_flops"], costs["backbone"])
+    write_csv(folder / "exits.csv", evaluation.exits.assign(run_id=spec.run_id))
+    write_csv(folder / "curves.csv", evaluation.curves.assign(run_id=spec.run_id))
+    if keep_model:
+        write_torch(folder / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    total = {key: sum(c[key] for c in phase_costs) for key in
+             ("wall_seconds", "optimizer_steps", "examples_seen", "train_flops_estimate")}
+    metrics = {
+        "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
+        "summary": evaluation.summary,
+        "flops": {"unit": "FLOPs (1 multiply-add = 2 FLOPs), per sample", "backbone": costs["backbone"],
+                  "exits": costs["exits"]},
+        "cost": {**total, "phases": phase_costs, "p1_reused": p1_reused,
+                 "run_wall_seconds": time.perf_counter() - started},
+        "num_exits": model.num_exits, "environment": environment,
+    }
+    write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done
+    return metrics
+
+
+def safe_execute(spec: RunSpec, store: ResultsStore, **kwargs) -> tuple[str, str | None]:
+    """Run and record failure in error.json instead of raising, so the grid goes on. Interrupts propagate."""
+    try:
+        execute_run(spec, store, **kwargs)
+        return "done", None
+    except Exception as error:  # noqa: BLE001 — any failure of one run is recorded, the grid continues
+        message = str(error) or type(error).__name__
+        write_json(store.run_dir(spec.run_id) / "error.json",
+                   {"run_id": spec.run_id, "error": message, "type": type(error).__name__,
+                    "traceback": traceback.format_exc()})
+        return "failed", message

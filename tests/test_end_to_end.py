@@ -1,0 +1,130 @@
+"""`bench run` on real data through the real entry point: files, tables, resume, determinism, failures, kill."""
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BENCH, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bench_run(grid, results, *extra, timeout=300):
+    return subprocess.run([*BENCH, "run", "--grid", str(grid), "--results", str(results), *map(str, extra)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(results):
+    return sorted((results / "runs").iterdir())
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    from conftest import write_grid
+    tmp = tmp_path_factory.mktemp("e2e")
+    grid = write_grid(tmp / "grid.toml", epochs=2)
+    result = bench_run(grid, tmp / "out", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    return grid, tmp / "out", result
+
+
+def test_every_run_writes_its_files_and_the_tables(smoke_results):
+    _, results, output = smoke_results
+    assert "3 trained" in output.stdout
+    for folder in run_dirs(results):
+        assert {p.name for p in folder.iterdir()} == {"spec.json", "history.csv", "logits.npz", "exits.csv",
+                                                     "curves.csv", "metrics.json"}
+        metrics = json.loads((folder / "metrics.json").read_text())
+        logits = np.load(folder / "logits.npz")
+        assert logits["val"].dtype == np.float16 and logits["test"].shape[0] == metrics["num_exits"]
+        assert 0.0 <= metrics["summary"]["final_accuracy"] <= 1.0
+        assert metrics["cost"]["optimizer_steps"] > 0 and metrics["cost"]["examples_seen"] > 0
+    runs = pd.read_csv(results / "tables" / "runs.csv")
+    exits = pd.read_csv(results / "tables" / "exits.csv")
+    curves = pd.read_csv(results / "tables" / "curves.csv")
+    assert sorted(runs.regime) == ["disjoint", "joint", "mixed"] and runs.run_id.is_unique
+    assert len(exits) == runs.num_exits.sum()
+    assert set(curves.policy) == {"exit", "threshold", "budgeted"}
+    assert not curves.duplicated(["run_id", "policy", "point"]).any()
+
+
+def test_p1_is_trained_once_and_charged_to_both_users(smoke_results):
+    _, results, _ = smoke_results
+    assert len(list((results / "backbones").iterdir())) == 1
+    runs = pd.read_csv(results / "tables" / "runs.csv").set_index("regime")
+    assert sorted(runs.loc[["disjoint", "mixed"], "p1_reused"]) == [False, True]
+    p1_steps = {r: json.loads((results / "runs" / runs.loc[r, "run_id"] / "metrics.json").read_text())
+                ["cost"]["phases"][0]["optimizer_steps"] for r in ("disjoint", "mixed")}
+    assert p1_steps["disjoint"] == p1_steps["mixed"] > 0
+
+
+def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results):
+    grid, results, _ = smoke_results
+    before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
+    again = bench_run(grid, results)
+    assert again.returncode == 0 and "0 trained, 3 already done" in again.stdout
+    assert before == {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
+    assert len(pd.read_csv(results / "tables" / "runs.csv")) == 3
+
+
+def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
+    grid, first, _ = smoke_results
+    second = tmp_path / "second"
+    assert bench_run(grid, second, "--threads", "2").returncode == 0
+    for folder in run_dirs(first):
+        a = json.loads((folder / "metrics.json").read_text())
+        b = json.loads((second / "runs" / folder.name / "metrics.json").read_text())
+        assert a["summary"] == b["summary"] and a["flops"] == b["flops"]
+        la, lb = np.load(folder / "logits.npz"), np.load(second / "runs" / folder.name / "logits.npz")
+        assert np.array_equal(la["test"], lb["test"]) and np.array_equal(la["val"], lb["val"])
+        pd.testing.assert_frame_equal(pd.read_csv(folder / "curves.csv"),
+                                      pd.read_csv(second / "runs" / folder.name / "curves.csv"))
+
+
+def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
+    grid = grid_file(archs=("small_cnn", "cifar_resnet8"), regimes=("joint", "mixed"),
+                     extra="[arch_overrides.small_cnn]\nlr = 1e30\n")
+    result = bench_run(grid, tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
+    assert sorted(runs.arch) == ["cifar_resnet8", "cifar_resnet8"]
+    errors = [json.loads(p.read_text())["error"] for p in (tmp_path / "out").glob("runs/*/error.json")]
+    assert sorted(errors) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
+    skipped = bench_run(grid, tmp_path / "out")          # failed runs are not retried unless asked
+    assert "2 failed earlier" in skipped.stdout and skipped.returncode == 0
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
+    grid = grid_file(seeds=(0, 1, 2), epochs=2)
+    results = tmp_path / "out"
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(results)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(results.glob("runs/*/metrics.json"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {p.parent.name for p in results.glob("runs/*/metrics.json")}
+    assert 2 <= len(done_before) < 9, "the kill must land mid-grid"
+    for path in results.glob("runs/*/metrics.json"):
+        json.loads(path.read_text())                    # every metrics.json present is complete
+    resumed = bench_run(grid, results)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{9 - len(done_before)} trained, {len(done_before)} already done" in resumed.stdout
+    runs = pd.read_csv(results / "tables" / "runs.csv")
+    assert len(runs) == 9 and runs.run_id.is_unique
+    assert not list(results.rglob("*.tmp")), "no temporary file may survive a completed rerun"
+
+
+def test_process_executor_runs_the_grid(grid_file, tmp_path):
+    grid = grid_file(seeds=(0, 1), epochs=2)
+    result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
+    assert len(runs) == 6 and runs.threads.eq(1).all()
+    assert len(list((tmp_path / "out" / "backbones").iterdir())) == 2       # one P1 per seed, trained once each
+    assert runs.p1_reused.sum() == 2

@@ -1,0 +1,77 @@
+"""Grid files: every shipped grid parses; every mistake names the file and the offending key."""
+import pytest
+
+from benchmark.errors import UserError
+from benchmark.grid import grid_names, load_grid, parse_filters, select
+
+
+@pytest.mark.parametrize("name", grid_names())
+def test_shipped_grids_parse(name):
+    grid = load_grid(name)
+    assert grid.specs and len({s.run_id for s in grid.specs}) == len(grid.specs)
+
+
+def test_required_grids_exist():
+    assert {"smoke", "quick", "full"} <= set(grid_names())
+
+
+def test_run_ids_are_stable_and_semantic(grid_file):
+    a = load_grid(str(grid_file("a.toml")))
+    b = load_grid(str(grid_file("b.toml")))          # same content, another path
+    assert [s.run_id for s in a.specs] == [s.run_id for s in b.specs]
+    c = load_grid(str(grid_file("c.toml", epochs=3)))
+    assert not {s.run_id for s in a.specs} & {s.run_id for s in c.specs}
+
+
+def test_p1_is_shared_by_disjoint_and_mixed_only_at_the_same_budget(grid_file):
+    specs = {s.regime: s for s in load_grid(str(grid_file(epochs=4))).specs}
+    assert specs["disjoint"].p1_id(2) == specs["mixed"].p1_id(2)
+    assert specs["disjoint"].p1_id(2) != specs["mixed"].p1_id(3)
+    assert specs["disjoint"].pairing_seed == specs["joint"].pairing_seed
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(datasets=("cifar11",)), "unknown name 'cifar11'"),
+    (dict(archs=("resnet1000",)), "unknown name 'resnet1000'"),
+    (dict(regimes=("mixd",)), "unknown name 'mixd'"),
+    (dict(epochs=0), "train.epochs"),
+    (dict(extra="[train.x]\n"), "train"),
+    (dict(extra="[hparams.uniform]\nweight = 2\n"), "hparams.uniform.weight"),
+    (dict(extra="[hparams.nosuch]\na = 1\n"), "hparams.nosuch"),
+    (dict(extra="[arch_overrides.resnet18]\nlr = 0.1\n"), "arch_overrides.resnet18"),
+])
+def test_bad_grid_names_the_file_and_key(grid_file, change, expected):
+    path = grid_file(**change)
+    with pytest.raises(UserError) as error:
+        load_grid(str(path))
+    assert expected in str(error.value) and str(path) in str(error.value)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('datasets=["digits"]\narchs=["small_cnn"]\nregimes=["joint"]\nseeds=[0]\n'
+                    '[train]\nepochs=2\nbatchsize=32\n')
+    with pytest.raises(UserError, match="did you mean 'batch_size'"):
+        load_grid(str(path))
+
+
+def test_malformed_toml_reports_the_line(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text('datasets = ["digits"]\narchs = ["small_cnn"\nseeds = [0]\n')
+    with pytest.raises(UserError, match=r"not valid TOML.*line"):
+        load_grid(str(path))
+
+
+def test_unknown_grid_name_lists_the_valid_ones():
+    with pytest.raises(UserError, match="Valid grids: .*quick"):
+        load_grid("quik")
+
+
+def test_filters_select_by_glob(grid_file):
+    specs = load_grid(str(grid_file(seeds=(0, 1)))).specs
+    chosen = select(specs, parse_filters(("regime=[dm]*", "seed=1")))   # disjoint, mixed
+    assert sorted(s.regime for s in chosen) == ["disjoint", "mixed"] and {s.seed for s in chosen} == {1}
+    both = select(specs, parse_filters(("regime=joint", "regime=mixed")))
+    assert sorted({s.regime for s in both}) == ["joint", "mixed"]
+    with pytest.raises(UserError, match="KEY=GLOB"):
+        parse_filters(("colour=red",))

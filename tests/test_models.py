@@ -1,0 +1,222 @@
+"""The multi-exit network contract (exits, between hook, parameter split), the registry, and exit placement."""
+
+from itertools import accumulate
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.errors import UnknownName, UserError
+from benchmark.flops import backbone_flops, block_flops, profile_flops
+from benchmark.models import arch_names, arch_table, build_model
+from benchmark.models.heads import PoolHead
+from benchmark.models.registry import place_exits
+from benchmark.models.small import cifar_resnet
+from benchmark.models.timm_nets import adapted_timm_convnet, adapted_vit, timm_convnet_backbone, vit_backbone
+from benchmark.models.torchvision_nets import (
+    adapted_mobilenet_v2, adapted_resnet, mobilenet_v2_backbone, resnet_backbone,
+)
+
+ARCHS = {row["name"]: row for row in arch_table()}
+CLASSES = 7
+
+
+def smallest_inputs(arch: str) -> list[tuple[int, ...]]:
+    """The CPU-sized nets must take 8x8 digits and 28x28 MNIST; the others are checked at CIFAR size only."""
+    row = ARCHS[arch]
+    if row["input"] == "series":
+        return [(6, 100), (3, 16)]
+    return [(1, 8, 8), (1, 28, 28)] if row["cpu_sized"] else [(3, 32, 32)]
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_every_exit_gives_logits_and_forward_final_is_the_last_exit(arch):
+    for shape in smallest_inputs(arch):
+        torch.manual_seed(0)
+        net = build_model(arch, CLASSES, shape).eval()
+        x = torch.randn(2, *shape)
+        with torch.no_grad():
+            logits = net(x)
+            final = net.forward_final(x)
+        assert net.num_exits == len(net.heads) + 1 == len(logits) > 1
+        assert all(z.shape == (2, CLASSES) and torch.isfinite(z).all() for z in logits)
+        torch.testing.assert_close(final, logits[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_backbone_and_head_parameters_partition_the_model(arch):
+    net = build_model(arch, CLASSES, smallest_inputs(arch)[-1])
+    backbone = {id(p) for p in net.backbone_parameters()}
+    heads = {id(p) for p in net.head_parameters()}
+    assert len(backbone) == len(net.backbone_parameters()) and heads
+    assert backbone.isdisjoint(heads)
+    assert backbone | heads == {id(p) for p in net.parameters()}
+    assert {id(p) for m in net.backbone_modules() for p in m.parameters()} == backbone
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_same_seed_same_weights_other_seed_other_weights(arch):
+    shape = smallest_inputs(arch)[-1]
+
+    def weights(seed):
+        torch.manual_seed(seed)
+        return build_model(arch, CLASSES, shape).state_dict()
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+def test_between_is_called_after_every_block_but_the_last_and_feeds_the_next_block():
+    net = build_model("small_cnn", CLASSES, (1, 28, 28), exits=[1])
+    calls, returned, received = [], {}, {}
+    for i, block in enumerate(net.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: received.__setitem__(i, args[0]))
+
+    def between(i, hidden):
+        calls.append(i)
+        returned[i] = hidden * 2
+        return returned[i]
+
+    net(torch.randn(2, 1, 28, 28), between=between)
+    assert calls == list(range(len(net.blocks) - 1))
+    assert all(received[i + 1] is returned[i] for i in calls)
+
+
+def test_between_changes_later_exits_but_not_the_head_at_its_block():
+    torch.manual_seed(0)
+    net = build_model("small_cnn", CLASSES, (1, 28, 28), exits="all").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        plain = net(x)
+        zeroed = net(x, between=lambda i, h: torch.zeros_like(h) if i == 1 else h)
+    assert net.exit_blocks == [0, 1, 2]
+    assert torch.equal(plain[0], zeroed[0]) and torch.equal(plain[1], zeroed[1])
+    assert not torch.equal(plain[2], zeroed[2]) and not torch.equal(plain[3], zeroed[3])
+
+
+def test_head_reads_the_hidden_state_before_between():
+    """With a detaching ``between``, each exit's loss reaches only the block its head (or classifier) sits on."""
+    net = build_model("small_cnn", CLASSES, (1, 28, 28), exits="all")
+    logits = net(torch.randn(4, 1, 28, 28), between=lambda i, h: h.detach())
+    y = torch.tensor([0, 1, 2, 3])
+    for k, z in enumerate(logits):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(z, y).backward(retain_graph=True)
+        reached = [any(p.grad is not None for p in block.parameters()) for block in net.blocks]
+        assert reached == [i == k for i in range(len(net.blocks))]
+
+
+def test_flops_placement_picks_the_block_closest_to_each_fraction():
+    for arch in ["small_cnn", "cifar_resnet20", "resnet18"]:
+        shape = (3, 32, 32)
+        net = build_model(arch, CLASSES, shape, exits="flops:0.5")
+        cumulative = list(accumulate(block_flops(net, shape)))
+        half = 0.5 * backbone_flops(net, shape)
+        distances = [abs(c - half) for c in cumulative[:-1]]
+        assert net.exit_blocks == [distances.index(min(distances))]
+
+
+def test_flops_fractions_are_of_the_whole_backbone_classifier_included():
+    # blocks cost 1 each and the classifier 4: half of 8 is reached after block 2, not after block 1
+    assert place_exits("flops:0.5", [1, 1, 1, 1], classifier_flops=4) == [2]
+    assert place_exits("flops:0.5", [1, 1, 1, 1], classifier_flops=0) == [1]
+
+
+def test_flops_placement_merges_duplicates_and_all_and_lists_are_honoured():
+    net = build_model("cifar_resnet8", CLASSES, (1, 28, 28))  # 3 blocks: the three default fractions share 2 places
+    assert net.exit_blocks == [0, 1]
+    assert build_model("cifar_resnet20", CLASSES, (1, 8, 8), exits="all").exit_blocks == list(range(8))
+    assert build_model("cifar_resnet20", CLASSES, (1, 8, 8), exits=[5, 2]).exit_blocks == [2, 5]
+
+
+@pytest.mark.parametrize("exits", ["flops:1.5", "flops:", "flops:a,b", "half", [3], [0, 0], [1.0], [-1]])
+def test_bad_exit_specs_are_user_errors(exits):
+    with pytest.raises(UserError, match="exit"):
+        build_model("small_cnn", CLASSES, (1, 8, 8), exits=exits)
+
+
+def test_unknown_names_and_mismatched_heads_are_user_errors():
+    with pytest.raises(UnknownName, match="resnet18"):
+        build_model("resnet19", CLASSES, (3, 32, 32))
+    with pytest.raises(UnknownName, match="conv"):
+        build_model("small_cnn", CLASSES, (1, 8, 8), head="mlp")
+    with pytest.raises(UserError, match="cls"):
+        build_model("vit_tiny", CLASSES, (3, 32, 32), head="pool")
+    with pytest.raises(UserError, match="class token"):
+        build_model("small_cnn", CLASSES, (1, 8, 8), head="cls")
+    with pytest.raises(UserError, match="rank 3"):
+        build_model("small_cnn", CLASSES, (6, 100))
+    with pytest.raises(UserError, match="cannot take inputs"):
+        build_model("vgg11_bn", CLASSES, (3, 8, 8))  # four max-pools shrink 8 px below 1 px
+
+
+def test_pretrained_weights_offline_are_a_user_error(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    try:
+        build_model("vit_tiny", CLASSES, (3, 32, 32), pretrained=True)
+    except UserError as err:
+        assert "HF_HUB_OFFLINE" in str(err) and "pretrained=False" in str(err)
+    else:
+        pytest.skip("vit_tiny weights are in the local cache")
+    with pytest.raises(UserError, match="no pretrained weights"):
+        build_model("small_cnn", CLASSES, (1, 8, 8), pretrained=True)
+
+
+@pytest.mark.parametrize("arch, final_map", [
+    ("resnet18", (512, 4, 4)), ("resnet50", (2048, 4, 4)), ("vgg16_bn", (512, 2, 2)),
+    ("mobilenet_v2", (1280, 4, 4)), ("mobilenetv3_small", (576, 4, 4)), ("efficientnet_b0", (1280, 4, 4)),
+    ("vit_tiny", (65, 192)),  # 8x8 patches of 4 px + the class token
+])
+def test_small_images_keep_a_spatial_map_to_the_last_block(arch, final_map):
+    net = build_model(arch, CLASSES, (3, 32, 32))
+    assert profile_flops(net, (3, 32, 32)).block_output_shapes[-1] == final_map
+
+
+@pytest.mark.parametrize("adapt, cut", [
+    (lambda s: adapted_resnet("resnet18", CLASSES, s, False), resnet_backbone),
+    (lambda s: adapted_mobilenet_v2(CLASSES, s, False), mobilenet_v2_backbone),
+    (lambda s: adapted_vit("vit_tiny", CLASSES, s, False), vit_backbone),
+    (lambda s: adapted_timm_convnet("mobilenetv3_small", CLASSES, s, False), timm_convnet_backbone),
+    (lambda s: adapted_timm_convnet("efficientnet_b0", CLASSES, s, False), timm_convnet_backbone),
+])
+def test_cutting_into_blocks_keeps_the_library_models_function(adapt, cut):
+    source = adapt((3, 32, 32)).eval()
+    blocks, classifier = cut(source)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(nn.Sequential(*blocks, classifier)(x), source(x))
+
+
+def test_cifar_resnet20_has_the_papers_parameter_count():
+    """He et al. (2016) report 0.27 M; option-A shortcuts add no parameters. Hand count for 3 channels, 10 classes."""
+    stem = 3 * 16 * 9 + 2 * 16
+    stage1 = 3 * (2 * 16 * 16 * 9 + 2 * 2 * 16)
+    stage2 = 16 * 32 * 9 + 5 * 32 * 32 * 9 + 6 * 2 * 32
+    stage3 = 32 * 64 * 9 + 5 * 64 * 64 * 9 + 6 * 2 * 64
+    blocks, classifier = cifar_resnet(20, 10, in_channels=3)
+    count = sum(p.numel() for m in [*blocks, classifier] for p in m.parameters())
+    assert count == stem + stage1 + stage2 + stage3 + 64 * 10 + 10 == 269_722
+
+
+def test_pool_head_mixes_max_and_average_pooling_to_4x4():
+    """SDN's head on an 8x8 map pools 2x2 windows; on a 2x2 map it keeps 2x2."""
+    head = PoolHead(channels=3, spatial=(8, 8), num_classes=5)
+    with torch.no_grad():
+        head.alpha.fill_(0.25)
+    x = torch.randn(2, 3, 8, 8)
+    mixed = 0.25 * F.max_pool2d(x, 2) + 0.75 * F.avg_pool2d(x, 2)
+    torch.testing.assert_close(head(x), head.linear(mixed.flatten(1)))
+    assert PoolHead(channels=3, spatial=(2, 2), num_classes=5).linear.in_features == 3 * 2 * 2
+
+
+def test_heads_match_the_hidden_state_they_read():
+    net = build_model("small_cnn", CLASSES, (1, 8, 8), exits="all")  # maps 32x4x4, 32x4x4, 64x2x2
+    assert [h.linear.in_features for h in net.heads] == [32 * 16, 32 * 16, 64 * 4]
+    conv = build_model("small_cnn", CLASSES, (1, 8, 8), head="conv", exits=[2])
+    assert isinstance(conv.heads[0][0], nn.Conv2d) and conv.heads[0][0].in_channels == 64
+    vit = build_model("vit_tiny", CLASSES, (3, 32, 32), exits=[3])
+    assert vit.heads[0].norm.normalized_shape == (192,)
