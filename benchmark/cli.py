@@ -1,6 +1,7 @@
 """`bench`: run grids, list what is registered, show a run. User mistakes exit with 2 and one clear message."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,12 @@ class UserErrorsAsMessages(click.Group):
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            click.echo(f"error: no space left on the device holding {error.filename or 'the results'}; free space "
+                       f"and rerun the same command (finished runs are kept, the interrupted one restarts)", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +54,9 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per run [default: all cores, split between --jobs].")
 @click.option("--retry-failed", is_flag=True, help="Rerun runs that failed before (they are skipped otherwise).")
-def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed):
+@click.option("--save-models", is_flag=True, help="Also store each trained model as runs/<id>/model.pt.")
+def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed,
+        save_models):
     """Train and evaluate every run of a grid that is not done yet, then regenerate the tables."""
     from benchmark.grid import load_grid, parse_filters, select
     from benchmark.runner import run_grid
@@ -62,7 +71,8 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
         _print_plan(specs, store)
         return
     outcome = run_grid(specs, store, grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root,
-                       device=device, retry_failed=retry_failed, download=download, threads=threads)
+                       device=device, retry_failed=retry_failed, download=download, threads=threads,
+                       save_models=save_models)
     click.echo(f"grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
                f"{len(outcome.failed)} failed, {len(outcome.skipped_failed)} failed earlier (use --retry-failed)"
                f"; tables in {store.tables_dir}")

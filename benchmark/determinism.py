@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ def configure(device: torch.device, threads: int) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # adaptive pooling's CUDA backward has no deterministic kernel; recorded below instead of warned per step
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:

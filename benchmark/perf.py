@@ -1,10 +1,13 @@
 """Trainer overhead against a minimal hand-written PyTorch loop on the same model, data and batches.
 
     python -m benchmark.perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
+    python -m benchmark.perf --arch resnet18 --dataset synthetic-cifar --device cuda    # GPU throughput
 
 Both loops do the same work per step: index a batch, augment it, forward every exit, mean cross-entropy,
 backward, SGD step, cosine lr step. The trainer adds what makes it a benchmark: per-exit loss logging, the
 non-finite check and one validation pass per epoch (reported separately). Goal (DESIGN.md): <= 5 % per step.
+`synthetic-cifar` is random 3x32x32 data (50 000 images, 10 classes, crop+flip): it measures throughput on
+machines without CIFAR files; its accuracies mean nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmark.data import load_dataset
+from benchmark.data import Dataset, load_dataset
 from benchmark.determinism import configure, derive_seed, resolve_device, seed_everything
 from benchmark.models import build_model
 from benchmark.train import cosine_schedule, make_optimizer, run_phase
@@ -27,9 +30,19 @@ TRAIN = {"batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "ne
          "weight_decay": 5e-4, "eval_every": 10 ** 9}
 
 
+def synthetic_cifar(n: int = 50_000) -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    return Dataset(name="synthetic-cifar", kind="image", num_classes=10, input_shape=(3, 32, 32),
+                   x_train=x, y_train=y, x_val=x[:5000], y_val=y[:5000], x_test=x[:5000], y_test=y[:5000],
+                   augmentation="crop+flip", crop_padding=4, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
 def fresh_model(arch, data, device):
     seed_everything(0)
-    return build_model(arch, data.num_classes, data.input_shape, head="pool").to(device)
+    model = build_model(arch, data.num_classes, data.input_shape).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def hand_loop(model, data, epochs: int, device) -> float:
@@ -46,7 +59,10 @@ def hand_loop(model, data, epochs: int, device) -> float:
         for b in range(steps):
             idx = order[b * bs:(b + 1) * bs]
             x, y = data.augment(data.x_train[idx], generator), data.y_train[idx]
-            loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -76,7 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     configure(device, args.threads)
-    data = load_dataset(args.dataset, "~/.cache/exitbench").to(device)
+    data = synthetic_cifar() if args.dataset == "synthetic-cifar" else load_dataset(args.dataset, "~/.cache/exitbench")
+    data = data.to(device)
     steps = len(data.x_train) // TRAIN["batch_size"] * args.epochs
     hand_model, trainer_model = fresh_model(args.arch, data, device), fresh_model(args.arch, data, device)
     hand_loop(hand_model, data, 1, device)                       # warm-up both paths
@@ -90,8 +107,10 @@ def main() -> None:
     h, t = statistics.median(hand), statistics.median(ours)
     print(f"{args.arch} on {args.dataset}, {device}, {args.threads} threads, batch {TRAIN['batch_size']}, "
           f"{steps} steps x {args.repeats} repeats (median)")
-    print(f"  hand-written loop : {1000 * h / steps:8.2f} ms/step")
-    print(f"  exitbench trainer : {1000 * t / steps:8.2f} ms/step   overhead {100 * (t / h - 1):+.1f} %")
+    images = steps * TRAIN["batch_size"]
+    print(f"  hand-written loop : {1000 * h / steps:8.2f} ms/step  {images / h:10.0f} images/s")
+    print(f"  exitbench trainer : {1000 * t / steps:8.2f} ms/step  {images / t:10.0f} images/s   "
+          f"overhead {100 * (t / h - 1):+.1f} %")
     print(f"  + validation pass : {1000 * statistics.median(evals) / args.epochs:8.1f} ms/epoch "
           f"({100 * statistics.median(evals) / t:.1f} % of training time)")
     if not math.isfinite(t):

@@ -21,7 +21,11 @@ def _init_like_torchvision(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _small_cnn(num_classes: int, in_channels: int, dims: int) -> Backbone:
+def _small_cnn(num_classes: int, input_shape: tuple[int, ...], dims: int) -> Backbone:
+    """The classifier pools to a small grid (4x4 for images, 8 steps for series) rather than to 1x1: four 3x3
+    layers see only ~15 px, and a global-average-pooled 64-d feature left the final exit of this net far
+    below its own internal exits on MNIST (val accuracy 0.73 vs 0.97 after 12 epochs)."""
+    in_channels = input_shape[0]
     conv, norm, pool = (
         (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if dims == 2
         else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
@@ -35,22 +39,27 @@ def _small_cnn(num_classes: int, in_channels: int, dims: int) -> Backbone:
             nn.ReLU(inplace=True),
         ))
         width_in = width
-    classifier = nn.Sequential(pool(1), nn.Flatten(1), nn.Linear(width_in, num_classes))
+    final_size = input_shape[1]
+    for stride in SMALL_CNN_STRIDES:
+        final_size = (final_size - 1) // stride + 1
+    grid = min(4 if dims == 2 else 8, final_size)
+    classifier = nn.Sequential(pool(grid), nn.Flatten(1), nn.Linear(width_in * grid ** dims, num_classes))
     for block in blocks:
         _init_like_torchvision(block)
     return Backbone(blocks, classifier)
 
 
 @register_arch("small_cnn", family="small_cnn", source="exitbench", cpu_sized=True,
-               description="4 conv3x3-BN-ReLU blocks, widths 32-32-64-64, stride 2 in blocks 0 and 2; GAP + linear")
+               description="4 conv3x3-BN-ReLU blocks, widths 32-32-64-64, stride 2 in blocks 0 and 2; "
+                           "avg-pool to 4x4 + linear")
 def small_cnn(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
-    return _small_cnn(num_classes, input_shape[0], dims=2)
+    return _small_cnn(num_classes, input_shape, dims=2)
 
 
 @register_arch("small_cnn1d", family="small_cnn", source="exitbench", cpu_sized=True, input_kind="series",
                description="small_cnn for sensor series (C, L): 4 conv1d(k=5)-BN-ReLU blocks, widths 32-32-64-64")
 def small_cnn1d(num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
-    return _small_cnn(num_classes, input_shape[0], dims=1)
+    return _small_cnn(num_classes, input_shape, dims=1)
 
 
 class CifarBasicBlock(nn.Module):
