@@ -96,7 +96,8 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
               on_epoch: Callable[[str, int, float], None] | None = None) -> PhaseResult:
     """Train `model` in place for one phase. `epoch_offset` is the number of epochs the run trained before this
     phase: batch order and augmentation of global epoch e are seeded by (pairing seed, e), so a mixed run's P2
-    epoch 0 sees the same batches as a joint run's epoch E1."""
+    epoch 0 sees the same batches as a joint run's epoch E1. Objectives get a generator of their own
+    (`ctx.generator`) so their randomness never shifts the batches."""
     trained = set_trainable(model, phase.trains)
     optimizer = make_optimizer(trained, train)
     n, batch_size = len(data.x_train), train["batch_size"]
@@ -114,8 +115,10 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         order = torch.randperm(n, generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         ce_sum = None
-        ctx = StepContext(phase=phase.name, epoch=epoch, epochs=phase.epochs, step=step,
-                          num_exits=model.num_exits, perturb=lambda x: data.augment(x, generator))
+        ctx = StepContext(phase=phase.name, epoch=epoch, epochs=phase.epochs, step=step, num_exits=model.num_exits,
+                          generator=torch.Generator().manual_seed(derive_seed(pairing_seed, "objective", global_epoch)),
+                          data_kind=data.kind)
+        optimizer_steps = 0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
             x = data.augment(data.x_train[idx], generator)
@@ -126,6 +129,7 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
                 out = step_fn(model, x, data.y_train[idx], optimizer, ctx)
             scheduler.step()
             step += 1
+            optimizer_steps += out.get("optimizer_steps", 1)
             loss_sum += out["loss"].float()
             ce_sum = out["exit_ce"].float() if ce_sum is None else ce_sum + out["exit_ce"].float()
         mean_loss = (loss_sum / steps_per_epoch).item()        # one host sync per epoch, not per step
@@ -133,7 +137,7 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
             raise NonFiniteLoss(global_epoch + 1, phase.name)
         seconds = time.perf_counter() - started
         result.cost.wall_seconds += seconds
-        result.cost.optimizer_steps += steps_per_epoch
+        result.cost.optimizer_steps += optimizer_steps
         result.cost.examples_seen += steps_per_epoch * batch_size
         evaluate_now = (epoch + 1) % train["eval_every"] == 0 or epoch + 1 == phase.epochs
         val_acc = exit_accuracies(model, data.x_val, data.y_val, 512, autocast) if evaluate_now else None

@@ -6,7 +6,7 @@ objectives know nothing of the runner, the store or the CLI; the trainer (`bench
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,8 @@ class StepContext:
     epochs: int                # epochs in the phase
     step: int                  # 0-based optimizer step within the phase
     num_exits: int
-    perturb: Callable[[Tensor], Tensor] | None = None   # the dataset's batched augmentation (for `cet`)
+    generator: torch.Generator | None = None            # seeded per (pairing seed, epoch): draw randomness from it
+    data_kind: str = "image"                             # "image" (N,C,H,W) | "series" (N,C,T)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +103,8 @@ class Objective:
         raise NotImplementedError
 
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
-        """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`."""
+        """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`, and
+        optionally `optimizer_steps` (a Python int, default 1) if it steps the optimizer more than once."""
         logits = model(x, between=self.between if self.uses_between else None)
         loss = self.loss(logits, y, ctx)
         optimizer.zero_grad(set_to_none=True)
