@@ -172,7 +172,10 @@ def load_grid(name_or_path: str) -> Grid:
             _validate_train(path, f"arch_overrides.{arch}", train)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)
-                resolved = OBJECTIVES[objective](**hparams.get(objective, {})).hp
+                try:
+                    resolved = OBJECTIVES[objective](**hparams.get(objective, {})).hp
+                except (KeyError, ValueError) as e:
+                    raise _bad(path, f"hparams.{objective}", str(e).strip('"')) from None
                 for seed in seeds:
                     specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
                                          train=dict(train), model=dict(model), hparams=resolved))

@@ -86,7 +86,8 @@ class Objective:
     source: ClassVar[str]
     reconstructed: ClassVar[bool] = False
     hparams: ClassVar[dict[str, tuple[Any, str]]] = {}
-    uses_between: ClassVar[bool] = False   # True if `between` must be passed to the model's forward
+    uses_between: ClassVar[bool] = False      # True if `between` must be passed to the model's forward
+    uses_after_block: ClassVar[bool] = False  # True if `after_block` must be passed to the model's forward
 
     def __init__(self, **overrides: Any):
         unknown = set(overrides) - set(self.hparams)
@@ -96,8 +97,17 @@ class Objective:
         self.hp = {k: overrides.get(k, default) for k, (default, _) in self.hparams.items()}
 
     def between(self, i: int, hidden: Tensor) -> Tensor:
-        """Acts on the hidden state after block i on its way into block i+1 (bdl detaches, ge rescales)."""
+        """Acts on the hidden state after block i on its way into block i+1 only (bdl detaches there)."""
         return hidden
+
+    def after_block(self, i: int, hidden: Tensor) -> Tensor:
+        """Acts on the hidden state after block i before the head at i reads it (ge rescales there)."""
+        return hidden
+
+    def forward(self, model, x: Tensor) -> list[Tensor]:
+        """All exits' logits with this objective's hooks in place."""
+        return model(x, between=self.between if self.uses_between else None,
+                     after_block=self.after_block if self.uses_after_block else None)
 
     def loss(self, logits: list[Tensor], y: Tensor, ctx: StepContext) -> Tensor:
         raise NotImplementedError
@@ -105,7 +115,7 @@ class Objective:
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`, and
         optionally `optimizer_steps` (a Python int, default 1) if it steps the optimizer more than once."""
-        logits = model(x, between=self.between if self.uses_between else None)
+        logits = self.forward(model, x)
         loss = self.loss(logits, y, ctx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -44,17 +44,22 @@ class MultiExitNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.heads) + 1
 
-    def forward(self, x: torch.Tensor, between: Between | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, between: Between | None = None,
+                after_block: Between | None = None) -> list[torch.Tensor]:
         """Logits of every exit in order (the last one is the classifier's).
 
         ``between(i, hidden)`` is called on the output of every block i but the last, and what it returns is
         what block i+1 receives. The head at block i reads the hidden state *before* ``between``, so a
         regime can detach or rescale the path into later blocks without touching that head's own gradient.
+        ``after_block(i, hidden)`` is called on the output of every block first, and both the head (or the
+        classifier) and ``between`` see what it returns (gradient equilibrium rescales there).
         """
         logits = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x)
+            if after_block is not None:
+                x = after_block(i, x)
             if i == last:
                 break
             if i in self._head_after_block:
