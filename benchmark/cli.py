@@ -62,7 +62,7 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     from benchmark.runner import run_grid
     from benchmark.store import ResultsStore
 
-    grid = load_grid(grid_name)
+    grid = load_grid(grid_name, data_root)
     specs = select(grid.specs, parse_filters(only))
     if not specs:
         raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")

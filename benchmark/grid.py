@@ -4,12 +4,14 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
 
     description = "..."
     datasets = ["digits"]; archs = ["small_cnn"]; regimes = ["joint", "mixed"]; seeds = [0, 1, 2]
+    optional_datasets = ["basicmotions"]   # included only where their package or files are present
     [train]   epochs (total E), p1_epochs (default E // 2), batch_size, optimizer, lr, momentum, weight_decay, ...
     [model]   head, exits
     [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
     [arch_overrides.<arch>]      train/model keys that differ for one arch (e.g. AdamW for ViTs)
 
-Every mistake is reported with the file and the offending key.
+Runs pair every dataset with every arch of the same input kind (images with image nets, sensor series with
+1-D nets). Every mistake is reported with the file and the offending key.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
-TOP_KEYS = {"description", *LIST_KEYS, "train", "model", "hparams", "arch_overrides", "analyses"}
+TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "train", "model", "hparams", "arch_overrides",
+            "analyses"}
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -124,9 +127,10 @@ def _names(path: Path, raw: dict, key: str, valid: list[str]) -> list:
     return values
 
 
-def load_grid(name_or_path: str) -> Grid:
-    from benchmark.data import dataset_names
-    from benchmark.models import arch_names
+def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
+    """Parse and validate a grid; `data_root` decides which `optional_datasets` are present."""
+    from benchmark.data import dataset_available, dataset_names, dataset_table
+    from benchmark.models import arch_input_kind, arch_names
     from regimes.registry import objective_names, parse_regime_name, regime_names, OBJECTIVES
 
     path = resolve_grid_path(name_or_path)
@@ -140,6 +144,15 @@ def load_grid(name_or_path: str) -> Grid:
 
     datasets = _names(path, raw, "datasets", dataset_names())
     archs = _names(path, raw, "archs", arch_names())
+    optional = _names(path, raw, "optional_datasets", dataset_names()) if "optional_datasets" in raw else []
+    kind = {row["name"]: row["kind"] for row in dataset_table()}
+    for dataset in datasets:
+        if not any(arch_input_kind(a) == kind[dataset] for a in archs):
+            raise _bad(path, "datasets", f"'{dataset}' holds {kind[dataset]} inputs but no arch in archs takes them")
+    for arch in archs:
+        if not any(arch_input_kind(arch) == kind[d] for d in datasets + optional):
+            raise _bad(path, "archs", f"'{arch}' takes {arch_input_kind(arch)} inputs but no dataset holds them")
+    datasets = datasets + [d for d in optional if d not in datasets and dataset_available(d, data_root)]
     regimes = _names(path, raw, "regimes", regime_names())
     seeds = _names(path, raw, "seeds", [])
     train_base = {**TRAIN_DEFAULTS, **_check_table(path, "train", raw.get("train", {}), TRAIN_DEFAULTS)}
@@ -166,6 +179,8 @@ def load_grid(name_or_path: str) -> Grid:
     specs = []
     for dataset in datasets:
         for arch in archs:
+            if arch_input_kind(arch) != kind[dataset]:
+                continue
             override = overrides.get(arch, {})
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
             model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}

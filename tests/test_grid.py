@@ -75,3 +75,19 @@ def test_filters_select_by_glob(grid_file):
     assert sorted({s.regime for s in both}) == ["joint", "mixed"]
     with pytest.raises(UserError, match="KEY=GLOB"):
         parse_filters(("colour=red",))
+
+
+def test_datasets_pair_only_with_archs_of_their_input_kind(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('datasets=["digits"]\noptional_datasets=["basicmotions"]\narchs=["small_cnn", "small_cnn1d"]\n'
+                    'regimes=["joint"]\nseeds=[0]\n[train]\nepochs=2\n')
+    from benchmark.data import dataset_available
+    pairs = {(s.dataset, s.arch) for s in load_grid(str(path)).specs}
+    expected = {("digits", "small_cnn")} | ({("basicmotions", "small_cnn1d")} if dataset_available("basicmotions") else set())
+    assert pairs == expected
+
+
+def test_a_dataset_no_arch_can_take_is_an_error(grid_file):
+    path = grid_file(archs=("small_cnn1d",))
+    with pytest.raises(UserError, match="'digits' holds image inputs but no arch"):
+        load_grid(str(path))

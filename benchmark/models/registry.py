@@ -74,6 +74,13 @@ def arch_names() -> list[str]:
     return sorted(_ARCHS)
 
 
+def arch_input_kind(arch: str) -> str:
+    """"image" or "series": which datasets this arch can take."""
+    if arch not in _ARCHS:
+        raise UnknownName("arch", arch, _ARCHS)
+    return _ARCHS[arch].input_kind
+
+
 def arch_table() -> list[dict]:
     """One row per architecture (for ``bench list``); block counts come from building each on the meta device."""
     return [
