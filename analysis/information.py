@@ -1,0 +1,304 @@
+"""Information flow: mutual information between each block's representation T and the input X and the label Y.
+
+Why: the information plane (Shwartz-Ziv & Tishby 2017) asks whether training first fits (I(T;Y) grows) and then
+compresses (I(X;T) shrinks), and a multi-exit network adds the question of how an exit head's loss reshapes the
+blocks before it. Every number here is in bits and is an *estimate* whose value depends on its parameters, which
+are therefore reported in every row; compare numbers only across rows with the same estimator and parameters.
+
+Estimators
+- ``"renyi"`` (primary): matrix-based Rényi alpha-order entropy (Sanchez Giraldo, Rao & Principe 2015), as used
+  for DNN information planes by Yu et al. (2019) and Wickstrøm et al. (2019). For N samples, a Gaussian Gram
+  matrix K is normalised to unit trace, A = K / tr(K), and S_alpha(A) = log2(sum_i lambda_i(A)^alpha) / (1 - alpha);
+  joint entropies use the Hadamard product A o B / tr(A o B); I(X;T) = S(A) + S(B) - S(A, B).
+  Kernel width: Silverman's rule sigma = gamma * N^(-1/(4+d)) with gamma = sqrt(trace Cov(T)), the root of the
+  total variance (= sqrt(d) times the RMS per-feature std). Why sqrt(d): with gamma = the mean per-feature std, a
+  d = 12 544-wide representation has typical squared distances ~ 2 d gamma^2, every off-diagonal kernel entry is
+  ~exp(-d) = 0 and every block reads log2 N bits; Tapia & Estévez (2020) add the same sqrt(d) factor.
+  ``sigma_scale`` multiplies the rule (their fixed gamma = 0.8 on unit-variance features is sigma_scale=0.8).
+  Labels use the delta kernel K_ij = [y_i = y_j] (a Gaussian kernel on one-hot labels as sigma -> 0), so S_alpha(Y)
+  is exactly the Rényi entropy of the sample's class frequencies.
+- ``"binning"`` (Shwartz-Ziv & Tishby 2017; Saxe et al. 2018): every activation of a block is put in one of
+  ``bins`` equal-width bins over the block's range [min, max] on the sample, each sample's binned vector is one
+  discrete symbol, I(X;T) = H(T) (T is a deterministic function of X) and I(T;Y) = H(T) - H(T|Y). With wide
+  representations every sample is its own symbol and the estimate saturates at I(X;T) = log2 N, I(T;Y) = H(Y);
+  that is a property of the estimator, reported as such.
+
+``exit_bound_table`` adds, per exit, the variational lower bound I(T;Y) >= H(Y) - CE, CE the exit head's
+cross-entropy in bits (a decoder's cross-entropy upper-bounds H(Y|T)); it is negative for a poor head. The bound
+is about Shannon information: matrix-based values are a different functional on their own scale (a trained
+small_cnn on digits reads ~2.4 bits there against a bound of ~3.2), so compare each with itself, not the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch import Tensor, nn
+
+from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+
+DEFAULT_N_SAMPLES = 500   # cifar_resnet8 on 28 px MNIST: ~1.8 s per model on 1 thread, the float64 Gram matmuls most
+DEFAULT_ALPHA = 1.01      # close to Shannon (alpha -> 1) while keeping the closed form (Yu et al. 2019)
+DEFAULT_BINS = 30         # Shwartz-Ziv & Tishby (2017)
+ESTIMATORS = ("renyi", "binning")
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+def stratified_indices(y: Tensor | np.ndarray, n_samples: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a fixed, class-stratified subset of size ``n_samples`` (all indices if None or too big).
+
+    The same (y, n_samples, seed) gives the same subset on every call, so every model is measured on the same
+    samples.
+    """
+    labels = np.asarray(torch.as_tensor(y).cpu())
+    if n_samples is None or n_samples >= len(labels):
+        return np.arange(len(labels))
+    chosen, _ = train_test_split(np.arange(len(labels)), train_size=n_samples, stratify=labels, random_state=seed)
+    return np.sort(chosen)
+
+
+# ------------------------------------------------------------------------ matrix-based Rényi entropy
+
+def silverman_sigma(t: Tensor, scale: float = 1.0) -> float:
+    """Kernel width sigma = scale * sqrt(trace Cov(t)) * N^(-1/(4+d)) for samples ``t`` of shape (N, d)."""
+    n, d = t.shape
+    gamma = t.double().var(dim=0).sum().sqrt().item()
+    if gamma == 0.0:
+        return 1.0  # every sample is the same point: any width gives the all-ones Gram matrix
+    return scale * gamma * n ** (-1.0 / (4 + d))
+
+
+def gaussian_gram(t: Tensor, sigma: float) -> Tensor:
+    """K_ij = exp(-|t_i - t_j|^2 / (2 sigma^2)) in float64 for samples ``t`` of shape (N, d)."""
+    t = t.double()
+    t = t - t.mean(dim=0)                        # centring makes coincident points exactly 0 apart below
+    norms = (t * t).sum(dim=1)
+    squared_distances = (norms[:, None] + norms[None, :] - 2.0 * t @ t.T).clamp_(min=0.0)
+    squared_distances.fill_diagonal_(0.0)
+    return torch.exp(-squared_distances / (2.0 * sigma ** 2))
+
+
+def label_gram(y: Tensor) -> Tensor:
+    """The delta kernel on class labels: K_ij = 1 if y_i = y_j else 0, float64."""
+    return (y[:, None] == y[None, :]).double()
+
+
+def _eigvalsh(matrix: Tensor) -> Tensor:
+    """Eigenvalues of a symmetric matrix; on CPU with one thread. Why: at N = 500 a threaded LAPACK gains nothing,
+    and with more busy threads than cores (parallel workers, other jobs) its spin-waits stalled one call from
+    0.04 s to 13 s in our measurements."""
+    if matrix.device.type != "cpu":
+        return torch.linalg.eigvalsh(matrix)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(matrix)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def renyi_entropy(*grams: Tensor, alpha: float = DEFAULT_ALPHA) -> float:
+    """S_alpha in bits of the Hadamard product of one or more Gram matrices, normalised to unit trace.
+
+    One matrix gives a marginal entropy, several give their joint entropy (Yu et al. 2019, eq. 3). ``alpha = 1``
+    is the Shannon (von Neumann) limit.
+    """
+    product = grams[0]
+    for gram in grams[1:]:
+        product = product * gram
+    eigenvalues = _eigvalsh(product / product.trace()).clamp(min=0.0)
+    if alpha == 1.0:
+        positive = eigenvalues[eigenvalues > 0]
+        return -(positive * positive.log2()).sum().item()
+    return (torch.log2((eigenvalues ** alpha).sum()) / (1.0 - alpha)).item()
+
+
+def renyi_mutual_information(gram_a: Tensor, gram_b: Tensor, alpha: float = DEFAULT_ALPHA) -> float:
+    """I_alpha(A;B) = S(A) + S(B) - S(A, B) in bits (Sanchez Giraldo et al. 2015)."""
+    return (renyi_entropy(gram_a, alpha=alpha) + renyi_entropy(gram_b, alpha=alpha)
+            - renyi_entropy(gram_a, gram_b, alpha=alpha))
+
+
+# ----------------------------------------------------------------------------------------- binning
+
+def binned_symbols(t: Tensor, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """One integer symbol per sample: its activations put into ``bins`` equal-width bins over t's range."""
+    values = t.double().cpu().numpy()
+    low, high = values.min(), values.max()
+    width = (high - low) / bins if high > low else 1.0
+    codes = np.minimum(((values - low) / width).astype(np.int64), bins - 1).astype(np.min_scalar_type(bins))
+    _, symbols = np.unique(codes, axis=0, return_inverse=True)
+    return symbols.reshape(-1)
+
+
+def discrete_entropy(*variables: np.ndarray) -> float:
+    """Plug-in Shannon entropy in bits of one discrete variable, or the joint entropy of several (same length)."""
+    joint = np.stack([np.asarray(v).reshape(-1) for v in variables], axis=1)
+    _, counts = np.unique(joint, axis=0, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def discrete_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """Plug-in I(A;B) = H(A) + H(B) - H(A,B) in bits."""
+    return discrete_entropy(a) + discrete_entropy(b) - discrete_entropy(a, b)
+
+
+# -------------------------------------------------------------------------------- exit lower bound
+
+def exit_information_lower_bound(logits: Tensor, y: Tensor) -> dict[str, float]:
+    """H(Y), the head's cross-entropy and the bound I(T;Y) >= H(Y) - CE, all in bits, on the given samples."""
+    y = torch.as_tensor(y).cpu()
+    cross_entropy = F.cross_entropy(torch.as_tensor(logits).double().cpu(), y).item() / math.log(2)
+    label_entropy = discrete_entropy(y.numpy())
+    return {"H_Y_bits": label_entropy, "CE_bits": cross_entropy,
+            "I_TY_lower_bound_bits": label_entropy - cross_entropy}
+
+
+# ------------------------------------------------------------------------------------- model level
+
+@torch.no_grad()
+def _forward_collect(model: nn.Module, x: Tensor, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Every block's flattened output and every exit's logits, in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    blocks, exits = [], []
+    try:
+        for chunk in x.split(batch_size):
+            outputs = []
+
+            def keep(block: int, hidden: Tensor) -> Tensor:
+                outputs.append(hidden.flatten(1).clone())  # a copy: a later block may work in place
+                return hidden
+
+            exits.append(model(chunk.to(device), after_block=keep))
+            blocks.append(outputs)
+    finally:
+        model.train(was_training)
+    return [torch.cat(per_block) for per_block in zip(*blocks)], [torch.cat(per_exit) for per_exit in zip(*exits)]
+
+
+def information_table(model: nn.Module, x: Tensor, y: Tensor, *, estimator: str = "renyi",
+                      n_samples: int | None = DEFAULT_N_SAMPLES, seed: int = 0, alpha: float = DEFAULT_ALPHA,
+                      sigma_scale: float = 1.0, bins: int = DEFAULT_BINS, batch_size: int = 256) -> pd.DataFrame:
+    """One row per block: I(X;T) and I(T;Y) in bits, with the estimator's parameters.
+
+    Measured on ``stratified_indices(y, n_samples, seed)``; ``alpha`` and ``sigma_scale`` apply to "renyi",
+    ``bins`` to "binning". Columns: block, estimator, I_XT_bits, I_TY_bits, H_T_bits, H_Y_bits, n_samples,
+    features, and alpha, sigma_T, sigma_X or bins.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
+    index = torch.as_tensor(stratified_indices(y, n_samples, seed))
+    x, y = x[index], torch.as_tensor(y)[index]
+    representations, _ = _forward_collect(model, x, batch_size)
+    rows = []
+    if estimator == "renyi":
+        inputs = x.flatten(1).to(representations[0].device)
+        sigma_x = silverman_sigma(inputs, sigma_scale)
+        gram_x, gram_y = gaussian_gram(inputs, sigma_x), label_gram(y.to(inputs.device))
+        entropy_x, entropy_y = renyi_entropy(gram_x, alpha=alpha), renyi_entropy(gram_y, alpha=alpha)
+        for block, t in enumerate(representations):
+            sigma_t = silverman_sigma(t, sigma_scale)
+            gram_t = gaussian_gram(t, sigma_t)
+            entropy_t = renyi_entropy(gram_t, alpha=alpha)
+            rows.append({
+                "block": block, "estimator": estimator,
+                "I_XT_bits": entropy_x + entropy_t - renyi_entropy(gram_x, gram_t, alpha=alpha),
+                "I_TY_bits": entropy_t + entropy_y - renyi_entropy(gram_t, gram_y, alpha=alpha),
+                "H_T_bits": entropy_t, "H_Y_bits": entropy_y, "n_samples": len(y), "features": t.shape[1],
+                "alpha": alpha, "sigma_T": sigma_t, "sigma_X": sigma_x,
+            })
+    else:
+        labels = y.cpu().numpy()
+        for block, t in enumerate(representations):
+            symbols = binned_symbols(t, bins)
+            entropy_t = discrete_entropy(symbols)
+            rows.append({
+                "block": block, "estimator": estimator,
+                "I_XT_bits": entropy_t, "I_TY_bits": discrete_mutual_information(symbols, labels),
+                "H_T_bits": entropy_t, "H_Y_bits": discrete_entropy(labels), "n_samples": len(y),
+                "features": t.shape[1], "bins": bins,
+            })
+    return pd.DataFrame(rows)
+
+
+def exit_bound_table(model: nn.Module, x: Tensor, y: Tensor, *, n_samples: int | None = DEFAULT_N_SAMPLES,
+                     seed: int = 0, batch_size: int = 256) -> pd.DataFrame:
+    """One row per exit: H(Y), the exit's cross-entropy and I(T;Y) >= H(Y) - CE in bits, on the same subset as
+    ``information_table`` for the same (n_samples, seed). ``block`` is the block the exit reads."""
+    index = torch.as_tensor(stratified_indices(y, n_samples, seed))
+    y = torch.as_tensor(y)[index]
+    _, logits = _forward_collect(model, x[index], batch_size)
+    exit_blocks = [*model.exit_blocks, len(model.blocks) - 1]
+    return pd.DataFrame([
+        {"exit": k, "block": exit_blocks[k], **exit_information_lower_bound(exit_logits, y), "n_samples": len(y)}
+        for k, exit_logits in enumerate(logits)
+    ])
+
+
+# ------------------------------------------------------------------------------------------ figure
+
+_BLOCK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _lighter(colour, amount: float):
+    """``colour`` blended towards white by ``amount`` in [0, 1]."""
+    return tuple(c + (1.0 - c) * amount for c in colour)
+
+
+def plot_information_plane(table: pd.DataFrame, path) -> None:
+    """The information plane: I(X;T) on x, I(T;Y) on y, one trajectory over ``epoch`` per block.
+
+    One panel per regime (columns) and per (dataset, arch) cell if the table has those columns (rows). Colour is
+    the regime's; early blocks are lighter and each block has its own marker; markers grow with the epoch and
+    arrows point forward in time. Seeds, if present, are averaged. Needs columns regime, block, epoch,
+    I_XT_bits, I_TY_bits, and a single estimator.
+    """
+    if "estimator" in table and table["estimator"].nunique() > 1:
+        raise ValueError("one estimator per information plane: filter the table on its 'estimator' column first")
+    cell_columns = [c for c in ("dataset", "arch") if c in table]
+    cells = [()] if not cell_columns else list(table.groupby(cell_columns).groups)
+    cells = [c if isinstance(c, tuple) else (c,) for c in cells]
+    regimes = regime_order(table["regime"].unique())
+    n_blocks = int(table["block"].max()) + 1
+    epochs = np.sort(table["epoch"].unique())
+    fig, axes = new_figure(ncols=len(regimes), nrows=len(cells), width=3.6, height=3.3, sharex="row", sharey="row")
+
+    for row, cell in enumerate(cells):
+        in_cell = table if not cell_columns else table[(table[cell_columns] == cell).all(axis=1)]
+        for col, regime in enumerate(regimes):
+            ax = axes[row, col]
+            data = in_cell[in_cell["regime"] == regime]
+            means = data.groupby(["block", "epoch"], as_index=False)[["I_XT_bits", "I_TY_bits"]].mean()
+            for block, trajectory in means.groupby("block"):
+                points = trajectory.sort_values("epoch")[["I_XT_bits", "I_TY_bits"]].to_numpy()
+                colour = _lighter(regime_colour(regime), 0.6 * (1 - block / max(n_blocks - 1, 1)))
+                for start, end in zip(points[:-1], points[1:]):
+                    ax.annotate("", xy=end, xytext=start, zorder=1, arrowprops={
+                        "arrowstyle": "-|>", "color": colour, "linewidth": 1.2, "mutation_scale": 9,
+                        "linestyle": regime_style(regime)["linestyle"], "shrinkA": 0, "shrinkB": 3})
+                sizes = 10 + 50 * np.searchsorted(epochs, np.sort(trajectory["epoch"])) / max(len(epochs) - 1, 1)
+                ax.scatter(points[:, 0], points[:, 1], s=sizes, color=colour, edgecolor="black", linewidth=0.4,
+                           marker=_BLOCK_MARKERS[block % len(_BLOCK_MARKERS)], zorder=2)
+            ax.set_title(regime, fontsize=10)
+            ax.set_xlabel("I(X;T) [bits]")
+            if col == 0:
+                ax.set_ylabel(("" if not cell_columns else " / ".join(map(str, cell)) + "\n") + "I(T;Y) [bits]")
+
+    handles = [axes[0, 0].scatter([], [], marker=_BLOCK_MARKERS[b % len(_BLOCK_MARKERS)], color="grey",
+                                  edgecolor="black", linewidth=0.4, label=f"block {b}") for b in range(n_blocks)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(n_blocks, 8), frameon=False, bbox_to_anchor=(0.5, 0),
+               title=f"marker size grows with epoch ({epochs[0]} to {epochs[-1]}), arrows point forward in time")
+    estimator = f", {table['estimator'].iloc[0]} estimator" if "estimator" in table else ""
+    ceiling = f", H(Y) = {table['H_Y_bits'].mean():.2f} bits" if "H_Y_bits" in table else ""
+    fig.suptitle(f"Information plane per block{estimator}{ceiling}")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    save(fig, path)
