@@ -9,6 +9,8 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
     [model]   head, exits
     [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
     [arch_overrides.<arch>]      train/model keys that differ for one arch (e.g. AdamW for ViTs)
+    [regime_overrides."<glob>"]  train keys that differ for the regimes matching a glob (e.g. "*+l2w"),
+                                 applied after arch_overrides; the resolved values are part of each run's spec
 
 Runs pair every dataset with every arch of the same input kind (images with image nets, sensor series with
 1-D nets). Every mistake is reported with the file and the offending key.
@@ -16,6 +18,7 @@ Runs pair every dataset with every arch of the same input kind (images with imag
 from __future__ import annotations
 
 import difflib
+from fnmatch import fnmatchcase
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
 TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "train", "model", "hparams", "arch_overrides",
-            "analyses"}
+            "regime_overrides", "analyses"}
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -176,6 +179,12 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
             raise _bad(path, f"arch_overrides.{arch}", f"arch '{arch}' is not in this grid's archs {archs}")
         _check_table(path, f"arch_overrides.{arch}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
 
+    regime_overrides = raw.get("regime_overrides", {})
+    for pattern, table in regime_overrides.items():
+        if not any(fnmatchcase(r, pattern) for r in regimes):
+            raise _bad(path, f"regime_overrides.{pattern}", f"matches none of the grid's regimes {regimes}")
+        _check_table(path, f"regime_overrides.{pattern}", table, TRAIN_DEFAULTS)
+
     specs = []
     for dataset in datasets:
         for arch in archs:
@@ -187,13 +196,18 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
             _validate_train(path, f"arch_overrides.{arch}", train)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)
+                run_train = dict(train)
+                for pattern, table in regime_overrides.items():
+                    if fnmatchcase(regime, pattern):
+                        run_train.update(table)
+                _validate_train(path, f"regime_overrides for {regime}", run_train)
                 try:
                     resolved = OBJECTIVES[objective](**hparams.get(objective, {})).hp
                 except (KeyError, ValueError) as e:
                     raise _bad(path, f"hparams.{objective}", str(e).strip('"')) from None
                 for seed in seeds:
                     specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
-                                         train=dict(train), model=dict(model), hparams=resolved))
+                                         train=dict(run_train), model=dict(model), hparams=resolved))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw)
 
 

@@ -68,7 +68,7 @@ def objective_hparams(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     schedule, objective = parse_regime_name(name)
     try:
         return OBJECTIVES[objective](**overrides).hp
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         raise UserError(str(e).strip('"')) from None
 
 
@@ -76,6 +76,6 @@ def build_regime(name: str, hparams: dict[str, Any] | None = None) -> Regime:
     schedule, objective = parse_regime_name(name)
     try:
         obj = OBJECTIVES[objective](**(hparams or {}))
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         raise UserError(str(e).strip('"')) from None
     return Regime(name=name, schedule=SCHEDULES[schedule](), objective=obj)

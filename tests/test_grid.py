@@ -91,3 +91,11 @@ def test_a_dataset_no_arch_can_take_is_an_error(grid_file):
     path = grid_file(archs=("small_cnn1d",))
     with pytest.raises(UserError, match="'digits' holds image inputs but no arch"):
         load_grid(str(path))
+
+
+def test_regime_overrides_change_only_the_matching_regimes(grid_file):
+    path = grid_file(regimes=("joint", "mixed", "mixed+sdn"), extra='[regime_overrides."mixed*"]\nlr = 0.01\n')
+    lr = {s.regime: s.train["lr"] for s in load_grid(str(path)).specs}
+    assert lr == {"joint": 0.05, "mixed": 0.01, "mixed+sdn": 0.01}
+    with pytest.raises(UserError, match="matches none"):
+        load_grid(str(grid_file("b.toml", extra='[regime_overrides."*+l2w"]\nlr = 0.01\n')))
