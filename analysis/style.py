@@ -28,9 +28,9 @@ def regime_colour(regime: str) -> tuple[float, float, float]:
     objective = objective or "uniform"
     palettes = ["Blues", "Oranges", "Greens", "Reds", "Purples", "YlOrBr", "Greys"]
     o = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else sum(map(ord, objective)) % len(palettes)
-    shades = sns.color_palette(palettes[o % len(palettes)], 5)
+    shades = sns.color_palette(palettes[o % len(palettes)], 7)
     s = SCHEDULE_ORDER.index(schedule) if schedule in SCHEDULE_ORDER else 1
-    return tuple(shades[2 + s])
+    return tuple(shades[2 + 2 * s])
 
 
 def regime_style(regime: str) -> dict:

@@ -70,9 +70,11 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     if dry_run:
         _print_plan(specs, store)
         return
+    settings = grid.analyses
     outcome = run_grid(specs, store, grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root,
                        device=device, retry_failed=retry_failed, download=download, threads=threads,
-                       save_models=save_models)
+                       save_models=save_models or bool(settings["model"] and settings["run_after"]),
+                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
     click.echo(f"grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
                f"{len(outcome.failed)} failed, {len(outcome.skipped_failed)} failed earlier (use --retry-failed)"
                f"; tables in {store.tables_dir}")
@@ -81,8 +83,51 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     if outcome.interrupted:
         click.echo("interrupted: rerun the same command to finish the remaining runs", err=True)
         sys.exit(130)
+    if settings["run_after"]:
+        with store.lock():
+            _analyze(grid, specs, store, data_root, device, threads)
     if outcome.failed:
         sys.exit(1)
+
+
+def _analyze(grid, specs, store, data_root, device, threads) -> None:
+    from benchmark.analyze import analyze_grid
+    from benchmark.determinism import resolve_device
+    written = analyze_grid(specs, store, grid.analyses, data_root=data_root, device=resolve_device(device),
+                           threads=threads or os.cpu_count() or 1)
+    tables = ", ".join(f"{name}.csv ({rows} rows)" for name, rows in written.items()
+                       if name not in ("per_run_seconds", "missing_models"))
+    click.echo(f"analyses of grid {grid.name}: {tables}; per-run analyses took {written['per_run_seconds']} s; "
+               f"figures in {store.root / 'figures'}")
+    if written["missing_models"]:
+        click.echo(f"  {written['missing_models']} runs have no model.pt (trained without --save-models) and were "
+                   f"skipped by the model analyses", err=True)
+
+
+@main.command()
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--only", multiple=True, metavar="KEY=GLOB", help="Analyse only matching runs; repeatable.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: results/<grid>].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: all cores].")
+def analyze(grid_name, only, results, data_root, device, threads):
+    """Rank, information flow, loss landscape (per run), Pareto fronts and statistics (across runs) of the
+    done runs of a grid, as tables in results/<grid>/tables and figures in results/<grid>/figures."""
+    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.store import ResultsStore
+
+    grid = load_grid(grid_name, data_root)
+    specs = select(grid.specs, parse_filters(only))
+    store = ResultsStore(results or Path("results") / grid.name)
+    done = [s for s in specs if store.state(s.run_id) == "done"]
+    if not done:
+        raise UserError(f"no done runs of grid '{grid.name}' in {store.root}; run `bench run --grid {grid_name}` first")
+    with store.lock():
+        _analyze(grid, specs, store, data_root, device, threads)
 
 
 def _print_plan(specs, store) -> None:

@@ -54,6 +54,7 @@ class Grid:
     description: str
     specs: list[RunSpec]
     raw: dict[str, Any]
+    analyses: dict[str, Any]       # the [analyses] table merged over benchmark.analyze.ANALYSIS_DEFAULTS
 
 
 def grid_names() -> list[str]:
@@ -208,7 +209,20 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
                 for seed in seeds:
                     specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
                                          train=dict(run_train), model=dict(model), hparams=resolved))
-    return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw)
+    return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
+                analyses=_analyses(path, raw.get("analyses", {})))
+
+
+def _analyses(path: Path, table: Any) -> dict[str, Any]:
+    from benchmark.analyze import ANALYSIS_DEFAULTS, MODEL_ANALYSES
+    settings = {**ANALYSIS_DEFAULTS, **_check_table(path, "analyses", table, ANALYSIS_DEFAULTS)}
+    unknown = set(settings["model"]) - set(MODEL_ANALYSES)
+    if unknown:
+        raise _bad(path, "analyses.model", f"unknown analyses {sorted(unknown)}; valid: {', '.join(MODEL_ANALYSES)}")
+    for key, value in settings.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise _bad(path, f"analyses.{key}", f"must be >= 0, got {value}")
+    return settings
 
 
 def parse_filters(only: tuple[str, ...]) -> list[tuple[str, str]]:

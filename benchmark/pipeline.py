@@ -22,6 +22,7 @@ from benchmark.data import load_dataset
 from benchmark.determinism import configure, derive_seed, seed_everything
 from benchmark.evaluate import evaluate
 from benchmark.models import build_model
+from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, read_json, read_torch, write_csv, write_json, write_npz, write_torch
 from benchmark.train import PhaseCost, run_phase
@@ -68,19 +69,28 @@ def _history_frame(rows: list[dict], spec: RunSpec) -> pd.DataFrame:
 
 
 def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, device: torch.device,
-              on_epoch: EpochCallback | None) -> tuple[list[dict], PhaseCost, bool]:
-    """Load the shared P1 backbone into `model`, training and storing it first if nobody has."""
+              on_epoch: EpochCallback | None,
+              snapshots: InformationSnapshots | None) -> tuple[list[dict], PhaseCost, bool, pd.DataFrame]:
+    """Load the shared P1 backbone into `model`, training and storing it first if nobody has. Also returns
+    the information snapshots taken during P1 (empty if none were asked for when it was trained)."""
     p1_id = spec.p1_id(phase.epochs)
     folder = store.backbone_dir(p1_id)
     with store.backbone_lock(p1_id):
         if (folder / "cost.json").is_file():
             model.load_state_dict(read_torch(folder / "model.pt"))
             history = pd.read_csv(folder / "history.csv").to_dict("records")
-            return history, PhaseCost(**read_json(folder / "cost.json")["cost"]), True
+            snapshot_file = folder / "information_snapshots.csv"
+            taken = pd.read_csv(snapshot_file) if snapshot_file.is_file() else pd.DataFrame()
+            return history, PhaseCost(**read_json(folder / "cost.json")["cost"]), True, taken
         for stale in folder.glob(".*.tmp"):         # left by a killed attempt
             stale.unlink()
+        if snapshots:
+            snapshots(0)
         result = run_phase(model, phase, None, data, spec.train, pairing_seed=spec.pairing_seed,
-                           epoch_offset=0, device=device, on_epoch=on_epoch)
+                           epoch_offset=0, device=device, on_epoch=on_epoch, after_epoch=snapshots)
+        taken = snapshots.table() if snapshots else pd.DataFrame()
+        if not taken.empty:
+            write_csv(folder / "information_snapshots.csv", taken)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_json(folder / "spec.json", {"p1_id": p1_id, "dataset": spec.dataset, "arch": spec.arch,
                                           "seed": spec.seed, "epochs": phase.epochs, "train": spec.train,
@@ -88,12 +98,14 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
         write_csv(folder / "history.csv", pd.DataFrame(result.history))
         write_torch(folder / "model.pt", state)
         write_json(folder / "cost.json", {"cost": asdict(result.cost), "device": str(device)})   # last = done
-        return result.history, result.cost, False
+        return result.history, result.cost, False, taken
 
 
 def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: torch.device, threads: int,
-                on_epoch: EpochCallback | None = None, keep_model: bool = False) -> dict:
-    """Train, evaluate and store one run. Returns metrics.json's content. Raises on failure (see `safe_execute`)."""
+                on_epoch: EpochCallback | None = None, keep_model: bool = False, snapshot_every: int = 0,
+                snapshot_samples: int = 250) -> dict:
+    """Train, evaluate and store one run. Returns metrics.json's content. Raises on failure (see `safe_execute`).
+    `snapshot_every` > 0 records the information plane every k epochs (runs/<id>/information_snapshots.csv)."""
     started = time.perf_counter()
     environment = configure(device, threads)
     folder = store.start_run(spec.run_id)
@@ -108,15 +120,21 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
 
     budget = Budget(spec.train["epochs"], spec.train["p1_epochs"])
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
+    snapshots = InformationSnapshots(model, data, snapshot_every, snapshot_samples) if snapshot_every else None
+    p1_snapshots = pd.DataFrame()
     for phase in regime.schedule.phases(budget):
         if phase.epochs == 0:
             continue
         seed_everything(derive_seed(spec.pairing_seed, "phase", phase.name))
         if phase.name == "P1":
-            rows, cost, p1_reused = obtain_p1(spec, phase, model, data, store, device, on_epoch)
+            p1_taker = InformationSnapshots(model, data, snapshot_every, snapshot_samples) if snapshots else None
+            rows, cost, p1_reused, p1_snapshots = obtain_p1(spec, phase, model, data, store, device, on_epoch,
+                                                            p1_taker)
         else:
+            if snapshots and epoch_offset == 0:
+                snapshots(0)
             result = run_phase(model, phase, regime.objective, data, spec.train, pairing_seed=spec.pairing_seed,
-                               epoch_offset=epoch_offset, device=device, on_epoch=on_epoch)
+                               epoch_offset=epoch_offset, device=device, on_epoch=on_epoch, after_epoch=snapshots)
             rows, cost = result.history, result.cost
         history += rows
         phase_costs.append({"phase": phase.name, "trains": phase.trains, "epochs": phase.epochs, **asdict(cost),
@@ -124,6 +142,11 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                             "shared_p1_reused": phase.name == "P1" and p1_reused})
         epoch_offset += phase.epochs
     write_csv(folder / "history.csv", _history_frame(history, spec))
+    if snapshots:
+        taken = pd.concat([p1_snapshots, snapshots.table()], ignore_index=True)
+        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
+                  "seed": spec.seed}
+        write_csv(folder / "information_snapshots.csv", taken.assign(**labels)[[*labels, *taken.columns]])
 
     val_logits = collect_logits(model, data.x_val, device)
     test_logits = collect_logits(model, data.x_test, device)

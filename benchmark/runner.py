@@ -70,17 +70,18 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker(spec_json: dict, root: str, data_root: str, device: str, threads: int,
-            save_models: bool) -> tuple[str, str, str | None]:
+            extras: dict) -> tuple[str, str, str | None]:
     import torch
     spec = RunSpec.from_json(spec_json)
     status, message = safe_execute(spec, ResultsStore(root), data_root=Path(data_root),
-                                   device=torch.device(device), threads=threads, keep_model=save_models)
+                                   device=torch.device(device), threads=threads, **extras)
     return spec.run_id, status, message
 
 
 def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, executor: str = "local", jobs: int = 1,
              data_root: Path, device: str = "auto", retry_failed: bool = False, download: bool = False,
-             threads: int | None = None, save_models: bool = False) -> GridOutcome:
+             threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
+             snapshot_samples: int = 250) -> GridOutcome:
     outcome = GridOutcome()
     torch_device = resolve_device(device)
     with store.lock():
@@ -100,14 +101,15 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
             per_run_threads = threads or max(1, cores // jobs)
         else:
             per_run_threads = threads or cores
+        extras = {"keep_model": save_models, "snapshot_every": snapshot_every, "snapshot_samples": snapshot_samples}
         bar = tqdm(total=len(pending), desc=f"grid {grid_name}", unit="run", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 5.0)
         try:
             for stage in stages(pending, store):
                 if executor == "process" and jobs > 1:
-                    _run_pool(stage, store, outcome, bar, jobs, data_root, torch_device, per_run_threads, save_models)
+                    _run_pool(stage, store, outcome, bar, jobs, data_root, torch_device, per_run_threads, extras)
                 else:
-                    _run_local(stage, store, outcome, bar, data_root, torch_device, per_run_threads, save_models)
+                    _run_local(stage, store, outcome, bar, data_root, torch_device, per_run_threads, extras)
         except KeyboardInterrupt:
             outcome.interrupted = True
         finally:
@@ -126,7 +128,7 @@ def _record(outcome: GridOutcome, bar, run_id: str, status: str, message: str | 
     bar.set_postfix(done=len(outcome.done), failed=len(outcome.failed))
 
 
-def _run_local(stage, store, outcome, bar, data_root, device, threads, save_models) -> None:
+def _run_local(stage, store, outcome, bar, data_root, device, threads, extras) -> None:
     for spec in stage:
         run_bar = tqdm(total=planned_epochs(spec, store), desc=f"{spec.regime} {spec.dataset}/{spec.arch} s{spec.seed}",
                        unit="epoch", leave=False, position=1, dynamic_ncols=True,
@@ -138,18 +140,18 @@ def _run_local(stage, store, outcome, bar, data_root, device, threads, save_mode
 
         try:
             status, message = safe_execute(spec, store, data_root=data_root, device=device, threads=threads,
-                                           on_epoch=on_epoch, keep_model=save_models)
+                                           on_epoch=on_epoch, **extras)
         finally:
             run_bar.close()
         _record(outcome, bar, spec.run_id, status, message)
 
 
-def _run_pool(stage, store, outcome, bar, jobs, data_root, device, threads, save_models) -> None:
+def _run_pool(stage, store, outcome, bar, jobs, data_root, device, threads, extras) -> None:
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                      initargs=(threads,)) as pool:
         pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), threads,
-                               save_models)
+                               extras)
                    for spec in stage}
         try:
             for future in futures.as_completed(pending):

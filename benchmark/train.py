@@ -93,11 +93,13 @@ def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, au
 
 def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, pairing_seed: int,
               epoch_offset: int, device: torch.device,
-              on_epoch: Callable[[str, int, float], None] | None = None) -> PhaseResult:
+              on_epoch: Callable[[str, int, float], None] | None = None,
+              after_epoch: Callable[[int], None] | None = None) -> PhaseResult:
     """Train `model` in place for one phase. `epoch_offset` is the number of epochs the run trained before this
     phase: batch order and augmentation of global epoch e are seeded by (pairing seed, e), so a mixed run's P2
     epoch 0 sees the same batches as a joint run's epoch E1. Objectives get a generator of their own
-    (`ctx.generator`) so their randomness never shifts the batches."""
+    (`ctx.generator`) so their randomness never shifts the batches. `after_epoch(global_epoch)` runs after each
+    epoch's bookkeeping, outside the timed part (information-plane snapshots use it)."""
     trained = set_trainable(model, phase.trains)
     optimizer = make_optimizer(trained, train)
     n, batch_size = len(data.x_train), train["batch_size"]
@@ -153,4 +155,6 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
             })
         if on_epoch:
             on_epoch(phase.name, epoch + 1, mean_loss)
+        if after_epoch:
+            after_epoch(global_epoch + 1)
     return result

@@ -1,0 +1,142 @@
+"""Pareto fronts across regimes: which regime and exit policy give the best accuracy at each FLOPs budget.
+
+Why: a regime can win at small budgets and lose at the full model's; the union front over every regime and
+policy of a (dataset, arch) cell shows who owns which segment, and the hypervolume (Zitzler & Thiele 1998) sums
+a front into one number that rewards both accuracy and cheapness.
+
+Conventions
+- Input is the tidy ``curves.csv`` table (benchmark/tables.py): one row per (run, policy, point). Points are
+  first averaged over seeds at the same (regime, policy, point) — the same threshold tau, budget ratio q or exit
+  k in every seed — so a front is made of mean operating points, not of the luckiest seed's.
+- Cost is ``test_flops_fraction`` (mean FLOPs per sample / the plain backbone's), accuracy ``test_accuracy``.
+  Dominance uses benchmark.evaluate.pareto_mask: cost <= and accuracy >=, one strictly; exact duplicates (two
+  regimes or policies landing on the same point) both stay and share ownership.
+- Hypervolume reference point, by default per cell: cost_ref = the largest mean FLOPs fraction of any point in the
+  cell (running every exit head and the classifier: the same for every regime, since they share architecture and
+  exit placement), acc_ref = 0. Every regime of a cell is measured against the same reference, and both numbers
+  are in the table (reference_flops_fraction, reference_accuracy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from benchmark.evaluate import pareto_mask
+
+CELL = ["dataset", "arch"]
+POINT = ["dataset", "arch", "regime", "policy", "point"]
+UNION = "(all)"
+"""The regime label of the hypervolume row for the union of all regimes of a cell."""
+
+
+def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Seed-averaged operating points: one row per (dataset, arch, regime, policy, point).
+
+    Columns: the keys, param, test_accuracy, test_flops, test_flops_fraction (means over seeds), n_seeds.
+    """
+    return (curves.groupby(POINT, sort=True)
+            .agg(param=("param", "first"), test_accuracy=("test_accuracy", "mean"), test_flops=("test_flops", "mean"),
+                 test_flops_fraction=("test_flops_fraction", "mean"), n_seeds=("seed", "nunique"))
+            .reset_index())
+
+
+def pareto_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """The non-dominated seed-averaged points of every (dataset, arch) across all regimes and policies.
+
+    One row per front point, cheapest first, with its owner (regime, policy, point, param). Columns as
+    mean_curves.
+    """
+    points = mean_curves(curves)
+    fronts = [cell[pareto_mask(cell["test_flops_fraction"].to_numpy(), cell["test_accuracy"].to_numpy())]
+              for _, cell in points.groupby(CELL, sort=True)]
+    return (pd.concat(fronts).sort_values([*CELL, "test_flops_fraction", "regime", "policy"], kind="stable")
+            .reset_index(drop=True))
+
+
+def hypervolume_contributions(costs, accuracies, reference: tuple[float, float]) -> np.ndarray:
+    """The area each point owns in the union of rectangles [cost, cost_ref] x [acc_ref, accuracy].
+
+    The union is a staircase through the front: a front point owns the step from its cost to the next front
+    point's (or cost_ref), from acc_ref up to its accuracy. Dominated points and points outside the reference box
+    own nothing; identical points share their step equally. The contributions sum to the hypervolume.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    cost_ref, acc_ref = reference
+    owned = np.zeros(len(costs))
+    inside = np.flatnonzero((costs < cost_ref) & (accuracies > acc_ref))
+    front = inside[pareto_mask(costs[inside], accuracies[inside])]
+    if len(front) == 0:
+        return owned
+    steps, which, sharing = np.unique(np.c_[costs[front], accuracies[front]], axis=0,
+                                      return_inverse=True, return_counts=True)  # sorted by cost; accuracy rises
+    which = which.reshape(-1)
+    step_area = np.diff(np.r_[steps[:, 0], cost_ref]) * (steps[:, 1] - acc_ref)
+    owned[front] = step_area[which] / sharing[which]
+    return owned
+
+
+def hypervolume(costs, accuracies, reference: tuple[float, float]) -> float:
+    """Area dominated by the (cost, accuracy) points w.r.t. reference (cost_ref, acc_ref), cost minimised and
+    accuracy maximised: the area of the union of the rectangles [cost, cost_ref] x [acc_ref, accuracy]."""
+    return float(hypervolume_contributions(costs, accuracies, reference).sum())
+
+
+def hypervolume_table(curves: pd.DataFrame, reference: tuple[float, float] | None = None) -> pd.DataFrame:
+    """Per (dataset, arch, regime): the hypervolume of the regime's own seed-averaged points (all policies), and a
+    row with regime="(all)" for the union of every regime's points.
+
+    reference: (flops fraction, accuracy) for every cell; by default (largest FLOPs fraction in the cell, 0).
+    Columns: dataset, arch, regime, hypervolume, hypervolume_normalised (divided by the reference box's area
+    cost_ref x (1 - acc_ref), so 1 would be a free, perfect classifier), front_size (non-dominated points),
+    union_share (the fraction of the union's hypervolume owned by this regime's points; 1 for "(all)"),
+    reference_flops_fraction, reference_accuracy.
+    """
+    rows = []
+    for (dataset, arch), cell in mean_curves(curves).groupby(CELL, sort=True):
+        cost_ref, acc_ref = reference if reference is not None else (cell["test_flops_fraction"].max(), 0.0)
+        costs, accuracies = cell["test_flops_fraction"].to_numpy(), cell["test_accuracy"].to_numpy()
+        owned_in_union = hypervolume_contributions(costs, accuracies, (cost_ref, acc_ref))
+        union = owned_in_union.sum()
+        for regime in [*regime_order(cell["regime"]), UNION]:
+            mine = np.ones(len(cell), dtype=bool) if regime == UNION else (cell["regime"] == regime).to_numpy()
+            area = hypervolume(costs[mine], accuracies[mine], (cost_ref, acc_ref))
+            rows.append({
+                "dataset": dataset, "arch": arch, "regime": regime, "hypervolume": area,
+                "hypervolume_normalised": area / (cost_ref * (1.0 - acc_ref)),
+                "front_size": int(pareto_mask(costs[mine], accuracies[mine]).sum()),
+                "union_share": owned_in_union[mine].sum() / union if union > 0 else np.nan,
+                "reference_flops_fraction": cost_ref, "reference_accuracy": acc_ref,
+            })
+    return pd.DataFrame(rows)
+
+
+def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") -> None:
+    """Seed-averaged accuracy-FLOPs curves of ``policy`` per regime, and the union Pareto front over all regimes and
+    policies as a black staircase whose markers take the owning regime's colour; one panel per (dataset, arch)."""
+    points = mean_curves(curves)
+    front = pareto_table(curves)
+    cells = list(points.groupby(CELL, sort=True))
+    ncols = min(len(cells), 3)
+    fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), width=5.0, height=4.0, layout="constrained")
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, ((dataset, arch), cell) in zip(axes.flat, cells):
+        for regime in regime_order(cell["regime"]):
+            curve = cell[(cell["regime"] == regime) & (cell["policy"] == policy)].sort_values("test_flops_fraction")
+            ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], label=regime, linewidth=1.5,
+                    **regime_style(regime))
+        cell_front = front[(front["dataset"] == dataset) & (front["arch"] == arch)]
+        ax.step(np.r_[cell_front["test_flops_fraction"], cell["test_flops_fraction"].max()],
+                np.r_[cell_front["test_accuracy"], cell_front["test_accuracy"].iloc[-1]],
+                where="post", color="black", linewidth=0.8, label="Pareto front (all regimes, policies)", zorder=3)
+        ax.scatter(cell_front["test_flops_fraction"], cell_front["test_accuracy"], s=22, zorder=4,
+                   color=[regime_colour(r) for r in cell_front["regime"]], edgecolors="black", linewidths=0.6)
+        ax.set_xlabel("test FLOPs per sample (fraction of backbone)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{dataset} / {arch}")
+    axes.flat[len(cells) - 1].legend(title=f"regime ({policy} policy)", fontsize="small", loc="best")
+    fig.suptitle("Accuracy vs FLOPs, mean over seeds; markers: front points coloured by owning regime")
+    save(fig, path)

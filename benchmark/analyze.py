@@ -1,0 +1,224 @@
+"""`bench analyze`: the analyses that explain the regimes, for the done runs of a grid.
+
+Per run, on the trained model (cached next to the run, so a rerun only does what is missing):
+  rank.csv          numerical rank of the activations after every block
+  information.csv   I(X;T), I(T;Y) per block (Renyi and binning) and the H(Y) - CE bound per exit
+  landscape.csv     1-D slices (every run), a 2-D slice (runs of `landscape_2d_seeds`), and the
+                    interpolation from the shared P1 backbone to the final model (disjoint*/mixed* runs)
+Across runs (regenerated every time): Pareto fronts and hypervolumes, statistics over seeds, the joint -> mixed
+interpolation per seed, and every figure. Information-plane snapshots are recorded *during training*
+(`snapshot_every` in the grid's [analyses]); analyze only gathers them.
+
+Every model analysis runs on the same fixed, non-augmented subset of the training split for every run (drawn
+with a fixed seed, never a run seed), with the model in eval mode, so numbers compare across regimes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analysis import information, landscape, pareto, rank, statistics
+from benchmark.data import load_dataset
+from benchmark.pipeline import initial_model
+from benchmark.runner import p1_epochs
+from benchmark.snapshots import analysis_subset
+from benchmark.spec import RunSpec
+from benchmark.store import ResultsStore, read_json, read_torch, write_csv
+from benchmark.tables import SPEC_COLUMNS
+
+ANALYSIS_DEFAULTS: dict[str, Any] = {
+    "run_after": False,            # `bench run` analyses the grid when it has trained it
+    "model": ["rank", "information", "landscape"],   # per-run analyses on the trained model
+    "samples": 500,                # N for rank and information (fixed subset of the training split)
+    "snapshot_every": 0,           # information-plane snapshots every k epochs during training (0 = none)
+    "snapshot_samples": 250,
+    "landscape_samples": 256,
+    "landscape_points_1d": 21,     # alpha on [-1, 1]
+    "landscape_points_2d": 9,      # alpha x beta on [-1, 1]^2
+    "landscape_2d_seeds": [0],     # 2-D slices cost points_2d^2 forwards: only these seeds
+    "interpolation_points": 13,    # t on [-0.25, 1.25]
+}
+MODEL_ANALYSES = ("rank", "information", "landscape")
+SUMMARY_METRICS = ["final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
+                   "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "train_wall_seconds"]
+DIRECTION_SEED = 12345             # the same random directions for every run of an architecture
+
+
+def load_trained(spec: RunSpec, store: ResultsStore, data, device: torch.device):
+    model = initial_model(spec, data, device)
+    model.load_state_dict(read_torch(store.run_dir(spec.run_id) / "model.pt"))
+    return model.eval()
+
+
+def p1_state(spec: RunSpec, store: ResultsStore) -> dict | None:
+    epochs = p1_epochs(spec)
+    path = store.backbone_dir(spec.p1_id(epochs)) / "model.pt" if epochs else None
+    return read_torch(path) if path is not None and path.is_file() else None
+
+
+def _labelled(frame: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
+    labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
+              "seed": spec.seed}
+    return frame.assign(**labels)[[*labels, *frame.columns]]
+
+
+def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device) -> None:
+    """Compute the missing per-run analyses of one done run (each file written atomically)."""
+    folder = store.run_dir(spec.run_id)
+    todo = [name for name in settings["model"] if not (folder / f"{name}.csv").is_file()]
+    if not todo:
+        return
+    if not (folder / "model.pt").is_file():
+        raise FileNotFoundError(f"run {spec.run_id} has no model.pt: rerun it with `bench run --save-models` "
+                                f"(or a grid whose [analyses] lists model analyses)")
+    data = load_dataset(spec.dataset, data_root).to(device)
+    model = load_trained(spec, store, data, device)
+    if "rank" in todo:
+        x, _ = analysis_subset(data, settings["samples"])
+        write_csv(folder / "rank.csv", _labelled(rank.rank_table(model, x, n_samples=None), spec))
+    if "information" in todo:
+        x, y = analysis_subset(data, settings["samples"])
+        tables = [information.information_table(model, x, y, estimator=e, n_samples=None)
+                  for e in ("renyi", "binning")]
+        bound = information.exit_bound_table(model, x, y, n_samples=None).assign(estimator="H(Y)-CE bound")
+        frame = pd.concat([*tables, bound], ignore_index=True).assign(stage="final")
+        write_csv(folder / "information.csv", _labelled(frame, spec))
+    if "landscape" in todo:
+        write_csv(folder / "landscape.csv", _labelled(run_landscape(spec, store, model, data, settings), spec))
+
+
+def run_landscape(spec: RunSpec, store: ResultsStore, model, data, settings: dict) -> pd.DataFrame:
+    x, y = landscape.landscape_subset(data.x_train, data.y_train, settings["landscape_samples"])
+    generator = torch.Generator().manual_seed(DIRECTION_SEED)
+    d1, d2 = landscape.random_direction(model, generator), landscape.random_direction(model, generator)
+    near = landscape.DEFAULT_RADIUS * np.array([-1.0, -0.5, 0.5, 1.0])   # the sharpness box needs close points
+    alphas = np.unique(np.concatenate([np.linspace(-1, 1, settings["landscape_points_1d"]), near, [0.0]]))
+    parts = [landscape.slice_1d(model, x, y, d1, alphas).assign(kind="slice_1d")]
+    if spec.seed in settings["landscape_2d_seeds"]:
+        grid = np.linspace(-1, 1, settings["landscape_points_2d"])
+        parts.append(landscape.slice_2d(model, x, y, d1, d2, grid, grid).assign(kind="slice_2d"))
+    start = p1_state(spec, store)
+    if start is not None:
+        ts = np.linspace(-0.25, 1.25, settings["interpolation_points"])
+        parts.append(landscape.interpolate(model, start, model.state_dict(), x, y, ts)
+                     .assign(kind="interpolation", pair=f"P1 backbone → {spec.regime}"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def joint_to_mixed(specs: list[RunSpec], store: ResultsStore, settings: dict, data_root: Path,
+                   device: torch.device) -> pd.DataFrame:
+    """Linear interpolation from the joint to the mixed model of the same (dataset, arch, seed): do the two
+    schedules land in one basin? Same initial weights, same batches, so a low barrier is possible."""
+    by_key = {(s.dataset, s.arch, s.seed, s.regime): s for s in specs}
+    frames = []
+    for (dataset, arch, seed, regime), joint in sorted(by_key.items()):
+        mixed = by_key.get((dataset, arch, seed, "mixed"))
+        if regime != "joint" or mixed is None or seed not in settings["landscape_2d_seeds"]:
+            continue
+        paths = [store.run_dir(s.run_id) / "model.pt" for s in (joint, mixed)]
+        if not all(p.is_file() for p in paths):
+            continue
+        data = load_dataset(dataset, data_root).to(device)
+        model = initial_model(joint, data, device).eval()
+        x, y = landscape.landscape_subset(data.x_train, data.y_train, settings["landscape_samples"])
+        ts = np.linspace(-0.25, 1.25, settings["interpolation_points"])
+        table = landscape.interpolate(model, read_torch(paths[0]), read_torch(paths[1]), x, y, ts)
+        frames.append(table.assign(dataset=dataset, arch=arch, seed=seed, regime="mixed", pair="joint → mixed",
+                                   run_id=mixed.run_id, run_id_a=joint.run_id))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _gather(store: ResultsStore, specs: list[RunSpec], name: str) -> pd.DataFrame:
+    frames = [pd.read_csv(store.run_dir(s.run_id) / name) for s in specs
+              if (store.run_dir(s.run_id) / name).is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, data_root: Path,
+                 device: torch.device, threads: int) -> dict[str, int]:
+    """Per-run analyses for every done run in `specs`, then the grid-level tables and figures."""
+    torch.set_num_threads(threads)
+    done = [s for s in specs if store.state(s.run_id) == "done"]
+    started = time.perf_counter()
+    failures = {}
+    for spec in tqdm(done, desc="analyze runs", unit="run", dynamic_ncols=True):
+        try:
+            analyse_run(spec, store, settings, data_root, device)
+        except FileNotFoundError as error:
+            failures[spec.run_id] = str(error)
+    per_run_seconds = time.perf_counter() - started
+    tables = store.tables_dir
+    figures = store.root / "figures"
+    written = {}
+
+    def emit(name: str, frame: pd.DataFrame) -> None:
+        if not frame.empty:
+            write_csv(tables / f"{name}.csv", frame)
+            written[name] = len(frame)
+
+    rank_frame = _gather(store, done, "rank.csv")
+    emit("rank", rank_frame)
+    if not rank_frame.empty:
+        rank.plot_rank_profiles(rank_frame, figures / "rank_profiles.png")
+
+    info = pd.concat([_gather(store, done, "information.csv"), _gather(store, done, "information_snapshots.csv")],
+                     ignore_index=True)
+    emit("information", info)
+    snapshots = info[info.get("stage", pd.Series(dtype=str)) == "snapshot"] if not info.empty else info
+    if not snapshots.empty:
+        information.plot_information_plane(snapshots, figures / "information_plane.png")
+
+    land = _gather(store, done, "landscape.csv")
+    pairs = joint_to_mixed(done, store, settings, data_root, device) if "landscape" in settings["model"] else None
+    if pairs is not None and not pairs.empty:
+        land = pd.concat([land, pairs.assign(kind="interpolation")], ignore_index=True)
+    emit("landscape", land)
+    if not land.empty:
+        _landscape_figures(land, figures)
+        one_d = land[land.kind == "slice_1d"].dropna(axis=1, how="all")
+        emit("sharpness", landscape.sharpness(one_d.drop(columns=["kind"])))
+
+    curves_path, runs_path = tables / "curves.csv", tables / "runs.csv"
+    if curves_path.is_file() and runs_path.is_file():
+        curves, runs = pd.read_csv(curves_path), pd.read_csv(runs_path)
+        ids = {s.run_id for s in done}
+        curves, runs = curves[curves.run_id.isin(ids)], runs[runs.run_id.isin(ids)]
+        emit("pareto", pareto.pareto_table(curves))
+        emit("hypervolume", pareto.hypervolume_table(curves))
+        pareto.plot_pareto_fronts(curves, figures / "pareto_fronts.png")
+        if "joint" in set(runs.regime):
+            summary = statistics.summary_table(runs, [m for m in SUMMARY_METRICS if m in runs.columns])
+            emit("summary", summary)
+            statistics.plot_confidence_intervals(summary, "final_accuracy", figures / "final_accuracy_ci.png")
+        emit("leaderboard", statistics.average_ranks(runs, "auc_normalised"))
+    written["per_run_seconds"] = round(per_run_seconds, 1)
+    written["missing_models"] = len(failures)
+    return written
+
+
+CORE_REGIMES = ("joint", "disjoint", "mixed")
+
+
+def _landscape_figures(land: pd.DataFrame, figures: Path) -> None:
+    """Final exit, first seed: one line per regime (1-D), per pair (interpolation), a panel per core regime (2-D)."""
+    land = land[land.seed == land.seed.min()]
+    one_d = land[(land.kind == "slice_1d")]
+    for (dataset, arch), cell in one_d.groupby(["dataset", "arch"]):
+        last = cell[cell.exit == cell.exit.max()]
+        landscape.plot_slices_1d(last, figures / f"landscape_1d_{dataset}_{arch}.png",
+                                 title=f"1-D loss slices, final exit — {dataset} / {arch}")
+    interp = land[land.kind == "interpolation"]
+    for (dataset, arch), cell in interp.groupby(["dataset", "arch"]):
+        last = cell[cell.exit == cell.exit.max()]
+        landscape.plot_interpolation(last, figures / f"interpolation_{dataset}_{arch}.png",
+                                     title=f"Linear interpolation, final exit — {dataset} / {arch}")
+    two_d = land[(land.kind == "slice_2d") & land.regime.isin(CORE_REGIMES)]
+    for (dataset, arch), cell in two_d.groupby(["dataset", "arch"]):
+        landscape.plot_contour_2d(cell, figures / f"landscape_2d_{dataset}_{arch}.png",
+                                  title=f"2-D loss slice, final exit — {dataset} / {arch}")

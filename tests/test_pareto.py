@@ -1,0 +1,137 @@
+"""Pareto fronts and hypervolume checked against brute force, hand-computed staircases and hand-made owners."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.pareto import (
+    UNION, hypervolume, hypervolume_contributions, hypervolume_table, mean_curves, pareto_table, plot_pareto_fronts,
+)
+
+
+def curves_table(points):
+    """A curves.csv-like table from (dataset, arch, regime, seed, policy, point, flops_fraction, accuracy) tuples."""
+    frame = pd.DataFrame(points, columns=["dataset", "arch", "regime", "seed", "policy", "point",
+                                          "test_flops_fraction", "test_accuracy"])
+    return frame.assign(run_id=frame["regime"] + frame["seed"].astype(str), param=frame["point"] / 10.0,
+                        test_flops=frame["test_flops_fraction"] * 1e6)
+
+
+def random_curves(seed, cells=(("d", "a"), ("d", "b")), regimes=("joint", "disjoint", "mixed"), seeds=(0, 1, 2)):
+    """Coarse random values so that seed means collide and ties and duplicates occur."""
+    rng = np.random.default_rng(seed)
+    rows = [(dataset, arch, regime, s, policy, point, rng.integers(1, 8) / 8, rng.integers(0, 6) / 6)
+            for (dataset, arch), regime, s, policy, point in
+            itertools.product(cells, regimes, seeds, ("threshold", "exit"), range(6))]
+    return curves_table(rows)
+
+
+def brute_force_front(costs, accuracies):
+    """Indices of points no other point dominates (cost <= and accuracy >=, one strictly), O(n^2)."""
+    return {i for i in range(len(costs))
+            if not any(costs[j] <= costs[i] and accuracies[j] >= accuracies[i]
+                       and (costs[j] < costs[i] or accuracies[j] > accuracies[i]) for j in range(len(costs)))}
+
+
+def brute_force_union_area(costs, accuracies, reference):
+    """Area of the union of rectangles [c, cost_ref] x [acc_ref, a] on the grid of all their edges: independent of
+    any front or staircase logic."""
+    cost_ref, acc_ref = reference
+    xs = np.unique(np.r_[np.clip(costs, None, cost_ref), cost_ref])
+    ys = np.unique(np.r_[np.clip(accuracies, acc_ref, None), acc_ref])
+    area = 0.0
+    for (x0, x1), (y0, y1) in itertools.product(zip(xs, xs[1:]), zip(ys, ys[1:])):
+        if any(c <= x0 and a >= y1 for c, a in zip(costs, accuracies)):
+            area += (x1 - x0) * (y1 - y0)
+    return area
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_table_equals_brute_force_dominance_on_seed_means(seed):
+    curves = random_curves(seed)
+    points = curves.groupby(["dataset", "arch", "regime", "policy", "point"]).agg(
+        c=("test_flops_fraction", "mean"), a=("test_accuracy", "mean")).reset_index()
+    expected = set()
+    for _, cell in points.groupby(["dataset", "arch"]):
+        front = brute_force_front(cell["c"].to_numpy(), cell["a"].to_numpy())
+        expected |= {tuple(row) for row in cell.iloc[sorted(front)][["dataset", "arch", "regime", "policy", "point"]]
+                     .itertuples(index=False)}
+    table = pareto_table(curves)
+    got = {tuple(row) for row in table[["dataset", "arch", "regime", "policy", "point"]].itertuples(index=False)}
+    assert got == expected and len(table) == len(expected)
+
+
+def test_points_are_averaged_over_seeds_before_the_front():
+    """Seed 0 alone would put regime b's point on the front; the seed means say regime a dominates it."""
+    curves = curves_table([
+        ("d", "n", "a", 0, "exit", 0, 0.5, 0.80), ("d", "n", "a", 1, "exit", 0, 0.5, 0.90),
+        ("d", "n", "b", 0, "exit", 0, 0.6, 0.95), ("d", "n", "b", 1, "exit", 0, 0.6, 0.70),
+    ])
+    means = mean_curves(curves).set_index("regime")
+    assert means.loc["a", "test_accuracy"] == pytest.approx(0.85) and means.loc["b", "n_seeds"] == 2
+    assert list(pareto_table(curves)["regime"]) == ["a"]
+
+
+def test_hypervolume_of_a_staircase_by_hand():
+    costs, accuracies = [0.2, 0.5, 0.8], [0.5, 0.8, 0.9]
+    assert hypervolume(costs, accuracies, (1.0, 0.0)) == pytest.approx(0.3 * 0.5 + 0.3 * 0.8 + 0.2 * 0.9)
+    assert hypervolume(costs, accuracies, (1.0, 0.4)) == pytest.approx(0.3 * 0.1 + 0.3 * 0.4 + 0.2 * 0.5)
+    assert hypervolume(costs, accuracies, (0.6, 0.0)) == pytest.approx(0.3 * 0.5 + 0.1 * 0.8)  # 0.8 lies outside
+
+
+def test_dominated_duplicate_and_outside_points_leave_hypervolume_unchanged():
+    costs, accuracies = [0.2, 0.5, 0.8], [0.5, 0.8, 0.9]
+    base = hypervolume(costs, accuracies, (1.0, 0.0))
+    for cost, accuracy in [(0.6, 0.7), (0.5, 0.8), (0.2, 0.1), (1.2, 0.99), (0.1, 0.0)]:
+        assert hypervolume(costs + [cost], accuracies + [accuracy], (1.0, 0.0)) == pytest.approx(base, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hypervolume_equals_the_area_of_the_union_of_rectangles(seed):
+    rng = np.random.default_rng(seed)
+    costs, accuracies = rng.integers(0, 12, 30) / 10, rng.integers(0, 10, 30) / 10   # ties, and points outside
+    reference = (1.0, 0.2)
+    assert hypervolume(costs, accuracies, reference) == pytest.approx(
+        brute_force_union_area(costs, accuracies, reference), abs=1e-12)
+
+
+def test_identical_points_share_their_step():
+    owned = hypervolume_contributions([0.2, 0.2, 0.6], [0.5, 0.5, 0.9], (1.0, 0.0))
+    np.testing.assert_allclose(owned, [0.4 * 0.5 / 2, 0.4 * 0.5 / 2, 0.4 * 0.9])
+
+
+def test_owners_of_front_segments_and_hypervolume_table():
+    """mixed owns the cheap segment, joint the expensive one; disjoint is dominated everywhere."""
+    curves = curves_table([
+        ("d", "n", "mixed", 0, "threshold", 0, 0.3, 0.70), ("d", "n", "mixed", 0, "threshold", 1, 0.7, 0.75),
+        ("d", "n", "joint", 0, "threshold", 0, 0.5, 0.80), ("d", "n", "joint", 0, "exit", 2, 1.0, 0.90),
+        ("d", "n", "disjoint", 0, "threshold", 0, 0.6, 0.60), ("d", "n", "disjoint", 0, "exit", 2, 1.0, 0.85),
+    ])
+    front = pareto_table(curves)
+    assert list(zip(front["regime"], front["policy"], front["test_flops_fraction"])) == [
+        ("mixed", "threshold", 0.3), ("joint", "threshold", 0.5), ("joint", "exit", 1.0)]
+
+    table = hypervolume_table(curves).set_index("regime")
+    assert (table["reference_flops_fraction"] == 1.0).all() and (table["reference_accuracy"] == 0.0).all()
+    union = 0.2 * 0.70 + 0.5 * 0.80                        # the exit point at cost 1.0 = cost_ref adds no area
+    assert table.loc[UNION, "hypervolume"] == pytest.approx(union)
+    assert table.loc["mixed", "hypervolume"] == pytest.approx(0.4 * 0.70 + 0.3 * 0.75)
+    assert table.loc["joint", "hypervolume"] == pytest.approx(0.5 * 0.80)
+    assert table.loc["disjoint", "hypervolume"] == pytest.approx(0.4 * 0.60)
+    assert table.loc["mixed", "union_share"] == pytest.approx(0.2 * 0.70 / union)
+    assert table.loc["joint", "union_share"] == pytest.approx(0.5 * 0.80 / union)
+    assert table.loc["disjoint", "union_share"] == 0.0
+    assert table.loc["mixed", "hypervolume_normalised"] == pytest.approx(table.loc["mixed", "hypervolume"])
+    assert list(table.index) == ["joint", "disjoint", "mixed", UNION]
+
+    explicit = hypervolume_table(curves, reference=(1.2, 0.5)).set_index("regime")
+    assert explicit.loc[UNION, "hypervolume"] == pytest.approx(0.2 * 0.2 + 0.5 * 0.3 + 0.2 * 0.4)
+    assert explicit.loc[UNION, "hypervolume_normalised"] == pytest.approx(
+        explicit.loc[UNION, "hypervolume"] / (1.2 * 0.5))
+
+
+def test_pareto_figure_is_written(tmp_path):
+    plot_pareto_fronts(random_curves(0), tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
