@@ -9,8 +9,8 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
     [model]   head, exits
     [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
     [arch_overrides.<arch>]      train/model keys that differ for one arch (e.g. AdamW for ViTs)
-    [regime_overrides."<glob>"]  train keys that differ for the regimes matching a glob (e.g. "*+l2w"),
-                                 applied after arch_overrides; the resolved values are part of each run's spec
+    [regime_overrides."<glob>"]  optimizer keys that differ in the own phases (P2, P3) of the regimes matching a
+                                 glob (e.g. "*+l2w"); never in the shared P1, never the epoch budget
 
 Runs pair every dataset with every arch of the same input kind (images with image nets, sensor series with
 1-D nets). Every mistake is reported with the file and the offending key.
@@ -185,6 +185,10 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
         if not any(fnmatchcase(r, pattern) for r in regimes):
             raise _bad(path, f"regime_overrides.{pattern}", f"matches none of the grid's regimes {regimes}")
         _check_table(path, f"regime_overrides.{pattern}", table, TRAIN_DEFAULTS)
+        for key in ("epochs", "p1_epochs"):
+            if key in table:
+                raise _bad(path, f"regime_overrides.{pattern}.{key}",
+                           "every regime gets the same epoch budget; set it in [train]")
 
     specs = []
     for dataset in datasets:
@@ -197,18 +201,19 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
             _validate_train(path, f"arch_overrides.{arch}", train)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)
-                run_train = dict(train)
+                own_phases = {}
                 for pattern, table in regime_overrides.items():
                     if fnmatchcase(regime, pattern):
-                        run_train.update(table)
-                _validate_train(path, f"regime_overrides for {regime}", run_train)
+                        own_phases.update(table)
+                _validate_train(path, f"regime_overrides for {regime}", {**train, **own_phases})
                 try:
                     resolved = OBJECTIVES[objective](**hparams.get(objective, {})).hp
                 except (KeyError, ValueError) as e:
                     raise _bad(path, f"hparams.{objective}", str(e).strip('"')) from None
                 for seed in seeds:
                     specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
-                                         train=dict(run_train), model=dict(model), hparams=resolved))
+                                         train=dict(train), model=dict(model), hparams=resolved,
+                                         own_phases=dict(own_phases)))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
                 analyses=_analyses(path, raw.get("analyses", {})))
 

@@ -133,7 +133,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         else:
             if snapshots and epoch_offset == 0:
                 snapshots(0)
-            result = run_phase(model, phase, regime.objective, data, spec.train, pairing_seed=spec.pairing_seed,
+            result = run_phase(model, phase, regime.objective, data, spec.own_phase_train, pairing_seed=spec.pairing_seed,
                                epoch_offset=epoch_offset, device=device, on_epoch=on_epoch, after_epoch=snapshots)
             rows, cost = result.history, result.cost
         history += rows

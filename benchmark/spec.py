@@ -27,6 +27,7 @@ class RunSpec:
     train: dict[str, Any]          # epochs, p1_epochs, batch_size, optimizer settings
     model: dict[str, Any]          # head, exits
     hparams: dict[str, Any] = field(default_factory=dict)   # the objective's resolved hyperparameters
+    own_phases: dict[str, Any] = field(default_factory=dict)  # train keys overridden in P2/P3, never in shared P1
     protocol: int = PROTOCOL_VERSION
 
     @property
@@ -38,6 +39,11 @@ class RunSpec:
         """Seeds initial weights and batch order. Depends on (dataset, arch, seed) only — not on the regime —
         so every regime starts from the same weights and sees the same batches (paired comparisons)."""
         return int(_digest([self.dataset, self.arch, self.seed], 8), 16)
+
+    @property
+    def own_phase_train(self) -> dict[str, Any]:
+        """Training settings of the regime's own phases (P2, P3): the grid's, with its regime overrides."""
+        return {**self.train, **self.own_phases}
 
     def p1_id(self, p1_epochs: int) -> str:
         """Key of the shared P1 backbone: everything P1 depends on, nothing that only later phases use."""

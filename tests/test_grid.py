@@ -95,7 +95,11 @@ def test_a_dataset_no_arch_can_take_is_an_error(grid_file):
 
 def test_regime_overrides_change_only_the_matching_regimes(grid_file):
     path = grid_file(regimes=("joint", "mixed", "mixed+sdn"), extra='[regime_overrides."mixed*"]\nlr = 0.01\n')
-    lr = {s.regime: s.train["lr"] for s in load_grid(str(path)).specs}
-    assert lr == {"joint": 0.05, "mixed": 0.01, "mixed+sdn": 0.01}
+    specs = {s.regime: s for s in load_grid(str(path)).specs}
+    assert {r: s.own_phase_train["lr"] for r, s in specs.items()} == {"joint": 0.05, "mixed": 0.01, "mixed+sdn": 0.01}
+    assert specs["mixed"].p1_id(1) == specs["mixed+sdn"].p1_id(1), "the shared P1 ignores regime overrides"
+    path = grid_file("c.toml", regimes=("joint", "mixed"), extra='[regime_overrides."mixed"]\nepochs = 4\n')
+    with pytest.raises(UserError, match="same epoch budget"):
+        load_grid(str(path))
     with pytest.raises(UserError, match="matches none"):
         load_grid(str(grid_file("b.toml", extra='[regime_overrides."*+l2w"]\nlr = 0.01\n')))
