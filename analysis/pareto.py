@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from analysis.style import cell_panels, regime_colour, regime_order, regime_style, save
 from benchmark.evaluate import pareto_mask
 
 CELL = ["dataset", "arch"]
@@ -119,11 +119,8 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
     points = mean_curves(curves)
     front = pareto_table(curves)
     cells = list(points.groupby(CELL, sort=True))
-    ncols = min(len(cells), 3)
-    fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), width=5.0, height=4.0, layout="constrained")
-    for ax in axes.flat[len(cells):]:
-        ax.set_visible(False)
-    for ax, ((dataset, arch), cell) in zip(axes.flat, cells):
+    fig, axes = cell_panels(cells, 3, width=5.0, height=4.0)
+    for ax, ((dataset, arch), cell) in zip(axes, cells):
         for regime in regime_order(cell["regime"]):
             curve = cell[(cell["regime"] == regime) & (cell["policy"] == policy)].sort_values("test_flops_fraction")
             ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], label=regime, linewidth=1.5,
@@ -137,6 +134,6 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
         ax.set_xlabel("test FLOPs per sample (fraction of backbone)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{dataset} / {arch}")
-    axes.flat[len(cells) - 1].legend(title=f"regime ({policy} policy)", fontsize="small", loc="best")
+    axes[-1].legend(title=f"regime ({policy} policy)", fontsize="small", loc="best")
     fig.suptitle("Accuracy vs FLOPs, mean over seeds; markers: front points coloured by owning regime")
     save(fig, path)

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from analysis.style import new_figure, regime_order, regime_style, save
+from analysis.style import cell_panels, regime_order, regime_style, save
 
 DEFAULT_N_SAMPLES = 500   # ~0.4 s of CPU per cifar_resnet8 on 28 px (forward 0.25 s, spectra 0.15 s); the rank
                           # can reach 500 at most, the information analysis uses the same N
@@ -156,11 +156,8 @@ def plot_rank_profiles(table: pd.DataFrame, path, metric: str = "effective_rank"
     if metric not in RANK_LABELS:
         raise ValueError(f"metric must be one of {list(RANK_LABELS)}, not {metric!r}")
     cells = list(table.groupby(["dataset", "arch"], sort=True))
-    ncols = min(len(cells), 3)
-    fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), layout="constrained")
-    for ax in axes.flat[len(cells):]:
-        ax.set_visible(False)
-    for ax, ((dataset, arch), cell) in zip(axes.flat, cells):
+    fig, axes = cell_panels(cells, 3)
+    for ax, ((dataset, arch), cell) in zip(axes, cells):
         for regime in regime_order(cell["regime"]):
             by_block = cell[cell["regime"] == regime].groupby("block")[metric].agg(["mean", "min", "max"])
             style = regime_style(regime)
@@ -174,6 +171,6 @@ def plot_rank_profiles(table: pd.DataFrame, path, metric: str = "effective_rank"
         ax.set_xlabel("block (output of)")
         ax.set_ylabel(RANK_LABELS[metric])
         ax.set_title(f"{dataset} / {arch}  (N = {int(cell['n_samples'].max())})")
-    axes.flat[len(cells) - 1].legend(title="regime (band: seed range)", fontsize="small", loc="lower right")
+    axes[-1].legend(title="regime (band: seed range)", fontsize="small", loc="lower right")
     fig.suptitle(f"{RANK_LABELS[metric]} of block activations, mean over seeds")
     save(fig, path)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.style import new_figure, regime_colour, regime_order, save
+from analysis.style import cell_panels, regime_colour, regime_order, save
 
 CELL = ["dataset", "arch"]
 CONFIDENCE = 0.95
@@ -117,11 +117,8 @@ def plot_confidence_intervals(summary: pd.DataFrame, metric: str, path, alpha: f
     the baseline (paired t)."""
     table = summary[summary["metric"] == metric]
     cells = list(table.groupby(CELL, sort=True))
-    ncols = min(len(cells), 4)
-    fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), width=3.4, height=3.4, layout="constrained")
-    for ax in axes.flat[len(cells):]:
-        ax.set_visible(False)
-    for ax, ((dataset, arch), cell) in zip(axes.flat, cells):
+    fig, axes = cell_panels(cells, 4, width=3.4, height=3.4)
+    for panel, (ax, ((dataset, arch), cell)) in enumerate(zip(axes, cells)):
         regimes = regime_order(cell["regime"])
         cell = cell.set_index("regime").loc[regimes]
         for i, (regime, row) in enumerate(cell.iterrows()):
@@ -131,7 +128,7 @@ def plot_confidence_intervals(summary: pd.DataFrame, metric: str, path, alpha: f
                 ax.annotate("*", (i, row["ci95_high"]), ha="center", va="bottom", fontsize=14)
         ax.set_xticks(range(len(regimes)), regimes, rotation=30, ha="right")
         ax.set_xlim(-0.6, len(regimes) - 0.4)
-        if ax in axes[:, 0]:
+        if panel % 4 == 0:                                   # first column
             ax.set_ylabel(f"{metric} (mean, 95 % CI)")
         ax.set_title(f"{dataset} / {arch}")
     baseline = table["baseline"].iloc[0]

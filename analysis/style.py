@@ -45,6 +45,17 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.5, height: float
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
 
 
+def cell_panels(cells: list, max_cols: int, width: float = 4.5, height: float = 3.5):
+    """A figure with one panel per (dataset, arch) cell, wrapped after `max_cols`; spare panels hidden.
+    Returns (fig, the axes in cell order)."""
+    ncols = max(1, min(len(cells), max_cols))
+    fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), width=width, height=height,
+                           layout="constrained")
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:len(cells)])
+
+
 def save(fig, path) -> None:
     """PNG at 150 dpi, tight, closed afterwards (figure loops must not leak memory)."""
     from pathlib import Path

@@ -29,8 +29,7 @@ from benchmark.pipeline import initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_json, read_torch, write_csv
-from benchmark.tables import SPEC_COLUMNS
+from benchmark.store import ResultsStore, read_torch, write_csv
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it

@@ -74,7 +74,8 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     outcome = run_grid(specs, store, grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root,
                        device=device, retry_failed=retry_failed, download=download, threads=threads,
                        save_models=save_models or bool(settings["model"] and settings["run_after"]),
-                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
+                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
+                       table_run_ids={s.run_id for s in grid.specs})
     click.echo(f"grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
                f"{len(outcome.failed)} failed, {len(outcome.skipped_failed)} failed earlier (use --retry-failed)"
                f"; tables in {store.tables_dir}")

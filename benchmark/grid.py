@@ -5,6 +5,7 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
     description = "..."
     datasets = ["digits"]; archs = ["small_cnn"]; regimes = ["joint", "mixed"]; seeds = [0, 1, 2]
     optional_datasets = ["basicmotions"]   # included only where their package or files are present
+    exclude = [{dataset = "mnist5k", arch = "cifar_resnet8"}]   # (dataset, arch) cells left out
     [train]   epochs (total E), p1_epochs (default E // 2), batch_size, optimizer, lr, momentum, weight_decay, ...
     [model]   head, exits
     [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
@@ -42,8 +43,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
-TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "train", "model", "hparams", "arch_overrides",
-            "regime_overrides", "analyses"}
+TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "exclude", "train", "model", "hparams",
+            "arch_overrides", "regime_overrides", "analyses"}
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -190,10 +191,16 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
                 raise _bad(path, f"regime_overrides.{pattern}.{key}",
                            "every regime gets the same epoch budget; set it in [train]")
 
+    excluded = set()
+    for entry in raw.get("exclude", []):
+        if not isinstance(entry, dict) or set(entry) != {"dataset", "arch"}:
+            raise _bad(path, "exclude", f"entries must look like {{dataset = \"...\", arch = \"...\"}}, got {entry!r}")
+        excluded.add((entry["dataset"], entry["arch"]))
+
     specs = []
     for dataset in datasets:
         for arch in archs:
-            if arch_input_kind(arch) != kind[dataset]:
+            if arch_input_kind(arch) != kind[dataset] or (dataset, arch) in excluded:
                 continue
             override = overrides.get(arch, {})
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}

@@ -2,6 +2,7 @@
 
     python -m benchmark.perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
     python -m benchmark.perf --arch resnet18 --dataset synthetic-cifar --device cuda    # GPU throughput
+    python -m benchmark.perf --objectives        # cost per step of every objective relative to `uniform`
 
 Both loops do the same work per step: index a batch, augment it, forward every exit, mean cross-entropy,
 backward, SGD step, cosine lr step. The trainer adds what makes it a benchmark: per-exit loss logging, the
@@ -81,6 +82,30 @@ def trainer(model, data, epochs: int, device) -> tuple[float, float]:
     return result.cost.wall_seconds, total - result.cost.wall_seconds
 
 
+def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
+    """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for every registered
+    objective, relative to `uniform` on the same model, data and batches."""
+    from regimes.registry import objective_names
+    steps = len(data.x_train) // TRAIN["batch_size"] * epochs
+    times = {}
+    for name in objective_names():
+        for trains in ("all", "heads"):
+            samples = []
+            for _ in range(repeats):
+                model = fresh_model(arch, data, device)
+                objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
+                result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
+                                   TRAIN, pairing_seed=0, epoch_offset=0, device=device)
+                samples.append(result.cost.wall_seconds / steps)
+            times[name, trains] = statistics.median(samples)
+    print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
+          f"{steps} steps x {repeats} repeats (median); relative to uniform")
+    for name in objective_names():
+        p2, p3 = times[name, "all"], times[name, "heads"]
+        print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{p2 / times['uniform', 'all']:4.2f}    "
+              f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="small_cnn")
@@ -89,11 +114,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--objectives", action="store_true", help="cost per step of every objective vs uniform")
     args = parser.parse_args()
     device = resolve_device(args.device)
     configure(device, args.threads)
     data = synthetic_cifar() if args.dataset == "synthetic-cifar" else load_dataset(args.dataset, "~/.cache/exitbench")
     data = data.to(device)
+    if args.objectives:
+        objective_costs(args.arch, data, args.epochs, args.repeats, device)
+        return
     steps = len(data.x_train) // TRAIN["batch_size"] * args.epochs
     hand_model, trainer_model = fresh_model(args.arch, data, device), fresh_model(args.arch, data, device)
     hand_loop(hand_model, data, 1, device)                       # warm-up both paths

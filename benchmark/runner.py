@@ -81,7 +81,9 @@ def _worker(spec_json: dict, root: str, data_root: str, device: str, threads: in
 def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, executor: str = "local", jobs: int = 1,
              data_root: Path, device: str = "auto", retry_failed: bool = False, download: bool = False,
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
-             snapshot_samples: int = 250) -> GridOutcome:
+             snapshot_samples: int = 250, table_run_ids: set[str] | None = None) -> GridOutcome:
+    """Train the pending runs of `specs`; the tables then cover `table_run_ids` (the whole grid, so that an
+    `--only` subset does not shrink them; default: every done run in the folder)."""
     outcome = GridOutcome()
     torch_device = resolve_device(device)
     with store.lock():
@@ -114,7 +116,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
             outcome.interrupted = True
         finally:
             bar.close()
-            write_tables(store)
+            write_tables(store, table_run_ids)
     return outcome
 
 

@@ -37,9 +37,13 @@ def _ordered(frame: pd.DataFrame, first: list[str]) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
-def build_tables(store: ResultsStore) -> dict[str, pd.DataFrame]:
+def build_tables(store: ResultsStore, run_ids: set[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Tables of the done runs in `run_ids` (default: every done run in the folder). Runs of an older version
+    of the grid file (other ids) stay on disk but out of the tables."""
     rows, exits, curves = [], [], []
     for run_id in store.done_run_ids():
+        if run_ids is not None and run_id not in run_ids:
+            continue
         folder = store.run_dir(run_id)
         metrics = read_json(folder / "metrics.json")
         rows.append(run_row(metrics))
@@ -58,8 +62,8 @@ def build_tables(store: ResultsStore) -> dict[str, pd.DataFrame]:
             "curves": _ordered(curves_frame, SPEC_COLUMNS)}
 
 
-def write_tables(store: ResultsStore) -> dict[str, pd.DataFrame]:
-    tables = build_tables(store)
+def write_tables(store: ResultsStore, run_ids: set[str] | None = None) -> dict[str, pd.DataFrame]:
+    tables = build_tables(store, run_ids)
     for name, frame in tables.items():
         write_csv(store.tables_dir / f"{name}.csv", frame)
     return tables

@@ -6,7 +6,6 @@ the phase, so early training shapes the backbone for the final exit first. t is 
 and E its length, as in the official code's training loop.
 """
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from regimes.base import Objective

@@ -106,7 +106,7 @@ def test_list(what, expected):
     assert result.returncode == 0 and expected in result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["list"], ["show"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["list"], ["show"], ["analyze"]])
 def test_help_on_every_command(command):
     result = bench(*command, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
@@ -117,3 +117,13 @@ def test_dry_run_lists_runs_and_states_without_training(grid_file, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("pending") == 3 + 1 and "to train" in result.stdout
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_analyze_without_done_runs(grid_file, tmp_path):
+    assert_user_error(bench("analyze", "--grid", grid_file(), "--results", tmp_path / "empty"), "no done runs",
+                      "bench run")
+
+
+def test_unknown_analysis_in_a_grid(grid_file, tmp_path):
+    path = grid_file(extra='[analyses]\nmodel = ["rank", "horoscope"]\n')
+    assert_user_error(bench("run", "--grid", path, "--results", tmp_path), "analyses.model", "horoscope")

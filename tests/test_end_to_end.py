@@ -128,3 +128,42 @@ def test_process_executor_runs_the_grid(grid_file, tmp_path):
     assert len(runs) == 6 and runs.threads.eq(1).all()
     assert len(list((tmp_path / "out" / "backbones").iterdir())) == 2       # one P1 per seed, trained once each
     assert runs.p1_reused.sum() == 2
+
+
+ANALYSES = """
+[analyses]
+run_after = true
+samples = 150
+snapshot_every = 2
+snapshot_samples = 100
+landscape_samples = 64
+landscape_points_1d = 5
+landscape_points_2d = 3
+interpolation_points = 5
+"""
+
+
+def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
+    grid = grid_file(seeds=(0, 1), epochs=4, extra=ANALYSES)
+    results = tmp_path / "out"
+    result = bench_run(grid, results)
+    assert result.returncode == 0, result.stderr
+    tables = results / "tables"
+    for name in ("rank", "information", "landscape", "sharpness", "pareto", "hypervolume", "summary", "leaderboard"):
+        assert len(pd.read_csv(tables / f"{name}.csv")) > 0, name
+    info = pd.read_csv(tables / "information.csv")
+    snapshots = info[info.stage == "snapshot"]
+    assert sorted(snapshots.epoch.unique()) == [0, 2, 4]
+    assert set(snapshots.regime) == {"joint", "disjoint", "mixed"}
+    landscape = pd.read_csv(tables / "landscape.csv")
+    assert set(landscape.kind) == {"slice_1d", "slice_2d", "interpolation"}
+    assert {"joint → mixed", "P1 backbone → mixed", "P1 backbone → disjoint"} <= set(landscape.pair.dropna())
+    figures = sorted(p.name for p in (results / "figures").glob("*.png"))
+    assert {"rank_profiles.png", "information_plane.png", "pareto_fronts.png",
+            "landscape_1d_digits_small_cnn.png", "landscape_2d_digits_small_cnn.png",
+            "interpolation_digits_small_cnn.png", "final_accuracy_ci.png"} <= set(figures)
+    cached = {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}
+    again = subprocess.run([*BENCH, "analyze", "--grid", str(grid), "--results", str(results)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert cached == {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}, "per-run analyses are cached"

@@ -103,3 +103,11 @@ def test_regime_overrides_change_only_the_matching_regimes(grid_file):
         load_grid(str(path))
     with pytest.raises(UserError, match="matches none"):
         load_grid(str(grid_file("b.toml", extra='[regime_overrides."*+l2w"]\nlr = 0.01\n')))
+
+
+def test_excluded_cells_are_left_out(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('datasets = ["digits", "mnist5k"]\narchs = ["small_cnn", "cifar_resnet8"]\nregimes = ["joint"]\n'
+                    'seeds = [0]\nexclude = [{dataset = "mnist5k", arch = "cifar_resnet8"}]\n[train]\nepochs = 2\n')
+    cells = {(s.dataset, s.arch) for s in load_grid(str(path)).specs}
+    assert cells == {("digits", "small_cnn"), ("digits", "cifar_resnet8"), ("mnist5k", "small_cnn")}
