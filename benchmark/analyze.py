@@ -78,11 +78,10 @@ def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: P
                                 f"(or a grid whose [analyses] lists model analyses)")
     data = load_dataset(spec.dataset, data_root).to(device)
     model = load_trained(spec, store, data, device)
+    x, y = analysis_subset(data, settings["samples"])          # the same samples for rank and information
     if "rank" in todo:
-        x, _ = analysis_subset(data, settings["samples"])
         write_csv(folder / "rank.csv", _labelled(rank.rank_table(model, x, n_samples=None), spec))
     if "information" in todo:
-        x, y = analysis_subset(data, settings["samples"])
         tables = [information.information_table(model, x, y, estimator=e, n_samples=None)
                   for e in ("renyi", "binning")]
         bound = information.exit_bound_table(model, x, y, n_samples=None).assign(estimator="H(Y)-CE bound")

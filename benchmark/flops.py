@@ -85,8 +85,12 @@ def exit_costs(model: MultiExitNet, input_shape: tuple[int, ...]) -> list[float]
     head k: the earlier heads were evaluated too, and declined. The last exit costs all blocks, all
     internal heads and the classifier.
     """
-    profile = profile_flops(model, input_shape)
+    return exit_costs_of(profile_flops(model, input_shape), model.exit_blocks)
+
+
+def exit_costs_of(profile: FlopsProfile, exit_blocks: list[int]) -> list[float]:
+    """`exit_costs` from an existing profile (callers that need several numbers profile once)."""
     blocks_so_far = list(accumulate(profile.blocks))
     heads_so_far = list(accumulate(profile.heads))
-    internal = [blocks_so_far[b] + heads_so_far[k] for k, b in enumerate(model.exit_blocks)]
+    internal = [blocks_so_far[b] + heads_so_far[k] for k, b in enumerate(exit_blocks)]
     return [*internal, blocks_so_far[-1] + sum(profile.heads) + profile.classifier]

@@ -113,10 +113,10 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     data = load_dataset(spec.dataset, data_root).to(device)
     regime = build_regime(spec.regime, spec.hparams)
     model = initial_model(spec, data, device)
-    costs = {"backbone": flop_count.backbone_flops(model, data.input_shape),
-             "exits": flop_count.exit_costs(model, data.input_shape)}
+    profile = flop_count.profile_flops(model, data.input_shape)          # one counting pass for every number
+    costs = {"backbone": sum(profile.blocks) + profile.classifier,
+             "exits": flop_count.exit_costs_of(profile, model.exit_blocks), "heads": float(sum(profile.heads))}
     costs["all_exits"] = costs["exits"][-1]
-    costs["heads"] = float(sum(flop_count.head_flops(model, data.input_shape)))
 
     budget = Budget(spec.train["epochs"], spec.train["p1_epochs"])
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
