@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -31,3 +32,23 @@ def write_grid(path: Path, *, datasets=("digits",), archs=("small_cnn",), regime
 @pytest.fixture
 def grid_file(tmp_path):
     return lambda name="grid.toml", **kw: write_grid(tmp_path / name, **kw)
+
+
+class TorchCallCounter(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls(function) -> int:
+    """How many torch calls `function()` makes: equal counts for small and large batches mean no per-sample
+    loop, an exact check that machine load cannot make flaky (a timing could)."""
+    with TorchCallCounter() as counter:
+        function()
+    return counter.calls

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from benchmark.data import dataset_available, load_dataset
 from benchmark.errors import UserError
+from conftest import torch_calls
 from benchmark.models import build_model
 from benchmark.train import run_phase
 from regimes.base import Phase, StepContext
@@ -290,24 +290,6 @@ def test_cutout_zeroes_one_clipped_square_in_every_channel():
     assert torch.equal(mask, rows[:, :, None] & columns[:, None, :])  # a rectangle
     assert rows.sum(1).max() == 4 and columns.sum(1).max() == 4 and rows.sum(1).min() >= 2
     assert (mask.flatten(1).sum(1) == 16).float().mean() > 0.5  # unclipped when the centre is inside
-
-
-class TorchCallCounter(TorchFunctionMode):
-    """Counts the torch functions and tensor methods called while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-def torch_calls(function):
-    with TorchCallCounter() as counter:
-        function()
-    return counter.calls
 
 
 @pytest.mark.parametrize("kind, shape", [("image", (1, 8, 8)), ("series", (6, 32))])

@@ -11,6 +11,7 @@ import torch
 from benchmark import data
 from benchmark.data import Dataset, clear_cache, crop_and_flip, load_dataset
 from benchmark.errors import DataUnavailable, UnknownName
+from conftest import torch_calls
 
 # name -> (source size, input shape, pixel scale of the source values)
 EMBEDDED = {"digits": (1797, (1, 8, 8), 16), "mnist5k": (5000, (1, 28, 28), 255)}
@@ -210,27 +211,13 @@ def test_crop_without_flip_never_mirrors():
 
 
 def test_augmentation_is_vectorised():
-    """No per-sample loop: augmenting 4 or 256 images dispatches exactly the same number of tensor operations
-    (counted at the ATen dispatcher, so the check is exact and independent of machine load)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    def ops(n: int) -> int:
+    """No per-sample loop: augmenting 4 or 256 images makes exactly the same number of torch calls."""
+    def calls(n: int) -> int:
         x = torch.randn(n, 3, 32, 32)
         dataset = image_dataset(x, "crop+flip", 4)
-        with CountOps() as counter:
-            dataset.augment(x, torch.Generator().manual_seed(0))
-        return counter.count
+        return torch_calls(lambda: dataset.augment(x, torch.Generator().manual_seed(0)))
 
-    assert ops(4) == ops(256) > 0
+    assert calls(4) == calls(256) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
