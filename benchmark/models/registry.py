@@ -1,12 +1,15 @@
 """Backbone registry (timm-style ``@register_arch``), exit placement, and ``build_model``.
 
 A family module registers a builder that returns the backbone already cut into blocks (stem merged into
-block 0) plus its own classifier; ``build_model`` then places heads after the chosen blocks.
+block 0) plus its own classifier; ``build_model`` then places heads after the chosen blocks. Exits asked for
+as fractions of the backbone's FLOPs land on block boundaries; ``exit_placement`` reports where they landed
+and ``exit_placement_warnings`` says where that is further than ``EXIT_TOLERANCE`` from what was asked.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from benchmark.errors import UnknownName, UserError
-from benchmark.flops import profile_flops
+from benchmark.flops import FlopsProfile, profile_flops
 from benchmark.models.heads import make_head, resolve_head_kind
 from benchmark.models.multi_exit import MultiExitNet
 
@@ -25,6 +28,9 @@ DEFAULT_EXITS = "flops:0.25,0.5,0.75"
 INPUT_RANKS = {"image": 3, "series": 2}  # (C, H, W) and (C, L), batch dimension excluded
 _TABLE_INPUT = {"image": (3, 32, 32), "series": (6, 100)}  # the shapes arch_table builds at to count blocks
 SMALL_IMAGE_MAX_SIDE = 64  # up to here (CIFAR, TinyImageNet, MNIST, digits) backbones get small-image stems
+# An exit asked for at fraction f of the backbone's FLOPs should end up within f +- this: otherwise a metric like
+# "accuracy at 25 % FLOPs" reads an exit that sits elsewhere, or none.
+EXIT_TOLERANCE = 0.05
 
 
 def is_small_image(input_shape: tuple[int, ...]) -> bool:
@@ -93,8 +99,13 @@ def arch_table() -> list[dict]:
 @functools.cache
 def _block_count(arch: str) -> int:
     spec = _ARCHS[arch]
-    with torch.random.fork_rng(), torch.device("meta"):  # a listing must not move a seeded run's RNG
-        return len(spec.build(num_classes=10, input_shape=_TABLE_INPUT[spec.input_kind], pretrained=False).blocks)
+    return len(_build_on_meta(spec, 10, _TABLE_INPUT[spec.input_kind]).blocks)
+
+
+def _build_on_meta(spec: ArchSpec, num_classes: int, input_shape: tuple[int, ...]) -> Backbone:
+    """The backbone without weights, for counting blocks and FLOPs; counting must not move a seeded run's RNG."""
+    with torch.random.fork_rng(), torch.device("meta"):
+        return spec.build(num_classes=num_classes, input_shape=input_shape, pretrained=False)
 
 
 def build_model(
@@ -111,6 +122,19 @@ def build_model(
     ``exits``: a list of block indices; ``"flops:f1,f2,..."``, a head after the block whose cumulative
     FLOPs is closest to each fraction of the backbone's FLOPs (duplicates merged); or ``"all"``.
     """
+    spec, input_shape = _checked_spec(arch, input_shape)
+    head_kind = resolve_head_kind(head, spec.tokens, arch)
+    if pretrained and not spec.has_pretrained_weights:
+        raise UserError(f"{arch} is defined by exitbench and has no pretrained weights; use pretrained=False")
+
+    backbone = _build_backbone(spec, num_classes, input_shape, pretrained)
+    profile = _profile_backbone(spec, backbone, input_shape)
+    exit_blocks = place_exits(exits, profile.blocks, profile.classifier)
+    heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes) for b in exit_blocks]
+    return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks)
+
+
+def _checked_spec(arch: str, input_shape: Sequence[int]) -> tuple[ArchSpec, tuple[int, ...]]:
     if arch not in _ARCHS:
         raise UnknownName("arch", arch, _ARCHS)
     spec = _ARCHS[arch]
@@ -118,19 +142,14 @@ def build_model(
     if len(input_shape) != INPUT_RANKS[spec.input_kind]:
         raise UserError(f"{arch} takes {spec.input_kind} inputs of rank {INPUT_RANKS[spec.input_kind]} "
                         f"(channels first, no batch dimension); got input shape {input_shape}")
-    head_kind = resolve_head_kind(head, spec.tokens, arch)
-    if pretrained and not spec.has_pretrained_weights:
-        raise UserError(f"{arch} is defined by exitbench and has no pretrained weights; use pretrained=False")
+    return spec, input_shape
 
-    backbone = _build_backbone(spec, num_classes, input_shape, pretrained)
-    bare = MultiExitNet(backbone.blocks, backbone.classifier)
+
+def _profile_backbone(spec: ArchSpec, backbone: Backbone, input_shape: tuple[int, ...]) -> FlopsProfile:
     try:
-        profile = profile_flops(bare, input_shape)
+        return profile_flops(MultiExitNet(backbone.blocks, backbone.classifier), input_shape)
     except RuntimeError as err:  # e.g. a map pooled below 1x1: the input is too small for this backbone
-        raise UserError(f"{arch} cannot take inputs of shape {input_shape}: {err}") from err
-    exit_blocks = place_exits(exits, profile.blocks, profile.classifier)
-    heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes) for b in exit_blocks]
-    return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks)
+        raise UserError(f"{spec.name} cannot take inputs of shape {input_shape}: {err}") from err
 
 
 def _build_backbone(spec: ArchSpec, num_classes: int, input_shape: tuple[int, ...], pretrained: bool) -> Backbone:
@@ -150,19 +169,117 @@ def _build_backbone(spec: ArchSpec, num_classes: int, input_shape: tuple[int, ..
         ) from err
 
 
+@dataclass(frozen=True)
+class ExitPlacement:
+    """Where one internal exit sits: after ``block``, at ``achieved`` of the backbone's FLOPs.
+
+    ``achieved`` is the FLOPs of blocks 0..``block`` over those of all blocks plus the classifier. ``targets``
+    are the fractions of a ``"flops:..."`` spec that snapped to this block: two or more means exits were
+    merged; none means exits were given as block indices or ``"all"``.
+    """
+
+    block: int
+    achieved: float
+    targets: tuple[float, ...] = ()
+
+    @property
+    def target(self) -> float:
+        """The asked-for fraction closest to the achieved one; NaN for exits given as indices or "all"."""
+        return min(self.targets, key=lambda t: abs(t - self.achieved), default=math.nan)
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Every fraction asked of this exit is within EXIT_TOLERANCE of the achieved one (exits given as indices
+        ask for none)."""
+        return all(abs(t - self.achieved) <= EXIT_TOLERANCE for t in self.targets)
+
+
+def exit_placement(arch: str, num_classes: int, input_shape: Sequence[int],
+                   exits: str | Sequence[int]) -> list[ExitPlacement]:
+    """Where ``build_model(arch, num_classes, input_shape, exits=exits)`` puts its internal exits, without building it.
+
+    Counted on a weightless copy of the backbone (cached per arch, classes and shape), so it is cheap and leaves
+    the global RNG where it was. Heads do not move exits, so the head type is not an argument.
+    """
+    spec, input_shape = _checked_spec(arch, input_shape)
+    profile = _meta_profile(spec.name, int(num_classes), input_shape)
+    return placements_from_flops(exits, profile.blocks, profile.classifier)
+
+
+def exit_placement_warnings(arch: str, num_classes: int, input_shape: Sequence[int],
+                            exits: str | Sequence[int]) -> list[str]:
+    """One sentence per asked-for FLOPs fraction that ``arch`` misses by more than EXIT_TOLERANCE, and per block
+    that several fractions snapped to (the model then has fewer exits than asked); empty when all is as asked."""
+    spec, input_shape = _checked_spec(arch, input_shape)
+    profile = _meta_profile(spec.name, int(num_classes), input_shape)
+    placements = placements_from_flops(exits, profile.blocks, profile.classifier)
+    return placement_warnings(placements, arch, len(profile.blocks))
+
+
+@functools.cache
+def _meta_profile(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> FlopsProfile:
+    spec = _ARCHS[arch]
+    return _profile_backbone(spec, _build_on_meta(spec, num_classes, input_shape), input_shape)
+
+
+def placement_warnings(placements: Sequence[ExitPlacement], backbone: str, num_blocks: int) -> list[str]:
+    """``exit_placement_warnings`` for placements already computed; ``backbone`` names the net in the sentences."""
+    warnings = []
+    for p in placements:
+        if len(p.targets) > 1:
+            asked = ", ".join(_percent(t) for t in p.targets)
+            warnings.append(f"{backbone}: the exits asked at {asked} of the backbone's FLOPs all go after block "
+                            f"{p.block} (at {p.achieved:.1%}): the model has {len(p.targets) - 1} internal exit(s) "
+                            f"fewer than asked")
+        warnings.extend(
+            f"{backbone}: the exit asked at {_percent(t)} of the backbone's FLOPs sits at {p.achieved:.1%} (after "
+            f"block {p.block}): no block but the last ends within ±{EXIT_TOLERANCE * 100:g} points of {_percent(t)}, "
+            f"and {backbone} cannot be cut finer than its {num_blocks} blocks; ask for other fractions or for a "
+            f"backbone cut into more blocks"
+            for t in p.targets if abs(t - p.achieved) > EXIT_TOLERANCE
+        )
+    return warnings
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
 def place_exits(exits: str | Sequence[int], block_flops: Sequence[float], classifier_flops: float) -> list[int]:
     """Block indices to put internal heads after, in increasing order; never the last block (the classifier's)."""
+    return [p.block for p in placements_from_flops(exits, block_flops, classifier_flops)]
+
+
+def placements_from_flops(exits: str | Sequence[int], block_flops: Sequence[float],
+                    classifier_flops: float) -> list[ExitPlacement]:
+    """The internal exits ``exits`` asks for, in block order, given each block's FLOPs and the classifier's.
+
+    A fraction f of ``"flops:f1,f2,..."`` goes after the block whose cumulative FLOPs is closest to f times
+    all blocks plus the classifier; fractions that pick the same block share one exit.
+    """
     candidates = range(len(block_flops) - 1)
+    cumulative = list(accumulate(block_flops))
+    total = cumulative[-1] + classifier_flops
+    targets_at: dict[int, tuple[float, ...]]
+    if isinstance(exits, str) and exits.startswith("flops:"):
+        fractions = _parse_fractions(exits)
+        if not candidates:
+            raise UserError(f"exits '{exits}': a backbone of one block has no place for an internal head")
+        targets_at = {}
+        for f in sorted(fractions):
+            block = min(candidates, key=lambda i: abs(cumulative[i] - f * total))
+            targets_at[block] = (*targets_at.get(block, ()), f)
+    else:
+        targets_at = {block: () for block in _listed_blocks(exits, len(block_flops))}
+    return [ExitPlacement(block, cumulative[block] / total, targets_at[block]) for block in sorted(targets_at)]
+
+
+def _listed_blocks(exits: str | Sequence[int], num_blocks: int) -> list[int]:
+    """The blocks of ``"all"`` or of a list of block indices, checked."""
+    candidates = range(num_blocks - 1)
     if isinstance(exits, str):
         if exits == "all":
             return list(candidates)
-        if exits.startswith("flops:"):
-            fractions = _parse_fractions(exits)
-            if not candidates:
-                raise UserError(f"exits '{exits}': a backbone of one block has no place for an internal head")
-            cumulative = list(accumulate(block_flops))
-            total = cumulative[-1] + classifier_flops
-            return sorted({min(candidates, key=lambda i: abs(cumulative[i] - f * total)) for f in fractions})
         raise UserError(f"exits must be 'all', 'flops:f1,f2,...' (fractions in (0, 1)) or a list of block "
                         f"indices; got '{exits}'")
     indices = list(exits)
@@ -172,9 +289,9 @@ def place_exits(exits: str | Sequence[int], block_flops: Sequence[float], classi
     if len(set(indices)) != len(indices):
         raise UserError(f"exit block indices repeat: {indices}")
     if any(i not in candidates for i in indices):
-        raise UserError(f"exit block indices must lie in [0, {len(block_flops) - 2}] for a backbone of "
-                        f"{len(block_flops)} blocks (the last block feeds the classifier); got {indices}")
-    return sorted(indices)
+        raise UserError(f"exit block indices must lie in [0, {num_blocks - 2}] for a backbone of "
+                        f"{num_blocks} blocks (the last block feeds the classifier); got {indices}")
+    return indices
 
 
 def _parse_fractions(exits: str) -> list[float]:
