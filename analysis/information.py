@@ -41,6 +41,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from benchmark.models.eval_mode import evaluating
 
 DEFAULT_N_SAMPLES = 500   # cifar_resnet8 on 28 px MNIST: ~1.8 s per model on 1 thread, the float64 Gram matmuls most
 DEFAULT_ALPHA = 1.01      # close to Shannon (alpha -> 1) while keeping the closed form (Yu et al. 2019)
@@ -163,14 +164,12 @@ def exit_information_lower_bound(logits: Tensor, y: Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------- model level
 
-@torch.no_grad()
 def _forward_collect(model: nn.Module, x: Tensor, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Every block's flattened output and every exit's logits, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
+    """Every block's flattened output and every exit's logits, in eval mode (``evaluating``: every module's mode
+    is restored, so a snapshot inside phase P3 leaves the frozen backbone in eval)."""
     device = next(model.parameters()).device
     blocks, exits = [], []
-    try:
+    with evaluating(model):
         for chunk in x.split(batch_size):
             outputs = []
 
@@ -180,8 +179,6 @@ def _forward_collect(model: nn.Module, x: Tensor, batch_size: int) -> tuple[list
 
             exits.append(model(chunk.to(device), after_block=keep))
             blocks.append(outputs)
-    finally:
-        model.train(was_training)
     return [torch.cat(per_block) for per_block in zip(*blocks)], [torch.cat(per_exit) for per_exit in zip(*exits)]
 
 

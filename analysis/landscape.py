@@ -12,8 +12,9 @@ Method (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", NeurIPS
   high dimension, as Li et al. note).
 - Every point is measured with the model in eval mode, so BatchNorm normalises with the *trained* running
   statistics, never with the statistics of the perturbed network on this batch; the loss is the mean
-  cross-entropy (nats) and the accuracy the fraction correct, per exit, on a fixed subset of the
-  non-augmented training split (``landscape_subset``): a landscape of the training objective.
+  cross-entropy (nats) and the accuracy the fraction correct, per exit, on a fixed stratified subset of the
+  non-augmented training split, drawn by the rule of every model analysis (benchmark.snapshots.analysis_subset,
+  of size ``landscape_samples``; bench analyze passes it in): a landscape of the training objective.
 - Perturbed weights are passed with ``torch.func.functional_call``: the model's own tensors are never
   written and nothing is copied per point. (``vmap`` over 4 grid points at once was slower on CPU than this
   loop, 1.2 s against 0.8 s per point: batching points adds no parallelism the batch of images lacks.)
@@ -47,13 +48,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from benchmark.models.eval_mode import evaluating
 
-# Defaults sized for the quick grid on a 2-core CPU. A point costs one forward of DEFAULT_SAMPLES images: with one
-# torch thread, 0.13 CPU-s for cifar_resnet8 on 28x28 MNIST (the grid's dearest cell), 0.05 s for small_cnn, about
-# 0.01 s on 8x8 digits; so per cifar_resnet8/mnist5k model: 1-D (21 points) 3 s, 2-D (121) 16 s, interpolation
-# (13) 2 s. One thread per process beat two threads by 2-4x on a shared machine: the tensors are small.
-DEFAULT_SAMPLES = 256                             # accuracy resolution 1/256; cost is linear in it
-SUBSET_SEED = 0                                   # the same examples for every run, never a run seed
+# Defaults sized for the quick grid on a 2-core CPU. A point costs one forward of the subset (256 images by
+# default: accuracy resolution 1/256, cost linear in it): with one torch thread, 0.13 CPU-s for cifar_resnet8 on
+# 28x28 MNIST (the grid's dearest cell), 0.05 s for small_cnn, about 0.01 s on 8x8 digits; so per
+# cifar_resnet8/mnist5k model: 1-D (21 points) 3 s, 2-D (121) 16 s, interpolation (13) 2 s. One thread per process
+# beat two threads by 2-4x on a shared machine: the tensors are small.
 DEFAULT_ALPHAS = np.linspace(-1.0, 1.0, 21)       # step 0.1, as in Li et al.'s 1-D plots
 DEFAULT_GRID_2D = np.linspace(-1.0, 1.0, 11)      # step 0.2 on each axis: 121 points
 DEFAULT_TS = np.linspace(-0.25, 1.25, 13)         # step 0.125: t = 0 and t = 1 are grid points
@@ -62,12 +63,6 @@ DEFAULT_BATCH_SIZE = 256                          # memory bound per forward, no
 
 # Per-exit (mean loss, accuracy) of a model evaluated at the given named tensors.
 Measure = Callable[[Mapping[str, Tensor]], Sequence[tuple[float, float]]]
-
-
-def landscape_subset(x: Tensor, y: Tensor, n: int = DEFAULT_SAMPLES, seed: int = SUBSET_SEED) -> tuple[Tensor, Tensor]:
-    """A fixed random subset of (non-augmented) training data: every run's landscape sees the same examples."""
-    index = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[index], y[index]
 
 
 def random_direction(model: nn.Module, generator: torch.Generator) -> dict[str, Tensor]:
@@ -91,27 +86,22 @@ def exit_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = DEFAU
     """The Measure of a multi-exit ``model`` on (x, y): mean cross-entropy (nats) and accuracy per exit.
 
     Tensors not given keep the model's own values (buffers, in a slice). The model is put in eval mode for
-    the call and given back in the mode it was in.
+    the call and every module is given back the mode it was in (``evaluating``).
     """
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
 
     def measure(tensors: Mapping[str, Tensor]) -> list[tuple[float, float]]:
-        was_training = model.training
-        model.eval()
         loss_sum, correct = None, None
-        try:
-            with torch.no_grad():
-                for start in range(0, len(y), batch_size):
-                    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                    logits = torch.stack(functional_call(model, dict(tensors), (xb,))).float()  # (K, B, C)
-                    batch_loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1),
-                                                 reduction="none").double().sum(1)
-                    batch_correct = (logits.argmax(2) == yb).sum(1)
-                    loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-                    correct = batch_correct if correct is None else correct + batch_correct
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(y), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                logits = torch.stack(functional_call(model, dict(tensors), (xb,))).float()  # (K, B, C)
+                batch_loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1),
+                                             reduction="none").double().sum(1)
+                batch_correct = (logits.argmax(2) == yb).sum(1)
+                loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+                correct = batch_correct if correct is None else correct + batch_correct
         return [(float(l) / len(y), float(c) / len(y)) for l, c in zip(loss_sum.cpu(), correct.cpu())]
 
     return measure

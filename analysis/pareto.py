@@ -11,10 +11,12 @@ Conventions
 - Cost is ``test_flops_fraction`` (mean FLOPs per sample / the plain backbone's), accuracy ``test_accuracy``.
   Dominance uses benchmark.evaluate.pareto_mask: cost <= and accuracy >=, one strictly; exact duplicates (two
   regimes or policies landing on the same point) both stay and share ownership.
-- Hypervolume reference point, by default per cell: cost_ref = the largest mean FLOPs fraction of any point in the
-  cell (running every exit head and the classifier: the same for every regime, since they share architecture and
-  exit placement), acc_ref = 0. Every regime of a cell is measured against the same reference, and both numbers
-  are in the table (reference_flops_fraction, reference_accuracy).
+- Hypervolume reference point, by default per cell: cost_ref = REFERENCE_COST_MARGIN (1.1) x the largest mean FLOPs
+  fraction of any point in the cell (running every exit head and the classifier: the same for every regime, since
+  they share architecture and exit placement), acc_ref = 0. Strictly beyond the worst cost, so the most expensive
+  points (the final exit) add area too: with cost_ref equal to the largest cost they would add none, and a regime
+  could improve its final exit without its hypervolume moving. Every regime of a cell is measured against the
+  same reference, and both numbers are in the table (reference_flops_fraction, reference_accuracy).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ CELL = ["dataset", "arch"]
 POINT = ["dataset", "arch", "regime", "policy", "point"]
 UNION = "(all)"
 """The regime label of the hypervolume row for the union of all regimes of a cell."""
+REFERENCE_COST_MARGIN = 1.1
+"""Default hypervolume reference cost = this x the largest FLOPs fraction in the cell (module docstring)."""
 
 
 def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +92,8 @@ def hypervolume_table(curves: pd.DataFrame, reference: tuple[float, float] | Non
     """Per (dataset, arch, regime): the hypervolume of the regime's own seed-averaged points (all policies), and a
     row with regime="(all)" for the union of every regime's points.
 
-    reference: (flops fraction, accuracy) for every cell; by default (largest FLOPs fraction in the cell, 0).
+    reference: (flops fraction, accuracy) for every cell; by default (1.1 x the largest FLOPs fraction in the
+    cell, 0), strictly beyond every point so that the final exit's points count too.
     Columns: dataset, arch, regime, hypervolume, hypervolume_normalised (divided by the reference box's area
     cost_ref x (1 - acc_ref), so 1 would be a free, perfect classifier), front_size (non-dominated points),
     union_share (the fraction of the union's hypervolume owned by this regime's points; 1 for "(all)"),
@@ -96,7 +101,8 @@ def hypervolume_table(curves: pd.DataFrame, reference: tuple[float, float] | Non
     """
     rows = []
     for (dataset, arch), cell in mean_curves(curves).groupby(CELL, sort=True):
-        cost_ref, acc_ref = reference if reference is not None else (cell["test_flops_fraction"].max(), 0.0)
+        cost_ref, acc_ref = (reference if reference is not None
+                             else (REFERENCE_COST_MARGIN * cell["test_flops_fraction"].max(), 0.0))
         costs, accuracies = cell["test_flops_fraction"].to_numpy(), cell["test_accuracy"].to_numpy()
         owned_in_union = hypervolume_contributions(costs, accuracies, (cost_ref, acc_ref))
         union = owned_in_union.sum()

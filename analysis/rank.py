@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.style import cell_panels, regime_order, regime_style, save
+from benchmark.models.eval_mode import evaluating
 
 DEFAULT_N_SAMPLES = 500   # ~0.4 s of CPU per cifar_resnet8 on 28 px (forward 0.25 s, spectra 0.15 s); the rank
                           # can reach 500 at most, the information analysis uses the same N
@@ -45,18 +46,16 @@ GRAM_RESOLUTION = 1e3     # Gram route only if every eigenvalue exceeds 1e3 x it
 
 # ------------------------------------------------------------------------------------------ activations
 
-@torch.no_grad()
 def block_activations(model: nn.Module, x: Tensor, batch_size: int = 256) -> list[Tensor]:
-    """Every block's output for ``x``, flattened to (N, D) float32 on the CPU, in eval mode (mode restored).
+    """Every block's output for ``x``, flattened to (N, D) float32 on the CPU, in eval mode (``evaluating``: every
+    module's mode restored).
 
     Read through MultiExitNet.forward's ``after_block`` hook, so the model runs exactly as in training and
     evaluation (heads included; they do not change what a block outputs).
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     per_batch = []
-    try:
+    with evaluating(model):
         for chunk in x.split(batch_size):
             outputs = []
 
@@ -66,8 +65,6 @@ def block_activations(model: nn.Module, x: Tensor, batch_size: int = 256) -> lis
 
             model(chunk.to(device), after_block=keep)
             per_batch.append(outputs)
-    finally:
-        model.train(was_training)
     return [torch.cat(per_block) for per_block in zip(*per_batch)]
 
 

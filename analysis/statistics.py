@@ -10,15 +10,19 @@ Choices (the design names the tests, not which one leads):
   signed-rank test (scipy.stats.wilcoxon, exact distribution) is reported beside it, but with n pairs its
   smallest possible p-value is 2 / 2^n: 0.25 for 3 seeds, so it can reject at 0.05 only from 6 seeds on.
 - Missing values (e.g. accuracy_at_25pct where no point fits the budget) are dropped, a pair needs both values.
-  A p-value is NaN for the baseline itself, below 2 pairs, or when every paired difference is zero.
+  A p-value is NaN for the baseline itself and below 2 pairs.
+- Zero-variance differences are decided before any test, because the t statistic mean / (std / sqrt(n)) divides
+  by zero there (scipy returns p = 0, or ~1e-70 when float rounding leaves a 1e-16 spread). Differences count as
+  equal when their spread is at most EQUAL_RTOL x the largest |value| (rounding leaves ~1e-16; real differences
+  are far larger: accuracies move in steps of 1 / N_test). All equal to zero: p_value = wilcoxon_p = 1 (no evidence of any difference). All equal
+  and non-zero: p_value = NaN (undefined; n_pairs >= 2 tells it from too few pairs), wilcoxon_p as computed
+  (every sign agrees: 2 / 2^n, the smallest it can be), and mean_difference says by how much.
 - No multiple-comparison correction is applied; the table gives raw p-values for the reader to correct.
 - Average rank (Demšar 2006, JMLR 7): in each cell, regimes are ranked by their mean over seeds (1 = best, ties
   get the average rank), and ranks are averaged over the cells where the regime has a value.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -29,6 +33,8 @@ from analysis.style import cell_panels, regime_colour, regime_order, save
 CELL = ["dataset", "arch"]
 CONFIDENCE = 0.95
 PRIMARY_TEST = "paired t"
+EQUAL_RTOL = 1e-12
+"""Paired differences whose spread is at most this x the largest |value| are equal (module docstring)."""
 
 
 def confidence_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -44,20 +50,25 @@ def confidence_interval(values, confidence: float = CONFIDENCE) -> tuple[float, 
 def paired_tests(values: pd.Series, baseline_values: pd.Series) -> dict:
     """Paired t-test and Wilcoxon signed-rank test of values vs baseline_values, both indexed by seed.
 
-    Keys: n_pairs, mean_difference (regime - baseline), p_value (paired t), wilcoxon_p.
+    Keys: n_pairs, mean_difference (regime - baseline), p_value (paired t), wilcoxon_p. Zero-variance differences
+    follow the module docstring's rule: all zero -> both p = 1; all equal and non-zero -> p_value NaN.
     """
     pairs = pd.concat({"regime": values, "baseline": baseline_values}, axis=1, join="inner").dropna()
     result = {"n_pairs": len(pairs), "mean_difference": np.nan, "p_value": np.nan, "wilcoxon_p": np.nan}
     if len(pairs) == 0:
         return result
-    differences = pairs["regime"] - pairs["baseline"]
+    differences = (pairs["regime"] - pairs["baseline"]).to_numpy(dtype=np.float64)
     result["mean_difference"] = float(differences.mean())
-    if len(pairs) < 2 or not differences.any():
+    if len(pairs) < 2:
         return result
-    with warnings.catch_warnings():  # near-constant differences: scipy warns about precision, the p-value stands
-        warnings.simplefilter("ignore", RuntimeWarning)
+    tolerance = EQUAL_RTOL * np.abs(pairs.to_numpy(dtype=np.float64)).max()
+    constant = np.ptp(differences) <= tolerance                  # zero variance, up to rounding
+    if constant and np.abs(differences).max() <= tolerance:
+        result.update(p_value=1.0, wilcoxon_p=1.0)               # no difference at all
+        return result
+    if not constant:                                             # else t = mean / 0: p_value stays NaN
         result["p_value"] = float(stats.ttest_rel(pairs["regime"], pairs["baseline"]).pvalue)
-        result["wilcoxon_p"] = float(stats.wilcoxon(pairs["regime"], pairs["baseline"]).pvalue)
+    result["wilcoxon_p"] = float(stats.wilcoxon(differences).pvalue)
     return result
 
 

@@ -9,7 +9,8 @@ from analysis.information import information_table, stratified_indices
 
 
 def analysis_subset(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed stratified subset of the non-augmented training split, identical for every run."""
+    """A fixed stratified subset of the non-augmented training split, identical for every run: the samples of every
+    model analysis (rank, information, landscape, snapshots), each with its own n."""
     index = stratified_indices(data.y_train.cpu(), min(n, len(data.y_train)), seed=0)
     index = torch.as_tensor(index, device=data.x_train.device)
     return data.x_train[index], data.y_train[index]

@@ -7,11 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis import landscape
 from analysis.landscape import (
-    displaced, interpolate, landscape_subset, plot_contour_2d, plot_interpolation, plot_slices_1d,
-    random_direction, sharpness, slice_1d, slice_2d, sweep,
+    displaced, interpolate, plot_contour_2d, plot_interpolation, plot_slices_1d, random_direction, sharpness,
+    slice_1d, slice_2d, sweep,
 )
+from benchmark import analyze
+from benchmark.data import load_dataset
 from benchmark.models import build_model
+from benchmark.snapshots import analysis_subset
+from benchmark.spec import RunSpec
+from benchmark.store import ResultsStore
 
 SHAPE = (1, 8, 8)
 
@@ -181,12 +187,32 @@ def test_sharpness_is_keskars_ratio_within_the_radius():
         sharpness(table[table.alpha != 0])
 
 
-def test_subset_is_fixed_and_without_repeats():
-    x = torch.arange(100.0).view(100, 1)
-    y = torch.arange(100)
-    (xa, ya), (xb, _) = landscape_subset(x, y, n=30), landscape_subset(x, y, n=30)
-    assert torch.equal(xa, xb) and torch.equal(xa[:, 0].long(), ya)
-    assert len(set(ya.tolist())) == 30
+def test_bench_analyze_slices_on_the_stratified_analysis_subset(monkeypatch, tmp_path):
+    """The landscape of a run is measured on `analysis_subset` at size landscape_samples: stratified (each class
+    within one sample of its share of the training split), without repeats, and the same for every call."""
+    digits = load_dataset("digits", "/nonexistent")
+    spec = RunSpec(dataset="digits", arch="small_cnn", regime="joint", seed=1, train={}, model={})
+    settings = {**analyze.ANALYSIS_DEFAULTS, "landscape_samples": 100, "landscape_points_1d": 3,
+                "landscape_2d_seeds": []}
+    measured = []
+
+    def recording_slice_1d(model, x, y, *args, **kwargs):
+        measured.append((x.clone(), y.clone()))
+        return slice_1d(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(landscape, "slice_1d", recording_slice_1d)
+    monkeypatch.setattr(analyze, "p1_state", lambda spec, store: None)      # joint: no P1 backbone to start from
+    model = build_model("small_cnn", digits.num_classes, digits.input_shape)
+    for _ in range(2):
+        analyze.run_landscape(spec, ResultsStore(tmp_path), model, digits, settings)
+    (x, y), (x_again, y_again) = measured
+    assert torch.equal(x, x_again) and torch.equal(y, y_again)
+    share = torch.bincount(digits.y_train).double() / len(digits.y_train)
+    counts = torch.bincount(y, minlength=len(share))
+    assert len(y) == 100 and ((counts - 100 * share).abs() < 1).all()
+    x_subset, y_subset = analysis_subset(digits, 100)          # the rule of every model analysis
+    assert torch.equal(x, x_subset) and torch.equal(y, y_subset)
+    assert len(torch.unique(x.flatten(1), dim=0)) == 100
 
 
 def test_figures_are_written(tmp_path, data):

@@ -114,22 +114,36 @@ def test_owners_of_front_segments_and_hypervolume_table():
         ("mixed", "threshold", 0.3), ("joint", "threshold", 0.5), ("joint", "exit", 1.0)]
 
     table = hypervolume_table(curves).set_index("regime")
-    assert (table["reference_flops_fraction"] == 1.0).all() and (table["reference_accuracy"] == 0.0).all()
-    union = 0.2 * 0.70 + 0.5 * 0.80                        # the exit point at cost 1.0 = cost_ref adds no area
+    assert (table["reference_flops_fraction"] == 1.1).all() and (table["reference_accuracy"] == 0.0).all()
+    union = 0.2 * 0.70 + 0.5 * 0.80 + 0.1 * 0.90          # the exit point at cost 1.0 owns [1.0, 1.1] x [0, 0.9]
     assert table.loc[UNION, "hypervolume"] == pytest.approx(union)
-    assert table.loc["mixed", "hypervolume"] == pytest.approx(0.4 * 0.70 + 0.3 * 0.75)
-    assert table.loc["joint", "hypervolume"] == pytest.approx(0.5 * 0.80)
-    assert table.loc["disjoint", "hypervolume"] == pytest.approx(0.4 * 0.60)
+    assert table.loc["mixed", "hypervolume"] == pytest.approx(0.4 * 0.70 + 0.4 * 0.75)
+    assert table.loc["joint", "hypervolume"] == pytest.approx(0.5 * 0.80 + 0.1 * 0.90)
+    assert table.loc["disjoint", "hypervolume"] == pytest.approx(0.4 * 0.60 + 0.1 * 0.85)
     assert table.loc["mixed", "union_share"] == pytest.approx(0.2 * 0.70 / union)
-    assert table.loc["joint", "union_share"] == pytest.approx(0.5 * 0.80 / union)
+    assert table.loc["joint", "union_share"] == pytest.approx((0.5 * 0.80 + 0.1 * 0.90) / union)
     assert table.loc["disjoint", "union_share"] == 0.0
-    assert table.loc["mixed", "hypervolume_normalised"] == pytest.approx(table.loc["mixed", "hypervolume"])
+    assert table.loc["mixed", "hypervolume_normalised"] == pytest.approx(table.loc["mixed", "hypervolume"] / 1.1)
     assert list(table.index) == ["joint", "disjoint", "mixed", UNION]
 
     explicit = hypervolume_table(curves, reference=(1.2, 0.5)).set_index("regime")
     assert explicit.loc[UNION, "hypervolume"] == pytest.approx(0.2 * 0.2 + 0.5 * 0.3 + 0.2 * 0.4)
     assert explicit.loc[UNION, "hypervolume_normalised"] == pytest.approx(
         explicit.loc[UNION, "hypervolume"] / (1.2 * 0.5))
+
+
+def test_a_final_exit_only_front_has_the_area_up_to_the_reference_beyond_it():
+    """Two regimes with only their final exit (cost 1.2 x backbone): the reference cost is 1.1 x 1.2 = 1.32, so
+    the better final exit owns [1.2, 1.32] x [0, 0.9]; with the reference at the largest cost both would read 0."""
+    curves = curves_table([("d", "n", "joint", 0, "exit", 2, 1.2, 0.90), ("d", "n", "joint", 1, "exit", 2, 1.2, 0.90),
+                           ("d", "n", "mixed", 0, "exit", 2, 1.2, 0.80)])   # joint's two seeds average to 0.90
+    table = hypervolume_table(curves).set_index("regime")
+    assert table["reference_flops_fraction"].iloc[0] == pytest.approx(1.32)
+    assert table.loc["joint", "hypervolume"] == pytest.approx(0.12 * 0.90)
+    assert table.loc["mixed", "hypervolume"] == pytest.approx(0.12 * 0.80)
+    assert table.loc[UNION, "hypervolume"] == pytest.approx(0.12 * 0.90)
+    assert table.loc["joint", "hypervolume_normalised"] == pytest.approx(0.12 * 0.90 / 1.32)
+    assert (table.loc["joint", "union_share"], table.loc["mixed", "union_share"]) == (1.0, 0.0)
 
 
 def test_pareto_figure_is_written(tmp_path):

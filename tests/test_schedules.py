@@ -1,13 +1,20 @@
 """The property that defines each schedule, checked on a real model and real data."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
+from analysis.information import _forward_collect
+from analysis.landscape import exit_metrics
+from analysis.rank import block_activations
 from benchmark.data import load_dataset
-from benchmark.pipeline import initial_model
+from benchmark.models.eval_mode import evaluating
+from benchmark.pipeline import collect_logits, initial_model
+from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
-from benchmark.train import run_phase
-from regimes.base import Budget, Phase
-from regimes.registry import build_regime, regime_names, schedule_names
+from benchmark.train import exit_accuracies, run_phase, set_train_mode
+from regimes.base import Budget, Objective, Phase
+from regimes.registry import build_regime, objective_names, regime_names, schedule_names
 
 CPU = torch.device("cpu")
 TRAIN = {"epochs": 2, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
@@ -85,6 +92,71 @@ def test_disjoint_p3_never_moves_the_backbone_or_its_batchnorm_statistics(digits
     assert set(buffers) & set(frozen)
 
 
+def modes(model):
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def backbone_state(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n.split(".")[0] in ("blocks", "classifier")}
+
+
+def test_evaluating_runs_in_eval_without_grad_and_restores_each_modules_own_mode(digits):
+    model = initial_model(spec_for("disjoint"), digits, CPU)
+    set_train_mode(model, "heads")                     # P3: the model trains, its frozen backbone is in eval
+    before = modes(model)
+    assert before[""] and before["heads"] and not before["blocks.0"] and not before["blocks.0.1"]   # 0.1: a BatchNorm
+    with evaluating(model):
+        assert not any(modes(model).values()) and not torch.is_grad_enabled()
+        assert not model(digits.x_val[:8])[0].requires_grad
+    assert modes(model) == before and torch.is_grad_enabled()
+
+
+EVAL_FORWARDS = {                                      # every evaluation forward of the suite, on (model, x, y)
+    "exit_accuracies": lambda model, x, y: exit_accuracies(model, x, y, 32, nullcontext),
+    "collect_logits": lambda model, x, y: collect_logits(model, x, batch_size=32),
+    "block_activations": lambda model, x, y: block_activations(model, x, batch_size=32),
+    "information": lambda model, x, y: _forward_collect(model, x, 32),
+    "landscape": lambda model, x, y: exit_metrics(model, x, y, batch_size=32)({}),
+}
+
+
+@pytest.mark.parametrize("forward", EVAL_FORWARDS)
+def test_every_eval_forward_leaves_a_frozen_backbone_in_eval(forward, digits):
+    model = initial_model(spec_for("disjoint"), digits, CPU)
+    set_train_mode(model, "heads")
+    before, state = modes(model), backbone_state(model)
+    EVAL_FORWARDS[forward](model, digits.x_val[:64], digits.y_val[:64])
+    assert modes(model) == before
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in state.items())
+
+
+@pytest.mark.parametrize("objective", objective_names())
+def test_p3_information_snapshots_keep_the_backbone_frozen_for_every_objective(objective, digits):
+    """Snapshots run inside P3 after every epoch: after each one the backbone must still be in eval mode (else
+    its BatchNorm would update its statistics on the next forward) and bitwise unchanged, buffers included."""
+    regime = "disjoint" if objective == "uniform" else f"disjoint+{objective}"
+    built = build_regime(regime)
+    model = initial_model(spec_for(regime), digits, CPU)
+    state = backbone_state(model)
+    assert any("running_mean" in n for n in state), "the test needs BatchNorm in the backbone"
+    snapshots = InformationSnapshots(model, digits, every=1, samples=40)
+    seen = []
+
+    def after_epoch(global_epoch):
+        snapshots(global_epoch)
+        now = model.state_dict()
+        seen.append({"epoch": global_epoch,
+                     "backbone_training": [m.training for b in model.backbone_modules() for m in b.modules()],
+                     "unchanged": all(torch.equal(t, now[n]) for n, t in state.items())})
+
+    run_phase(model, Phase("P3", "heads", 2), built.objective, digits, TRAIN, pairing_seed=1, epoch_offset=0,
+              device=CPU, after_epoch=after_epoch)
+    assert [s["epoch"] for s in seen] == [1, 2] and len(snapshots.table()["epoch"].unique()) == 2
+    for s in seen:
+        assert not any(s["backbone_training"]), f"epoch {s['epoch']}: a snapshot put backbone modules in train mode"
+        assert s["unchanged"], f"epoch {s['epoch']}: the frozen backbone changed"
+
+
 def test_mixed_p1_updates_only_the_backbone_and_its_classifier(digits):
     model = initial_model(spec_for("mixed"), digits, CPU)
     backbone_names, head_names = split_state(model)
@@ -132,7 +204,7 @@ def test_batch_order_depends_on_the_pairing_seed_and_global_epoch_only(digits):
     """A mixed run's P2 epoch e sees the batches a joint run sees at global epoch E1 + e."""
     seen = {}
 
-    class Recorder:
+    class Recorder(Objective):                 # an Objective: the trainer also asks it for `step_kind`
         def __init__(self, key):
             self.key = key
 

@@ -61,6 +61,24 @@ def test_three_seeds_cannot_reach_significance_with_wilcoxon():
     assert got["wilcoxon_p"] == pytest.approx(0.25) and got["p_value"] < 0.05
 
 
+def test_equal_non_zero_differences_have_no_t_test_p_value():
+    """Every seed gains exactly 0.01 (up to float rounding: the differences spread by 1e-16, and scipy's t-test
+    reads that as p ~ 1e-70). t = mean / 0 is undefined: p_value is NaN, the Wilcoxon p is 2 / 2^6."""
+    mixed = [0.920, 0.940, 0.910, 0.960, 0.930, 0.950]
+    differences = np.subtract(mixed, JOINT)
+    assert 0 < np.ptp(differences) < 1e-15 and stats.ttest_rel(mixed, JOINT).pvalue < 1e-30   # the trap
+    got = row(summary_table(runs_table({"joint": JOINT, "mixed": mixed}), ["final_accuracy"]), "mixed")
+    assert got["n_pairs"] == 6 and got["mean_difference"] == pytest.approx(0.01)
+    assert np.isnan(got["p_value"])
+    assert got["wilcoxon_p"] == pytest.approx(2 / 2 ** 6)
+
+
+def test_identical_values_give_p_one():
+    got = row(summary_table(runs_table({"joint": JOINT, "mixed": list(JOINT)}), ["final_accuracy"]), "mixed")
+    assert got["n_pairs"] == 6 and got["mean_difference"] == 0.0
+    assert got["p_value"] == 1.0 and got["wilcoxon_p"] == 1.0
+
+
 def test_missing_baseline_or_repeated_seed_is_an_error():
     with pytest.raises(ValueError, match="baseline"):
         summary_table(runs_table({"mixed": MIXED}), ["final_accuracy"])
