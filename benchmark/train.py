@@ -16,17 +16,27 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.determinism import derive_seed
 from benchmark.errors import NonFiniteLoss
+from benchmark.models.eval_mode import evaluating
 from regimes.base import Objective, Phase, StepContext
 
 
 @dataclass
 class PhaseCost:
+    """What a phase cost. FLOPs are measured, not estimated: the first step of each kind (`step_kind`) runs under
+    `FlopCounterMode` (matmul/conv forward and backward, 1 multiply-add = 2 FLOPs; it leaves the numbers
+    bitwise unchanged) and every step of that kind is charged its count. `wall_seconds` includes that counted
+    step, which runs ~2x slower on CPU. On CPU the fused attention kernels escape the counter (flops.py)."""
+
     wall_seconds: float = 0.0
     optimizer_steps: int = 0
-    examples_seen: int = 0
+    examples_seen: int = 0                     # examples drawn from the training split, summed over steps
+    train_flops: float = 0.0
+    flops_per_step: float = 0.0                # train_flops / step calls (a mean where step kinds mix)
+    step_flops: dict[str, float] = field(default_factory=dict)   # the measured FLOPs of one step of each kind
 
 
 @dataclass
@@ -76,18 +86,14 @@ def backbone_step(model, x, y, optimizer, ctx) -> dict:
     return {"loss": loss.detach(), "exit_ce": loss.detach().reshape(1)}
 
 
-@torch.no_grad()
 def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast) -> list[float]:
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
     correct = None
-    for start in range(0, len(x), batch_size):
-        with autocast():
-            logits = model(x[start:start + batch_size])
-        hits = torch.stack([(z.argmax(1) == y[start:start + batch_size]).sum() for z in logits])
-        correct = hits if correct is None else correct + hits
-    for module, mode in was_training.items():
-        module.training = mode
+    with evaluating(model):
+        for start in range(0, len(x), batch_size):
+            with autocast():
+                logits = model(x[start:start + batch_size])
+            hits = torch.stack([(z.argmax(1) == y[start:start + batch_size]).sum() for z in logits])
+            correct = hits if correct is None else correct + hits
     return (correct.double() / len(x)).tolist()
 
 
@@ -106,6 +112,7 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
     steps_per_epoch = max(1, n // batch_size)          # drop the ragged last batch (BatchNorm needs >1 sample)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * phase.epochs)
     step_fn = backbone_step if phase.trains == "backbone" else objective.step
+    step_kind = (lambda ctx: "step") if phase.trains == "backbone" else objective.step_kind
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     result = PhaseResult()
     step = 0
@@ -120,18 +127,24 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         ctx = StepContext(phase=phase.name, epoch=epoch, epochs=phase.epochs, step=step, num_exits=model.num_exits,
                           generator=torch.Generator().manual_seed(derive_seed(pairing_seed, "objective", global_epoch)),
                           data_kind=data.kind)
-        optimizer_steps = 0
+        optimizer_steps = drawn = 0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
             x = data.augment(data.x_train[idx], generator)
             if device.type == "cuda" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx.step = step
-            with autocast():
+            kind = step_kind(ctx)
+            counter = None if kind in result.cost.step_flops else FlopCounterMode(display=False)
+            with nullcontext() if counter is None else counter, autocast():
                 out = step_fn(model, x, data.y_train[idx], optimizer, ctx)
+            if counter is not None:
+                result.cost.step_flops[kind] = float(counter.get_total_flops())
+            result.cost.train_flops += result.cost.step_flops[kind]
             scheduler.step()
             step += 1
             optimizer_steps += out.get("optimizer_steps", 1)
+            drawn += len(idx)
             loss_sum += out["loss"].float()
             ce_sum = out["exit_ce"].float() if ce_sum is None else ce_sum + out["exit_ce"].float()
         mean_loss = (loss_sum / steps_per_epoch).item()        # one host sync per epoch, not per step
@@ -140,7 +153,7 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         seconds = time.perf_counter() - started
         result.cost.wall_seconds += seconds
         result.cost.optimizer_steps += optimizer_steps
-        result.cost.examples_seen += steps_per_epoch * batch_size
+        result.cost.examples_seen += drawn
         evaluate_now = (epoch + 1) % train["eval_every"] == 0 or epoch + 1 == phase.epochs
         val_acc = exit_accuracies(model, data.x_val, data.y_val, 512, autocast) if evaluate_now else None
         exit_ce = (ce_sum / steps_per_epoch).tolist()
@@ -157,4 +170,5 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
             on_epoch(phase.name, epoch + 1, mean_loss)
         if after_epoch:
             after_epoch(global_epoch + 1)
+    result.cost.flops_per_step = result.cost.train_flops / step
     return result

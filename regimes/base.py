@@ -112,6 +112,12 @@ class Objective:
     def loss(self, logits: list[Tensor], y: Tensor, ctx: StepContext) -> Tensor:
         raise NotImplementedError
 
+    def step_kind(self, ctx: StepContext) -> str:
+        """Which kind of work `step` does at `ctx.step`. The trainer counts the FLOPs of the first step of each
+        kind and charges that count to every step of the kind, so an objective whose work varies between steps
+        (l2w's meta step every k steps) must name the variants here and branch on this in `step`."""
+        return "step"
+
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`, and
         optionally `optimizer_steps` (a Python int, default 1) if it steps the optimizer more than once."""
