@@ -1,17 +1,18 @@
 """Early-exit evaluation from stored per-exit logits: exit policies, accuracy–FLOPs curves, summary numbers.
 
-The protocol is REGIMES.md, "Early-exit evaluation". Everything here is numpy on stored logits — no model,
-no torch, no re-forward — so re-evaluating a run takes milliseconds and later analyses can reuse the pieces.
+The protocol is REGIMES.md, "Early-exit evaluation". Everything here works on stored logits — numpy, plus the
+budgeted-batch allocation shared with l2w's training (benchmark/budgeted.py, torch on the CPU); no model, no
+re-forward — so re-evaluating a run takes milliseconds and later analyses can reuse the pieces.
 
 Conventions used throughout:
 - K exits, N samples, C classes. Logits are (K, N, C); confidences and correctness are (K, N).
-- Confidence is the max softmax probability, computed in float32 (stored float16 logits are upcast first).
+- Confidence is the max softmax probability, computed in float64 from the stored float32 logits.
 - A sample leaves at the first exit whose confidence >= that exit's threshold; the last exit takes the rest.
   Thresholds are therefore K-1 numbers, one per internal exit.
 - exit_costs[k] is the cumulative FLOPs of leaving at exit k (backbone up to k plus every head up to k).
   A policy point reports mean FLOPs per sample and accuracy as a fraction in [0, 1].
-- Thresholds and operating points are chosen on validation and only *applied* to test. The Pareto front,
-  the AUC and best_accuracy describe the test curve itself; they select nothing.
+- Thresholds and operating points are chosen on validation only (`preference_order` is the one selection
+  rule) and then *applied* to test; no number but `oracle_auc_normalised` looks at test to choose anything.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
+
+from benchmark.budgeted import budget_shares, budgeted_exits
 
 THRESHOLD_GRID = np.linspace(0.0, 1.0, 100)
 """Global confidence thresholds tau of the SDN/ZTW-style sweep (same tau at every internal exit)."""
 
 BUDGET_Q = np.arange(1, 40) / 20
 """Share ratios q of the MSDNet/L2W budgeted-batch curve: exit k gets a share proportional to q**k."""
+
+POLICY_ORDER = ("exit", "threshold", "budgeted")
+"""The order of the policies in curves.csv; with the point index it breaks the last ties of validation selection."""
 
 BUDGET_FRACTIONS = {"25pct": 0.25, "50pct": 0.50, "75pct": 0.75, "100pct": 1.00}
 """Budgets of the accuracy_at_X summary numbers, as fractions of the backbone's FLOPs."""
@@ -39,7 +46,7 @@ above the exact budget is not excluded by floating-point noise."""
 class ExitOutputs:
     """One split's per-exit confidences and correctness, (K, N) each: all an exit policy needs."""
 
-    confidence: np.ndarray  # float32, max softmax probability
+    confidence: np.ndarray  # float64, max softmax probability
     prediction: np.ndarray  # int64, argmax class
     correct: np.ndarray  # bool, prediction == label
 
@@ -62,20 +69,22 @@ class Evaluation:
 
     exits: pd.DataFrame
     curves: pd.DataFrame
+    selected: pd.DataFrame
     summary: dict
 
 
 def max_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Confidence (max softmax probability, float32) and predicted class along the last axis.
+    """Confidence (max softmax probability, float64) and predicted class along the last axis.
 
-    Logits are upcast to float32 first: softmax in float16 saturates and would change exit decisions.
-    The max probability is 1 / sum(exp(z - max z)), which is the softmax at the argmax, computed stably.
+    The max probability is 1 / sum(exp(z - max z)), which is the softmax at the argmax, computed stably. In
+    float64 because it saturates: 1 / (1 + e^-g) rounds to exactly 1.0 once the top-2 logit gap g exceeds ~17 in
+    float32 (~37 in float64), and confident samples would then tie, so thresholds could no longer order them.
     """
-    logits = np.asarray(logits, dtype=np.float32)
+    logits = np.asarray(logits, dtype=np.float64)
     prediction = logits.argmax(axis=-1)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     np.exp(shifted, out=shifted)
-    confidence = np.float32(1.0) / shifted.sum(axis=-1)
+    confidence = 1.0 / shifted.sum(axis=-1)
     return confidence, prediction
 
 
@@ -108,45 +117,29 @@ def operating_point(exits: np.ndarray, correct: np.ndarray, exit_costs: np.ndarr
     return accuracy, mean_flops
 
 
-def budget_shares(q: np.ndarray | float, n_exits: int) -> np.ndarray:
-    """MSDNet/L2W exit shares p_k ∝ q**k for k = 1..K, normalised to sum to 1; shape q.shape + (K,).
-
-    q < 1 front-loads the early exits (cheap), q > 1 the late ones (accurate), q = 1 is uniform.
-    """
-    q = np.asarray(q, dtype=np.float64)
-    shares = q[..., None] ** np.arange(1, n_exits + 1)
-    return shares / shares.sum(axis=-1, keepdims=True)
-
-
 def fit_budgeted_thresholds(confidence: np.ndarray, shares: np.ndarray) -> np.ndarray:
     """Per-exit thresholds that realise exit `shares` on this (validation) split, as MSDNet's dynamic_evaluate.
 
-    Walk the internal exits in order. Among samples not yet taken, exit k takes its floor(N * shares[k])
-    most confident ones: its threshold is the confidence of the last one taken, and every remaining sample
-    with confidence >= threshold leaves (so a tie at the boundary leaves together and may exceed the quota).
-    The taken set is updated after every exit; the last exit takes the rest.
-    A quota of 0 gives threshold +inf (exit closed). Where ties earlier left fewer samples than the quota,
-    the exit takes all that remain (MSDNet's loop would instead close it, leaving them to the last exit).
+    The allocation is `budgeted_exits`, the one l2w trains against: walking the internal exits in order, exit k
+    takes its floor(N * shares[k]) most confident samples among those not yet taken; the last exit takes the
+    rest. Exit k's threshold is the lowest confidence among the samples it took, +inf if it took none (exit
+    closed). Applied with exit_decisions, the thresholds send every sample to its allocated exit, except that a
+    sample whose confidence ties an earlier exit's threshold leaves there (ties leave together).
 
     confidence: (K, N); shares: (K,) or (P, K). Returns thresholds (K-1,) or (P, K-1).
     """
     confidence = np.asarray(confidence)
     shares = np.asarray(shares, dtype=np.float64)
-    n_exits, n_samples = confidence.shape
+    n_exits = confidence.shape[0]
     if shares.shape[-1] != n_exits:
         raise ValueError(f"need {n_exits} shares, got shape {shares.shape}")
     points = shares.reshape(-1, n_exits)
-    quotas = np.floor(n_samples * points[:, :-1]).astype(np.int64)  # (P, K-1)
-    remaining = np.ones((len(points), n_samples), dtype=bool)
-    thresholds = np.full((len(points), n_exits - 1), np.inf)
-    for k in range(n_exits - 1):
-        order = np.argsort(-confidence[k], kind="stable")  # most confident first
-        remaining_ranked = np.cumsum(remaining[:, order], axis=1)  # rank among the not-yet-taken
-        quota = np.minimum(quotas[:, k], remaining_ranked[:, -1])
-        last_taken = (remaining_ranked < quota[:, None]).sum(axis=1)  # position of the quota-th remaining
-        open_exit = quota > 0
-        thresholds[open_exit, k] = confidence[k, order[last_taken[open_exit]]]
-        remaining &= ~(confidence[k][None, :] >= thresholds[:, k, None])
+    ranked = torch.from_numpy(np.ascontiguousarray(confidence))
+    internal = np.arange(n_exits - 1)[:, None]
+    thresholds = np.empty((len(points), n_exits - 1))
+    for p, point in enumerate(points):
+        exits = budgeted_exits(ranked, point.tolist()).numpy()
+        thresholds[p] = np.where(exits == internal, confidence[:-1], np.inf).min(axis=1)
     return thresholds.reshape(shares.shape[:-1] + (n_exits - 1,))
 
 
@@ -215,8 +208,9 @@ def pareto_mask(costs: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
 def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray) -> float:
     """Area under a(x) = best accuracy reachable at cost fraction <= x, for x in [0, 1]; 0 below the cheapest point.
 
-    a(x) is the staircase through the Pareto front. The area is in [0, 1] for accuracies in [0, 1]: 1 only for
-    a free perfect classifier. Points costing more than the whole backbone (x > 1) add nothing.
+    a(x) is the staircase through the Pareto front of the given points; it is in [0, 1] for accuracies in
+    [0, 1]. Points costing more than the whole backbone (x > 1) add nothing. On test points this is an oracle
+    (it picks the best *test* point at every budget): it only ever appears as `oracle_auc_normalised`.
     """
     cost_fractions = np.asarray(cost_fractions, dtype=np.float64)
     accuracies = np.asarray(accuracies, dtype=np.float64)
@@ -228,20 +222,79 @@ def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray) -> float:
     return float(np.sum(step_heights * step_widths))
 
 
-def accuracy_at_budget(curves: pd.DataFrame, budget_flops: float) -> float:
-    """Test accuracy of the point validation picks within a budget; NaN if no point fits.
+def preference_order(curves: pd.DataFrame) -> np.ndarray:
+    """Row positions of `curves`, most preferred first, by validation alone — THE selection rule of the suite.
 
-    Among all curve points whose *validation* mean FLOPs <= budget_flops, take the highest validation
-    accuracy (ties: the cheaper on validation, then the first listed) and report its test accuracy.
-    Selecting on test would be an oracle and overstate every regime.
+    Higher validation accuracy first; ties go to the lower validation mean FLOPs, then to the policy listed
+    first in POLICY_ORDER, then to the lower point index (curves.csv is written in exactly this listing order,
+    so "first listed wins" recomputes every selection from the table). Test columns are never read.
     """
-    val_flops = curves["val_flops"].to_numpy(dtype=np.float64)
-    fits = np.flatnonzero(val_flops <= budget_flops * (1 + _BUDGET_RTOL))
-    if len(fits) == 0:
-        return float("nan")
-    val_accuracy = curves["val_accuracy"].to_numpy(dtype=np.float64)[fits]
-    chosen = fits[np.lexsort((val_flops[fits], -val_accuracy))[0]]  # lexsort is stable: first listed wins ties
-    return float(curves["test_accuracy"].iloc[chosen])
+    policy_rank = curves["policy"].map({p: i for i, p in enumerate(POLICY_ORDER)}).to_numpy()
+    return np.lexsort((curves["point"].to_numpy(), policy_rank, curves["val_flops"].to_numpy(dtype=np.float64),
+                       -curves["val_accuracy"].to_numpy(dtype=np.float64)))
+
+
+def select_at_budget(curves: pd.DataFrame, budget_flops: float) -> int | None:
+    """Row position of the point validation picks within a budget (validation mean FLOPs <= budget), or None."""
+    fits = curves["val_flops"].to_numpy(dtype=np.float64) <= budget_flops * (1 + _BUDGET_RTOL)
+    preferred = preference_order(curves)
+    fitting = preferred[fits[preferred]]
+    return int(fitting[0]) if len(fitting) else None
+
+
+def accuracy_at_budget(curves: pd.DataFrame, budget_flops: float) -> float:
+    """Test accuracy of the point validation picks within a budget (`select_at_budget`); NaN if no point fits."""
+    chosen = select_at_budget(curves, budget_flops)
+    return float("nan") if chosen is None else float(curves["test_accuracy"].iloc[chosen])
+
+
+def selection_staircase(curves: pd.DataFrame, backbone_cost: float) -> pd.DataFrame:
+    """The validation-selected staircase over budgets x in [0, 1] x backbone FLOPs: one row per step.
+
+    At budget x the chosen point is `select_at_budget(curves, x * backbone_cost)`; it can only change where x
+    passes a point's validation cost, so the staircase is exact. Columns: budget_from, budget_to (fractions of
+    the backbone's FLOPs; the step holds on [from, to)), row (position in `curves`). Empty if no point costs
+    <= 100 % on validation.
+    """
+    fractions = curves["val_flops"].to_numpy(dtype=np.float64) / backbone_cost
+    preferred = preference_order(curves)
+    preference_rank = np.empty(len(curves), dtype=np.int64)
+    preference_rank[preferred] = np.arange(len(curves))
+    by_cost = np.argsort(fractions, kind="stable")
+    best_so_far = preferred[np.minimum.accumulate(preference_rank[by_cost])]  # chosen once by_cost[:i+1] fit
+    starts = fractions[by_cost]
+    last_of_cost = np.r_[starts[1:] != starts[:-1], True]            # equal costs enter together
+    starts, chosen = starts[last_of_cost], best_so_far[last_of_cost]
+    inside = starts <= 1.0 * (1 + _BUDGET_RTOL)
+    starts, chosen = np.clip(starts[inside], 0.0, 1.0), chosen[inside]
+    changes = np.r_[True, chosen[1:] != chosen[:-1]]
+    starts, chosen = starts[changes], chosen[changes]
+    return pd.DataFrame({"budget_from": starts, "budget_to": np.r_[starts[1:], 1.0], "row": chosen})
+
+
+def selected_points(curves: pd.DataFrame, backbone_cost: float) -> pd.DataFrame:
+    """Every operating point validation selects, with its validation and test numbers: the summary budgets
+    (selection = at_25pct ...) and the steps of the validation-selected staircase (selection = staircase)."""
+    rows = []
+    for name, fraction in BUDGET_FRACTIONS.items():
+        chosen = select_at_budget(curves, fraction * backbone_cost)
+        rows.append({"selection": f"at_{name}", "budget_from": fraction, "budget_to": fraction, "row": chosen})
+    for step in selection_staircase(curves, backbone_cost).itertuples(index=False):
+        rows.append({"selection": "staircase", "budget_from": step.budget_from, "budget_to": step.budget_to,
+                     "row": step.row})
+    table = pd.DataFrame(rows)
+    found = table["row"].notna()
+    points = curves.iloc[table.loc[found, "row"].astype(int)][
+        ["policy", "point", "param", "val_accuracy", "val_flops", "test_accuracy", "test_flops"]]
+    return table.drop(columns="row").join(points.set_axis(table.index[found]))
+
+
+def selected_auc(selected: pd.DataFrame, split: str) -> float:
+    """Area under the validation-selected staircase with the chosen points' `split` accuracy (test: the primary
+    metric; val: the tuning metric). 0 where no point fits."""
+    steps = selected[selected["selection"] == "staircase"]
+    widths = steps["budget_to"] - steps["budget_from"]
+    return float((steps[f"{split}_accuracy"] * widths).sum())
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -265,13 +318,16 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
     val_logits, test_logits: (K, N, C), any float dtype. val_y, test_y: (N,) int labels.
     exit_costs: (K,) cumulative FLOPs of leaving at each exit. backbone_cost: FLOPs of the plain backbone (100 %).
 
-    exits:  one row per exit: exit, flops, flops_fraction, val_accuracy, test_accuracy, test_macro_f1.
-    curves: one row per (policy, point) for policies "exit" (each exit alone), "threshold" (global tau sweep)
-            and "budgeted" (MSDNet budgeted batch): param, val_accuracy, val_flops, test_accuracy, test_flops,
-            test_flops_fraction, on_front (on the test Pareto front over all points of all policies).
-    summary: final_accuracy and final_macro_f1 (last exit, test); accuracy_at_{25,50,75,100}pct (chosen on
-            validation, see accuracy_at_budget); auc_normalised (staircase_auc of the test curve over
-            [0, 1] x backbone FLOPs); best_accuracy (top of the test front); front_size (number of points on it).
+    exits:    one row per exit: exit, flops, flops_fraction, val_accuracy, test_accuracy, test_macro_f1.
+    curves:   one row per (policy, point) for policies "exit" (each exit alone), "threshold" (global tau sweep)
+              and "budgeted" (MSDNet budgeted batch), listed in POLICY_ORDER then point order: param,
+              val_accuracy, val_flops, test_accuracy, test_flops, test_flops_fraction.
+    selected: the operating points validation picks (`selected_points`).
+    summary:  final_accuracy and final_macro_f1 (last exit, test); accuracy_at_{25,50,75,100}pct (chosen on
+              validation); auc_normalised — the primary metric — area under the validation-selected staircase
+              with test accuracies; val_auc_normalised, the same area with validation accuracies (the tuning
+              metric: it reads no test data); oracle_auc_normalised, the area under the *test* Pareto staircase
+              (best test point at every budget: shows how much test selection would flatter; ranks nothing).
     """
     exit_costs = np.asarray(exit_costs, dtype=np.float64)
     backbone_cost = float(backbone_cost)
@@ -295,15 +351,16 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
     curves = pd.concat([anytime_points(val, test, exit_costs), threshold_sweep(val, test, exit_costs),
                         budgeted_batch(val, test, exit_costs)], ignore_index=True)
     curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
-    curves["on_front"] = pareto_mask(curves["test_flops"].to_numpy(), curves["test_accuracy"].to_numpy())
+    selected = selected_points(curves, backbone_cost)
 
     summary = {
         "final_accuracy": float(exits["test_accuracy"].iloc[-1]),
         "final_macro_f1": float(exits["test_macro_f1"].iloc[-1]),
         **{f"accuracy_at_{name}": accuracy_at_budget(curves, fraction * backbone_cost)
            for name, fraction in BUDGET_FRACTIONS.items()},
-        "auc_normalised": staircase_auc(curves["test_flops_fraction"].to_numpy(), curves["test_accuracy"].to_numpy()),
-        "best_accuracy": float(curves["test_accuracy"].max()),
-        "front_size": int(curves["on_front"].sum()),
+        "auc_normalised": selected_auc(selected, "test"),
+        "val_auc_normalised": selected_auc(selected, "val"),
+        "oracle_auc_normalised": staircase_auc(curves["test_flops_fraction"].to_numpy(),
+                                               curves["test_accuracy"].to_numpy()),
     }
-    return Evaluation(exits=exits, curves=curves, summary=summary)
+    return Evaluation(exits=exits, curves=curves, selected=selected, summary=summary)

@@ -21,40 +21,24 @@ optimizer steps twice per batch. Choices where the official code and REGIMES.md 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmark.budgeted import budget_shares, budgeted_exits
 from regimes.base import Objective
 from regimes.registry import register_objective
 
 CENTRINGS = ("col", "mat")
 
 
-def exit_shares(num_exits: int, q: float) -> list[float]:
-    """Budgeted-batch shares of the samples per exit: p_k ∝ q^k, k = 1..K (MSDNet/L2W `calc_target_probs`)."""
-    powers = [q ** k for k in range(1, num_exits + 1)]
-    return [p / sum(powers) for p in powers]
-
-
 def allocate_to_exits(confidences: Tensor, q: float) -> Tensor:
-    """The exit each sample leaves at under the budgeted-batch policy, from `confidences` (K, n).
-
-    Exit k < K takes the floor(n p_k) most confident samples (at exit k) among those no earlier exit took; the
-    last exit takes the rest. Python-int counts and `topk`, so no host sync.
-    """
-    num_exits, n = confidences.shape
-    exit_of = torch.full((n,), num_exits - 1, dtype=torch.long, device=confidences.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=confidences.device)
-    for k, share in enumerate(exit_shares(num_exits, q)[:-1]):
-        chosen = confidences[k].masked_fill(taken, -math.inf).topk(math.floor(n * share)).indices
-        exit_of.index_fill_(0, chosen, k)              # a scalar fill: `exit_of[chosen] = k` syncs on CUDA
-        taken.index_fill_(0, chosen, True)
-    return exit_of
+    """The exit each sample leaves at under the budgeted-batch policy with shares ∝ q^k, from `confidences` (K, n):
+    the allocation the evaluation fits its thresholds from (benchmark/budgeted.py), so g learns for the test-time
+    policy itself."""
+    return budgeted_exits(confidences, budget_shares(q, len(confidences)).tolist())
 
 
 def centre_weights(raw: Tensor, mode: str) -> Tensor:
@@ -195,12 +179,18 @@ class L2W(Objective):
                                                    weight_decay=self.hp["meta_weight_decay"])
         return self.weight_net
 
+    def step_kind(self, ctx):
+        """`meta` steps also pseudo-step and update g (every `meta_interval` steps); `plain` steps only update
+        the network (a quarter of a meta step's FLOPs on small_cnn), so the trainer counts one of each."""
+        return "meta" if ctx.step % self.hp["meta_interval"] == 0 else "plain"
+
     def step(self, model, x, y, optimizer, ctx):
         self.ensure_weight_net(ctx.num_exits, x.device)
         a, b = zip(x.chunk(2), y.chunk(2))
+        meta = self.step_kind(ctx) == "meta"
         real_losses, sample_losses = [], []
         for (x_train, y_train), (x_meta, y_meta) in ((a, b), (b, a)):
-            if ctx.step % self.hp["meta_interval"] == 0:
+            if meta:
                 self.meta_update(model, x_train, y_train, x_meta, y_meta, optimizer)
             loss, losses = self.real_update(model, x_train, y_train, optimizer)
             real_losses.append(loss)

@@ -3,17 +3,24 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.special import softmax
 from sklearn.metrics import f1_score
 
+from benchmark.data import load_dataset
 from benchmark.evaluate import (
     BUDGET_Q, ExitOutputs, accuracy_at_budget, budget_shares, evaluate, exit_decisions,
-    fit_budgeted_thresholds, macro_f1, max_softmax, operating_point, pareto_mask, staircase_auc,
+    fit_budgeted_thresholds, macro_f1, max_softmax, operating_point, pareto_mask, preference_order,
+    select_at_budget, selection_staircase, staircase_auc,
 )
+from benchmark.pipeline import execute_run, initial_model
+from benchmark.spec import RunSpec
+from benchmark.store import ResultsStore, read_torch
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -70,9 +77,43 @@ def loop_msdnet_thresholds(confidence, shares):
 def test_max_softmax_matches_scipy_and_argmax():
     logits, _, _ = random_run(0, n_exits=3)
     confidence, prediction = max_softmax(logits)
-    assert confidence.dtype == np.float32
-    np.testing.assert_allclose(confidence, softmax(logits.astype(np.float64), axis=-1).max(-1), rtol=1e-6)
+    assert confidence.dtype == np.float64
+    np.testing.assert_allclose(confidence, softmax(logits.astype(np.float64), axis=-1).max(-1), rtol=1e-13)
     np.testing.assert_array_equal(prediction, logits.argmax(-1))
+
+
+def test_confident_samples_keep_distinct_confidences():
+    """Top-2 gaps 20 and 25: 1 - confidence = e^-20 + e^-25 and e^-25 + e^-30. In float32 both round to exactly 1.0
+    (a tie no threshold can split); in float64 they stay apart and ordered."""
+    logits = np.array([[20.0, 0.0, -5.0], [25.0, 0.0, -5.0]], dtype=np.float32)
+    confidence, _ = max_softmax(logits)
+    np.testing.assert_allclose(1.0 - confidence, [np.exp(-20.0) + np.exp(-25.0), np.exp(-25.0) + np.exp(-30.0)],
+                               rtol=1e-4)
+    assert confidence[0] < confidence[1] < 1.0
+    in_float32 = np.float32(1.0) / np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
+    assert (in_float32 == 1.0).all()                  # what the float32 computation gave: a tie at 1.0
+
+
+def model_logits(model, x):
+    """The float32 forward, written out: eval mode, no autocast."""
+    model.eval()
+    with torch.no_grad():
+        return torch.stack(model(x)).numpy()
+
+
+def test_a_run_stores_float32_logits_of_a_float32_forward(tmp_path):
+    train = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+             "nesterov": True, "weight_decay": 5e-4, "eval_every": 1}
+    spec = RunSpec(dataset="digits", arch="small_cnn", regime="joint", seed=0, train=train,
+                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"})
+    store = ResultsStore(tmp_path)
+    execute_run(spec, store, data_root=Path("/nonexistent"), device=torch.device("cpu"), threads=1, keep_model=True)
+    stored = np.load(store.run_dir(spec.run_id) / "logits.npz")
+    assert stored["val"].dtype == stored["test"].dtype == np.float32
+    data = load_dataset("digits", "/nonexistent")
+    model = initial_model(spec, data, torch.device("cpu"))
+    model.load_state_dict(read_torch(store.run_dir(spec.run_id) / "model.pt"))
+    np.testing.assert_array_equal(stored["test"], model_logits(model, data.x_test))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -198,11 +239,59 @@ def test_macro_f1_matches_sklearn(seed):
 
 
 def test_accuracy_at_budget_selects_on_validation():
-    curves = pd.DataFrame({"val_accuracy": [0.9, 0.6, 0.99], "val_flops": [10.0, 10.0, 20.0],
-                           "test_accuracy": [0.5, 0.95, 0.99]})
+    curves = pd.DataFrame({"policy": "threshold", "point": [0, 1, 2], "val_accuracy": [0.9, 0.6, 0.99],
+                           "val_flops": [10.0, 10.0, 20.0], "test_accuracy": [0.5, 0.95, 0.99]})
     assert accuracy_at_budget(curves, 10.0) == 0.5  # val prefers point 0; test would prefer point 1
     assert accuracy_at_budget(curves, 25.0) == 0.99
     assert math.isnan(accuracy_at_budget(curves, 5.0))
+
+
+def test_validation_ties_are_broken_by_cost_then_listing_order_never_by_test():
+    # Four points tie on validation accuracy; the two cheapest also tie on cost. The rule picks the cheaper,
+    # then the policy listed first (exit < threshold < budgeted), then the lower point — whatever test says.
+    curves = pd.DataFrame({"policy": ["budgeted", "threshold", "threshold", "exit"], "point": [0, 7, 3, 1],
+                           "val_accuracy": [0.8, 0.8, 0.8, 0.8], "val_flops": [5.0, 5.0, 5.0, 9.0],
+                           "test_accuracy": [0.9, 0.7, 0.1, 1.0]})
+    assert list(preference_order(curves)) == [2, 1, 0, 3]
+    assert select_at_budget(curves, 100.0) == 2
+    assert accuracy_at_budget(curves, 100.0) == 0.1
+
+
+def brute_force_selected_area(curves, backbone_cost, resolution=20_000):
+    """The validation-selected staircase integrated on a fine grid of budgets, by select_at_budget alone."""
+    budgets = (np.arange(resolution) + 0.5) / resolution
+    heights = [accuracy_at_budget(curves, b * backbone_cost) for b in budgets]
+    return float(np.nansum(heights) / resolution)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_primary_area_is_the_validation_selected_staircase(seed):
+    val_logits, val_y, exit_costs = random_run(seed, n_exits=3, n_samples=60)
+    test_logits, test_y, _ = random_run(seed + 100, n_exits=3, n_samples=60)
+    backbone = float(exit_costs[-1]) * 0.9
+    result = evaluate(val_logits, val_y, test_logits, test_y, exit_costs, backbone)
+    assert result.summary["auc_normalised"] == pytest.approx(
+        brute_force_selected_area(result.curves, backbone), abs=2e-4)
+    steps = selection_staircase(result.curves, backbone)
+    assert (np.diff(steps["budget_from"]) > 0).all() and steps["budget_to"].iloc[-1] == 1.0
+    # the oracle picks the best test point at every budget, so it can only be higher
+    assert result.summary["oracle_auc_normalised"] >= result.summary["auc_normalised"] - 1e-12
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_permuting_test_labels_changes_no_selected_operating_point(seed):
+    """What validation selects (points, thresholds, budgets) cannot depend on the test labels."""
+    val_logits, val_y, exit_costs = random_run(seed, n_exits=4, n_samples=80)
+    test_logits, test_y, _ = random_run(seed + 7, n_exits=4, n_samples=80)
+    permuted = np.random.default_rng(seed).permutation(test_y)
+    original = evaluate(val_logits, val_y, test_logits, test_y, exit_costs, exit_costs[-1])
+    shuffled = evaluate(val_logits, val_y, test_logits, permuted, exit_costs, exit_costs[-1])
+
+    choice = ["selection", "budget_from", "budget_to", "policy", "point", "param", "val_accuracy", "val_flops",
+              "test_flops"]
+    pd.testing.assert_frame_equal(original.selected[choice], shuffled.selected[choice])
+    assert original.summary["val_auc_normalised"] == shuffled.summary["val_auc_normalised"]
+    assert not original.selected["test_accuracy"].equals(shuffled.selected["test_accuracy"])  # only these move
 
 
 def confident_logits(predicted_class, n_samples, n_classes=3):
@@ -220,8 +309,8 @@ def test_evaluate_reports_test_accuracy_of_the_point_validation_picks():
     result = evaluate(val_logits, labels, test_logits, labels, np.array([20.0, 100.0]), backbone_cost=100.0)
 
     assert result.summary["accuracy_at_100pct"] == 0.0  # validation's choice (exit 0), not test's best
-    assert result.summary["best_accuracy"] == 1.0
     assert result.summary["accuracy_at_25pct"] == 0.0
+    assert result.summary["auc_normalised"] == 0.0 and result.summary["val_auc_normalised"] == pytest.approx(0.8)
 
 
 def test_evaluate_nan_when_no_point_fits_the_budget():
@@ -243,7 +332,8 @@ def test_evaluate_tables_agree_with_building_blocks(seed):
 
     assert list(exits.columns) == ["exit", "flops", "flops_fraction", "val_accuracy", "test_accuracy", "test_macro_f1"]
     assert list(curves.columns) == ["policy", "point", "param", "val_accuracy", "val_flops", "test_accuracy",
-                                    "test_flops", "test_flops_fraction", "on_front"]
+                                    "test_flops", "test_flops_fraction"]
+    assert list(curves.policy.unique()) == ["exit", "threshold", "budgeted"]  # the listing order ties use
     assert curves.groupby("policy").size().to_dict() == {"exit": 4, "threshold": 100, "budgeted": 39}
     assert curves[["val_accuracy", "test_accuracy"]].stack().between(0, 1).all()
 
@@ -256,15 +346,14 @@ def test_evaluate_tables_agree_with_building_blocks(seed):
     _, loop_accuracy, loop_flops = loop_exit_policy(test_logits, test_y, exit_costs, [row.param] * 3)
     assert row.test_accuracy == pytest.approx(loop_accuracy) and row.test_flops == pytest.approx(loop_flops)
 
-    np.testing.assert_array_equal(curves["on_front"], pareto_mask_brute_force(
-        curves["test_flops"].to_numpy(), curves["test_accuracy"].to_numpy()))
-    assert summary["front_size"] == curves["on_front"].sum()
-    assert summary["best_accuracy"] == curves.loc[curves.on_front, "test_accuracy"].max()
+    front = pareto_mask_brute_force(curves["test_flops_fraction"].to_numpy(), curves["test_accuracy"].to_numpy())
+    assert summary["oracle_auc_normalised"] == pytest.approx(staircase_auc(
+        curves["test_flops_fraction"].to_numpy()[front], curves["test_accuracy"].to_numpy()[front]))
     assert summary["final_accuracy"] == exits["test_accuracy"].iloc[-1]
     assert 0.0 <= summary["auc_normalised"] <= 1.0
     assert set(summary) == {"final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
-                            "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "best_accuracy",
-                            "front_size"}
+                            "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "val_auc_normalised",
+                            "oracle_auc_normalised"}
     json.dumps(summary)
 
 

@@ -3,15 +3,18 @@ update, each checked against a known answer on real digits data and a real small
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark.budgeted import budget_shares
 from benchmark.data import load_dataset
+from benchmark.evaluate import BUDGET_Q, exit_decisions, fit_budgeted_thresholds
 from benchmark.models import build_model
 from benchmark.train import set_train_mode, set_trainable
 from regimes.base import StepContext
-from regimes.l2w import L2W, allocate_to_exits, centre_weights, exit_shares, sgd_lookahead
+from regimes.l2w import L2W, allocate_to_exits, centre_weights, sgd_lookahead
 
 SGD = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 
@@ -49,7 +52,7 @@ def changed(before, module):
 def official_allocation(confidences, q):
     """The official code's loop: exit k sorts by its confidence and takes the first floor(n p_k) not yet taken."""
     num_exits, n = confidences.shape
-    shares, taken, exit_of = exit_shares(num_exits, q), [], [None] * n
+    shares, taken, exit_of = budget_shares(q, num_exits), [], [None] * n
     for k in range(num_exits):
         free = [i for i in confidences[k].argsort(descending=True).tolist() if i not in taken]
         chosen = free[:math.floor(n * shares[k])] if k < num_exits - 1 else free
@@ -60,7 +63,7 @@ def official_allocation(confidences, q):
 
 
 def test_exit_shares_decay_geometrically_and_sum_to_one():
-    shares = exit_shares(4, 0.75)
+    shares = budget_shares(0.75, 4)
     assert sum(shares) == pytest.approx(1.0)
     assert all(b / a == pytest.approx(0.75) for a, b in zip(shares, shares[1:]))
 
@@ -74,12 +77,29 @@ def test_allocation_gives_each_sample_one_exit_with_the_budgeted_shares(layout):
         confidences = confidences[:1].expand(num_exits, n).clone()
     exit_of = allocate_to_exits(confidences, q)
     counts = torch.bincount(exit_of, minlength=num_exits).tolist()
-    expected = [math.floor(n * p) for p in exit_shares(num_exits, q)[:-1]]
+    expected = [math.floor(n * p) for p in budget_shares(q, num_exits)[:-1]]
     assert counts[:-1] == expected and counts[-1] == n - sum(expected)
     assert torch.equal(exit_of, official_allocation(confidences, q))
     if layout == "same_order_at_every_exit":         # then the exits take consecutive blocks of the ranking
         ranked = exit_of[confidences[0].argsort(descending=True)]
         assert torch.equal(ranked, ranked.sort().values)
+
+
+def test_meta_allocation_is_the_allocation_the_evaluation_fits_its_thresholds_to(digits, model):
+    """g is trained for the policy the run is evaluated with: on the same confidences (a real net's, on the
+    validation split), the thresholds evaluation fits send every sample to the exit l2w allocates it, at every q
+    of the budgeted-batch curve."""
+    with torch.no_grad():
+        logits = model.eval()(digits.x_val)
+    confidences = torch.stack([z.float().softmax(dim=1).amax(dim=1) for z in logits])   # as budgeted_exit_loss
+    assert all(len(c.unique()) == len(c) for c in confidences), "this test needs tie-free confidences"
+    as_numpy = confidences.numpy()
+    for q in BUDGET_Q:
+        thresholds = fit_budgeted_thresholds(as_numpy, budget_shares(q, model.num_exits))
+        l2w_exits = allocate_to_exits(confidences, q).numpy()
+        np.testing.assert_array_equal(exit_decisions(as_numpy, thresholds), l2w_exits, err_msg=f"q = {q}")
+        taken_by = [as_numpy[k, l2w_exits == k] for k in range(model.num_exits - 1)]
+        np.testing.assert_array_equal(thresholds, [t.min() if len(t) else np.inf for t in taken_by])
 
 
 def test_centring_zeroes_the_mean_per_sample_or_over_the_batch():
