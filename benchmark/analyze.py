@@ -9,8 +9,9 @@ Across runs (regenerated every time): Pareto fronts and hypervolumes, statistics
 interpolation per seed, and every figure. Information-plane snapshots are recorded *during training*
 (`snapshot_every` in the grid's [analyses]); analyze only gathers them.
 
-Every model analysis runs on the same fixed, non-augmented subset of the training split for every run (drawn
-with a fixed seed, never a run seed), with the model in eval mode, so numbers compare across regimes.
+Every model analysis runs on a fixed, class-stratified, non-augmented subset of the training split drawn by one
+rule (`analysis_subset`, fixed seed, never a run seed; `samples` for rank and information, `landscape_samples` for
+the landscape), the same for every run, with the model in eval mode, so numbers compare across regimes.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from benchmark.pipeline import initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_torch, write_csv
+from benchmark.store import ResultsStore, read_json, read_torch, write_csv
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
@@ -45,7 +46,10 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {
 }
 MODEL_ANALYSES = ("rank", "information", "landscape")
 SUMMARY_METRICS = ["final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
-                   "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "train_wall_seconds"]
+                   "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "train_wall_seconds", "train_flops",
+                   "train_optimizer_steps", "train_examples_seen"]
+COST_METRICS = ["train_flops", "train_optimizer_steps", "train_wall_seconds"]
+"""Charged beside accuracy on the leaderboard, as ratios to joint's in the same cell."""
 DIRECTION_SEED = 12345             # the same random directions for every run of an architecture
 
 
@@ -57,7 +61,8 @@ def load_trained(spec: RunSpec, store: ResultsStore, data, device: torch.device)
 
 def p1_state(spec: RunSpec, store: ResultsStore) -> dict | None:
     epochs = p1_epochs(spec)
-    path = store.backbone_dir(spec.p1_id(epochs)) / "model.pt" if epochs else None
+    trained_on = torch.device(read_json(store.run_dir(spec.run_id) / "metrics.json")["environment"]["device"]).type
+    path = store.backbone_dir(spec.p1_id(epochs, trained_on)) / "model.pt" if epochs else None
     return read_torch(path) if path is not None and path.is_file() else None
 
 
@@ -92,7 +97,7 @@ def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: P
 
 
 def run_landscape(spec: RunSpec, store: ResultsStore, model, data, settings: dict) -> pd.DataFrame:
-    x, y = landscape.landscape_subset(data.x_train, data.y_train, settings["landscape_samples"])
+    x, y = analysis_subset(data, settings["landscape_samples"])
     generator = torch.Generator().manual_seed(DIRECTION_SEED)
     d1, d2 = landscape.random_direction(model, generator), landscape.random_direction(model, generator)
     near = landscape.DEFAULT_RADIUS * np.array([-1.0, -0.5, 0.5, 1.0])   # the sharpness box needs close points
@@ -124,7 +129,7 @@ def joint_to_mixed(specs: list[RunSpec], store: ResultsStore, settings: dict, da
             continue
         data = load_dataset(dataset, data_root).to(device)
         model = initial_model(joint, data, device).eval()
-        x, y = landscape.landscape_subset(data.x_train, data.y_train, settings["landscape_samples"])
+        x, y = analysis_subset(data, settings["landscape_samples"])
         ts = np.linspace(-0.25, 1.25, settings["interpolation_points"])
         table = landscape.interpolate(model, read_torch(paths[0]), read_torch(paths[1]), x, y, ts)
         frames.append(table.assign(dataset=dataset, arch=arch, seed=seed, regime="mixed", pair="joint → mixed",
@@ -194,10 +199,22 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
             summary = statistics.summary_table(runs, [m for m in SUMMARY_METRICS if m in runs.columns])
             emit("summary", summary)
             statistics.plot_confidence_intervals(summary, "final_accuracy", figures / "final_accuracy_ci.png")
-        emit("leaderboard", statistics.average_ranks(runs, "auc_normalised"))
+        emit("leaderboard", leaderboard(runs))
     written["per_run_seconds"] = round(per_run_seconds, 1)
     written["missing_models"] = len(failures)
     return written
+
+
+def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+    """Average rank by the primary metric (validation-selected area) across cells, with each regime's cost
+    beside it: the mean over cells of its seed-mean training FLOPs, steps and wall time relative to joint's."""
+    board = statistics.average_ranks(runs, "auc_normalised")
+    if "joint" not in set(runs.regime):
+        return board
+    means = runs.groupby(["dataset", "arch", "regime"])[COST_METRICS].mean()
+    joint = means.xs("joint", level="regime").reindex(means.index.droplevel("regime"))
+    relative = means / joint.to_numpy()
+    return board.join(relative.groupby("regime").mean().add_suffix("_vs_joint"), on="regime")
 
 
 CORE_REGIMES = ("joint", "disjoint", "mixed")

@@ -58,37 +58,64 @@ def main() -> None:
 def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed,
         save_models):
     """Train and evaluate every run of a grid that is not done yet, then regenerate the tables."""
+    from benchmark.checks import cell_warnings
+    from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid, parse_filters, select
     from benchmark.runner import run_grid
     from benchmark.store import ResultsStore
+    from benchmark.tables import write_tables
+    from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
     specs = select(grid.specs, parse_filters(only))
     if not specs:
         raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
     store = ResultsStore(results or Path("results") / grid.name)
+    for warning in cell_warnings(specs, data_root):
+        click.echo(f"warning: {warning}", err=True)
+    plan = make_plan(specs, grid.tuning, store)
     if dry_run:
-        _print_plan(specs, store)
+        _print_plan(plan, store, resolve_device(device).type)
         return
+
+    def grid_tables() -> None:          # the whole grid's tables, so that an --only subset does not shrink them
+        whole = make_plan(grid.specs, grid.tuning, store)
+        write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
+
     settings = grid.analyses
-    outcome = run_grid(specs, store, grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root,
-                       device=device, retry_failed=retry_failed, download=download, threads=threads,
-                       save_models=save_models or bool(settings["model"] and settings["run_after"]),
-                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
-                       table_run_ids={s.run_id for s in grid.specs})
-    click.echo(f"grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
+    common = dict(grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root, device=device,
+                  retry_failed=retry_failed, download=download, threads=threads, write_tables=grid_tables)
+    if plan.tuning:
+        tuning = run_grid(plan.tuning, store, desc=f"tuning {grid.name}", **common)
+        _report(f"tuning runs of grid {grid.name}", tuning, store)
+        if tuning.interrupted:
+            _interrupted()
+        plan = make_plan(specs, grid.tuning, store)
+    outcome = run_grid(plan.reported, store, save_models=save_models or bool(settings["model"] and settings["run_after"]),
+                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"], **common)
+    _report(f"grid {grid.name}", outcome, store)
+    for reason in plan.untunable.values():
+        click.echo(f"  not run: {reason}", err=True)
+    if outcome.interrupted:
+        _interrupted()
+    if settings["run_after"]:
+        with store.lock():
+            _analyze(grid, plan.reported, store, data_root, device, threads)
+    if outcome.failed or plan.untunable:
+        sys.exit(1)
+
+
+def _report(what: str, outcome, store) -> None:
+    click.echo(f"{what}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
                f"{len(outcome.failed)} failed, {len(outcome.skipped_failed)} failed earlier (use --retry-failed)"
                f"; tables in {store.tables_dir}")
     for run_id, message in outcome.failed.items():
         click.echo(f"  failed {run_id}: {message}", err=True)
-    if outcome.interrupted:
-        click.echo("interrupted: rerun the same command to finish the remaining runs", err=True)
-        sys.exit(130)
-    if settings["run_after"]:
-        with store.lock():
-            _analyze(grid, specs, store, data_root, device, threads)
-    if outcome.failed:
-        sys.exit(1)
+
+
+def _interrupted() -> None:
+    click.echo("interrupted: rerun the same command to finish the remaining runs", err=True)
+    sys.exit(130)
 
 
 def _analyze(grid, specs, store, data_root, device, threads) -> None:
@@ -101,8 +128,10 @@ def _analyze(grid, specs, store, data_root, device, threads) -> None:
     click.echo(f"analyses of grid {grid.name}: {tables}; per-run analyses took {written['per_run_seconds']} s; "
                f"figures in {store.root / 'figures'}")
     if written["missing_models"]:
-        click.echo(f"  {written['missing_models']} runs have no model.pt (trained without --save-models) and were "
-                   f"skipped by the model analyses", err=True)
+        click.echo(f"  {written['missing_models']} runs have no model.pt, so rank, information and landscape skipped "
+                   f"them: models are kept only by `bench run --grid {grid.name} --save-models` (or `run_after = true` "
+                   f"in the grid's [analyses]); delete those runs' folders under {store.root / 'runs'} and rerun with "
+                   f"the flag to get them", err=True)
 
 
 @main.command()
@@ -120,10 +149,11 @@ def analyze(grid_name, only, results, data_root, device, threads):
     done runs of a grid, as tables in results/<grid>/tables and figures in results/<grid>/figures."""
     from benchmark.grid import load_grid, parse_filters, select
     from benchmark.store import ResultsStore
+    from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
-    specs = select(grid.specs, parse_filters(only))
     store = ResultsStore(results or Path("results") / grid.name)
+    specs = make_plan(select(grid.specs, parse_filters(only)), grid.tuning, store).reported
     done = [s for s in specs if store.state(s.run_id) == "done"]
     if not done:
         raise UserError(f"no done runs of grid '{grid.name}' in {store.root}; run `bench run --grid {grid_name}` first")
@@ -131,20 +161,30 @@ def analyze(grid_name, only, results, data_root, device, threads):
         _analyze(grid, specs, store, data_root, device, threads)
 
 
-def _print_plan(specs, store) -> None:
-    from benchmark.runner import p1_epochs
+def _print_plan(plan, store, device_type: str) -> None:
+    """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1."""
+    from benchmark.runner import p1_stored
     from benchmark.store import FAILED
-    click.echo(f"{'run_id':12}  {'state':8} {'dataset':12} {'arch':16} {'regime':18} seed  p1")
-    for spec in specs:
+    click.echo(f"{'run_id':12}  {'state':8} {'role':7} {'dataset':12} {'arch':16} {'regime':18} {'seed':>4}  "
+               f"{'lr':>8}  p1")
+    rows = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported]
+    for role, spec in rows:
         state = store.state(spec.run_id)
-        epochs = p1_epochs(spec)
-        p1 = "-" if epochs is None else ("stored" if (store.backbone_dir(spec.p1_id(epochs)) / "cost.json").is_file()
-                                         else "to train")
-        click.echo(f"{spec.run_id:12}  {state:8} {spec.dataset:12} {spec.arch:16} {spec.regime:18} {spec.seed:4}  {p1}")
+        stored = p1_stored(spec, store, device_type)
+        p1 = "-" if stored is None else ("stored" if stored else "to train")
+        click.echo(f"{spec.run_id:12}  {state:8} {role:7} {spec.dataset:12} {spec.arch:16} {spec.regime:18} "
+                   f"{spec.seed:4}  {spec.own_phase_train['lr']:8.4g}  {p1}")
         if state == FAILED:
             click.echo(f"{'':14}error: {store.error(spec.run_id)}")
+    for spec in plan.awaiting:
+        click.echo(f"{'(tuning)':12}  {'awaiting':8} {'report':7} {spec.dataset:12} {spec.arch:16} "
+                   f"{spec.regime:18} {spec.seed:4}  {'?':>8}  lr chosen once the cell's tuning runs are done")
+    for reason in plan.untunable.values():
+        click.echo(f"not runnable: {reason}")
+    specs = [s for _, s in rows]
     counts = {s: sum(store.state(x.run_id) == s for x in specs) for s in ("done", "failed", "pending")}
-    click.echo(f"{len(specs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    click.echo(f"{len(specs)} runs ({len(plan.tuning)} tuning): " + ", ".join(f"{n} {s}" for s, n in counts.items())
+               + (f"; {len(plan.awaiting)} reported runs await their cell's tuning" if plan.awaiting else ""))
 
 
 @main.command(name="list")

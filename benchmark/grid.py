@@ -10,8 +10,13 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
     [model]   head, exits
     [hparams.<objective>]        objective hyperparameters, e.g. [hparams.sdn]
     [arch_overrides.<arch>]      train/model keys that differ for one arch (e.g. AdamW for ViTs)
-    [regime_overrides."<glob>"]  optimizer keys that differ in the own phases (P2, P3) of the regimes matching a
-                                 glob (e.g. "*+l2w"); never in the shared P1, never the epoch budget
+    [cell_overrides."<glob>"]    train/model keys for the (dataset, arch) cells whose "dataset/arch" matches the
+                                 glob (e.g. "mnist5k/*": a per-dataset batch size or epoch budget); after arch_overrides
+    [regime_overrides."<glob>"]  optimizer keys (OPTIMIZER_KEYS) that differ in the own phases (P2, P3) of the
+                                 regimes matching a glob (e.g. "*+l2w"); never in the shared P1, never anything
+                                 that would break pairing (batch size, budget)
+    [tuning]                     the declared tuning protocol (benchmark/tuning.py): seeds, lr = [...], and at
+                                 most one knob per objective in [tuning.hparams.<objective>]
 
 Runs pair every dataset with every arch of the same input kind (images with image nets, sensor series with
 1-D nets). Every mistake is reported with the file and the offending key.
@@ -42,9 +47,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_every": 1,           # validation accuracy per exit every k epochs (history.csv)
 }
 MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
+OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
+"""What [regime_overrides] may change: settings of a regime's own optimizer, never batches or budgets (pairing)."""
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
 TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "exclude", "train", "model", "hparams",
-            "arch_overrides", "regime_overrides", "analyses"}
+            "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "analyses"}
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -56,6 +63,7 @@ class Grid:
     specs: list[RunSpec]
     raw: dict[str, Any]
     analyses: dict[str, Any]       # the [analyses] table merged over benchmark.analyze.ANALYSIS_DEFAULTS
+    tuning: dict[str, Any] | None  # the validated [tuning] table, or None: every value fixed by hand
 
 
 def grid_names() -> list[str]:
@@ -65,7 +73,7 @@ def grid_names() -> list[str]:
 def resolve_grid_path(name_or_path: str) -> Path:
     """A registered grid name (`quick`) or a path to the user's own TOML file."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.exists():
+    if candidate.suffix == ".toml" or candidate.is_file():   # a folder named like a grid is not a grid file
         if not candidate.is_file():
             raise UserError(f"grid file '{candidate}' does not exist")
         return candidate
@@ -181,15 +189,23 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
             raise _bad(path, f"arch_overrides.{arch}", f"arch '{arch}' is not in this grid's archs {archs}")
         _check_table(path, f"arch_overrides.{arch}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
 
+    cell_overrides = raw.get("cell_overrides", {})
+    for pattern, table in cell_overrides.items():
+        if not any(fnmatchcase(f"{d}/{a}", pattern) for d in datasets + optional for a in archs):
+            raise _bad(path, f"cell_overrides.{pattern}", "matches no 'dataset/arch' cell of this grid")
+        _check_table(path, f"cell_overrides.{pattern}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
+
     regime_overrides = raw.get("regime_overrides", {})
     for pattern, table in regime_overrides.items():
         if not any(fnmatchcase(r, pattern) for r in regimes):
             raise _bad(path, f"regime_overrides.{pattern}", f"matches none of the grid's regimes {regimes}")
         _check_table(path, f"regime_overrides.{pattern}", table, TRAIN_DEFAULTS)
-        for key in ("epochs", "p1_epochs"):
-            if key in table:
+        for key in table:
+            if key not in OPTIMIZER_KEYS:
                 raise _bad(path, f"regime_overrides.{pattern}.{key}",
-                           "every regime gets the same epoch budget; set it in [train]")
+                           f"only the regime's own optimizer settings ({', '.join(OPTIMIZER_KEYS)}) may differ "
+                           f"between regimes; '{key}' would break pairing — set it in [train] or [cell_overrides]")
+    tuning = _tuning(path, raw.get("tuning"), seeds, regime_overrides, objective_names())
 
     excluded = set()
     for entry in raw.get("exclude", []):
@@ -202,10 +218,13 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
         for arch in archs:
             if arch_input_kind(arch) != kind[dataset] or (dataset, arch) in excluded:
                 continue
-            override = overrides.get(arch, {})
+            override = dict(overrides.get(arch, {}))
+            for pattern, table in cell_overrides.items():
+                if fnmatchcase(f"{dataset}/{arch}", pattern):
+                    override.update(table)
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
             model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}
-            _validate_train(path, f"arch_overrides.{arch}", train)
+            _validate_train(path, f"overrides of {dataset}/{arch}", train)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)
                 own_phases = {}
@@ -222,7 +241,49 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
                                          train=dict(train), model=dict(model), hparams=resolved,
                                          own_phases=dict(own_phases)))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
-                analyses=_analyses(path, raw.get("analyses", {})))
+                analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning)
+
+
+def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, objectives: list[str]) -> dict | None:
+    """Validate [tuning]: seeds (not reported ones), lr candidates, at most one knob per objective."""
+    if table is None:
+        return None
+    allowed = {"seeds", "lr", "hparams"}
+    if not isinstance(table, dict):
+        raise _bad(path, "tuning", "must be a table: [tuning] seeds = [...] lr = [...]")
+    for key in table:
+        if key not in allowed:
+            raise _bad(path, f"tuning.{key}", "unknown key" + _suggest(key, allowed))
+    tuning_seeds = _names(path, table, "seeds", [])
+    shared = sorted(set(tuning_seeds) & set(seeds))
+    if shared:
+        raise _bad(path, "tuning.seeds", f"seeds {shared} are also reported seeds; tuning must use other seeds")
+    lrs = table.get("lr")
+    if not isinstance(lrs, list) or not lrs or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lrs):
+        raise _bad(path, "tuning.lr", f"must be a non-empty list of learning rates > 0, got {lrs!r}")
+    if len(set(lrs)) != len(lrs):
+        raise _bad(path, "tuning.lr", "lists a value twice")
+    for pattern, override in regime_overrides.items():
+        if "lr" in override:
+            raise _bad(path, f"regime_overrides.{pattern}.lr", "the lr is tuned ([tuning] lr); do not also fix it")
+    knobs = table.get("hparams", {})
+    if not isinstance(knobs, dict):
+        raise _bad(path, "tuning.hparams", "must be a table of [tuning.hparams.<objective>] tables")
+    from regimes.registry import OBJECTIVES
+    for objective, values in knobs.items():
+        if objective not in objectives:
+            raise _bad(path, f"tuning.hparams.{objective}", "unknown objective" + _suggest(objective, objectives))
+        if not isinstance(values, dict) or len(values) != 1:
+            raise _bad(path, f"tuning.hparams.{objective}", "tune at most one knob per objective, as "
+                       "`knob = [v1, v2]`")
+        (knob, candidates), = values.items()
+        if knob not in OBJECTIVES[objective].hparams:
+            raise _bad(path, f"tuning.hparams.{objective}.{knob}",
+                       "unknown hyperparameter" + _suggest(knob, OBJECTIVES[objective].hparams))
+        if not isinstance(candidates, list) or not candidates or len(set(map(repr, candidates))) != len(candidates):
+            raise _bad(path, f"tuning.hparams.{objective}.{knob}", "must be a non-empty list of distinct values")
+    return {"seeds": tuning_seeds, "lr": [float(v) for v in lrs], "hparams": knobs}
 
 
 def _analyses(path: Path, table: Any) -> dict[str, Any]:

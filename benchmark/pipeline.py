@@ -21,7 +21,8 @@ from benchmark import flops as flop_count
 from benchmark.data import load_dataset
 from benchmark.determinism import configure, derive_seed, seed_everything
 from benchmark.evaluate import evaluate
-from benchmark.models import build_model
+from benchmark.models import build_model, exit_placement
+from benchmark.models.eval_mode import evaluating
 from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, read_json, read_torch, write_csv, write_json, write_npz, write_torch
@@ -43,25 +44,30 @@ def initial_model(spec: RunSpec, data, device: torch.device):
     return model
 
 
-@torch.no_grad()
-def collect_logits(model, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    """Per-exit logits (K, N, C) in float16 — what logits.npz stores and every metric is computed from."""
-    model.eval()
+def collect_logits(model, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Per-exit logits (K, N, C) in float32 — what logits.npz stores and every metric is computed from.
+
+    Full float32 even on a GPU: no bf16 autocast and no TF32 (training enables both), because every exit decision
+    compares confidences and a rounded logit can flip one (bf16 keeps 8 significant bits, TF32 11).
+    """
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     chunks = []
-    for start in range(0, len(x), batch_size):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x[start:start + batch_size])
-        chunks.append(torch.stack([z.float() for z in logits]).cpu())
-    return torch.cat(chunks, dim=1).numpy().astype(np.float16)
+    try:
+        with evaluating(model):
+            for start in range(0, len(x), batch_size):
+                chunks.append(torch.stack(model(x[start:start + batch_size])).float().cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return torch.cat(chunks, dim=1).numpy()
 
 
-def train_flops_estimate(phase: Phase, examples: int, costs: dict) -> float:
-    """Forward FLOPs of what runs + 2x forward for the backward of what trains (the usual 1:2 rule)."""
-    if phase.trains == "backbone":
-        return 3.0 * examples * costs["backbone"]
-    if phase.trains == "all":
-        return 3.0 * examples * costs["all_exits"]
-    return examples * (costs["all_exits"] + 2.0 * costs["heads"])
+def placement_columns(spec: RunSpec, data) -> dict[str, list]:
+    """Per exit: the block it follows, the FLOPs fraction the grid asked for and the backbone fraction it got
+    (the final exit: the whole backbone)."""
+    placements = exit_placement(spec.arch, data.num_classes, data.input_shape, spec.model["exits"])
+    return {"target_fraction": [p.target for p in placements] + [1.0],
+            "backbone_fraction": [p.achieved for p in placements] + [1.0]}
 
 
 def _history_frame(rows: list[dict], spec: RunSpec) -> pd.DataFrame:
@@ -73,7 +79,7 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
               snapshots: InformationSnapshots | None) -> tuple[list[dict], PhaseCost, bool, pd.DataFrame]:
     """Load the shared P1 backbone into `model`, training and storing it first if nobody has. Also returns
     the information snapshots taken during P1 (empty if none were asked for when it was trained)."""
-    p1_id = spec.p1_id(phase.epochs)
+    p1_id = spec.p1_id(phase.epochs, device.type)
     folder = store.backbone_dir(p1_id)
     with store.backbone_lock(p1_id):
         if (folder / "cost.json").is_file():
@@ -115,8 +121,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     model = initial_model(spec, data, device)
     profile = flop_count.profile_flops(model, data.input_shape)          # one counting pass for every number
     costs = {"backbone": sum(profile.blocks) + profile.classifier,
-             "exits": flop_count.exit_costs_of(profile, model.exit_blocks), "heads": float(sum(profile.heads))}
-    costs["all_exits"] = costs["exits"][-1]
+             "exits": flop_count.exit_costs_of(profile, model.exit_blocks)}
 
     budget = Budget(spec.train["epochs"], spec.train["p1_epochs"])
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
@@ -138,7 +143,6 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
             rows, cost = result.history, result.cost
         history += rows
         phase_costs.append({"phase": phase.name, "trains": phase.trains, "epochs": phase.epochs, **asdict(cost),
-                            "train_flops_estimate": train_flops_estimate(phase, cost.examples_seen, costs),
                             "shared_p1_reused": phase.name == "P1" and p1_reused})
         epoch_offset += phase.epochs
     write_csv(folder / "history.csv", _history_frame(history, spec))
@@ -148,21 +152,22 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                   "seed": spec.seed}
         write_csv(folder / "information_snapshots.csv", taken.assign(**labels)[[*labels, *taken.columns]])
 
-    val_logits = collect_logits(model, data.x_val, device)
-    test_logits = collect_logits(model, data.x_test, device)
+    val_logits = collect_logits(model, data.x_val)
+    test_logits = collect_logits(model, data.x_test)
     val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
     write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
               exit_flops=np.asarray(costs["exits"]))
     stored = np.load(folder / "logits.npz")        # metrics come from what is on disk, nothing else
     evaluation = evaluate(stored["val"], stored["val_y"], stored["test"], stored["test_y"],
                           stored["exit_flops"], costs["backbone"])
-    write_csv(folder / "exits.csv", evaluation.exits.assign(run_id=spec.run_id))
+    write_csv(folder / "exits.csv", evaluation.exits.assign(**placement_columns(spec, data), run_id=spec.run_id))
     write_csv(folder / "curves.csv", evaluation.curves.assign(run_id=spec.run_id))
+    write_csv(folder / "selected.csv", evaluation.selected.assign(run_id=spec.run_id))
     if keep_model:
         write_torch(folder / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
     total = {key: sum(c[key] for c in phase_costs) for key in
-             ("wall_seconds", "optimizer_steps", "examples_seen", "train_flops_estimate")}
+             ("wall_seconds", "optimizer_steps", "examples_seen", "train_flops")}
     metrics = {
         "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
         "summary": evaluation.summary,

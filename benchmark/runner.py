@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -20,7 +21,7 @@ from benchmark.determinism import resolve_device
 from benchmark.pipeline import safe_execute
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, ResultsStore
-from benchmark.tables import write_tables
+from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
 
@@ -43,12 +44,12 @@ def p1_epochs(spec: RunSpec) -> int | None:
     return phases[0].epochs if phases[0].trains == "backbone" else None
 
 
-def stages(pending: list[RunSpec], store: ResultsStore) -> list[list[RunSpec]]:
+def stages(pending: list[RunSpec], store: ResultsStore, device_type: str) -> list[list[RunSpec]]:
     """Stage 1: one run per P1 backbone not yet stored (they train it); stage 2: everything else."""
     first, rest, claimed = [], [], set()
     for spec in pending:
         epochs = p1_epochs(spec)
-        p1 = spec.p1_id(epochs) if epochs else None
+        p1 = spec.p1_id(epochs, device_type) if epochs else None
         if p1 and p1 not in claimed and not (store.backbone_dir(p1) / "cost.json").is_file():
             claimed.add(p1)
             first.append(spec)
@@ -57,9 +58,15 @@ def stages(pending: list[RunSpec], store: ResultsStore) -> list[list[RunSpec]]:
     return [s for s in (first, rest) if s]
 
 
-def planned_epochs(spec: RunSpec, store: ResultsStore) -> int:
+def p1_stored(spec: RunSpec, store: ResultsStore, device_type: str) -> bool | None:
+    """Whether the shared P1 backbone this run needs is stored; None if its schedule has no P1."""
     epochs = p1_epochs(spec)
-    if epochs and (store.backbone_dir(spec.p1_id(epochs)) / "cost.json").is_file():
+    return None if epochs is None else (store.backbone_dir(spec.p1_id(epochs, device_type)) / "cost.json").is_file()
+
+
+def planned_epochs(spec: RunSpec, store: ResultsStore, device_type: str) -> int:
+    epochs = p1_epochs(spec)
+    if p1_stored(spec, store, device_type):
         return spec.train["epochs"] - epochs
     return spec.train["epochs"]
 
@@ -81,9 +88,10 @@ def _worker(spec_json: dict, root: str, data_root: str, device: str, threads: in
 def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, executor: str = "local", jobs: int = 1,
              data_root: Path, device: str = "auto", retry_failed: bool = False, download: bool = False,
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
-             snapshot_samples: int = 250, table_run_ids: set[str] | None = None) -> GridOutcome:
-    """Train the pending runs of `specs`; the tables then cover `table_run_ids` (the whole grid, so that an
-    `--only` subset does not shrink them; default: every done run in the folder)."""
+             snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
+             desc: str | None = None) -> GridOutcome:
+    """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
+    every done run in the folder)."""
     outcome = GridOutcome()
     torch_device = resolve_device(device)
     with store.lock():
@@ -104,10 +112,10 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
         else:
             per_run_threads = threads or cores
         extras = {"keep_model": save_models, "snapshot_every": snapshot_every, "snapshot_samples": snapshot_samples}
-        bar = tqdm(total=len(pending), desc=f"grid {grid_name}", unit="run", dynamic_ncols=True,
+        bar = tqdm(total=len(pending), desc=desc or f"grid {grid_name}", unit="run", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 5.0)
         try:
-            for stage in stages(pending, store):
+            for stage in stages(pending, store, torch_device.type):
                 if executor == "process" and jobs > 1:
                     _run_pool(stage, store, outcome, bar, jobs, data_root, torch_device, per_run_threads, extras)
                 else:
@@ -116,7 +124,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
             outcome.interrupted = True
         finally:
             bar.close()
-            write_tables(store, table_run_ids)
+            (write_tables or (lambda: tables.write_tables(store)))()
     return outcome
 
 
@@ -132,7 +140,7 @@ def _record(outcome: GridOutcome, bar, run_id: str, status: str, message: str | 
 
 def _run_local(stage, store, outcome, bar, data_root, device, threads, extras) -> None:
     for spec in stage:
-        run_bar = tqdm(total=planned_epochs(spec, store), desc=f"{spec.regime} {spec.dataset}/{spec.arch} s{spec.seed}",
+        run_bar = tqdm(total=planned_epochs(spec, store, device.type), desc=f"{spec.regime} {spec.dataset}/{spec.arch} s{spec.seed}",
                        unit="epoch", leave=False, position=1, dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 5.0)
 

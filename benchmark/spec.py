@@ -45,11 +45,13 @@ class RunSpec:
         """Training settings of the regime's own phases (P2, P3): the grid's, with its regime overrides."""
         return {**self.train, **self.own_phases}
 
-    def p1_id(self, p1_epochs: int) -> str:
-        """Key of the shared P1 backbone: everything P1 depends on, nothing that only later phases use."""
+    def p1_id(self, p1_epochs: int, device_type: str) -> str:
+        """Key of the shared P1 backbone: everything P1 depends on, nothing that only later phases use — including
+        the device type, which sets the precision (bf16 autocast on cuda, float32 on cpu): a GPU backbone is never
+        reused by a CPU run, nor the reverse."""
         train = {k: v for k, v in self.train.items() if k not in ("epochs", "p1_epochs")}
         return _digest({"dataset": self.dataset, "arch": self.arch, "seed": self.seed, "p1_epochs": p1_epochs,
-                        "train": train, "model": self.model, "protocol": self.protocol})
+                        "train": train, "model": self.model, "protocol": self.protocol, "device": device_type})
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, **asdict(self)}

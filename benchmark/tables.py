@@ -1,8 +1,10 @@
 """Tidy result tables regenerated from the run folders (never appended to, so never duplicated).
 
-runs.csv    one row per done run: spec columns, summary metrics, training cost
-exits.csv   one row per run x exit
-curves.csv  one row per run x policy x operating point
+runs.csv      one row per done run: spec columns, summary metrics, training cost (`train_flops` measured: train.py)
+exits.csv     one row per run x exit
+curves.csv    one row per run x policy x operating point, listed in the order validation ties are broken by
+selected.csv  one row per run x operating point validation selects (the budgets and the staircase's steps)
+tuning.csv    one row per tuning run: candidate values, validation metric, which candidate was chosen
 Raw numbers only: accuracies are fractions in [0, 1]; FLOPs count 1 multiply-add as 2 FLOPs.
 """
 from __future__ import annotations
@@ -14,17 +16,21 @@ from benchmark.store import ResultsStore, read_json, write_csv
 SPEC_COLUMNS = ["run_id", "dataset", "arch", "regime", "seed"]
 
 
-def run_row(metrics: dict) -> dict:
+def run_row(metrics: dict, spec: dict) -> dict:
+    """One runs.csv row: identity, the training settings that matter to a reader, summary numbers, cost."""
     cost = metrics["cost"]
+    own = {**spec["train"], **spec["own_phases"]}
     return {
         **{key: metrics[key] for key in SPEC_COLUMNS},
+        "epochs": spec["train"]["epochs"], "batch_size": spec["train"]["batch_size"], "lr": own["lr"],
+        "p1_lr": spec["train"]["lr"],
         "num_exits": metrics["num_exits"],
         **metrics["summary"],
         "backbone_flops": metrics["flops"]["backbone"],
         "train_wall_seconds": cost["wall_seconds"],
         "train_optimizer_steps": cost["optimizer_steps"],
         "train_examples_seen": cost["examples_seen"],
-        "train_flops_estimate": cost["train_flops_estimate"],
+        "train_flops": cost["train_flops"],
         "p1_reused": cost["p1_reused"],
         "threads": metrics["environment"]["threads"],
         "device": metrics["environment"]["device"],
@@ -37,33 +43,45 @@ def _ordered(frame: pd.DataFrame, first: list[str]) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
-def build_tables(store: ResultsStore, run_ids: set[str] | None = None) -> dict[str, pd.DataFrame]:
+def build_tables(store: ResultsStore, run_ids: set[str] | None = None,
+                 provenance: dict[str, dict] | None = None) -> dict[str, pd.DataFrame]:
     """Tables of the done runs in `run_ids` (default: every done run in the folder). Runs of an older version
-    of the grid file (other ids) stay on disk but out of the tables."""
-    rows, exits, curves = [], [], []
+    of the grid file (other ids) stay on disk but out of the tables. `provenance` (run id -> columns) says
+    which values were tuned (benchmark/tuning.py)."""
+    from benchmark.evaluate import POLICY_ORDER
+    rows, exits, curves, selected = [], [], [], []
     for run_id in store.done_run_ids():
         if run_ids is not None and run_id not in run_ids:
             continue
         folder = store.run_dir(run_id)
         metrics = read_json(folder / "metrics.json")
-        rows.append(run_row(metrics))
+        row = run_row(metrics, read_json(folder / "spec.json"))
+        rows.append({**row, **(provenance or {}).get(run_id, {})})
         spec = {key: metrics[key] for key in SPEC_COLUMNS}
         exits.append(pd.read_csv(folder / "exits.csv").assign(**spec))
         curves.append(pd.read_csv(folder / "curves.csv").assign(**spec))
+        selected.append(pd.read_csv(folder / "selected.csv").assign(**spec))
     sort = ["dataset", "arch", "regime", "seed"]
     runs = pd.DataFrame(rows)
     runs = runs.sort_values(sort, kind="stable") if not runs.empty else runs
-    exits_frame = pd.concat(exits, ignore_index=True) if exits else pd.DataFrame()
-    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    if not exits_frame.empty:
-        exits_frame = exits_frame.sort_values(sort + ["exit"], kind="stable")
-        curves_frame = curves_frame.sort_values(sort + ["policy", "point"], kind="stable")
-    return {"runs": _ordered(runs, SPEC_COLUMNS), "exits": _ordered(exits_frame, SPEC_COLUMNS),
-            "curves": _ordered(curves_frame, SPEC_COLUMNS)}
+    frames = {name: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+              for name, parts in (("exits", exits), ("curves", curves), ("selected", selected))}
+    if rows:
+        frames["exits"] = frames["exits"].sort_values(sort + ["exit"], kind="stable")
+        policy_rank = frames["curves"]["policy"].map({p: i for i, p in enumerate(POLICY_ORDER)})
+        frames["curves"] = frames["curves"].assign(_rank=policy_rank).sort_values(
+            sort + ["_rank", "point"], kind="stable").drop(columns="_rank")
+        frames["selected"] = frames["selected"].sort_values(sort, kind="stable")
+    return {"runs": _ordered(runs, SPEC_COLUMNS), **{name: _ordered(frame, SPEC_COLUMNS)
+                                                     for name, frame in frames.items()}}
 
 
-def write_tables(store: ResultsStore, run_ids: set[str] | None = None) -> dict[str, pd.DataFrame]:
-    tables = build_tables(store, run_ids)
+def write_tables(store: ResultsStore, run_ids: set[str] | None = None, provenance: dict[str, dict] | None = None,
+                 tuning: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Regenerate the tables; `tuning` (the plan's choices) is written as tuning.csv when the grid tunes."""
+    tables = build_tables(store, run_ids, provenance)
+    if tuning is not None and not tuning.empty:
+        tables["tuning"] = tuning
     for name, frame in tables.items():
         write_csv(store.tables_dir / f"{name}.csv", frame)
     return tables

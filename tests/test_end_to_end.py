@@ -37,10 +37,10 @@ def test_every_run_writes_its_files_and_the_tables(smoke_results):
     assert "3 trained" in output.stdout
     for folder in run_dirs(results):
         assert {p.name for p in folder.iterdir()} == {"spec.json", "history.csv", "logits.npz", "exits.csv",
-                                                     "curves.csv", "metrics.json"}
+                                                     "curves.csv", "selected.csv", "metrics.json"}
         metrics = json.loads((folder / "metrics.json").read_text())
         logits = np.load(folder / "logits.npz")
-        assert logits["val"].dtype == np.float16 and logits["test"].shape[0] == metrics["num_exits"]
+        assert logits["val"].dtype == np.float32 and logits["test"].shape[0] == metrics["num_exits"]
         assert 0.0 <= metrics["summary"]["final_accuracy"] <= 1.0
         assert metrics["cost"]["optimizer_steps"] > 0 and metrics["cost"]["examples_seen"] > 0
     runs = pd.read_csv(results / "tables" / "runs.csv")

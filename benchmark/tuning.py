@@ -1,0 +1,120 @@
+"""The declared tuning protocol: which values the reported runs train with, chosen on validation only.
+
+DomainBed's lesson — the selection rule is part of the method — applied per (dataset, arch, regime) cell:
+the grid's [tuning] table declares, before anything is measured, the candidate learning rates of the regime's
+own phases (P2/P3; the shared P1 keeps the grid's lr) and at most one objective knob, and the tuning seeds,
+which are never reported seeds. Every candidate trains on every tuning seed as an ordinary run of the store
+(cached, resumable, listed by `--dry-run`). The candidate with the highest seed-mean `TUNING_METRIC` wins —
+a validation-only number — ties going to the candidate declared first; a run that failed (e.g. diverged)
+counts as the worst possible score. The reported seeds then train with the winner. Grids without [tuning]
+fix every value by hand, and the tables say "not tuned".
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+
+from benchmark.spec import RunSpec
+from benchmark.store import DONE, FAILED, ResultsStore, read_json
+from regimes.registry import OBJECTIVES, parse_regime_name
+
+TUNING_METRIC = "val_auc_normalised"
+"""Area under the validation-selected accuracy–FLOPs staircase, with *validation* accuracies: no test data."""
+
+NOT_TUNED = "not tuned"
+
+
+def cell_of(spec: RunSpec) -> tuple[str, str, str]:
+    return spec.dataset, spec.arch, spec.regime
+
+
+def candidates(spec: RunSpec, tuning: dict[str, Any]) -> list[dict[str, Any]]:
+    """The declared candidate values of a cell, in declaration order: lr x (the objective's knob, if any)."""
+    _, objective = parse_regime_name(spec.regime)
+    knob = tuning["hparams"].get(objective, {})
+    knob_values = [{f"{objective}.{name}": value} for name, values in knob.items() for value in values] or [{}]
+    return [{"lr": lr, **extra} for lr, extra in itertools.product(tuning["lr"], knob_values)]
+
+
+def with_values(spec: RunSpec, values: dict[str, Any], seed: int | None = None) -> RunSpec:
+    """`spec` training with candidate `values` (own-phase lr, objective knob), optionally on another seed."""
+    _, objective = parse_regime_name(spec.regime)
+    knobs = {key.split(".", 1)[1]: value for key, value in values.items() if key != "lr"}
+    hparams = OBJECTIVES[objective](**{**spec.hparams, **knobs}).hp if knobs else spec.hparams
+    return replace(spec, seed=spec.seed if seed is None else seed, hparams=hparams,
+                   own_phases={**spec.own_phases, "lr": values["lr"]})
+
+
+@dataclass
+class Plan:
+    """The runs of a grid under its tuning protocol, as far as the store lets them be known now."""
+
+    tuning: list[RunSpec] = field(default_factory=list)      # every tuning run (candidate x tuning seed)
+    reported: list[RunSpec] = field(default_factory=list)    # reported runs whose values are settled
+    awaiting: list[RunSpec] = field(default_factory=list)    # reported runs of cells still being tuned (grid values)
+    untunable: dict[tuple, str] = field(default_factory=dict)  # cell -> why no candidate can be chosen
+    choices: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning.csv: one row per tuning run
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # reported run id -> what was tuned
+
+    @property
+    def complete(self) -> bool:
+        return not self.awaiting and not self.untunable
+
+
+def make_plan(specs: list[RunSpec], tuning: dict[str, Any] | None, store: ResultsStore) -> Plan:
+    """Resolve the reported runs of `specs` (a grid's, with its hand-set values) against the tuning runs stored."""
+    plan = Plan()
+    if tuning is None:
+        plan.reported = list(specs)
+        plan.provenance = {s.run_id: {"tuned": NOT_TUNED} for s in specs}
+        return plan
+    rows = []
+    cells: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        cells.setdefault(cell_of(spec), []).append(spec)
+    for cell, reported in cells.items():
+        options = candidates(reported[0], tuning)
+        scores, cell_rows = [], []
+        for index, values in enumerate(options):
+            runs = [with_values(reported[0], values, seed) for seed in tuning["seeds"]]
+            plan.tuning += runs
+            metrics = [_score(store, run) for run in runs]
+            for run, metric in zip(runs, metrics):
+                cell_rows.append({"dataset": cell[0], "arch": cell[1], "regime": cell[2], "candidate": index,
+                             **values, "seed": run.seed, "run_id": run.run_id, "state": store.state(run.run_id),
+                             TUNING_METRIC: metric, "chosen": False})
+            scores.append(None if None in metrics else sum(metrics) / len(metrics))
+        rows += cell_rows
+        if None in scores:
+            plan.awaiting += reported
+            continue
+        best = max(range(len(options)), key=lambda i: (scores[i], -i))   # ties: the first declared
+        if scores[best] == -math.inf:
+            plan.untunable[cell] = f"every tuning candidate of {'/'.join(cell)} failed (see tuning.csv)"
+            continue
+        for row in cell_rows:
+            row["chosen"] = row["candidate"] == best
+        tuned = ", ".join(options[best])
+        for spec in reported:
+            final = with_values(spec, options[best])
+            plan.reported.append(final)
+            plan.provenance[final.run_id] = {"tuned": tuned, **{k: v for k, v in options[best].items() if k != "lr"}}
+    plan.choices = pd.DataFrame(rows)
+    if not plan.choices.empty:
+        plan.choices["seed_mean_" + TUNING_METRIC] = plan.choices.groupby(
+            ["dataset", "arch", "regime", "candidate"])[TUNING_METRIC].transform("mean")
+    return plan
+
+
+def _score(store: ResultsStore, spec: RunSpec) -> float | None:
+    """A tuning run's validation metric; -inf if it failed (a diverged candidate loses); None while pending."""
+    state = store.state(spec.run_id)
+    if state == DONE:
+        return float(read_json(store.run_dir(spec.run_id) / "metrics.json")["summary"][TUNING_METRIC])
+    if state == FAILED:
+        return -math.inf
+    return None
