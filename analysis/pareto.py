@@ -8,9 +8,12 @@ Conventions
 - Input is the tidy ``curves.csv`` table (benchmark/tables.py): one row per (run, policy, point). Points are
   first averaged over seeds at the same (regime, policy, point) — the same threshold tau, budget ratio q or exit
   k in every seed — so a front is made of mean operating points, not of the luckiest seed's.
-- Cost is ``test_flops_fraction`` (mean FLOPs per sample / the plain backbone's), accuracy ``test_accuracy``.
-  Dominance uses benchmark.evaluate.pareto_mask: cost <= and accuracy >=, one strictly; exact duplicates (two
-  regimes or policies landing on the same point) both stay and share ownership.
+- **Which points form a front is decided on validation** (BENCHMARK.md, "nothing is selected on test"): a point is
+  on a front if no other point dominates it in seed-mean validation cost and accuracy; the front then reports, and
+  the hypervolume integrates, those points' *test* cost (``test_flops_fraction``, mean FLOPs per sample / the plain
+  backbone's) and ``test_accuracy``. A point that only looks good on test never joins. Dominance uses
+  benchmark.evaluate.pareto_mask: cost <= and accuracy >=, one strictly; exact duplicates (two regimes or policies
+  landing on the same point) both stay and share ownership.
 - Hypervolume reference point, by default per cell: cost_ref = REFERENCE_COST_MARGIN (1.1) x the largest mean FLOPs
   fraction of any point in the cell (running every exit head and the classifier: the same for every regime, since
   they share architecture and exit placement), acc_ref = 0. Strictly beyond the worst cost, so the most expensive
@@ -38,23 +41,31 @@ REFERENCE_COST_MARGIN = 1.1
 def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
     """Seed-averaged operating points: one row per (dataset, arch, regime, policy, point).
 
-    Columns: the keys, param, test_accuracy, test_flops, test_flops_fraction (means over seeds), n_seeds.
+    Columns: the keys, param, val_accuracy, val_flops_fraction, test_accuracy, test_flops, test_flops_fraction
+    (means over seeds), n_seeds.
     """
-    return (curves.groupby(POINT, sort=True)
-            .agg(param=("param", "first"), test_accuracy=("test_accuracy", "mean"), test_flops=("test_flops", "mean"),
-                 test_flops_fraction=("test_flops_fraction", "mean"), n_seeds=("seed", "nunique"))
+    backbone_flops = curves["test_flops"] / curves["test_flops_fraction"]
+    return (curves.assign(val_flops_fraction=curves["val_flops"] / backbone_flops).groupby(POINT, sort=True)
+            .agg(param=("param", "first"), val_accuracy=("val_accuracy", "mean"),
+                 val_flops_fraction=("val_flops_fraction", "mean"), test_accuracy=("test_accuracy", "mean"),
+                 test_flops=("test_flops", "mean"), test_flops_fraction=("test_flops_fraction", "mean"),
+                 n_seeds=("seed", "nunique"))
             .reset_index())
 
 
-def pareto_table(curves: pd.DataFrame) -> pd.DataFrame:
-    """The non-dominated seed-averaged points of every (dataset, arch) across all regimes and policies.
+def validation_front(points: pd.DataFrame) -> np.ndarray:
+    """Mask of the points no other point dominates in seed-mean *validation* cost and accuracy."""
+    return pareto_mask(points["val_flops_fraction"].to_numpy(), points["val_accuracy"].to_numpy())
 
-    One row per front point, cheapest first, with its owner (regime, policy, point, param). Columns as
+
+def pareto_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """The validation-selected front of every (dataset, arch) across all regimes and policies, with test numbers.
+
+    One row per front point, cheapest on test first, with its owner (regime, policy, point, param). Columns as
     mean_curves.
     """
     points = mean_curves(curves)
-    fronts = [cell[pareto_mask(cell["test_flops_fraction"].to_numpy(), cell["test_accuracy"].to_numpy())]
-              for _, cell in points.groupby(CELL, sort=True)]
+    fronts = [cell[validation_front(cell)] for _, cell in points.groupby(CELL, sort=True)]
     return (pd.concat(fronts).sort_values([*CELL, "test_flops_fraction", "regime", "policy"], kind="stable")
             .reset_index(drop=True))
 
@@ -89,13 +100,13 @@ def hypervolume(costs, accuracies, reference: tuple[float, float]) -> float:
 
 
 def hypervolume_table(curves: pd.DataFrame, reference: tuple[float, float] | None = None) -> pd.DataFrame:
-    """Per (dataset, arch, regime): the hypervolume of the regime's own seed-averaged points (all policies), and a
-    row with regime="(all)" for the union of every regime's points.
+    """Per (dataset, arch, regime): the hypervolume of the test points of the regime's own validation-selected front
+    (seed-averaged, all policies), and a row with regime="(all)" for the front of every regime's points together.
 
     reference: (flops fraction, accuracy) for every cell; by default (1.1 x the largest FLOPs fraction in the
     cell, 0), strictly beyond every point so that the final exit's points count too.
     Columns: dataset, arch, regime, hypervolume, hypervolume_normalised (divided by the reference box's area
-    cost_ref x (1 - acc_ref), so 1 would be a free, perfect classifier), front_size (non-dominated points),
+    cost_ref x (1 - acc_ref), so 1 would be a free, perfect classifier), front_size (validation-front points),
     union_share (the fraction of the union's hypervolume owned by this regime's points; 1 for "(all)"),
     reference_flops_fraction, reference_accuracy.
     """
@@ -103,20 +114,31 @@ def hypervolume_table(curves: pd.DataFrame, reference: tuple[float, float] | Non
     for (dataset, arch), cell in mean_curves(curves).groupby(CELL, sort=True):
         cost_ref, acc_ref = (reference if reference is not None
                              else (REFERENCE_COST_MARGIN * cell["test_flops_fraction"].max(), 0.0))
+        cell = cell.reset_index(drop=True)
         costs, accuracies = cell["test_flops_fraction"].to_numpy(), cell["test_accuracy"].to_numpy()
-        owned_in_union = hypervolume_contributions(costs, accuracies, (cost_ref, acc_ref))
+        union_front = validation_front(cell)
+        off_front_outside_box = np.where(union_front, costs, np.inf)      # only front points may own area
+        owned_in_union = hypervolume_contributions(off_front_outside_box, accuracies, (cost_ref, acc_ref))
         union = owned_in_union.sum()
         for regime in [*regime_order(cell["regime"]), UNION]:
-            mine = np.ones(len(cell), dtype=bool) if regime == UNION else (cell["regime"] == regime).to_numpy()
+            mine = union_front if regime == UNION else _regime_front(cell, regime)
             area = hypervolume(costs[mine], accuracies[mine], (cost_ref, acc_ref))
             rows.append({
                 "dataset": dataset, "arch": arch, "regime": regime, "hypervolume": area,
                 "hypervolume_normalised": area / (cost_ref * (1.0 - acc_ref)),
-                "front_size": int(pareto_mask(costs[mine], accuracies[mine]).sum()),
+                "front_size": int(mine.sum()),
                 "union_share": owned_in_union[mine].sum() / union if union > 0 else np.nan,
                 "reference_flops_fraction": cost_ref, "reference_accuracy": acc_ref,
             })
     return pd.DataFrame(rows)
+
+
+def _regime_front(cell: pd.DataFrame, regime: str) -> np.ndarray:
+    """Mask over `cell` of the regime's own validation-selected front."""
+    mine = (cell["regime"] == regime).to_numpy()
+    mask = np.zeros(len(cell), dtype=bool)
+    mask[np.flatnonzero(mine)[validation_front(cell[mine])]] = True
+    return mask
 
 
 def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") -> None:

@@ -91,6 +91,9 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
         if tuning.interrupted:
             _interrupted()
         plan = make_plan(specs, grid.tuning, store)
+        if plan.at_edge:
+            click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider [tuning] "
+                       f"lr set might do better): {'; '.join(plan.at_edge)}", err=True)
     outcome = run_grid(plan.reported, store, save_models=save_models or bool(settings["model"] and settings["run_after"]),
                        snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"], **common)
     _report(f"grid {grid.name}", outcome, store)

@@ -57,6 +57,7 @@ class Plan:
     reported: list[RunSpec] = field(default_factory=list)    # reported runs whose values are settled
     awaiting: list[RunSpec] = field(default_factory=list)    # reported runs of cells still being tuned (grid values)
     untunable: dict[tuple, str] = field(default_factory=dict)  # cell -> why no candidate can be chosen
+    at_edge: list[str] = field(default_factory=list)         # cells whose chosen lr is the smallest or largest declared
     choices: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning.csv: one row per tuning run
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # reported run id -> what was tuned
 
@@ -98,6 +99,8 @@ def make_plan(specs: list[RunSpec], tuning: dict[str, Any] | None, store: Result
             continue
         for row in cell_rows:
             row["chosen"] = row["candidate"] == best
+        if len(tuning["lr"]) > 1 and options[best]["lr"] in (min(tuning["lr"]), max(tuning["lr"])):
+            plan.at_edge.append(f"{'/'.join(cell)}: lr {options[best]['lr']:g}")
         tuned = ", ".join(options[best])
         for spec in reported:
             final = with_values(spec, options[best])

@@ -167,3 +167,12 @@ def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert cached == {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}, "per-run analyses are cached"
+
+
+def test_analyze_without_stored_models_says_how_to_get_them(smoke_results):
+    grid, results, _ = smoke_results
+    result = subprocess.run([*BENCH, "analyze", "--grid", str(grid), "--results", str(results)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "3 runs have no model.pt" in result.stderr
+    assert "--save-models" in result.stderr and "run_after = true" in result.stderr

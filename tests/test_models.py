@@ -111,14 +111,21 @@ def test_head_reads_the_hidden_state_before_between():
         assert reached == [i == k for i in range(len(net.blocks))]
 
 
-def test_flops_placement_picks_the_block_closest_to_each_fraction():
+def test_flops_placement_picks_the_last_block_within_tolerance_below_each_fraction_else_the_closest():
     for arch in ["small_cnn", "cifar_resnet20", "resnet18"]:
         shape = (3, 32, 32)
         net = build_model(arch, CLASSES, shape, exits="flops:0.5")
-        cumulative = list(accumulate(block_flops(net, shape)))
-        half = 0.5 * backbone_flops(net, shape)
-        distances = [abs(c - half) for c in cumulative[:-1]]
-        assert net.exit_blocks == [distances.index(min(distances))]
+        fractions = [c / backbone_flops(net, shape) for c in accumulate(block_flops(net, shape))][:-1]
+        below = [i for i, f in enumerate(fractions) if 0.45 <= f <= 0.5]
+        closest = min(range(len(fractions)), key=lambda i: abs(fractions[i] - 0.5))
+        assert net.exit_blocks == [below[-1] if below else closest]
+
+
+def test_an_exit_asked_for_at_a_budget_fits_that_budget_when_the_tolerance_allows():
+    # blocks end at 21, 26 and 100 %: 26 % is closer to 25 %, but 21 % is within 5 points and fits a 25 % budget
+    assert place_exits("flops:0.25", [21, 5, 74], classifier_flops=0) == [0]
+    # blocks end at 10, 26 and 100 %: nothing within 5 points below 25 %, so the closest block
+    assert place_exits("flops:0.25", [10, 16, 74], classifier_flops=0) == [1]
 
 
 def test_flops_fractions_are_of_the_whole_backbone_classifier_included():

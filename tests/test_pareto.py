@@ -16,7 +16,8 @@ def curves_table(points):
     frame = pd.DataFrame(points, columns=["dataset", "arch", "regime", "seed", "policy", "point",
                                           "test_flops_fraction", "test_accuracy"])
     return frame.assign(run_id=frame["regime"] + frame["seed"].astype(str), param=frame["point"] / 10.0,
-                        test_flops=frame["test_flops_fraction"] * 1e6)
+                        test_flops=frame["test_flops_fraction"] * 1e6, val_flops=frame["test_flops_fraction"] * 1e6,
+                        val_accuracy=frame["test_accuracy"])   # validation agrees with test unless a test says not
 
 
 def random_curves(seed, cells=(("d", "a"), ("d", "b")), regimes=("joint", "disjoint", "mixed"), seeds=(0, 1, 2)):
@@ -149,3 +150,16 @@ def test_a_final_exit_only_front_has_the_area_up_to_the_reference_beyond_it():
 def test_pareto_figure_is_written(tmp_path):
     plot_pareto_fronts(random_curves(0), tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_fronts_are_chosen_on_validation_and_report_test_numbers():
+    """mixed's point is the best on test but dominated on validation: it joins no front and adds no area."""
+    curves = curves_table([("d", "n", "joint", 0, "threshold", 0, 0.5, 0.80), ("d", "n", "joint", 0, "exit", 2, 1.0, 0.90),
+                           ("d", "n", "mixed", 0, "threshold", 0, 0.5, 0.95)])
+    curves.loc[curves.regime == "mixed", "val_accuracy"] = 0.70          # worse than joint's 0.80 on validation
+    front = pareto_table(curves)
+    assert list(front["regime"]) == ["joint", "joint"]
+    table = hypervolume_table(curves).set_index("regime")
+    assert table.loc[UNION, "hypervolume"] == pytest.approx(0.5 * 0.80 + 0.1 * 0.90)   # test values of joint's front
+    assert table.loc["mixed", "hypervolume"] == pytest.approx(0.6 * 0.95)             # its own front: its one point
+    assert table.loc["mixed", "union_share"] == 0.0 and table.loc[UNION, "front_size"] == 2

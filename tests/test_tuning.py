@@ -55,6 +55,7 @@ def test_the_seed_mean_validation_metric_chooses_and_failures_lose(grid_file, tm
     chosen = {(s.regime, s.seed): s.own_phase_train["lr"] for s in plan.reported}
     assert chosen == {("joint", 0): 0.1, ("joint", 1): 0.1, ("mixed", 0): 0.02, ("mixed", 1): 0.02}
     assert all(plan.provenance[s.run_id]["tuned"] == "lr" for s in plan.reported)
+    assert plan.at_edge == ["digits/small_cnn/joint: lr 0.1", "digits/small_cnn/mixed: lr 0.02"]
     for spec in plan.reported:    # the reported run is the grid's run with the chosen lr in its own phases only
         original = next(g for g in grid.specs if (g.regime, g.seed) == (spec.regime, spec.seed))
         assert spec.train == original.train and spec.hparams == original.hparams

@@ -254,8 +254,10 @@ def placements_from_flops(exits: str | Sequence[int], block_flops: Sequence[floa
                     classifier_flops: float) -> list[ExitPlacement]:
     """The internal exits ``exits`` asks for, in block order, given each block's FLOPs and the classifier's.
 
-    A fraction f of ``"flops:f1,f2,..."`` goes after the block whose cumulative FLOPs is closest to f times
-    all blocks plus the classifier; fractions that pick the same block share one exit.
+    A fraction f of ``"flops:f1,f2,..."`` goes after the last block whose cumulative FLOPs (over all blocks plus
+    the classifier) is at most f, if that block is within EXIT_TOLERANCE of f — so an exit asked for at 25 % is
+    usable at a 25 % budget (accuracy_at_25pct) — and otherwise after the block closest to f. Fractions that pick
+    the same block share one exit.
     """
     candidates = range(len(block_flops) - 1)
     cumulative = list(accumulate(block_flops))
@@ -267,7 +269,8 @@ def placements_from_flops(exits: str | Sequence[int], block_flops: Sequence[floa
             raise UserError(f"exits '{exits}': a backbone of one block has no place for an internal head")
         targets_at = {}
         for f in sorted(fractions):
-            block = min(candidates, key=lambda i: abs(cumulative[i] - f * total))
+            below = [i for i in candidates if f - EXIT_TOLERANCE <= cumulative[i] / total <= f]
+            block = below[-1] if below else min(candidates, key=lambda i: abs(cumulative[i] - f * total))
             targets_at[block] = (*targets_at.get(block, ()), f)
     else:
         targets_at = {block: () for block in _listed_blocks(exits, len(block_flops))}
