@@ -227,7 +227,7 @@ def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styl
                 ax.axvline(mark, color="0.5", lw=0.8, ls=":")
     axes[0, 0].set_ylabel("training loss (cross-entropy, nats)")
     axes[1, 0].set_ylabel("training accuracy (fraction)")
-    axes[0, -1].legend(fontsize="small", loc="best")
+    axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     save(fig, path)
 

@@ -156,12 +156,13 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
         cell_front = front[(front["dataset"] == dataset) & (front["arch"] == arch)]
         ax.step(np.r_[cell_front["test_flops_fraction"], cell["test_flops_fraction"].max()],
                 np.r_[cell_front["test_accuracy"], cell_front["test_accuracy"].iloc[-1]],
-                where="post", color="black", linewidth=0.8, label="Pareto front (all regimes, policies)", zorder=3)
+                where="post", color="black", linewidth=0.8, label="front chosen on validation", zorder=3)
         ax.scatter(cell_front["test_flops_fraction"], cell_front["test_accuracy"], s=22, zorder=4,
                    color=[regime_colour(r) for r in cell_front["regime"]], edgecolors="black", linewidths=0.6)
         ax.set_xlabel("test FLOPs per sample (fraction of backbone)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{dataset} / {arch}")
-    axes[-1].legend(title=f"regime ({policy} policy)", fontsize="small", loc="best")
-    fig.suptitle("Accuracy vs FLOPs, mean over seeds; markers: front points coloured by owning regime")
+    axes[-1].legend(title=f"regime ({policy} policy)", fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("Accuracy vs FLOPs, mean over seeds; black: the front chosen on validation (all regimes and "
+                 "policies),\nmarkers coloured by owning regime, drawn at their test numbers")
     save(fig, path)

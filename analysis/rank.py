@@ -168,6 +168,6 @@ def plot_rank_profiles(table: pd.DataFrame, path, metric: str = "effective_rank"
         ax.set_xlabel("block (output of)")
         ax.set_ylabel(RANK_LABELS[metric])
         ax.set_title(f"{dataset} / {arch}  (N = {int(cell['n_samples'].max())})")
-    axes[-1].legend(title="regime (band: seed range)", fontsize="small", loc="lower right")
+    axes[-1].legend(title="regime (band: seed range)", fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"{RANK_LABELS[metric]} of block activations, mean over seeds")
     save(fig, path)
