@@ -50,7 +50,7 @@ def stages(pending: list[RunSpec], store: ResultsStore, device_type: str) -> lis
     for spec in pending:
         epochs = p1_epochs(spec)
         p1 = spec.p1_id(epochs, device_type) if epochs else None
-        if p1 and p1 not in claimed and not (store.backbone_dir(p1) / "cost.json").is_file():
+        if p1 and p1 not in claimed and p1_stored(spec, store, device_type) is False:
             claimed.add(p1)
             first.append(spec)
         else:
