@@ -53,6 +53,9 @@ LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
 TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "exclude", "train", "model", "hparams",
             "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "analyses"}
 OPTIMIZERS = ("sgd", "adamw")
+CHECK_INPUT = {"image": (3, 32, 32), "series": (6, 100)}
+"""The input shape, per input kind, that heads and exits are checked at when a grid loads: the data registry knows
+no dataset's shape without loading it, and an exit's validity depends on the backbone's blocks, not the shape."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,9 @@ def _names(path: Path, raw: dict, key: str, valid: list[str]) -> list:
     return values
 
 
-def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
-    """Parse and validate a grid; `data_root` decides which `optional_datasets` are present."""
+def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_models: bool = True) -> Grid:
+    """Parse and validate a grid; `data_root` decides which `optional_datasets` are present. `check_models=False`
+    skips checking each cell's head and exits against its arch (it builds the backbones): only for listing grids."""
     from benchmark.data import dataset_available, dataset_names, dataset_table
     from benchmark.models import arch_input_kind, arch_names
     from regimes.registry import objective_names, parse_regime_name, regime_names, OBJECTIVES
@@ -178,10 +182,13 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
     for objective, values in hparams.items():
         if objective not in OBJECTIVES and objective not in objective_names():
             raise _bad(path, f"hparams.{objective}", "unknown objective" + _suggest(objective, objective_names()))
+        if not isinstance(values, dict):
+            raise _bad(path, f"hparams.{objective}", f"must be a table, e.g. [hparams.{objective}]")
         declared = OBJECTIVES[objective].hparams
-        for key in values:
+        for key, value in values.items():
             if key not in declared:
                 raise _bad(path, f"hparams.{objective}.{key}", "unknown hyperparameter" + _suggest(key, declared))
+            _check_hparam(path, f"hparams.{objective}.{key}", OBJECTIVES[objective], key, value)
 
     overrides = raw.get("arch_overrides", {})
     for arch, table in overrides.items():
@@ -213,18 +220,25 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
             raise _bad(path, "exclude", f"entries must look like {{dataset = \"...\", arch = \"...\"}}, got {entry!r}")
         excluded.add((entry["dataset"], entry["arch"]))
 
-    specs = []
+    classes = {row["name"]: row["classes"] for row in dataset_table()}
+    specs, checked_models = [], set()
     for dataset in datasets:
         for arch in archs:
             if arch_input_kind(arch) != kind[dataset] or (dataset, arch) in excluded:
                 continue
-            override = dict(overrides.get(arch, {}))
-            for pattern, table in cell_overrides.items():
-                if fnmatchcase(f"{dataset}/{arch}", pattern):
-                    override.update(table)
+            override, origin = {}, {}    # origin: key -> the table it came from, for error messages
+            for where, table in [(f"arch_overrides.{arch}", overrides.get(arch, {})),
+                                 *((f'cell_overrides."{pattern}"', table) for pattern, table in cell_overrides.items()
+                                   if fnmatchcase(f"{dataset}/{arch}", pattern))]:
+                override.update(table)
+                origin.update(dict.fromkeys(table, where))
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
             model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}
             _validate_train(path, f"overrides of {dataset}/{arch}", train)
+            check = (arch, classes[dataset], kind[dataset], model["head"], repr(model["exits"]))
+            if check_models and check not in checked_models:
+                _check_model(path, dataset, arch, model, origin, classes[dataset], kind[dataset])
+                checked_models.add(check)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)
                 own_phases = {}
@@ -242,6 +256,36 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None) -> Grid:
                                          own_phases=dict(own_phases)))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
                 analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning)
+
+
+def _check_hparam(path: Path, where: str, objective, key: str, value: Any) -> None:
+    """`value` of `objective`'s hyperparameter `key` against its declaration, reported as the grid's key `where`."""
+    from regimes.base import check_hparam
+    try:
+        check_hparam(objective, key, value)
+    except ValueError as e:
+        raise _bad(path, where, str(e)) from None
+
+
+def _check_model(path: Path, dataset: str, arch: str, model: dict[str, Any], origin: dict[str, str],
+                 num_classes: int, kind: str) -> None:
+    """A cell's head and exits against its arch, as `build_model` will check them, so that a wrong one fails here
+    and not in every run of the cell; `origin` names the table each model key came from (default: [model])."""
+    from benchmark.models import exit_placement
+    from benchmark.models.heads import resolve_head_kind
+    from benchmark.models.registry import _ARCHS
+
+    def bad(key: str, error: UserError) -> UserError:
+        return _bad(path, f"{origin.get(key, 'model')}.{key}", f"{error} (cell {dataset}/{arch})")
+
+    try:
+        resolve_head_kind(model["head"], _ARCHS[arch].tokens, arch)
+    except UserError as e:
+        raise bad("head", e) from None
+    try:
+        exit_placement(arch, num_classes, CHECK_INPUT[kind], model["exits"])
+    except UserError as e:
+        raise bad("exits", e) from None
 
 
 def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, objectives: list[str]) -> dict | None:
@@ -283,6 +327,8 @@ def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, ob
                        "unknown hyperparameter" + _suggest(knob, OBJECTIVES[objective].hparams))
         if not isinstance(candidates, list) or not candidates or len(set(map(repr, candidates))) != len(candidates):
             raise _bad(path, f"tuning.hparams.{objective}.{knob}", "must be a non-empty list of distinct values")
+        for value in candidates:
+            _check_hparam(path, f"tuning.hparams.{objective}.{knob}", OBJECTIVES[objective], knob, value)
     return {"seeds": tuning_seeds, "lr": [float(v) for v in lrs], "hparams": knobs}
 
 

@@ -5,6 +5,7 @@ objectives know nothing of the runner, the store or the CLI; the trainer (`bench
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -74,10 +75,57 @@ class Schedule:
         return self.phases(Budget(2))[0].trains == "backbone"
 
 
+@dataclass(frozen=True)
+class HParam:
+    """An objective's hyperparameter, declared once: its default, meaning and allowed values, so that a wrong value
+    is refused when a grid loads (`check_hparam`), not when a run trains.
+
+    Numbers: `kind` float (ints accepted) or int, within `low` (exclusive if `low_open`) and `high`; bools are never
+    numbers. Strings: `choices`.
+    """
+
+    default: Any
+    meaning: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. 'a number in [0, 1]', 'an integer >= 1', 'one of last | next'."""
+        if self.choices is not None:
+            return "one of " + " | ".join(self.choices)
+        noun = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        return noun if self.high is None else f"{noun} <= {self.high:g}"
+
+
+def check_hparam(objective: type[Objective] | Objective, key: str, value: Any) -> None:
+    """Raise ValueError naming the objective, the key, the value and what is allowed, unless `objective`'s
+    declaration of `key` allows `value`."""
+    declared = objective.hparams[key]
+    if declared.choices is not None:
+        ok = isinstance(value, str) and value in declared.choices
+    else:
+        low, high = declared.low, declared.high
+        ok = (isinstance(value, int if declared.kind is int else (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)
+              and (low is None or (value > low if declared.low_open else value >= low))
+              and (high is None or value <= high))
+    if not ok:
+        raise ValueError(f"{objective.name}.{key} must be {declared.allowed}, got {value!r}")
+
+
 class Objective:
     """How the exits' losses are built in the phases that train heads (P2, P3).
 
-    Subclasses declare `hparams` once: name -> (default, one-line meaning). The resolved values are in `self.hp`.
+    Subclasses declare `hparams` once: name -> HParam. Overrides are checked against it; the resolved values are in
+    `self.hp`.
     Most objectives override only `loss`; objectives that need their own optimisation step (l2w, cet) override `step`.
     """
 
@@ -85,7 +133,7 @@ class Objective:
     description: ClassVar[str]
     source: ClassVar[str]
     reconstructed: ClassVar[bool] = False
-    hparams: ClassVar[dict[str, tuple[Any, str]]] = {}
+    hparams: ClassVar[dict[str, HParam]] = {}
     uses_between: ClassVar[bool] = False      # True if `between` must be passed to the model's forward
     uses_after_block: ClassVar[bool] = False  # True if `after_block` must be passed to the model's forward
 
@@ -94,7 +142,9 @@ class Objective:
         if unknown:
             raise KeyError(f"objective '{self.name}' has no hyperparameter(s) {sorted(unknown)}; "
                            f"it has: {sorted(self.hparams) or 'none'}")
-        self.hp = {k: overrides.get(k, default) for k, (default, _) in self.hparams.items()}
+        for key, value in overrides.items():
+            check_hparam(self, key, value)
+        self.hp = {k: overrides.get(k, declared.default) for k, declared in self.hparams.items()}
 
     def between(self, i: int, hidden: Tensor) -> Tensor:
         """Acts on the hidden state after block i on its way into block i+1 only (bdl detaches there)."""

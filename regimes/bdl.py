@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from regimes.base import Objective
+from regimes.base import HParam, Objective
 from regimes.registry import register_objective
 
 
@@ -37,15 +37,11 @@ class BlockDependentLoss(Objective):
     source = "Han et al., Block-Dependent Losses, IEEE TNNLS 2023"
     reconstructed = True
     hparams = {
-        "groups": (2, "G: contiguous groups of exits; the hidden state entering each group is detached"),
-        "overlap": (0, "o: a block also learns from the first o exits of the next group"),
+        "groups": HParam(2, "G: contiguous groups of exits; the hidden state entering each group is detached",
+                         kind=int, low=1),
+        "overlap": HParam(0, "o: a block also learns from the first o exits of the next group", kind=int, low=0),
     }
     uses_between = True
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        if int(self.hp["groups"]) < 1 or int(self.hp["overlap"]) < 0:
-            raise KeyError(f"bdl needs groups >= 1 and overlap >= 0, got {self.hp}")
 
     def _layout(self, model):
         num_exits = model.num_exits

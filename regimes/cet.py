@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regimes.base import Objective, StepContext
+from regimes.base import HParam, Objective, StepContext
 from regimes.perturbations import STRENGTHS, perturb
 from regimes.registry import register_objective
 
@@ -30,16 +30,11 @@ class ConsistentExitTraining(Objective):
     source = "Saeed, arXiv 2109.13192 (2021), Consistency Training of Multi-exit Architectures for Sensor Data"
     reconstructed = True
     hparams = {
-        "weight": (1.0, "λ, the weight of each exit's term on the perturbed input"),
-        "target": ("clean", "what p_k(x̃) is fit to: 'clean' (KL to the detached clean prediction) or 'label' "
-                            "(CE to y: the 'weak supervision' reading)"),
+        "weight": HParam(1.0, "λ, the weight of each exit's term on the perturbed input", low=0),
+        "target": HParam("clean", "what p_k(x̃) is fit to: 'clean' (KL to the detached clean prediction) or 'label' "
+                                  "(CE to y: the 'weak supervision' reading)", choices=TARGETS),
         **{name: value for strengths in STRENGTHS.values() for name, value in strengths.items()},
     }
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        if self.hp["target"] not in TARGETS:
-            raise KeyError(f"cet.target must be one of {TARGETS}, got {self.hp['target']!r}")
 
     def perturb(self, x: Tensor, ctx: StepContext) -> Tensor:
         """x̃ with this objective's strengths for the dataset's kind; random numbers from ctx.generator only."""

@@ -8,7 +8,7 @@ the batch. The teacher never receives gradient from the distillation term (sg). 
 import torch
 import torch.nn.functional as F
 
-from regimes.base import Objective
+from regimes.base import HParam, Objective
 from regimes.registry import register_objective
 
 TEACHERS = ("last", "next", "later")
@@ -30,15 +30,11 @@ class Distill(Objective):
     description = "(1-c) CE_k on every exit + c T^2 KL(teacher || exit k) on internal exits; teacher detached"
     source = "Phuong & Lampert, Distillation-Based Training for Multi-Exit Architectures, ICCV 2019; BYOT (ICCV 2019)"
     hparams = {
-        "weight": (0.5, "c: share of the distillation term (1-c goes to cross-entropy)"),
-        "temperature": (4.0, "T: softmax temperature of teacher and student"),
-        "teacher": ("last", "which exit(s) teach exit k: last | next | later (mean of all later exits)"),
+        "weight": HParam(0.5, "c: share of the distillation term (1-c goes to cross-entropy)", low=0, high=1),
+        "temperature": HParam(4.0, "T: softmax temperature of teacher and student", low=0, low_open=True),
+        "teacher": HParam("last", "which exit(s) teach exit k ('later': the mean of all later exits)",
+                          choices=TEACHERS),
     }
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        if self.hp["teacher"] not in TEACHERS:
-            raise KeyError(f"distill.teacher must be one of {TEACHERS}, got {self.hp['teacher']!r}")
 
     def loss(self, logits, y, ctx):
         c, T = self.hp["weight"], self.hp["temperature"]

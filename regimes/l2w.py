@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmark.budgeted import budget_shares, budgeted_exits
-from regimes.base import Objective
+from regimes.base import HParam, Objective
 from regimes.registry import register_objective
 
 CENTRINGS = ("col", "mat")
@@ -104,28 +104,21 @@ class L2W(Objective):
     source = ("Han, Pu et al., ECCV 2022, 'Learning to Weight Samples for Dynamic Early-exiting Networks'; "
               "official code LeapLabTHU/L2W-DEN")
     hparams = {
-        "delta": (0.8, "weight spread: w = 1 + delta * centred g(loss) (official 'epsilon'; CIFAR 0.8, IN 0.3)"),
-        "centring": ("col", "centre g's output per sample over exits ('col') or over the batch ('mat')"),
-        "meta_interval": (1, "update g every this many steps (CIFAR 1, ImageNet 100)"),
-        "meta_lr": (1e-4, "Adam learning rate of g (annealed with the real optimizer's schedule)"),
-        "meta_weight_decay": (1e-4, "Adam weight decay of g"),
-        "hidden": (500, "hidden width of g"),
-        "q": (0.75, "budgeted-batch base of the meta allocation: exit k gets a share ∝ q^k"),
+        "delta": HParam(0.8, "weight spread: w = 1 + delta * centred g(loss) (official 'epsilon'; CIFAR 0.8, IN 0.3)",
+                        low=0),
+        "centring": HParam("col", "centre g's output per sample over exits ('col') or over the batch ('mat')",
+                           choices=CENTRINGS),
+        "meta_interval": HParam(1, "update g every this many steps (CIFAR 1, ImageNet 100)", kind=int, low=1),
+        "meta_lr": HParam(1e-4, "Adam learning rate of g (annealed with the real optimizer's schedule)",
+                          low=0, low_open=True),
+        "meta_weight_decay": HParam(1e-4, "Adam weight decay of g", low=0),
+        "hidden": HParam(500, "hidden width of g", kind=int, low=1),
+        "q": HParam(0.75, "budgeted-batch base of the meta allocation: exit k gets a share ∝ q^k (q > 1 favours "
+                          "late exits)", low=0, low_open=True),
     }
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
-        hp = self.hp
-        if hp["centring"] not in CENTRINGS:
-            raise ValueError(f"l2w.centring must be one of {CENTRINGS}, got {hp['centring']!r}")
-        for key, ok, rule in (("delta", hp["delta"] >= 0, ">= 0"), ("meta_lr", hp["meta_lr"] > 0, "> 0"),
-                              ("meta_weight_decay", hp["meta_weight_decay"] >= 0, ">= 0"),
-                              ("q", hp["q"] > 0, "> 0")):
-            if not ok:
-                raise ValueError(f"l2w.{key} must be {rule}, got {hp[key]!r}")
-        for key in ("meta_interval", "hidden"):
-            if not (isinstance(hp[key], int) and hp[key] >= 1):
-                raise ValueError(f"l2w.{key} must be an integer >= 1, got {hp[key]!r}")
         self.weight_net: WeightNet | None = None
         self.meta_optimizer: torch.optim.Adam | None = None
 

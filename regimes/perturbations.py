@@ -17,21 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# kind -> strength name -> (default, meaning). The only place these defaults live: `cet` declares them as its
-# hyperparameters, and `perturb` fills in the ones a caller leaves out. Applied in this order.
-STRENGTHS: dict[str, dict[str, tuple[float, str]]] = {
+from regimes.base import HParam
+
+# kind -> strength name -> declaration. The only place these live: `cet` declares them as its hyperparameters, and
+# `perturb` fills in the defaults of the ones a caller leaves out. Applied in this order.
+STRENGTHS: dict[str, dict[str, HParam]] = {
     "image": {
-        "crop": (0.125, "max shift of the random crop, as a fraction of the side (4 px on 32 px, 1 px on 8 px); "
-                        "borders are padded by repeating the edge"),
-        "flip": (0.0, "probability of a horizontal flip (0: a mirrored digit is another glyph; 0.5 for CIFAR)"),
-        "cutout": (0.25, "side of the zeroed square, as a fraction of the image side (DeVries & Taylor 2017)"),
-        "noise": (0.1, "std of additive Gaussian noise, in units of the normalised input"),
+        "crop": HParam(0.125, "max shift of the random crop, as a fraction of the side (4 px on 32 px, 1 px on 8 px); "
+                              "borders are padded by repeating the edge", low=0, high=1),
+        "flip": HParam(0.0, "probability of a horizontal flip (0: a mirrored digit is another glyph; 0.5 for CIFAR)",
+                       low=0, high=1),
+        "cutout": HParam(0.25, "side of the zeroed square, as a fraction of the image side (DeVries & Taylor 2017)",
+                         low=0, high=1),
+        "noise": HParam(0.1, "std of additive Gaussian noise, in units of the normalised input", low=0),
     },
     "series": {
-        "time_warp": (0.2, "std of the random speed of time at 6 knots (Um et al.: 0.2); endpoints stay fixed"),
-        "permutation": (4, "number of segments cut at random points and shuffled (Um et al.: 4); 0 or 1: off"),
-        "scaling": (0.1, "std of a per-sample, per-channel factor around 1 (Um et al.: 0.1)"),
-        "jitter": (0.1, "std of additive Gaussian noise, in units of the normalised input"),
+        "time_warp": HParam(0.2, "std of the random speed of time at 6 knots (Um et al.: 0.2); endpoints stay fixed",
+                            low=0),
+        "permutation": HParam(4, "number of segments cut at random points and shuffled (Um et al.: 4); 0 or 1: off",
+                              kind=int, low=0),
+        "scaling": HParam(0.1, "std of a per-sample, per-channel factor around 1 (Um et al.: 0.1)", low=0),
+        "jitter": HParam(0.1, "std of additive Gaussian noise, in units of the normalised input", low=0),
     },
 }
 INPUT_RANKS = {"image": 4, "series": 3}
@@ -47,7 +53,7 @@ def perturb(x: Tensor, kind: str, generator: torch.Generator, **strengths: float
         raise KeyError(f"{kind} perturbations have no strength(s) {sorted(unknown)}; they have {list(STRENGTHS[kind])}")
     if x.dim() != INPUT_RANKS[kind]:
         raise ValueError(f"{kind} batches have rank {INPUT_RANKS[kind]}, got shape {tuple(x.shape)}")
-    s = {name: strengths.get(name, default) for name, (default, _) in STRENGTHS[kind].items()}
+    s = {name: strengths.get(name, declared.default) for name, declared in STRENGTHS[kind].items()}
     if kind == "image":
         out = shift_and_flip(x, generator, s["crop"], s["flip"])
         out = cutout(out, generator, s["cutout"])

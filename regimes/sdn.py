@@ -8,7 +8,7 @@ and E its length, as in the official code's training loop.
 import numpy as np
 import torch.nn.functional as F
 
-from regimes.base import Objective
+from regimes.base import HParam, Objective
 from regimes.registry import register_objective
 
 
@@ -24,8 +24,8 @@ class SDN(Objective):
     description = "L = sum_k<K tau_k(t) CE_k + CE_K, tau_k(t) = min(C_k, 0.01 + t C_k / E), C_k linear c_min..c_max"
     source = "Kaya, Hong & Dumitras, Shallow-Deep Networks, ICML 2019"
     hparams = {
-        "c_min": (0.15, "weight cap C_k of the first internal exit"),
-        "c_max": (0.90, "weight cap C_k of the last internal exit"),
+        "c_min": HParam(0.15, "weight cap C_k of the first internal exit (the final exit weighs 1)", low=0, high=1),
+        "c_max": HParam(0.90, "weight cap C_k of the last internal exit (the final exit weighs 1)", low=0, high=1),
     }
 
     def loss(self, logits, y, ctx):

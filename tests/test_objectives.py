@@ -9,7 +9,7 @@ from benchmark.models.multi_exit import MultiExitNet
 from regimes.base import StepContext
 from regimes.bdl import exit_groups
 from regimes.ge import downstream_exits
-from regimes.registry import build_regime
+from regimes.registry import OBJECTIVES, build_regime, objective_names
 from regimes.sdn import sdn_weights
 
 
@@ -33,6 +33,43 @@ def batch(width=6, classes=4, n=16, seed=1):
 def block_grads(model, loss):
     grads = torch.autograd.grad(loss, [b[0].weight for b in model.blocks], retain_graph=True, allow_unused=True)
     return [torch.zeros_like(b[0].weight) if g is None else g for g, b in zip(grads, model.blocks)]
+
+
+# ---------------------------------------------------------------- declared hyperparameters
+@pytest.mark.parametrize("name", objective_names())
+def test_every_objective_accepts_its_declared_defaults(name):
+    defaults = {key: declared.default for key, declared in OBJECTIVES[name].hparams.items()}
+    assert OBJECTIVES[name](**defaults).hp == defaults
+
+
+@pytest.mark.parametrize("name, key, value, allowed", [
+    ("distill", "weight", 1.5, "a number in [0, 1]"),
+    ("distill", "temperature", 0, "a number > 0"),
+    ("distill", "temperature", "hot", "a number > 0"),
+    ("distill", "temperature", float("inf"), "a number > 0"),
+    ("distill", "teacher", "oracle", "one of last | next | later"),
+    ("sdn", "c_min", -0.1, "a number in [0, 1]"),
+    ("sdn", "c_max", True, "a number in [0, 1]"),          # bools are never numbers
+    ("bdl", "groups", 0, "an integer >= 1"),
+    ("bdl", "groups", 2.0, "an integer >= 1"),             # nor are floats integers
+    ("bdl", "overlap", -1, "an integer >= 0"),
+    ("cet", "flip", 1.5, "a number in [0, 1]"),
+    ("cet", "permutation", -1, "an integer >= 0"),
+    ("cet", "target", "teacher", "one of clean | label"),
+    ("l2w", "q", 0.0, "a number > 0"),
+    ("l2w", "meta_interval", 0, "an integer >= 1"),
+    ("l2w", "centring", "row", "one of col | mat"),
+])
+def test_objectives_refuse_values_outside_their_declaration(name, key, value, allowed):
+    with pytest.raises(ValueError) as error:
+        OBJECTIVES[name](**{key: value})
+    assert str(error.value) == f"{name}.{key} must be {allowed}, got {value!r}"
+
+
+def test_bounds_are_inclusive_unless_declared_open_and_ints_are_numbers():
+    assert OBJECTIVES["distill"](weight=0, temperature=1e-9).hp["weight"] == 0
+    assert OBJECTIVES["distill"](weight=1).hp["weight"] == 1
+    assert OBJECTIVES["bdl"](groups=1, overlap=0).hp == {"groups": 1, "overlap": 0}
 
 
 # ---------------------------------------------------------------- sdn

@@ -1,0 +1,81 @@
+"""Grid values that only training used to refuse (objective hyperparameters, heads, exits) are refused when the grid
+loads, naming the file, the key the value came from and, for heads and exits, the cell."""
+import pytest
+from click.testing import CliRunner
+
+import benchmark.models
+from benchmark.cli import main
+from benchmark.errors import UserError
+from benchmark.grid import load_grid
+
+BASE = 'datasets = ["digits"]\narchs = ["small_cnn"]\nregimes = ["joint+distill"]\nseeds = [0]\n[train]\nepochs = 2\n'
+TUNING = "[tuning]\nseeds = [9]\nlr = [0.1]\n"
+
+
+def write(tmp_path, extra: str, base: str = BASE):
+    path = tmp_path / "g.toml"
+    path.write_text(base + extra)
+    return path
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ('[hparams.distill]\ntemperature = "hot"\n', "hparams.distill.temperature",
+     "distill.temperature must be a number > 0, got 'hot'"),
+    ("[hparams.distill]\nweight = 5.0\n", "hparams.distill.weight", "distill.weight must be a number in [0, 1], got 5.0"),
+    ('[hparams.distill]\nteacher = "oracle"\n', "hparams.distill.teacher", "one of last | next | later"),
+    ("[hparams.bdl]\ngroups = 2.5\n", "hparams.bdl.groups", "an integer >= 1"),   # objectives outside regimes too
+    ("[hparams.sdn]\nc_max = true\n", "hparams.sdn.c_max", "a number in [0, 1], got True"),
+    (TUNING + "[tuning.hparams.distill]\ntemperature = [4.0, 0]\n", "tuning.hparams.distill.temperature",
+     "distill.temperature must be a number > 0, got 0"),
+])
+def test_objective_hyperparameters_are_checked_against_their_declaration(tmp_path, extra, key, problem):
+    path = write(tmp_path, extra)
+    with pytest.raises(UserError) as error:
+        load_grid(str(path))
+    assert f"grid file {path}: key '{key}': " in str(error.value) and problem in str(error.value)
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ('[model]\nhead = "nosuchhead"\n', "model.head", "unknown head 'nosuchhead'"),
+    ('[model]\nexits = "nonsense"\n', "model.exits", "got 'nonsense'"),
+    ("[model]\nexits = [0, 99]\n", "model.exits", "must lie in [0, 7] for a backbone of 9 blocks"),
+    ('[model]\nexits = "flops:2.0,abc"\n', "model.exits", "fractions in (0, 1)"),
+    ("[arch_overrides.small_cnn]\nexits = [0, 99]\n", "arch_overrides.small_cnn.exits", "got [0, 99]"),
+    ('[arch_overrides.small_cnn]\nexits = "nonsense"\n[cell_overrides."digits/*"]\nexits = [0, 99]\n',
+     'cell_overrides."digits/*".exits', "got [0, 99]"),    # the cell's value is the last table's
+])
+def test_heads_and_exits_are_checked_per_cell_naming_the_table_they_came_from(tmp_path, extra, key, problem):
+    path = write(tmp_path, extra)
+    with pytest.raises(UserError) as error:
+        load_grid(str(path))
+    message = str(error.value)
+    assert f"grid file {path}: key '{key}': " in message and problem in message and "digits/small_cnn" in message
+
+
+def test_a_head_that_cannot_read_the_arch_is_refused(tmp_path):
+    path = write(tmp_path, '[model]\nhead = "pool"\n', BASE.replace('"small_cnn"', '"vit_tiny"'))
+    with pytest.raises(UserError, match=r"key 'model.head': head 'pool' needs feature maps.*digits/vit_tiny"):
+        load_grid(str(path))
+
+
+def test_an_override_that_fixes_a_value_is_what_counts(tmp_path):
+    path = write(tmp_path, "[model]\nexits = [0, 99]\n[arch_overrides.small_cnn]\nexits = [1, 3]\n")
+    assert {str(s.model["exits"]) for s in load_grid(str(path)).specs} == {"[1, 3]"}
+
+
+def test_each_distinct_model_is_checked_once(tmp_path, monkeypatch):
+    calls = []
+    real = benchmark.models.exit_placement
+    monkeypatch.setattr(benchmark.models, "exit_placement", lambda *args: calls.append(args) or real(*args))
+    base = BASE.replace('["digits"]', '["digits", "mnist5k"]').replace('["joint+distill"]', '["joint", "mixed"]')
+    grid = load_grid(str(write(tmp_path, "", base.replace("[0]", "[0, 1, 2]"))))
+    assert len(grid.specs) == 12 and len(calls) == 1     # same arch, classes, kind, head and exits
+
+
+def test_dry_run_refuses_the_grid_in_one_line_and_creates_nothing(tmp_path):
+    path, results = write(tmp_path, "[model]\nexits = [0, 99]\n"), tmp_path / "results"
+    result = CliRunner().invoke(main, ["run", "--grid", str(path), "--dry-run", "--results", str(results)])
+    assert result.exit_code == 2 and not result.stdout
+    assert result.stderr.startswith(f"error: grid file {path}: key 'model.exits': ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not results.exists()
