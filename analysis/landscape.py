@@ -43,7 +43,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -234,6 +233,8 @@ def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styl
 
 def _log_axis(axis) -> None:
     """Log scale with plain-number labels at 1, 2, 5 × 10^k (losses span decades away from the centre)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # see analysis.style._plotting
+
     axis.axes.set_yscale("log")
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FormatStrFormatter("%g"))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.style import cell_panels, regime_colour, regime_order, save
 
@@ -43,6 +42,8 @@ def confidence_interval(values, confidence: float = CONFIDENCE) -> tuple[float, 
     n = len(values)
     if n < 2:
         return np.nan, np.nan
+    from scipy import stats  # ~0.4 s, so not at import: `bench run` imports every analysis module
+
     half_width = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)
     return values.mean() - half_width, values.mean() + half_width
 
@@ -53,6 +54,8 @@ def paired_tests(values: pd.Series, baseline_values: pd.Series) -> dict:
     Keys: n_pairs, mean_difference (regime - baseline), p_value (paired t), wilcoxon_p. Zero-variance differences
     follow the module docstring's rule: all zero -> both p = 1; all equal and non-zero -> p_value NaN.
     """
+    from scipy import stats
+
     pairs = pd.concat({"regime": values, "baseline": baseline_values}, axis=1, join="inner").dropna()
     result = {"n_pairs": len(pairs), "mean_difference": np.nan, "p_value": np.nan, "wilcoxon_p": np.nan}
     if len(pairs) == 0:

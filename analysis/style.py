@@ -1,14 +1,23 @@
 """One look for every figure: a fixed colour per regime (the same in every plot and report), readable labels."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")                     # figures are files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
+import functools
 
 SCHEDULE_ORDER = ("joint", "disjoint", "mixed")
 OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge")
+
+
+@functools.cache
+def _plotting():
+    """(pyplot, seaborn), imported on first use: together ~0.5 s, which `bench run` and `bench list` (they import
+    the analyses) should not pay. The backend is set before seaborn imports pyplot."""
+    import matplotlib
+
+    matplotlib.use("Agg")                     # figures are files; never open a window
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    return plt, sns
 
 
 def regime_order(regimes) -> list[str]:
@@ -28,7 +37,7 @@ def regime_colour(regime: str) -> tuple[float, float, float]:
     objective = objective or "uniform"
     palettes = ["Blues", "Oranges", "Greens", "Reds", "Purples", "YlOrBr", "Greys"]
     o = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else sum(map(ord, objective)) % len(palettes)
-    shades = sns.color_palette(palettes[o % len(palettes)], 7)
+    shades = _plotting()[1].color_palette(palettes[o % len(palettes)], 7)
     s = SCHEDULE_ORDER.index(schedule) if schedule in SCHEDULE_ORDER else 1
     return tuple(shades[2 + 2 * s])
 
@@ -41,6 +50,7 @@ def regime_style(regime: str) -> dict:
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.5, height: float = 3.5, **kwargs):
+    plt, sns = _plotting()
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
 
@@ -61,4 +71,4 @@ def save(fig, path) -> None:
     from pathlib import Path
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    _plotting()[0].close(fig)

@@ -26,7 +26,6 @@ from benchmark.models.multi_exit import MultiExitNet
 
 DEFAULT_EXITS = "flops:0.25,0.5,0.75"
 INPUT_RANKS = {"image": 3, "series": 2}  # (C, H, W) and (C, L), batch dimension excluded
-_TABLE_INPUT = {"image": (3, 32, 32), "series": (6, 100)}  # the shapes arch_table builds at to count blocks
 SMALL_IMAGE_MAX_SIDE = 64  # up to here (CIFAR, TinyImageNet, MNIST, digits) backbones get small-image stems
 # An exit asked for at fraction f of the backbone's FLOPs should end up within f +- this: otherwise a metric like
 # "accuracy at 25 % FLOPs" reads an exit that sits elsewhere, or none.
@@ -88,18 +87,13 @@ def arch_input_kind(arch: str) -> str:
 
 
 def arch_table() -> list[dict]:
-    """One row per architecture (for ``bench list``); block counts come from building each on the meta device."""
+    """One row per architecture (for ``bench list``), from the registration alone: nothing is built, so listing
+    imports neither torchvision nor timm (a block count would need every backbone built)."""
     return [
         {"name": s.name, "family": s.family, "source": s.source, "input": s.input_kind,
-         "blocks": _block_count(s.name), "cpu_sized": s.cpu_sized, "description": s.description}
+         "cpu_sized": s.cpu_sized, "description": s.description}
         for s in (_ARCHS[n] for n in arch_names())
     ]
-
-
-@functools.cache
-def _block_count(arch: str) -> int:
-    spec = _ARCHS[arch]
-    return len(_build_on_meta(spec, 10, _TABLE_INPUT[spec.input_kind]).blocks)
 
 
 def _build_on_meta(spec: ArchSpec, num_classes: int, input_shape: tuple[int, ...]) -> Backbone:

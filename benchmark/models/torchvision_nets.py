@@ -3,19 +3,27 @@
 Inputs of at most 64 px get a stride-1 stem without max-pool (an ImageNet stem would shrink a 32 px image
 to 1x1 in ResNet's last stage). A new first convolution (small images, or inputs that are not RGB) is
 initialised as torchvision initialises its own; with ``pretrained=True`` it therefore starts from scratch.
+
+torchvision is imported by the builders, not here: it costs ~1 s (torchvision.ops pulls in torch._dynamo), and
+registering these archs (for listing, grid validation) must not pay it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torchvision import models as tvm
-from torchvision.models import vgg as tv_vgg
 
 from benchmark.models.registry import Backbone, is_small_image, register_arch
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 
 def _torchvision_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     """``name`` from torchvision, with ImageNet weights when asked (the caller then replaces the last linear layer)."""
+    from torchvision import models as tvm
+
     if not pretrained:
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     return tvm.get_model(name, weights="DEFAULT")
@@ -72,6 +80,8 @@ VGG_CONFIGS = {"vgg11_bn": "A", "vgg16_bn": "D"}
 
 def _vgg_features_from_scratch(name: str) -> nn.Sequential:
     """torchvision's VGG feature layers and weight init, without building the 120 M-parameter MLP we discard."""
+    from torchvision.models import vgg as tv_vgg
+
     features = tv_vgg.make_layers(tv_vgg.cfgs[VGG_CONFIGS[name]], batch_norm=True)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
@@ -95,7 +105,8 @@ def vgg_backbone(name: str, num_classes: int, input_shape: tuple[int, ...], pret
         model.classifier[-1] = _fresh_linear(model.classifier[-1], num_classes)
         features, classifier = model.features, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
     else:
-        features = tvm.get_model(name, weights="DEFAULT").features if pretrained else _vgg_features_from_scratch(name)
+        features = (_torchvision_model(name, num_classes, pretrained).features if pretrained
+                    else _vgg_features_from_scratch(name))
         features = features[:-1]
         width = [m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels
         linear = nn.Linear(width, num_classes)
