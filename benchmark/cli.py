@@ -14,7 +14,9 @@ DEFAULT_DATA_ROOT = Path(os.environ.get("EXITBENCH_DATA", "~/.cache/exitbench"))
 
 
 class UserErrorsAsMessages(click.Group):
-    """Turns UserError into `error: ...` on stderr and exit code 2, never a traceback."""
+    """Turns a user's mistake into one `error: ...` line and exit code 2, never a traceback; the machine's
+    trouble (full disk, unwritable folder) into one line naming the path and the fix; Ctrl-C into exit 130 with
+    how to resume; a closed pipe (`bench ... | head`) into a quiet exit 0."""
 
     def invoke(self, ctx):
         try:
@@ -22,12 +24,17 @@ class UserErrorsAsMessages(click.Group):
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            _interrupted()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
+            ctx.exit(0)
         except OSError as error:
-            if error.errno != errno.ENOSPC:
+            from benchmark.store import RESOURCE_ERRNOS, unwritable_message
+            if error.errno not in RESOURCE_ERRNOS | {errno.ENOTDIR}:
                 raise
-            click.echo(f"error: no space left on the device holding {error.filename or 'the results'}; free space "
-                       f"and rerun the same command (finished runs are kept, the interrupted one restarts)", err=True)
-            ctx.exit(1)
+            click.echo(f"error: {unwritable_message(str(error.filename or 'the results folder'), error)}", err=True)
+            ctx.exit(1 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2)
 
 
 @click.group(cls=UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +43,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never hang on a hub lookup; pretrained=True says why it failed
 
 
-@main.command()
+@main.command(short_help="Train and evaluate the grid's pending runs, then write the tables.")
 @click.option("--grid", "grid_name", default="quick", show_default=True,
               help="Registered grid name (see `bench list grids`) or path to a grid .toml file.")
 @click.option("--only", multiple=True, metavar="KEY=GLOB",
@@ -54,16 +61,22 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per run [default: all cores, split between --jobs].")
 @click.option("--retry-failed", is_flag=True, help="Rerun runs that failed before (they are skipped otherwise).")
+@click.option("--allow-failed", is_flag=True,
+              help="Exit 0 even if reported runs are failed (they stay in runs.csv with their error). Failed tuning "
+                   "candidates never fail the command: they lose the tuning, as the protocol says.")
 @click.option("--save-models", is_flag=True, help="Also store each trained model as runs/<id>/model.pt.")
 def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed,
-        save_models):
-    """Train and evaluate every run of a grid that is not done yet, then regenerate the tables."""
+        allow_failed, save_models):
+    """Train and evaluate every run of a grid that is not done yet, then regenerate the tables.
+
+    Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
+    same command to resume: finished runs are kept)."""
     from benchmark.checks import cell_warnings
+    from benchmark.data import load_dataset
     from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid, parse_filters, select
-    from benchmark.runner import run_grid
-    from benchmark.store import ResultsStore
-    from benchmark.tables import write_tables
+    from benchmark.runner import damaged, run_grid
+    from benchmark.store import DONE, FAILED, ResultsStore
     from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
@@ -74,38 +87,55 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     for warning in cell_warnings(specs, data_root):
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(specs, grid.tuning, store)
+    device_type = resolve_device(device).type
+    for line in damaged(plan.tuning + plan.reported, store, device_type):
+        click.echo(f"warning: {line}", err=True)
     if dry_run:
-        _print_plan(plan, store, resolve_device(device).type)
+        _print_plan(plan, store, device_type)
         return
-
-    def grid_tables() -> None:          # the whole grid's tables, so that an --only subset does not shrink them
-        whole = make_plan(grid.specs, grid.tuning, store)
-        write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
+    for name in sorted({s.dataset for s in plan.tuning + plan.reported + plan.awaiting
+                        if store.state(s.run_id) != DONE}):
+        load_dataset(name, data_root, download=download)       # missing data: one line, before any folder exists
 
     settings = grid.analyses
     common = dict(grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root, device=device,
-                  retry_failed=retry_failed, download=download, threads=threads, write_tables=grid_tables)
-    if plan.tuning:
-        tuning = run_grid(plan.tuning, store, desc=f"tuning {grid.name}", **common)
-        _report(f"tuning runs of grid {grid.name}", tuning, store)
-        if tuning.interrupted:
-            _interrupted()
-        plan = make_plan(specs, grid.tuning, store)
-        if plan.at_edge:
-            click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider [tuning] "
-                       f"lr set might do better): {'; '.join(plan.at_edge)}", err=True)
-    outcome = run_grid(plan.reported, store, save_models=save_models or bool(settings["model"] and settings["run_after"]),
-                       snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"], **common)
-    _report(f"grid {grid.name}", outcome, store)
-    for reason in plan.untunable.values():
-        click.echo(f"  not run: {reason}", err=True)
-    if outcome.interrupted:
-        _interrupted()
-    if settings["run_after"]:
-        with store.lock():
+                  retry_failed=retry_failed, download=download, threads=threads,
+                  write_tables=lambda: _write_grid_tables(grid, store))
+    with store.lock():                  # held from the first write to the last, analyses included
+        if plan.tuning:
+            tuning = run_grid(plan.tuning, store, desc=f"tuning {grid.name}", **common)
+            _report(f"tuning runs of grid {grid.name}", tuning, store)
+            if tuning.interrupted:
+                raise KeyboardInterrupt
+            plan = make_plan(specs, grid.tuning, store)
+            if plan.at_edge:
+                click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
+                           f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
+        outcome = run_grid(plan.reported, store,
+                           save_models=save_models or bool(settings["model"] and settings["run_after"]),
+                           snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
+                           **common)
+        _report(f"grid {grid.name}", outcome, store)
+        for reason in plan.untunable.values():
+            click.echo(f"  not run: {reason}", err=True)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        if settings["run_after"]:
             _analyze(grid, plan.reported, store, data_root, device, threads)
-    if outcome.failed or plan.untunable:
+    failed = [] if allow_failed else [s.run_id for s in plan.reported if store.state(s.run_id) == FAILED]
+    if failed:
+        click.echo(f"{len(failed)} reported runs of grid {grid.name} are failed (runs.csv lists each with its "
+                   f"error): fix the cause and rerun with --retry-failed, or pass --allow-failed", err=True)
+    if failed or plan.untunable:
         sys.exit(1)
+
+
+def _write_grid_tables(grid, store) -> None:
+    """The whole grid's tables, so that an --only subset does not shrink them."""
+    from benchmark.tables import write_tables
+    from benchmark.tuning import make_plan
+    whole = make_plan(grid.specs, grid.tuning, store)
+    write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
 
 
 def _report(what: str, outcome, store) -> None:
@@ -117,7 +147,7 @@ def _report(what: str, outcome, store) -> None:
 
 
 def _interrupted() -> None:
-    click.echo("interrupted: rerun the same command to finish the remaining runs", err=True)
+    click.echo("interrupted: rerun the same command to finish the remaining work (finished runs are kept)", err=True)
     sys.exit(130)
 
 
@@ -137,7 +167,7 @@ def _analyze(grid, specs, store, data_root, device, threads) -> None:
                    f"the flag to get them", err=True)
 
 
-@main.command()
+@main.command(short_help="Rank, information, landscape, Pareto and statistics of done runs.")
 @click.option("--grid", "grid_name", default="quick", show_default=True,
               help="Registered grid name or path to a grid .toml file.")
 @click.option("--only", multiple=True, metavar="KEY=GLOB", help="Analyse only matching runs; repeatable.")
@@ -148,19 +178,25 @@ def _analyze(grid, specs, store, data_root, device, threads) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: 1].")
 def analyze(grid_name, only, results, data_root, device, threads):
-    """Rank, information flow, loss landscape (per run), Pareto fronts and statistics (across runs) of the
-    done runs of a grid, as tables in results/<grid>/tables and figures in results/<grid>/figures."""
+    """Rank, information flow, loss landscape (per run), Pareto fronts and statistics (across runs).
+
+    Of the done runs of a grid, as tables in results/<grid>/tables and figures in results/<grid>/figures; the
+    run tables are regenerated first from the run folders, so the analyses never read stale ones."""
+    from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid, parse_filters, select
-    from benchmark.store import ResultsStore
+    from benchmark.runner import damaged
+    from benchmark.store import DONE, ResultsStore
     from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
     store = ResultsStore(results or Path("results") / grid.name)
     specs = make_plan(select(grid.specs, parse_filters(only)), grid.tuning, store).reported
-    done = [s for s in specs if store.state(s.run_id) == "done"]
-    if not done:
+    for line in damaged(specs, store, resolve_device(device).type):
+        click.echo(f"warning: {line}", err=True)
+    if not any(store.state(s.run_id) == DONE for s in specs):
         raise UserError(f"no done runs of grid '{grid.name}' in {store.root}; run `bench run --grid {grid_name}` first")
     with store.lock():
+        _write_grid_tables(grid, store)
         _analyze(grid, specs, store, data_root, device, threads)
 
 
@@ -190,7 +226,7 @@ def _print_plan(plan, store, device_type: str) -> None:
                + (f"; {len(plan.awaiting)} reported runs await their cell's tuning" if plan.awaiting else ""))
 
 
-@main.command(name="list")
+@main.command(name="list", short_help="List registered regimes, architectures, datasets or grids.")
 @click.argument("what", type=click.Choice(["regimes", "archs", "datasets", "grids"]), default="regimes")
 def list_(what):
     """List registered regimes (with hyperparameters), architectures, datasets or grids."""
@@ -204,8 +240,8 @@ def list_(what):
             cls = OBJECTIVES[name]
             label = "  [reconstructed]" if cls.reconstructed else ""
             click.echo(f"  {name:10} {cls.description}{label}\n  {'':10} source: {cls.source}")
-            for key, (default, meaning) in cls.hparams.items():
-                click.echo(f"  {'':10} {name}.{key} = {default!r}: {meaning}")
+            for key, declared in cls.hparams.items():
+                click.echo(f"  {'':10} {name}.{key} = {declared.default!r} ({declared.allowed}): {declared.meaning}")
     elif what == "archs":
         from benchmark.models import arch_table
         for row in arch_table():
@@ -218,42 +254,53 @@ def list_(what):
     else:
         from benchmark.grid import load_grid, grid_names
         for name in grid_names():
-            grid = load_grid(name)
+            grid = load_grid(name, check_models=False)     # listing only: `bench run` checks the models
             click.echo(f"  {name:8} {len(grid.specs):4} runs  {grid.description}")
 
 
-@main.command()
+@main.command(short_help="Show one run: spec, state, per-exit results and summary.")
 @click.argument("run_id")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Results folder to look in [default: every results/<grid>].")
 def show(run_id, results):
-    """Show a run's spec, state, per-exit results and summary."""
+    """Show a run's spec, state, per-exit results and summary (rounded; the files keep raw numbers)."""
     import json
 
     import pandas as pd
 
-    from benchmark.store import ResultsStore, read_json
+    from benchmark.store import DONE, FAILED, ResultsStore, read_json
     roots = [results] if results else sorted(p for p in Path("results").glob("*") if p.is_dir())
     for root in roots:
         store = ResultsStore(root)
         folder = store.run_dir(run_id)
         if not folder.is_dir():
             continue
-        spec = read_json(folder / "spec.json") if (folder / "spec.json").is_file() else {}
-        click.echo(f"run {run_id} in {root}: {store.state(run_id)}")
-        click.echo(json.dumps(spec, indent=2, sort_keys=True))
-        if store.state(run_id) == "failed":
+        state = store.state(run_id)
+        click.echo(f"run {run_id} in {root}: {state}")
+        for line in store.problems([run_id]):
+            click.echo(f"warning: {line}")
+        if (folder / "spec.json").is_file():
+            click.echo(json.dumps(read_json(folder / "spec.json"), indent=2, sort_keys=True))
+        if state == FAILED:
             click.echo(f"error: {store.error(run_id)}")
-        if store.state(run_id) == "done":
+        if state == DONE:
             metrics = read_json(folder / "metrics.json")
             with pd.option_context("display.width", 120, "display.max_columns", 20):
-                click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(index=False))
+                click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(
+                    index=False, float_format=_rounded))
             for key, value in metrics["summary"].items():
-                click.echo(f"  {key:22} {value}")
+                click.echo(f"  {key:22} {_rounded(value)}")
             click.echo(f"  {'train_wall_seconds':22} {metrics['cost']['wall_seconds']:.2f}")
         return
     where = results or "results/*"
     raise UserError(f"no run '{run_id}' in {where}; `bench run --grid NAME --dry-run` lists run ids")
+
+
+def _rounded(value) -> str:
+    """Four decimals for fractions, four significant digits for counts like FLOPs."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
 if __name__ == "__main__":

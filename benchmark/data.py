@@ -27,7 +27,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from benchmark.errors import DataUnavailable, UnknownName
@@ -175,12 +174,14 @@ class _TorchvisionSource:
         return tuple(splits)
 
     def _unavailable_message(self, root: Path, download: bool, error: Exception) -> str:
-        problem = f"download into {root} failed" if download else f"files missing or unreadable under {root}"
-        return (
-            f"{self.class_name} {problem}: torchvision expects {self.layout.format(root=root)}. "
-            "Fix: rerun with --download (needs internet) or copy the files there. "
-            f"(torchvision said: {error})"
-        )
+        if download:
+            problem, fix = (f"download into {root} failed (this machine seems offline, or the server unreachable)",
+                            "copy the files there from a machine with internet")
+        else:
+            problem, fix = f"files missing or unreadable under {root}", \
+                "rerun with --download (needs internet) or copy the files there"
+        return (f"{self.class_name} {problem}: torchvision expects {self.layout.format(root=root)}. Fix: {fix}. "
+                f"(torchvision said: {error})")
 
 
 # RuntimeError: torchvision's "not found or corrupted"; OSError: a failed download;
@@ -418,6 +419,8 @@ def stratified_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, n
 
     Both index arrays are sorted, so the splits keep the source order.
     """
+    from sklearn.model_selection import train_test_split  # ~0.8 s: only building a dataset pays it, not listing
+
     kept, held_out = train_test_split(
         np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=SPLIT_SEED
     )

@@ -6,7 +6,7 @@
 
 Both loops do the same work per step: index a batch, augment it, forward every exit, mean cross-entropy,
 backward, SGD step, cosine lr step. The trainer adds what makes it a benchmark: per-exit loss logging, the
-non-finite check and one validation pass per epoch (reported separately). Goal (DESIGN.md): <= 5 % per step.
+non-finite check and one validation pass per epoch (reported separately). Goal: <= 5 % per step.
 `synthetic-cifar` is random 3x32x32 data (50 000 images, 10 classes, crop+flip): it measures throughput on
 machines without CIFAR files; its accuracies mean nothing.
 """
@@ -106,15 +106,22 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
               f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}")
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="small_cnn")
-    parser.add_argument("--dataset", default="mnist5k")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--objectives", action="store_true", help="cost per step of every objective vs uniform")
+    parser = argparse.ArgumentParser(prog="python -m benchmark.perf", description=__doc__,
+                                     formatter_class=Formatter)
+    parser.add_argument("--arch", default="small_cnn", help="registered arch (`bench list archs`)")
+    parser.add_argument("--dataset", default="mnist5k",
+                        help="registered dataset (`bench list datasets`) or synthetic-cifar")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where to train")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--objectives", action="store_true",
+                        help="instead: cost per step of every objective relative to uniform")
     args = parser.parse_args()
     device = resolve_device(args.device)
     configure(device, args.threads)

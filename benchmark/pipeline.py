@@ -25,7 +25,8 @@ from benchmark.models import build_model, exit_placement
 from benchmark.models.eval_mode import evaluating
 from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_json, read_torch, write_csv, write_json, write_npz, write_torch
+from benchmark.store import (RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
+                             read_torch, write_csv, write_json, write_npz, write_torch)
 from benchmark.train import PhaseCost, run_phase
 from regimes.base import Budget, Phase
 from regimes.registry import build_regime
@@ -77,19 +78,25 @@ def _history_frame(rows: list[dict], spec: RunSpec) -> pd.DataFrame:
 def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, device: torch.device,
               on_epoch: EpochCallback | None,
               snapshots: InformationSnapshots | None) -> tuple[list[dict], PhaseCost, bool, pd.DataFrame]:
-    """Load the shared P1 backbone into `model`, training and storing it first if nobody has. Also returns
-    the information snapshots taken during P1 (empty if none were asked for when it was trained)."""
+    """Load the shared P1 backbone into `model`, training and storing it first if it is not stored intact. Also
+    returns the information snapshots taken during P1 (empty if none were asked for when it was trained).
+
+    `p1_reused` is False for the run that trained the backbone, also when it is rerun after a kill that came
+    between storing the backbone and finishing the run: who paid for P1 does not depend on when a kill happened.
+    """
     p1_id = spec.p1_id(phase.epochs, device.type)
     folder = store.backbone_dir(p1_id)
     with store.backbone_lock(p1_id):
-        if (folder / "cost.json").is_file():
+        if store.backbone_inspect(p1_id)[0]:
             model.load_state_dict(read_torch(folder / "model.pt"))
             history = pd.read_csv(folder / "history.csv").to_dict("records")
             snapshot_file = folder / "information_snapshots.csv"
             taken = pd.read_csv(snapshot_file) if snapshot_file.is_file() else pd.DataFrame()
-            return history, PhaseCost(**read_json(folder / "cost.json")["cost"]), True, taken
-        for stale in folder.glob(".*.tmp"):         # left by a killed attempt
-            stale.unlink()
+            stored = read_json(folder / "cost.json")
+            return history, PhaseCost(**stored["cost"]), stored["trained_by"] != spec.run_id, taken
+        for stale in folder.iterdir():              # a damaged or half-stored backbone: train it afresh
+            if stale.is_file() and not stale.name.startswith("."):
+                stale.unlink()
         if snapshots:
             snapshots(0)
         result = run_phase(model, phase, None, data, spec.train, pairing_seed=spec.pairing_seed,
@@ -103,7 +110,8 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
                                           "model": spec.model})
         write_csv(folder / "history.csv", pd.DataFrame(result.history))
         write_torch(folder / "model.pt", state)
-        write_json(folder / "cost.json", {"cost": asdict(result.cost), "device": str(device)})   # last = done
+        write_json(folder / "cost.json", {"cost": asdict(result.cost), "device": str(device),      # last = stored
+                                          "trained_by": spec.run_id, "model_sha256": file_digest(folder / "model.pt")})
         return result.history, result.cost, False, taken
 
 
@@ -157,7 +165,8 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
     write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
               exit_flops=np.asarray(costs["exits"]))
-    stored = np.load(folder / "logits.npz")        # metrics come from what is on disk, nothing else
+    # metrics come from what is on disk, read back and checked, nothing else
+    stored = read_logits(folder / "logits.npz", model.num_exits, len(val_y), len(test_y))
     evaluation = evaluate(stored["val"], stored["val_y"], stored["test"], stored["test_y"],
                           stored["exit_flops"], costs["backbone"])
     write_csv(folder / "exits.csv", evaluation.exits.assign(**placement_columns(spec, data), run_id=spec.run_id))
@@ -176,19 +185,29 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         "cost": {**total, "phases": phase_costs, "p1_reused": p1_reused,
                  "run_wall_seconds": time.perf_counter() - started},
         "num_exits": model.num_exits, "environment": environment,
+        "files": folder_digests(folder),
     }
     write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done
     return metrics
 
 
 def safe_execute(spec: RunSpec, store: ResultsStore, **kwargs) -> tuple[str, str | None]:
-    """Run and record failure in error.json instead of raising, so the grid goes on. Interrupts propagate."""
+    """Run and record failure in error.json instead of raising, so the grid goes on. Interrupts and errors of the
+    machine (full disk, I/O, permissions: RESOURCE_ERRNOS) propagate and leave the run pending."""
     try:
         execute_run(spec, store, **kwargs)
         return "done", None
+    except OSError as error:
+        if error.errno in RESOURCE_ERRNOS:
+            raise
+        return _record_failure(spec, store, error)
     except Exception as error:  # noqa: BLE001 — any failure of one run is recorded, the grid continues
-        message = str(error) or type(error).__name__
-        write_json(store.run_dir(spec.run_id) / "error.json",
-                   {"run_id": spec.run_id, "error": message, "type": type(error).__name__,
-                    "traceback": traceback.format_exc()})
-        return "failed", message
+        return _record_failure(spec, store, error)
+
+
+def _record_failure(spec: RunSpec, store: ResultsStore, error: Exception) -> tuple[str, str]:
+    message = str(error) or type(error).__name__
+    write_json(store.run_dir(spec.run_id) / "error.json",
+               {"run_id": spec.run_id, "error": message, "type": type(error).__name__,
+                "traceback": traceback.format_exc()})
+    return "failed", message

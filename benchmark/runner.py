@@ -2,14 +2,17 @@
 locally or in a process pool, shows progress with ETA, and regenerates the tables.
 
 Killing `bench run` loses at most the runs in flight: a run is done only once its metrics.json is renamed
-into place, and a rerun starts every other run from scratch.
+into place (and its files match their checksums), and a rerun starts every other run from scratch.
+On a terminal progress shows as bars; with stderr redirected (a cluster log) as one plain line per finished run.
 """
 from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +23,7 @@ from benchmark.data import load_dataset
 from benchmark.determinism import resolve_device
 from benchmark.pipeline import safe_execute
 from benchmark.spec import RunSpec
-from benchmark.store import DONE, FAILED, ResultsStore
+from benchmark.store import DONE, FAILED, ResultsStore, read_json
 from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
@@ -61,7 +64,22 @@ def stages(pending: list[RunSpec], store: ResultsStore, device_type: str) -> lis
 def p1_stored(spec: RunSpec, store: ResultsStore, device_type: str) -> bool | None:
     """Whether the shared P1 backbone this run needs is stored; None if its schedule has no P1."""
     epochs = p1_epochs(spec)
-    return None if epochs is None else (store.backbone_dir(spec.p1_id(epochs, device_type)) / "cost.json").is_file()
+    return None if epochs is None else store.backbone_inspect(spec.p1_id(epochs, device_type))[0]
+
+
+def damaged(specs: list[RunSpec], store: ResultsStore, device_type: str) -> list[str]:
+    """One line per damaged run folder or shared backbone the runs of `specs` would read (each is recomputed)."""
+    lines = store.problems(s.run_id for s in specs)
+    seen = set()
+    for spec in specs:
+        epochs = p1_epochs(spec)
+        p1 = spec.p1_id(epochs, device_type) if epochs else None
+        if p1 and p1 not in seen:
+            seen.add(p1)
+            problem = store.backbone_inspect(p1)[1]
+            if problem:
+                lines.append(f"{problem}: the shared backbone is retrained by the next run that needs it")
+    return lines
 
 
 def planned_epochs(spec: RunSpec, store: ResultsStore, device_type: str) -> int:
@@ -91,10 +109,11 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
              snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
              desc: str | None = None) -> GridOutcome:
     """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
-    every done run in the folder)."""
+    every run in the folder)."""
     outcome = GridOutcome()
     torch_device = resolve_device(device)
     with store.lock():
+        store.remove_stale_temporaries()
         pending = []
         for spec in specs:
             state = store.state(spec.run_id)
@@ -112,37 +131,68 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
         else:
             per_run_threads = threads or cores
         extras = {"keep_model": save_models, "snapshot_every": snapshot_every, "snapshot_samples": snapshot_samples}
-        bar = tqdm(total=len(pending), desc=desc or f"grid {grid_name}", unit="run", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        progress = Progress(len(pending), desc or f"grid {grid_name}", store)
         try:
             for stage in stages(pending, store, torch_device.type):
                 if executor == "process" and jobs > 1:
-                    _run_pool(stage, store, outcome, bar, jobs, data_root, torch_device, per_run_threads, extras)
+                    _run_pool(stage, store, outcome, progress, jobs, data_root, torch_device, per_run_threads, extras)
                 else:
-                    _run_local(stage, store, outcome, bar, data_root, torch_device, per_run_threads, extras)
+                    _run_local(stage, store, outcome, progress, data_root, torch_device, per_run_threads, extras)
         except KeyboardInterrupt:
             outcome.interrupted = True
         finally:
-            bar.close()
+            progress.close()
             (write_tables or (lambda: tables.write_tables(store)))()
     return outcome
 
 
-def _record(outcome: GridOutcome, bar, run_id: str, status: str, message: str | None) -> None:
-    if status == "done":
-        outcome.done.append(run_id)
-    else:
-        outcome.failed[run_id] = message or "unknown error"
-        tqdm.write(f"run {run_id} failed: {message} (details: runs/{run_id}/error.json)")
-    bar.update(1)
-    bar.set_postfix(done=len(outcome.done), failed=len(outcome.failed))
+class Progress:
+    """A bar with ETA on a terminal, one plain line per finished run when stderr is a file (a cluster log: no
+    carriage returns or cursor codes); either way one line per run saying how it ended."""
+
+    def __init__(self, total: int, desc: str, store: ResultsStore):
+        self.total, self.finished, self.store = total, 0, store
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, disable=not self.tty)
+
+    def run_bar(self, spec: RunSpec, epochs: int):
+        return tqdm(total=epochs, desc=f"{spec.regime} {spec.dataset}/{spec.arch} s{spec.seed}", unit="epoch",
+                    leave=False, position=1, dynamic_ncols=True, disable=not self.tty)
+
+    def record(self, outcome: GridOutcome, spec: RunSpec, status: str, message: str | None) -> None:
+        if status == DONE:
+            outcome.done.append(spec.run_id)
+            metrics = read_json(self.store.run_dir(spec.run_id) / "metrics.json")
+            result = (f"final accuracy {metrics['summary']['final_accuracy']:.4f}, "
+                      f"{metrics['cost']['run_wall_seconds']:.1f} s")
+        else:
+            outcome.failed[spec.run_id] = message or "unknown error"
+            result = f"FAILED: {message} (details: runs/{spec.run_id}/error.json)"
+        self.finished += 1
+        left = self.total - self.finished
+        eta = (time.monotonic() - self.started) / self.finished * left
+        line = (f"{status} {spec.run_id} {spec.regime} {spec.dataset}/{spec.arch} seed {spec.seed}: {result}; "
+                f"{left} runs left, ETA {_clock(eta)}")
+        if self.tty:
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.bar.update(1)
+        self.bar.set_postfix(done=len(outcome.done), failed=len(outcome.failed))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def _run_local(stage, store, outcome, bar, data_root, device, threads, extras) -> None:
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _run_local(stage, store, outcome, progress, data_root, device, threads, extras) -> None:
     for spec in stage:
-        run_bar = tqdm(total=planned_epochs(spec, store, device.type), desc=f"{spec.regime} {spec.dataset}/{spec.arch} s{spec.seed}",
-                       unit="epoch", leave=False, position=1, dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        run_bar = progress.run_bar(spec, planned_epochs(spec, store, device.type))
 
         def on_epoch(phase: str, epoch: int, loss: float, run_bar=run_bar) -> None:
             run_bar.update(1)
@@ -153,20 +203,28 @@ def _run_local(stage, store, outcome, bar, data_root, device, threads, extras) -
                                            on_epoch=on_epoch, **extras)
         finally:
             run_bar.close()
-        _record(outcome, bar, spec.run_id, status, message)
+        progress.record(outcome, spec, status, message)
 
 
-def _run_pool(stage, store, outcome, bar, jobs, data_root, device, threads, extras) -> None:
+def _run_pool(stage, store, outcome, progress, jobs, data_root, device, threads, extras) -> None:
+    """Workers are started with Ctrl-C ignored (they inherit it), so an interrupt reaches only this process, which
+    stops them: no tracebacks from workers, and the runs they had in flight stay pending."""
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
+    pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                       initargs=(threads,))
+    interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:                                    # every worker is spawned by a submit, so all start ignoring Ctrl-C
         pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), threads,
-                               extras)
-                   for spec in stage}
-        try:
-            for future in futures.as_completed(pending):
-                _record(outcome, bar, *future.result())
-        except KeyboardInterrupt:
-            for future in pending:
-                future.cancel()
-            raise
+                               extras): spec for spec in stage}
+    finally:
+        signal.signal(signal.SIGINT, interrupt_handler)
+    try:
+        for future in futures.as_completed(pending):
+            _, status, message = future.result()
+            progress.record(outcome, pending[future], status, message)
+    except BaseException:
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

@@ -1,19 +1,27 @@
 """Results on disk: one folder per run, every file written atomically, `metrics.json` last (= done).
 
-    results/<grid>/runs/<run_id>/      spec.json, history.csv, logits.npz, metrics.json | error.json
+    results/<grid>/runs/<run_id>/      spec.json, history.csv, logits.npz, ..., metrics.json | error.json
     results/<grid>/backbones/<p1_id>/  the shared P1 backbone: spec.json, history.csv, model.pt, cost.json (last)
     results/<grid>/tables/             runs.csv, exits.csv, curves.csv — regenerated from the run folders
 
 A half-written file is never read as a result: writers go to a temporary name in the same folder and rename.
-A results folder is locked while a `bench run` uses it, so two runs cannot interleave their writes.
+A run is done only if its metrics.json parses, names the run of its folder (as does spec.json) and holds the
+SHA-256 of every other file the run wrote, and those files still match: a file truncated, replaced or edited
+afterwards makes the run not done (with one line saying which file), so the next `bench run` recomputes it.
+A shared backbone is stored only if its cost.json parses and its model.pt matches the checksum in it.
+A results folder is locked while a `bench` command writes to it, so two commands cannot interleave their writes.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,8 +31,11 @@ import pandas as pd
 import torch
 
 from benchmark.errors import UserError
+from benchmark.spec import RunSpec
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Errors of the machine, not of the run: a run hit by one stays pending (never failed), so a rerun retries it."""
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -74,12 +85,54 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
     _atomic(path, write)
 
 
+def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> dict[str, np.ndarray]:
+    """logits.npz, checked against the run it belongs to: (K, N, C) logits per split, N labels, K exit costs."""
+    try:
+        with np.load(path) as stored:
+            arrays = {key: stored[key] for key in ("val", "val_y", "test", "test_y", "exit_flops")}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            raise
+        raise CorruptFile(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
+    expected = {"val": (num_exits, val_size), "val_y": (val_size,), "test": (num_exits, test_size),
+                "test_y": (test_size,), "exit_flops": (num_exits,)}
+    for key, shape in expected.items():
+        if arrays[key].shape[:len(shape)] != shape or arrays[key].ndim != len(shape) + (key in ("val", "test")):
+            raise CorruptFile(f"{path}: '{key}' has shape {arrays[key].shape}, expected {shape}"
+                              f"{' + (classes,)' if key in ('val', 'test') else ''} for this run")
+    return arrays
+
+
 def write_torch(path: Path, obj: Any) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint, loaded safely (tensors only); a damaged file is named, never loaded unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            raise
+        raise CorruptFile(f"{path} is truncated or corrupt ({type(error).__name__}); delete it and rerun "
+                          f"`bench run` to recompute it") from None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in `folder` (temporaries excluded): what metrics.json records as the run's files."""
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+class CorruptFile(UserError):
+    """A stored file that cannot be read back (truncated by a kill or a full disk, or damaged since)."""
 
 
 class ResultsStore:
@@ -87,6 +140,8 @@ class ResultsStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._lock_depth = 0
+        self._verified: dict[Path, tuple[tuple, str | None]] = {}
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
@@ -98,51 +153,158 @@ class ResultsStore:
     def tables_dir(self) -> Path:
         return self.root / "tables"
 
-    def state(self, run_id: str) -> str:
+    def inspect(self, run_id: str) -> tuple[str, str | None]:
+        """(state, problem): `problem` names the damaged file of a run that would be done or failed but for it;
+        such a run is pending, so the next `bench run` recomputes it."""
         folder = self.run_dir(run_id)
         if (folder / "metrics.json").is_file():
-            return DONE
+            problem = self._checked(folder, lambda: self._done_problem(folder, run_id))
+            return (DONE, None) if problem is None else (PENDING, problem)
         if (folder / "error.json").is_file():
-            return FAILED
-        return PENDING
+            problem = self._checked(folder, lambda: self._failed_problem(folder, run_id))
+            return (FAILED, None) if problem is None else (PENDING, problem)
+        return PENDING, None
+
+    def state(self, run_id: str) -> str:
+        return self.inspect(run_id)[0]
 
     def error(self, run_id: str) -> str | None:
-        path = self.run_dir(run_id) / "error.json"
-        return read_json(path).get("error") if path.is_file() else None
+        return read_json(self.run_dir(run_id) / "error.json")["error"] if self.state(run_id) == FAILED else None
+
+    def backbone_inspect(self, p1_id: str) -> tuple[bool, str | None]:
+        """(stored, problem) of a shared P1 backbone; a damaged one is not stored, so the next run retrains it."""
+        folder = self.backbone_dir(p1_id)
+        if not (folder / "cost.json").is_file():
+            return False, None
+        problem = self._checked(folder, lambda: self._backbone_problem(folder))
+        return problem is None, problem
+
+    def _checked(self, folder: Path, check: Callable[[], str | None]) -> str | None:
+        """`check()`, remembered while the folder's files keep their sizes and modification times (hashing every
+        run's files once per command is cheap; once per question would not be)."""
+        stamp = tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in sorted(os.scandir(folder),
+                                                                                      key=lambda e: e.name))
+        cached = self._verified.get(folder)
+        if cached is None or cached[0] != stamp:
+            cached = self._verified[folder] = (stamp, check())
+        return cached[1]
+
+    @staticmethod
+    def _done_problem(folder: Path, run_id: str) -> str | None:
+        metrics, problem = _parsed(folder / "metrics.json")
+        if problem:
+            return problem
+        if not isinstance(metrics, dict) or metrics.get("run_id") != run_id:
+            return f"{folder / 'metrics.json'} does not belong to run {run_id}"
+        problem = _spec_problem(folder, run_id)
+        if problem:
+            return problem
+        files = metrics.get("files")
+        if not isinstance(files, dict) or "spec.json" not in files:
+            return f"{folder / 'metrics.json'} records no checksums of the run's files (written by an older exitbench)"
+        for name, digest in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if file_digest(path) != digest:
+                return f"{path} does not match its checksum in metrics.json (truncated, replaced or edited since)"
+        return None
+
+    @staticmethod
+    def _failed_problem(folder: Path, run_id: str) -> str | None:
+        error, problem = _parsed(folder / "error.json")
+        if problem:
+            return problem
+        if not isinstance(error, dict) or not isinstance(error.get("error"), str):
+            return f"{folder / 'error.json'} holds no error message"
+        return _spec_problem(folder, run_id)
+
+    @staticmethod
+    def _backbone_problem(folder: Path) -> str | None:
+        cost, problem = _parsed(folder / "cost.json")
+        if problem:
+            return problem
+        if not isinstance(cost, dict) or "model_sha256" not in cost:
+            return f"{folder / 'cost.json'} records no checksum of model.pt (written by an older exitbench)"
+        if not (folder / "model.pt").is_file() or file_digest(folder / "model.pt") != cost["model_sha256"]:
+            return f"{folder / 'model.pt'} is missing or does not match its checksum in cost.json"
+        return None
+
+    def problems(self, run_ids) -> list[str]:
+        """One line per run among `run_ids` whose files are damaged, naming the file."""
+        lines = []
+        for run_id in run_ids:
+            problem = self.inspect(run_id)[1]
+            if problem:
+                lines.append(f"{problem}: the run counts as not done and the next `bench run` recomputes it")
+        return lines
 
     def start_run(self, run_id: str) -> Path:
-        """Clear what an interrupted or failed attempt left (never a done run) and return the folder."""
-        folder = self.run_dir(run_id)
-        if (folder / "metrics.json").is_file():
+        """Clear what an interrupted, failed or damaged attempt left (never a done run) and return the folder."""
+        if self.state(run_id) == DONE:
             raise RuntimeError(f"run {run_id} is already done; refusing to overwrite it")
+        folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.iterdir():
             if stale.is_file():
                 stale.unlink()
         return folder
 
-    def done_run_ids(self) -> list[str]:
+    def run_ids(self) -> list[str]:
+        """Every run folder, whatever its state."""
         runs = self.root / "runs"
-        if not runs.is_dir():
-            return []
-        return sorted(p.name for p in runs.iterdir() if (p / "metrics.json").is_file())
+        return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+    def done_run_ids(self) -> list[str]:
+        return [run_id for run_id in self.run_ids() if self.state(run_id) == DONE]
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete the `.*.tmp` files a killed writer left (only while the folder is locked: no writer is alive)."""
+        assert self._lock_depth, "only under lock()"
+        stale = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink()
+        return len(stale)
+
+    def check_writable(self) -> None:
+        """Fail with one line naming the folder and the fix if results cannot be written there."""
+        probe = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-probe.", suffix=".tmp")
+            os.close(fd)
+        except OSError as error:
+            raise UserError(unwritable_message(f"results folder {self.root}", error)) from None
+        finally:
+            if probe:
+                Path(probe).unlink(missing_ok=True)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive use of the results folder for one `bench run` (released if the process dies)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Exclusive use of the results folder for one command (released if the process dies); re-entrant within
+        the command, so it holds the folder from its first write to its last."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.check_writable()
         handle = open(self.root / ".lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise UserError(f"another `bench run` is using {self.root}; wait for it to finish, "
+            raise UserError(f"another `bench` command is writing to {self.root}; wait for it to finish, "
                             f"or pass a different --results folder") from None
+        self._lock_depth = 1
         try:
             handle.write(str(os.getpid()))
             handle.flush()
             yield
         finally:
+            self._lock_depth = 0
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
@@ -158,3 +320,34 @@ class ResultsStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _parsed(path: Path) -> tuple[Any, str | None]:
+    try:
+        return read_json(path), None
+    except (ValueError, UnicodeDecodeError):
+        return None, f"{path} is not valid JSON (truncated by a kill or a full disk?)"
+
+
+def _spec_problem(folder: Path, run_id: str) -> str | None:
+    spec, problem = _parsed(folder / "spec.json") if (folder / "spec.json").is_file() else (None, None)
+    if problem:
+        return problem
+    try:
+        matches = RunSpec.from_json(spec).run_id == run_id
+    except (TypeError, AttributeError):
+        matches = False
+    return None if matches else f"{folder / 'spec.json'} is missing or does not describe run {run_id}"
+
+
+def unwritable_message(what: str, error: OSError) -> str:
+    """One line for an OSError met writing results: which folder or file, why, and what to do."""
+    reason = {errno.EROFS: "is on a read-only file system", errno.ENOTDIR: "has a regular file where a folder should be",
+              errno.EEXIST: "is a regular file, not a folder", errno.EACCES: "is not writable (permission denied)",
+              errno.EPERM: "is not writable (operation not permitted: an immutable folder?)",
+              errno.ENOSPC: "is on a full disk", errno.EDQUOT: "is over its disk quota"}.get(
+        error.errno, f"cannot be written ({error.strerror})")
+    fix = ("free space and rerun the same command (finished runs are kept, an interrupted one restarts)"
+           if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "fix that, or pass --results with a writable folder")
+    return f"{what} {reason}: {fix}"

@@ -1,29 +1,36 @@
 """Tidy result tables regenerated from the run folders (never appended to, so never duplicated).
 
-runs.csv      one row per done run: spec columns, summary metrics, training cost (`train_flops` measured: train.py)
+runs.csv      one row per done or failed run: spec columns, `status` (done | failed) and the failure's `error`,
+              summary metrics and training cost (`train_flops` measured: train.py), empty for a failed run
 exits.csv     one row per run x exit
 curves.csv    one row per run x policy x operating point, listed in the order validation ties are broken by
 selected.csv  one row per run x operating point validation selects (the budgets and the staircase's steps)
 tuning.csv    one row per tuning run: candidate values, validation metric, which candidate was chosen
 Raw numbers only: accuracies are fractions in [0, 1]; FLOPs count 1 multiply-add as 2 FLOPs.
+A table with no rows still has its header (the identity columns), so every reader can parse it.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from benchmark.store import ResultsStore, read_json, write_csv
+from benchmark.store import DONE, FAILED, ResultsStore, read_json, write_csv
 
 SPEC_COLUMNS = ["run_id", "dataset", "arch", "regime", "seed"]
+RUN_STATUS_COLUMNS = ["status", "error"]
+
+
+def spec_row(spec: dict) -> dict:
+    """A run's identity and the training settings that matter to a reader, from its spec.json."""
+    own = {**spec["train"], **spec["own_phases"]}
+    return {**{key: spec[key] for key in SPEC_COLUMNS}, "epochs": spec["train"]["epochs"],
+            "batch_size": spec["train"]["batch_size"], "lr": own["lr"], "p1_lr": spec["train"]["lr"]}
 
 
 def run_row(metrics: dict, spec: dict) -> dict:
-    """One runs.csv row: identity, the training settings that matter to a reader, summary numbers, cost."""
+    """One runs.csv row of a done run: identity, settings, summary numbers, cost."""
     cost = metrics["cost"]
-    own = {**spec["train"], **spec["own_phases"]}
     return {
-        **{key: metrics[key] for key in SPEC_COLUMNS},
-        "epochs": spec["train"]["epochs"], "batch_size": spec["train"]["batch_size"], "lr": own["lr"],
-        "p1_lr": spec["train"]["lr"],
+        **spec_row(spec), "status": DONE, "error": None,
         "num_exits": metrics["num_exits"],
         **metrics["summary"],
         "backbone_flops": metrics["flops"]["backbone"],
@@ -38,22 +45,27 @@ def run_row(metrics: dict, spec: dict) -> dict:
 
 
 def _ordered(frame: pd.DataFrame, first: list[str]) -> pd.DataFrame:
-    if frame.empty:
-        return frame
+    if frame.empty and frame.columns.empty:
+        return pd.DataFrame(columns=first)
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
 def build_tables(store: ResultsStore, run_ids: set[str] | None = None,
                  provenance: dict[str, dict] | None = None) -> dict[str, pd.DataFrame]:
-    """Tables of the done runs in `run_ids` (default: every done run in the folder). Runs of an older version
-    of the grid file (other ids) stay on disk but out of the tables. `provenance` (run id -> columns) says
-    which values were tuned (benchmark/tuning.py)."""
+    """Tables of the done and failed runs in `run_ids` (default: every run in the folder); a failed run has a
+    runs.csv row with its error and no other rows. Runs of an older version of the grid file (other ids) stay on
+    disk but out of the tables. `provenance` (run id -> columns) says which values were tuned (tuning.py)."""
     from benchmark.evaluate import POLICY_ORDER
     rows, exits, curves, selected = [], [], [], []
-    for run_id in store.done_run_ids():
-        if run_ids is not None and run_id not in run_ids:
+    for run_id in store.run_ids():
+        state = store.state(run_id)
+        if (run_ids is not None and run_id not in run_ids) or state not in (DONE, FAILED):
             continue
         folder = store.run_dir(run_id)
+        if state == FAILED:
+            rows.append({**spec_row(read_json(folder / "spec.json")), "status": FAILED, "error": store.error(run_id),
+                         **(provenance or {}).get(run_id, {})})
+            continue
         metrics = read_json(folder / "metrics.json")
         row = run_row(metrics, read_json(folder / "spec.json"))
         rows.append({**row, **(provenance or {}).get(run_id, {})})
@@ -66,13 +78,13 @@ def build_tables(store: ResultsStore, run_ids: set[str] | None = None,
     runs = runs.sort_values(sort, kind="stable") if not runs.empty else runs
     frames = {name: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
               for name, parts in (("exits", exits), ("curves", curves), ("selected", selected))}
-    if rows:
+    if exits:
         frames["exits"] = frames["exits"].sort_values(sort + ["exit"], kind="stable")
         policy_rank = frames["curves"]["policy"].map({p: i for i, p in enumerate(POLICY_ORDER)})
         frames["curves"] = frames["curves"].assign(_rank=policy_rank).sort_values(
             sort + ["_rank", "point"], kind="stable").drop(columns="_rank")
         frames["selected"] = frames["selected"].sort_values(sort, kind="stable")
-    return {"runs": _ordered(runs, SPEC_COLUMNS), **{name: _ordered(frame, SPEC_COLUMNS)
+    return {"runs": _ordered(runs, SPEC_COLUMNS + RUN_STATUS_COLUMNS), **{name: _ordered(frame, SPEC_COLUMNS)
                                                      for name, frame in frames.items()}}
 
 

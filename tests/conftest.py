@@ -52,3 +52,18 @@ def torch_calls(function) -> int:
     with TorchCallCounter() as counter:
         function()
     return counter.calls
+
+
+def record_run(store, spec, metrics=None, error=None, files=None):
+    """A run folder as the pipeline leaves it: spec.json, the other `files` (name -> DataFrame), then metrics.json
+    with the run id and every file's checksum (done) or error.json (failed)."""
+    from benchmark.store import folder_digests, write_csv, write_json
+    folder = store.run_dir(spec.run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "spec.json", spec.to_json())
+    for name, frame in (files or {}).items():
+        write_csv(folder / name, frame)
+    if error is not None:
+        write_json(folder / "error.json", {"run_id": spec.run_id, "error": error})
+    else:
+        write_json(folder / "metrics.json", {**(metrics or {}), "run_id": spec.run_id, "files": folder_digests(folder)})

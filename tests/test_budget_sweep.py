@@ -4,14 +4,12 @@ import pytest
 
 from benchmark.budget_sweep import sweep_specs, sweep_table
 from benchmark.grid import load_grid
-from benchmark.store import ResultsStore, write_csv, write_json
+from benchmark.store import ResultsStore
+from conftest import record_run
 
 
 def record(store, spec, val_final_accuracy):
-    folder = store.run_dir(spec.run_id)
-    folder.mkdir(parents=True)
-    write_csv(folder / "exits.csv", pd.DataFrame({"exit": [0, 1], "val_accuracy": [0.1, val_final_accuracy]}))
-    write_json(folder / "metrics.json", {})
+    record_run(store, spec, files={"exits.csv": pd.DataFrame({"exit": [0, 1], "val_accuracy": [0.1, val_final_accuracy]})})
 
 
 def test_sweep_trains_joint_at_half_once_and_twice_the_cells_budget(grid_file):

@@ -91,11 +91,15 @@ def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     result = bench_run(grid, tmp_path / "out")
     assert result.returncode == 1, result.stderr
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
-    assert sorted(runs.arch) == ["cifar_resnet8", "cifar_resnet8"]
-    errors = [json.loads(p.read_text())["error"] for p in (tmp_path / "out").glob("runs/*/error.json")]
-    assert sorted(errors) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
-    skipped = bench_run(grid, tmp_path / "out")          # failed runs are not retried unless asked
-    assert "2 failed earlier" in skipped.stdout and skipped.returncode == 0
+    done, failed = runs[runs.status == "done"], runs[runs.status == "failed"]
+    assert sorted(done.arch) == ["cifar_resnet8", "cifar_resnet8"] and done.error.isna().all()
+    assert sorted(failed.arch) == ["small_cnn", "small_cnn"] and failed.final_accuracy.isna().all()
+    assert sorted(failed.error) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
+    skipped = bench_run(grid, tmp_path / "out")          # failed runs are not retried unless asked, nor forgotten
+    assert "2 failed earlier" in skipped.stdout and skipped.returncode == 1
+    assert "2 reported runs of grid" in skipped.stderr and "--allow-failed" in skipped.stderr
+    allowed = bench_run(grid, tmp_path / "out", "--allow-failed")
+    assert allowed.returncode == 0, allowed.stderr
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):

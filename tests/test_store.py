@@ -4,7 +4,11 @@ import json
 import pytest
 
 from benchmark.errors import UserError
-from benchmark.store import DONE, FAILED, PENDING, ResultsStore, read_json, write_json
+from benchmark.spec import RunSpec
+from benchmark.store import DONE, FAILED, PENDING, ResultsStore, folder_digests, read_json, write_json
+
+SPEC = RunSpec(dataset="digits", arch="small_cnn", regime="joint", seed=0, train={"epochs": 2},
+               model={"exits": "all"})
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
@@ -27,23 +31,25 @@ def test_nan_is_stored_as_null_so_strict_parsers_read_it(tmp_path):
 
 
 def test_run_states(tmp_path):
-    store = ResultsStore(tmp_path)
-    assert store.state("abc") == PENDING
-    folder = store.start_run("abc")
+    store, run_id = ResultsStore(tmp_path), SPEC.run_id
+    assert store.state(run_id) == PENDING
+    folder = store.start_run(run_id)
+    write_json(folder / "spec.json", SPEC.to_json())
     write_json(folder / "error.json", {"error": "boom"})
-    assert store.state("abc") == FAILED and store.error("abc") == "boom"
-    store.start_run("abc")                                  # a retry clears the failed attempt
-    assert store.state("abc") == PENDING
-    write_json(folder / "metrics.json", {})
-    assert store.state("abc") == DONE and store.done_run_ids() == ["abc"]
+    assert store.state(run_id) == FAILED and store.error(run_id) == "boom"
+    store.start_run(run_id)                                  # a retry clears the failed attempt
+    assert store.state(run_id) == PENDING
+    write_json(folder / "spec.json", SPEC.to_json())
+    write_json(folder / "metrics.json", {"run_id": run_id, "files": folder_digests(folder)})
+    assert store.state(run_id) == DONE and store.done_run_ids() == [run_id]
     with pytest.raises(RuntimeError, match="already done"):
-        store.start_run("abc")
+        store.start_run(run_id)
 
 
 def test_second_bench_run_on_the_same_folder_is_refused(tmp_path):
     store = ResultsStore(tmp_path)
     with store.lock():
-        with pytest.raises(UserError, match="another `bench run` is using"):
+        with pytest.raises(UserError, match="another `bench` command is writing to"):
             with ResultsStore(tmp_path).lock():
                 pass
     with store.lock():      # released after use

@@ -193,8 +193,11 @@ def test_examples_seen_counts_what_the_steps_drew(name, n, per_step):
 def test_shared_p1_stores_its_measured_flops_and_reuse_charges_them(digits, tmp_path):
     spec = RunSpec(dataset="digits", arch="small_cnn", regime="mixed", seed=0, train=dict(TRAIN),
                    model={"head": "pool", "exits": "flops:0.25,0.5,0.75"})
+    disjoint = dataclasses.replace(spec, regime="disjoint")          # same P1, another run
     store = ResultsStore(tmp_path)
     _, trained, reused_first, _ = obtain_p1(spec, P1, model(), digits, store, CPU, None, None)
-    _, loaded, reused_second, _ = obtain_p1(spec, P1, model(), digits, store, CPU, None, None)
+    _, loaded, reused_second, _ = obtain_p1(disjoint, P1, model(), digits, store, CPU, None, None)
+    _, _, reused_on_rerun, _ = obtain_p1(spec, P1, model(), digits, store, CPU, None, None)
     assert (reused_first, reused_second) == (False, True)
+    assert not reused_on_rerun, "the run that trained P1 paid for it, also when it is rerun after a kill"
     assert loaded == trained and loaded.train_flops == 2 * loaded.step_flops["step"] > 0

@@ -6,21 +6,16 @@ import pandas as pd
 import pytest
 
 from benchmark.grid import load_grid
-from benchmark.store import ResultsStore, write_json
+from benchmark.store import ResultsStore
 from benchmark.tuning import NOT_TUNED, TUNING_METRIC, candidates, make_plan
-from conftest import BENCH, REPO
+from conftest import BENCH, REPO, record_run
 
 TUNING = '[tuning]\nseeds = [7, 8]\nlr = [0.1, 0.02]\n'
 
 
 def finish(store, spec, metric=None, error=None):
     """Record a tuning run's outcome the way the pipeline does: metrics.json (done) or error.json (failed)."""
-    folder = store.run_dir(spec.run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    if error:
-        write_json(folder / "error.json", {"error": error})
-    else:
-        write_json(folder / "metrics.json", {"summary": {TUNING_METRIC: metric, "auc_normalised": 0.0}})
+    record_run(store, spec, metrics={"summary": {TUNING_METRIC: metric, "auc_normalised": 0.0}}, error=error)
 
 
 def test_candidates_are_declared_lr_times_one_objective_knob(grid_file):
