@@ -173,7 +173,7 @@ class Progress:
         left = self.total - self.finished
         eta = (time.monotonic() - self.started) / self.finished * left
         line = (f"{status} {spec.run_id} {spec.regime} {spec.dataset}/{spec.arch} seed {spec.seed}: {result}; "
-                f"{left} runs left, ETA {_clock(eta)}")
+                f"{left} left, ETA {_clock(eta)}")
         if self.tty:
             tqdm.write(line, file=sys.stderr)
         else:

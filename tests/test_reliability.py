@@ -393,7 +393,7 @@ def test_a_log_file_gets_one_plain_line_per_run(grid_file, tmp_path):
     assert "\r" not in text and "\x1b[" not in text, "no carriage returns or cursor codes in a log file"
     lines = [line for line in text.splitlines() if line.startswith("done ")]
     assert len(lines) == 2 and all(re.search(r"digits/small_cnn seed 0: final accuracy 0\.\d{4}, [\d.]+ s; "
-                                             r"\d runs left, ETA \d+:\d\d:\d\d$", line) for line in lines), text
+                                             r"\d left, ETA \d+:\d\d:\d\d$", line) for line in lines), text
     assert {line.split()[2] for line in lines} == set(REGIMES)
 
 
