@@ -200,6 +200,37 @@ def analyze(grid_name, only, results, data_root, device, threads):
         _analyze(grid, specs, store, data_root, device, threads)
 
 
+@main.command(short_help="Write results/<grid>/REPORT.md: leaderboards, claims, findings, figures.")
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: results/<grid>].")
+@click.option("--update-benchmark", is_flag=True,
+              help="Also rewrite the leaderboard between the markers in BENCHMARK.md.")
+@click.option("--claims", "claims_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Claims file to test [default: the shipped benchmark/claims.toml; copy it to add yours].")
+def report(grid_name, results, update_benchmark, claims_file):
+    """Write results/<grid>/REPORT.md and the figures it embeds from the stored runs and tables; trains nothing.
+
+    The run tables are regenerated first when the run folders are here (a clone holding only the committed tables
+    reports from those)."""
+    from benchmark.grid import load_grid
+    from benchmark.report import write_report
+    from benchmark.store import ResultsStore
+
+    grid = load_grid(grid_name, check_models=False)          # reads what was run; checks nothing to train
+    store = ResultsStore(results or Path("results") / grid.name)
+    if not (store.tables_dir / "runs.csv").is_file() and not store.run_ids():
+        raise UserError(f"no runs of grid '{grid.name}' in {store.root}; run `bench run --grid {grid_name}` first")
+    with store.lock():
+        if store.run_ids():
+            _write_grid_tables(grid, store)
+        path = write_report(grid, store, benchmark_file=Path("BENCHMARK.md") if update_benchmark else None,
+                            claims_file=claims_file)
+    click.echo(f"report of grid {grid.name}: {path}" + ("; BENCHMARK.md's leaderboard updated" if update_benchmark
+                                                          else ""))
+
+
 def _print_plan(plan, store, device_type: str) -> None:
     """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1."""
     from benchmark.runner import p1_stored

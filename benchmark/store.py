@@ -74,6 +74,10 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 

@@ -1,0 +1,101 @@
+"""Are the regimes' average ranks different beyond chance? Friedman test plus Nemenyi critical difference
+(Demšar 2006, JMLR 7, section 3.2.2), and the critical-difference diagram.
+
+Blocks are the (dataset, arch) cells, as in Demšar's comparison over data sets: a regime's value in a cell is its
+mean over seeds, and only cells where every compared regime has a value enter (the test needs complete blocks).
+Ranks: 1 = best, ties averaged. Nemenyi: two regimes differ at level alpha when their average ranks differ by more
+than CD = q_alpha * sqrt(k (k + 1) / (6 N)), q_alpha the studentized range quantile for k groups and infinite
+degrees of freedom divided by sqrt 2 (Demšar's table 5: k = 3 -> 2.343, k = 10 -> 3.164). With few cells CD is
+large: the diagram then shows, honestly, that few differences are resolved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.style import new_figure, regime_colour, save
+
+CELL = ["dataset", "arch"]
+
+
+@dataclass(frozen=True)
+class RankTest:
+    ranks: pd.Series           # regime -> average rank over the complete cells, best first
+    n_cells: int
+    friedman_statistic: float  # Friedman's chi-square (NaN below 2 cells or 3 regimes)
+    friedman_p: float
+    critical_difference: float
+    alpha: float
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """Maximal runs of regimes (in rank order) whose ranks lie within CD of each other: not resolved apart."""
+        names, values = list(self.ranks.index), self.ranks.to_numpy()
+        cliques = []
+        for i in range(len(names)):
+            j = i
+            while j + 1 < len(names) and values[j + 1] - values[i] <= self.critical_difference:
+                j += 1
+            if j > i and not any(c[0] <= i and j <= c[1] for c in cliques):
+                cliques.append((i, j))
+        return [tuple(names[i:j + 1]) for i, j in cliques]
+
+
+def nemenyi_q(k: int, alpha: float = 0.05) -> float:
+    from scipy import stats
+    return float(stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2))
+
+
+def rank_test(runs: pd.DataFrame, metric: str, alpha: float = 0.05, higher_is_better: bool = True) -> RankTest:
+    """Friedman + Nemenyi over the cells where every regime of `runs` has a seed-mean `metric`."""
+    from scipy import stats
+    means = runs.groupby([*CELL, "regime"])[metric].mean().unstack("regime").dropna(axis=0, how="any")
+    ranks = means.rank(axis=1, ascending=not higher_is_better, method="average")
+    n, k = ranks.shape
+    average = ranks.mean().sort_values(kind="stable")
+    statistic = p = np.nan
+    if n >= 2 and k >= 3:
+        statistic, p = stats.friedmanchisquare(*(means[c].to_numpy() for c in means.columns))
+        if not np.isfinite(statistic):         # every cell ranks the regimes alike with ties: no evidence
+            statistic, p = np.nan, np.nan
+    cd = nemenyi_q(k, alpha) * np.sqrt(k * (k + 1) / (6 * n)) if n and k >= 2 else np.nan
+    return RankTest(average, n, float(statistic), float(p), float(cd), alpha)
+
+
+def plot_critical_difference(test: RankTest, path, title: str) -> None:
+    """Demšar's diagram: the rank axis on top, each regime at its average rank, a thick bar joining regimes
+    within CD of each other (differences not resolved at alpha), the CD as a scale bar."""
+    names, ranks = list(test.ranks.index), test.ranks.to_numpy()
+    k = len(names)
+    half = (k + 1) // 2
+    cliques = test.groups()
+    top = 1.0 + 0.25 * len(cliques)                 # label rows start below the clique bars
+    fig, axes = new_figure(width=8.0, height=1.4 + 0.32 * (half + top))
+    ax = axes[0][0]
+    low, high = 1, max(k, 2)
+    ax.set_xlim(low - 0.5, high + 0.5)
+    ax.set_ylim(-(half + top + 0.8), 1.8)
+    ax.axis("off")
+    ax.hlines(0, low, high, color="black", lw=1)
+    for r in range(low, high + 1):
+        ax.vlines(r, 0, 0.15, color="black", lw=1)
+        ax.text(r, 0.3, str(r), ha="center", va="bottom", fontsize=9)
+    for i, (name, rank) in enumerate(zip(names, ranks)):
+        left = i < half
+        row = -top - (i if left else k - 1 - i)
+        end = low - 0.45 if left else high + 0.45
+        ax.plot([rank, rank, end], [0, row, row], color=regime_colour(name), lw=1.2)
+        ax.text(end, row + 0.12, f"{name} ({rank:.2f})", ha="left" if left else "right", va="bottom", fontsize=8.5,
+                color="black")
+    for depth, group in enumerate(cliques):
+        lo, hi = test.ranks[list(group)].min(), test.ranks[list(group)].max()
+        ax.hlines(-0.35 - 0.25 * depth, lo - 0.03, hi + 0.03, color="black", lw=3.5)
+    if np.isfinite(test.critical_difference):
+        cd = test.critical_difference
+        ax.hlines(1.25, low, low + cd, color="black", lw=1.5)
+        ax.text(low + cd / 2, 1.35, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+    p = "n/a" if not np.isfinite(test.friedman_p) else f"{test.friedman_p:.3g}"
+    ax.set_title(f"{title}\nFriedman p = {p} over {test.n_cells} cells; Nemenyi α = {test.alpha:g}", fontsize=10,
+                 pad=14)
+    save(fig, path)

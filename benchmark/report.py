@@ -1,0 +1,318 @@
+"""`bench report`: results/<grid>/REPORT.md and the figures it embeds, from the stored runs and tables only.
+
+It trains nothing. Every number in it is read from the tables (`runs.csv`, `exits.csv`, `tuning.csv`, the analysis
+tables) or computed from them here; every sentence of findings is written by code from those numbers. The same
+leaderboard goes into BENCHMARK.md between LEADERBOARD_MARKERS with `--update-benchmark`.
+"""
+from __future__ import annotations
+
+import datetime
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark import PROTOCOL_VERSION
+from benchmark.claims import CLAIMS_FILE
+from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
+
+PRIMARY = "auc_normalised"
+ALPHA = 0.05
+ACCURACY_COLUMNS = [("auc_normalised", "area"), ("accuracy_at_25pct", "@25%"), ("accuracy_at_50pct", "@50%"),
+                    ("accuracy_at_75pct", "@75%"), ("accuracy_at_100pct", "@100%"), ("final_accuracy", "final exit")]
+COST_COLUMNS = [("train_wall_seconds", "wall s", "{:.1f}"), ("train_flops", "train FLOPs", "{:.3g}"),
+                ("train_optimizer_steps", "steps", "{:.0f}")]
+LEADERBOARD_MARKERS = ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->")
+FIGURES = [   # (file glob in figures/, caption: what to look at)
+    ("pareto_fronts.png", "Test accuracy against mean FLOPs per sample, every regime's validation-selected operating "
+                          "points and the front: look for the regime that sits highest at the budget you care about."),
+    ("exit_accuracy.png", "Test accuracy of each exit, per regime: the early exits are where the regimes differ; the "
+                          "final exit shows what training the heads cost the backbone."),
+    ("critical_difference.png", "Average rank by the primary area over cells; regimes joined by a bar are not "
+                                "resolved apart by the Nemenyi test at α = 0.05."),
+    ("final_accuracy_ci.png", "Final-exit accuracy, mean and 95 % interval over seeds; a star marks a paired "
+                              "difference from joint at p < 0.05."),
+    ("rank_profiles.png", "Effective rank of each block's features: where a regime's representation narrows or "
+                          "widens relative to the others."),
+    ("information_plane.png", "I(X;T) against I(T;Y) per exit at the end of training: exits further right keep more "
+                              "label information."),
+    ("landscape_1d_*.png", "Loss along a filter-normalised random direction, final exit: a wider basin is flatter."),
+    ("interpolation_*.png", "Loss on the straight line from the joint to the mixed solution: a barrier means "
+                            "separate basins."),
+    ("landscape_2d_*.png", "Loss over a 2-D slice around each core regime's solution, final exit."),
+]
+
+
+def provenance(runs: pd.DataFrame) -> dict[str, str]:
+    """Who made these numbers: versions, commit, devices, and today's date (UTC)."""
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    devices = ", ".join(sorted(runs["device"].dropna().astype(str).unique())) if "device" in runs else "unknown"
+    return {"protocol version": str(PROTOCOL_VERSION), "exitbench": version("exitbench"), "git commit": commit,
+            "torch": version("torch"), "torchvision": version("torchvision"), "timm": version("timm"),
+            "devices of the runs": devices or "none",
+            "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def _percent(value: float) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "–"
+    std = values.std(ddof=1) if len(values) > 1 else float("nan")
+    text = f"{scale * values.mean():.{digits}f}"
+    return text if not np.isfinite(std) else f"{text} ± {scale * std:.{digits}f}"
+
+
+def _count(value: float, form: str) -> str:
+    return "–" if not np.isfinite(value) else form.format(value)
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def completeness(grid, runs_all: pd.DataFrame, tuning: pd.DataFrame | None) -> list[str]:
+    """What is done, failed (with the reason) and missing (with why), from the tables: the report also works on a
+    clone that has the committed tables but not the run folders."""
+    done, failed = runs_all[runs_all.status == DONE], runs_all[runs_all.status == FAILED]
+    declared = len(grid.specs)
+    lines = [f"- Reported runs: **{len(done)} done**, {len(failed)} failed, {max(0, declared - len(runs_all))} "
+             f"missing of the {declared} that grid `{grid.name}` declares."]
+    if tuning is not None and not tuning.empty:
+        states = tuning["state"].value_counts()
+        lines.append(f"- Tuning runs: {states.get(DONE, 0)} done, {states.get(FAILED, 0)} failed (a failed "
+                     f"candidate loses the tuning), {states.get(PENDING, 0)} not yet run.")
+    for _, run in failed.iterrows():
+        lines.append(f"- Failed: `{run.run_id}` {run.regime} on {run.dataset}/{run.arch}, seed {run.seed}: "
+                     f"{run.error}")
+    have = set(map(tuple, done[["dataset", "arch"]].to_numpy()))
+    for cell in sorted({(s.dataset, s.arch) for s in grid.specs}):
+        if cell not in have:
+            lines.append(f"- Missing cell {cell[0]}/{cell[1]}: no done run in runs.csv — `bench run --grid "
+                         f"{grid.name}` trains it.")
+    return lines
+
+
+def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """One (dataset, arch): regimes ranked by the seed-mean primary area, with spread, cost, tuned lr and a mark
+    where the paired t-test against joint (by seed) gives p < ALPHA on the primary area."""
+    from analysis.statistics import summary_table
+    from benchmark.tuning import NOT_TUNED
+    means = cell_runs.groupby("regime")[PRIMARY].mean().sort_values(ascending=False, kind="stable")
+    tests = (summary_table(cell_runs, [PRIMARY]).set_index("regime")
+             if "joint" in set(cell_runs.regime) else pd.DataFrame())
+    rows = []
+    for rank, regime in enumerate(means.index, start=1):
+        group = cell_runs[cell_runs.regime == regime]
+        mark = ""
+        if regime != "joint" and not tests.empty and regime in tests.index:
+            p, diff = tests.loc[regime, "p_value"], tests.loc[regime, "mean_difference"]
+            if np.isfinite(p) and p < ALPHA:
+                mark = f"{'▲' if diff > 0 else '▼'} p={p:.2g}"
+        lrs = sorted(group["lr"].dropna().unique())
+        tuned = "tuned" in group and (group["tuned"].dropna().astype(str) != NOT_TUNED).any()
+        lr = "/".join(f"{v:g}" for v in lrs) + (" (tuned)" if tuned else "")
+        rows.append([str(rank), f"`{regime}`", *(_mean_std(group[c]) for c, _ in ACCURACY_COLUMNS),
+                     *(_count(group[c].mean(), form) for c, _, form in COST_COLUMNS), lr, mark, str(len(group))])
+    header = ["#", "regime", *(label for _, label in ACCURACY_COLUMNS), *(label for _, label, _ in COST_COLUMNS),
+              "lr", "vs joint", "seeds"]
+    return _table(header, rows, "rl" + "r" * (len(header) - 2)), means
+
+
+def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
+    from analysis.critical_difference import rank_test
+    from benchmark.analyze import leaderboard
+    board = leaderboard(runs)
+    test = rank_test(runs, PRIMARY, ALPHA)
+    rows = []
+    for _, row in board.iterrows():
+        ratios = [f"{row[c]:.2f}x" if c in row and np.isfinite(row[c]) else "–"
+                  for c in ("train_flops_vs_joint", "train_optimizer_steps_vs_joint", "train_wall_seconds_vs_joint")]
+        rows.append([f"`{row.regime}`", f"{row.average_rank:.2f}", str(int(row.n_cells)), *ratios])
+    lines = _table(["regime", "average rank", "cells", "train FLOPs vs joint", "steps vs joint",
+                    "wall time vs joint"], rows)
+    p = "n/a (fewer than 2 complete cells or 3 regimes)" if not np.isfinite(test.friedman_p) else \
+        f"{test.friedman_p:.3g}"
+    lines += ["", f"Friedman test over the {test.n_cells} cells where every regime has runs: p = {p}; Nemenyi "
+                  f"critical difference at α = {ALPHA:g}: {test.critical_difference:.2f} ranks."]
+    return lines, test
+
+
+def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
+    """Per cell, grouped bars: test accuracy (seed mean) of each exit, one bar per regime."""
+    from analysis.style import cell_panels, regime_colour, regime_order, save
+    cells = sorted(exits.groupby(["dataset", "arch"]).groups)
+    fig, axes = cell_panels(cells, max_cols=2, width=6.0, height=3.6)
+    for ax, (dataset, arch) in zip(axes, cells):
+        cell = exits[(exits.dataset == dataset) & (exits.arch == arch)]
+        means = cell.groupby(["regime", "exit"])["test_accuracy"].mean().unstack("exit")
+        regimes = regime_order(means.index)
+        width = 0.8 / len(regimes)
+        for i, regime in enumerate(regimes):
+            xs = np.arange(means.shape[1]) + (i - (len(regimes) - 1) / 2) * width
+            ax.bar(xs, 100 * means.loc[regime].to_numpy(), width=width, color=regime_colour(regime), label=regime)
+        ax.set_xticks(np.arange(means.shape[1]), [f"exit {k}" for k in means.columns])
+        low = 100 * np.nanmin(means.to_numpy())
+        ax.set_ylim(max(0, low - 5), 100)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{dataset} / {arch}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    save(fig, path)
+
+
+def findings(runs: pd.DataFrame, cell_means: dict, claims: pd.DataFrame | None) -> list[str]:
+    """Sentences computed from the tables: the best regime per cell, mixed vs joint at the smallest budget, and
+    one per tested claim."""
+    lines = []
+    for (dataset, arch), means in cell_means.items():
+        best = means.index[0]
+        joint = "" if best == "joint" else f"; joint's is {_percent(means.get('joint', float('nan')))}"
+        lines.append(f"- {dataset}/{arch}: `{best}` has the highest primary area ({100 * means.iloc[0]:.1f}){joint}.")
+    pairs = runs.pivot_table(index=["dataset", "arch"], columns="regime", values="accuracy_at_25pct", aggfunc="mean")
+    if {"joint", "mixed"} <= set(pairs.columns):
+        both = pairs[["joint", "mixed"]].dropna()
+        wins = int((both["mixed"] > both["joint"]).sum())
+        lines.append(f"- At 25 % of the backbone's FLOPs, mixed is more accurate than joint in {wins} of "
+                     f"{len(both)} cells (seed means).")
+    if claims is not None:
+        from benchmark.claims import claim_findings
+        lines += [f"- {sentence}" for sentence in claim_findings(claims)]
+    return lines
+
+
+def claims_section(claims: pd.DataFrame) -> list[str]:
+    rows = []
+    for _, c in claims.iterrows():
+        needed = "" if not np.isfinite(c.get("n_needed", np.nan)) else f"{int(c.n_needed)}"
+        p = "–" if not np.isfinite(c.p_value) else f"{c.p_value:.2g}"
+        rows.append([c.statement, f"`{c.a}` vs `{c.b}`", c.metric,
+                     f"{100 * c.mean_difference:+.2f}" if np.isfinite(c.mean_difference) else "–",
+                     f"[{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}]" if np.isfinite(c.ci_low) else "–",
+                     f"{c.effect_size:.2f}" if np.isfinite(c.effect_size) else "–", p, str(int(c.n_pairs)),
+                     f"**{c.verdict}**", needed, c.source])
+    return _table(["claim", "compared", "metric", "mean diff (pts)", "95 % CI", "d_z", "p", "pairs", "verdict",
+                   "pairs needed", "source"], rows, "lllrrrrrlrl")
+
+
+def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str] | None = None,
+                 claims_file: Path | None = None) -> tuple[str, str]:
+    """(REPORT.md's text, the leaderboard block for BENCHMARK.md). Figures it draws go to `figures`; the claims
+    come from `claims_file` (default: the shipped benchmark/claims.toml)."""
+    tables = store.tables_dir
+    runs_all = pd.read_csv(tables / "runs.csv")
+    runs = runs_all[runs_all.status == DONE]
+    exits = pd.read_csv(tables / "exits.csv")
+    stamp = stamp or provenance(runs)
+    tuning = pd.read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
+    status_lines = completeness(grid, runs_all, tuning)
+    out = [f"# exitbench report — grid `{grid.name}`", "", grid.description, "",
+           "## Provenance and completeness", "",
+           *_table(["", ""], [[key, f"`{value}`"] for key, value in stamp.items()], "ll"), "", *status_lines, ""]
+    if runs.empty:
+        out += ["No run is done yet: `bench run --grid " + grid.name + "` trains them.", ""]
+        return "\n".join(out), "\n".join(out)
+
+    out += ["## Leaderboards", "",
+            f"Ranked by the primary metric: **area** = the validation-selected normalised area under the test "
+            f"accuracy–FLOPs curve (`{PRIMARY}`). Accuracy columns are test accuracy (%) at the operating point "
+            f"validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
+            f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
+            f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area. "
+            f"lr: the regime's own-phase learning rate (tuned: chosen on tuning seeds by validation area).", ""]
+    cell_means = {}
+    for (dataset, arch), cell in runs.groupby(["dataset", "arch"], sort=True):
+        lines, means = cell_leaderboard(cell)
+        cell_means[dataset, arch] = means
+        out += [f"### {dataset} / {arch}", "", *lines, ""]
+
+    figures.mkdir(parents=True, exist_ok=True)
+    overall, test = overall_ranking(runs)
+    from analysis.critical_difference import plot_critical_difference
+    plot_critical_difference(test, figures / "critical_difference.png", f"Average rank by {PRIMARY}, grid {grid.name}")
+    plot_exit_accuracy(exits[exits.run_id.isin(runs.run_id)], figures / "exit_accuracy.png")
+    overall_block = ["## Overall", "", "Average rank by the primary area across cells (1 = best), with each regime's "
+                     "training cost as its mean ratio to joint's.", "", *overall, ""]
+    out += overall_block
+
+    claims = _claims(runs, exits[exits.run_id.isin(runs.run_id)], claims_file)
+    if claims is not None:
+        declared = "benchmark/claims.toml" if claims_file is None else claims_file.name
+        out += ["## The papers' claims, tested", "",
+                f"Each claim is a row of `{declared}`, tested by a paired comparison over every (cell, seed) "
+                "pair where both regimes are done. Differences in points (accuracy × 100); d_z = mean / sd of "
+                "the differences; *pairs needed*: for an inconclusive claim, the pairs a paired t-test would need "
+                "for 80 % power at the observed effect.", "", *claims_section(claims), ""]
+    out += ["## Findings", "", "Written by `bench report` from the tables above.", "",
+            *findings(runs, cell_means, claims), ""]
+    out += ["## Figures", ""]
+    for pattern, caption in FIGURES:
+        paths = sorted(figures.glob(pattern))
+        for path in paths:
+            out += [f"**{path.stem.replace('_', ' ')}** — {caption}", "",
+                    f"![{path.stem}](figures/{path.name})", ""]
+    missing = [pattern for pattern, _ in FIGURES if not list(figures.glob(pattern))]
+    if missing:
+        out += [f"Not drawn yet: {', '.join(f'`{m}`' for m in missing)} — `bench analyze --grid {grid.name}` draws "
+                f"them (model analyses need the runs' models: `run_after = true` in the grid's [analyses] or "
+                f"`bench run --save-models`).", ""]
+    benchmark_block = [f"Grid `{grid.name}`, generated by `bench report --grid {grid.name} --update-benchmark` "
+                       f"(protocol {stamp['protocol version']}, commit `{stamp['git commit']}`). Per-cell tables and "
+                       f"figures: [results/{grid.name}/REPORT.md](results/{grid.name}/REPORT.md).", "",
+                       *overall, ""]
+    if claims is not None:
+        benchmark_block += ["Claims:", "", *(f"- {s}" for s in _claim_sentences(claims)), ""]
+    return "\n".join(out).rstrip() + "\n", "\n".join(benchmark_block).rstrip()
+
+
+def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None) -> pd.DataFrame | None:
+    from benchmark.claims import evaluate_claims, load_claims
+    table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE))
+    return table if not table.empty else None
+
+
+def _claim_sentences(claims: pd.DataFrame) -> list[str]:
+    from benchmark.claims import claim_findings
+    return claim_findings(claims)
+
+
+def update_benchmark(path: Path, block: str) -> None:
+    """Replace what lies between LEADERBOARD_MARKERS in BENCHMARK.md by `block`."""
+    from benchmark.errors import UserError
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `bench report --update-benchmark` from the repository root")
+    text = path.read_text()
+    start, end = LEADERBOARD_MARKERS
+    if start not in text or end not in text:
+        raise UserError(f"{path} has no {start} ... {end} markers; add them where the leaderboard goes")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text(path, f"{head}{start}\n{block}\n{end}{tail}")
+
+
+def write_report(grid, store: ResultsStore, *, stamp: dict[str, str] | None = None,
+                 benchmark_file: Path | None = None, claims_file: Path | None = None) -> Path:
+    """Write results/<grid>/REPORT.md (and its figures); with `benchmark_file`, update its leaderboard block."""
+    text, block = build_report(grid, store, store.root / "figures", stamp, claims_file)
+    path = store.root / "REPORT.md"
+    write_text(path, text)
+    if benchmark_file is not None:
+        update_benchmark(benchmark_file, block)
+    return path

@@ -1,0 +1,126 @@
+"""`bench report` against a committed fixture (the tables of a real 12-run grid, three of whose runs failed on
+purpose) compared with a golden markdown file, as DomainBed's collect_results test does; and the critical-difference
+statistics against Demšar's table.
+
+To accept an intended change of the report: EXITBENCH_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py, then
+read the diff of tests/fixtures/report/REPORT.md before committing it.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.critical_difference import nemenyi_q, rank_test
+from benchmark.errors import UserError
+from benchmark.grid import load_grid
+from benchmark.report import LEADERBOARD_MARKERS, build_report, update_benchmark
+from benchmark.store import ResultsStore
+from conftest import BENCH, REPO
+
+FIXTURE = REPO / "tests" / "fixtures" / "report"
+STAMP = {"protocol version": "2", "exitbench": "0.1.0", "git commit": "fixture", "torch": "fixed",
+         "torchvision": "fixed", "timm": "fixed", "devices of the runs": "cpu", "generated": "2026-12-01"}
+
+
+@pytest.fixture
+def fixture_store(tmp_path):
+    shutil.copytree(FIXTURE / "tables", tmp_path / "out" / "tables")
+    return load_grid(str(FIXTURE / "report_grid.toml"), check_models=False), ResultsStore(tmp_path / "out")
+
+
+def test_the_report_matches_the_golden_markdown(fixture_store):
+    grid, store = fixture_store
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    golden = FIXTURE / "REPORT.md"
+    if os.environ.get("EXITBENCH_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_completeness_lists_each_failed_run_with_its_reason(fixture_store):
+    grid, store = fixture_store
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    runs = pd.read_csv(store.tables_dir / "runs.csv")
+    failed = runs[runs.status == "failed"]
+    assert len(failed) == 3
+    for _, run in failed.iterrows():
+        assert f"- Failed: `{run.run_id}` disjoint on digits/small_cnn, seed {run.seed}: {run.error}" in text
+    assert "**9 done**, 3 failed, 0 missing of the 12" in text
+
+
+def test_every_embedded_figure_exists_under_a_relative_path(fixture_store):
+    grid, store = fixture_store
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert "figures/critical_difference.png" in images and "figures/exit_accuracy.png" in images
+    for image in images:
+        assert not image.startswith("/") and (store.root / image).is_file()
+    assert str(store.root) not in text, "no machine paths in the report"
+
+
+def test_bench_report_works_from_the_tables_alone_and_names_missing_figures(fixture_store, tmp_path):
+    grid, store = fixture_store
+    result = subprocess.run([*BENCH, "report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
+                             str(store.root)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = (store.root / "REPORT.md").read_text()
+    assert "Not drawn yet:" in text and "`bench analyze --grid report_grid`" in text
+
+
+def test_bench_report_without_runs_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([*BENCH, "report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
+                             str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "bench run --grid" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_update_benchmark_rewrites_only_between_the_markers(tmp_path):
+    start, end = LEADERBOARD_MARKERS
+    path = tmp_path / "BENCHMARK.md"
+    path.write_text(f"# head\n{start}\nold\n{end}\ntail\n")
+    update_benchmark(path, "new block")
+    assert path.read_text() == f"# head\n{start}\nnew block\n{end}\ntail\n"
+    path.write_text("no markers\n")
+    with pytest.raises(UserError, match="markers"):
+        update_benchmark(path, "x")
+
+
+def test_nemenyi_quantiles_match_demsar_table_5():
+    # Demšar 2006, table 5(a), alpha = 0.05, k = 2..10
+    expected = [1.960, 2.343, 2.569, 2.728, 2.850, 2.949, 3.031, 3.102, 3.164]
+    assert [round(nemenyi_q(k), 3) for k in range(2, 11)] == pytest.approx(expected, abs=0.0015)
+
+
+def test_rank_test_on_a_known_ordering():
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    rows = []
+    for cell in range(6):
+        base = rng.uniform(0.5, 0.8)
+        for r, regime in enumerate(["a", "b", "c", "d"]):
+            for seed in range(3):
+                rows.append({"dataset": f"d{cell}", "arch": "x", "regime": regime, "seed": seed,
+                             "auc": base - 0.05 * r + 0.001 * seed})
+    runs = pd.DataFrame(rows)
+    test = rank_test(runs, "auc")
+    assert list(test.ranks.index) == ["a", "b", "c", "d"] and list(test.ranks) == [1.0, 2.0, 3.0, 4.0]
+    means = runs.groupby(["dataset", "arch", "regime"])["auc"].mean().unstack("regime")
+    assert test.friedman_p == pytest.approx(stats.friedmanchisquare(*(means[c] for c in means.columns)).pvalue)
+    assert test.critical_difference == pytest.approx(2.569 * np.sqrt(4 * 5 / (6 * 6)), abs=1e-3)
+    assert test.groups() == [("a", "b"), ("b", "c"), ("c", "d")], "CD 1.92: neighbours only are unresolved"
+
+
+def test_a_user_adds_a_claim_by_adding_a_row(fixture_store, tmp_path):
+    from benchmark.claims import CLAIMS_FILE
+    grid, store = fixture_store
+    mine = tmp_path / "my_claims.toml"
+    mine.write_text(CLAIMS_FILE.read_text() + '\n[[claim]]\nid = "mixed-beats-joint-at-half"\n'
+                    'statement = "Mixed is more accurate than joint at half the FLOPs."\nsource = "a reader"\n'
+                    'a = "mixed"\nb = "joint"\nmetric = "accuracy_at_50pct"\ndirection = "greater"\n')
+    text, _ = build_report(grid, store, store.root / "figures", STAMP, claims_file=mine)
+    row = next(line for line in text.splitlines() if line.startswith("| Mixed is more accurate than joint at half"))
+    assert "`mixed` vs `joint`" in row and "| 3 |" in row
+    assert "**contradicted**" in row, "fixture: mixed 55.8 vs joint 73.2 at 50 %, over 3 seeds"
