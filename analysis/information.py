@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from analysis.style import (BASELINE, new_figure, place_legend, regime_handles, regime_order, regime_style, save,
+                            schedule_groups)
 from benchmark.models.eval_mode import evaluating
 
 DEFAULT_N_SAMPLES = 500   # cifar_resnet8 on 28 px MNIST: ~1.8 s per model on 1 thread, the float64 Gram matmuls most
@@ -244,59 +245,106 @@ def exit_bound_table(model: nn.Module, x: Tensor, y: Tensor, *, n_samples: int |
 
 # ------------------------------------------------------------------------------------------ figure
 
-_BLOCK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DEFAULT_PLANE_BLOCKS = 4
+"""Blocks drawn per cell by default: the first, the last and evenly spaced ones between (every block of 15
+regimes in one panel is unreadable)."""
 
 
-def _lighter(colour, amount: float):
-    """``colour`` blended towards white by ``amount`` in [0, 1]."""
-    return tuple(c + (1.0 - c) * amount for c in colour)
+def plane_blocks(n_blocks: int, count: int = DEFAULT_PLANE_BLOCKS) -> list[int]:
+    """``count`` blocks evenly spaced over 0 .. n_blocks - 1, first and last included."""
+    return sorted({int(round(b)) for b in np.linspace(0, n_blocks - 1, max(1, min(count, n_blocks)))})
 
 
-def plot_information_plane(table: pd.DataFrame, path) -> None:
-    """The information plane: I(X;T) on x, I(T;Y) on y, one trajectory over ``epoch`` per block.
+def label_entropy_text(table: pd.DataFrame) -> str:
+    """"H(Y) = 3.32 bits" from the rows' H_Y_bits (one cell's label entropy on its analysis subset), or the range
+    if the rows disagree; "" without the column."""
+    if "H_Y_bits" not in table or table["H_Y_bits"].isna().all():
+        return ""
+    low, high = table["H_Y_bits"].min(), table["H_Y_bits"].max()
+    return f"H(Y) = {low:.2f} bits" if round(low, 2) == round(high, 2) else f"H(Y) = {low:.2f}-{high:.2f} bits"
 
-    One panel per regime (columns) and per (dataset, arch) cell if the table has those columns (rows). Colour is
-    the regime's; early blocks are lighter and each block has its own marker; markers grow with the epoch and
-    arrows point forward in time. Seeds, if present, are averaged. Needs columns regime, block, epoch,
-    I_XT_bits, I_TY_bits, and a single estimator.
+
+def _label_blocks(ax, means: pd.DataFrame) -> None:
+    """"block k" under each block's first-snapshot point (the mean over regimes), one label for blocks whose points
+    nearly coincide (closer than 4 % of the panel's data range in I(X;T) and 6 % in I(T;Y), where two labels
+    would overlap)."""
+    first = means[means["epoch"] == means["epoch"].min()].groupby("block")[["I_XT_bits", "I_TY_bits"]].mean()
+    near = (means[["I_XT_bits", "I_TY_bits"]].max() - means[["I_XT_bits", "I_TY_bits"]].min()).replace(0, 1) \
+        * np.array([0.04, 0.06])
+    clusters: list[list[int]] = []
+    for block, point in first.iterrows():
+        for cluster in clusters:
+            if ((first.loc[cluster[0]] - point).abs() <= near).all():
+                cluster.append(block)
+                break
+        else:
+            clusters.append([block])
+    for cluster in clusters:
+        x, y = first.loc[cluster].mean()
+        label = f"block {cluster[0]}" if len(cluster) == 1 else "blocks " + ", ".join(map(str, cluster))
+        ax.annotate(label, (x, y), xytext=(0, -9), textcoords="offset points", ha="center", va="top",
+                    fontsize="small", color="0.25")
+
+
+def plot_information_plane(table: pd.DataFrame, path, blocks: int | list[int] = DEFAULT_PLANE_BLOCKS) -> None:
+    """The information plane: I(X;T) on x, I(T;Y) on y, one trajectory over ``epoch`` per (regime, block).
+
+    One row of panels per (dataset, arch) cell (if the table has those columns), one column per group of
+    schedules (analysis.style.schedule_groups: joint's objectives; disjoint and mixed), joint drawn in every
+    column as the reference. A trajectory is the seed mean at every snapshot epoch, in the regime's colour and
+    line style, from a hollow grey circle (the first snapshot) to the regime's marker (the last). ``blocks``: how
+    many blocks per cell, evenly spaced with the first and last (plane_blocks), or a list of block indices; each
+    is labelled at its first snapshot. Each row's title gives that cell's H(Y), the label entropy of its analysis
+    subset (the ceiling of I(T;Y)). Needs columns regime, block, epoch, I_XT_bits, I_TY_bits, and a single
+    estimator.
     """
     if "estimator" in table and table["estimator"].nunique() > 1:
         raise ValueError("one estimator per information plane: filter the table on its 'estimator' column first")
-    cell_columns = [c for c in ("dataset", "arch") if c in table]
-    cells = [()] if not cell_columns else list(table.groupby(cell_columns).groups)
-    cells = [c if isinstance(c, tuple) else (c,) for c in cells]
-    regimes = regime_order(table["regime"].unique())
-    n_blocks = int(table["block"].max()) + 1
-    epochs = np.sort(table["epoch"].unique())
-    fig, axes = new_figure(ncols=len(regimes), nrows=len(cells), width=3.6, height=3.3, sharex="row", sharey="row")
+    from matplotlib.lines import Line2D  # not at import: see analysis.style._plotting
 
-    for row, cell in enumerate(cells):
-        in_cell = table if not cell_columns else table[(table[cell_columns] == cell).all(axis=1)]
-        for col, regime in enumerate(regimes):
+    cell_columns = [c for c in ("dataset", "arch") if c in table]
+    cells = list(table.groupby(cell_columns, sort=True)) if cell_columns else [((), table)]
+    regimes = regime_order(table["regime"].unique())
+    groups = schedule_groups(regimes)
+    fig, axes = new_figure(ncols=len(groups), nrows=len(cells), width=5.2, height=3.9, layout="constrained",
+                           sharex="row", sharey="row")
+    for row, (cell, in_cell) in enumerate(cells):
+        chosen = (plane_blocks(int(in_cell["block"].max()) + 1, blocks) if isinstance(blocks, int)
+                  else [b for b in blocks if b in set(in_cell["block"])])
+        means = (in_cell[in_cell["block"].isin(chosen)]
+                 .groupby(["regime", "block", "epoch"], as_index=False)[["I_XT_bits", "I_TY_bits"]].mean())
+        epochs = np.sort(in_cell["epoch"].unique())
+        n = f", N = {int(in_cell['n_samples'].max())}" if "n_samples" in in_cell else ""
+        where = " / ".join(map(str, cell)) + ": " if cell else ""
+        for col, (group_title, members) in enumerate(groups):
             ax = axes[row, col]
-            data = in_cell[in_cell["regime"] == regime]
-            means = data.groupby(["block", "epoch"], as_index=False)[["I_XT_bits", "I_TY_bits"]].mean()
-            for block, trajectory in means.groupby("block"):
-                points = trajectory.sort_values("epoch")[["I_XT_bits", "I_TY_bits"]].to_numpy()
-                colour = _lighter(regime_colour(regime), 0.6 * (1 - block / max(n_blocks - 1, 1)))
-                for start, end in zip(points[:-1], points[1:]):
-                    ax.annotate("", xy=end, xytext=start, zorder=1, arrowprops={
-                        "arrowstyle": "-|>", "color": colour, "linewidth": 1.2, "mutation_scale": 9,
-                        "linestyle": regime_style(regime)["linestyle"], "shrinkA": 0, "shrinkB": 3})
-                sizes = 10 + 50 * np.searchsorted(epochs, np.sort(trajectory["epoch"])) / max(len(epochs) - 1, 1)
-                ax.scatter(points[:, 0], points[:, 1], s=sizes, color=colour, edgecolor="black", linewidth=0.4,
-                           marker=_BLOCK_MARKERS[block % len(_BLOCK_MARKERS)], zorder=2)
-            ax.set_title(regime, fontsize=10)
+            drawn = ([BASELINE] if BASELINE in regimes and BASELINE not in members else []) + members
+            for regime in drawn:
+                style = regime_style(regime)
+                for _, trajectory in means[means["regime"] == regime].groupby("block"):
+                    points = trajectory.sort_values("epoch")[["I_XT_bits", "I_TY_bits"]].to_numpy()
+                    ax.plot(points[:, 0], points[:, 1], color=style["color"], linestyle=style["linestyle"],
+                            linewidth=1.3, zorder=2)
+                    ax.plot(*points[0], marker="o", markersize=4, markerfacecolor="white", markeredgecolor="0.3",
+                            zorder=3)   # the first snapshot: shared by regimes that start from the same weights
+                    ax.plot(*points[-1], marker=style["marker"], markersize=6, color=style["color"],
+                            markeredgecolor="black", markeredgewidth=0.5, zorder=4)
+            _label_blocks(ax, means)
+            ax.margins(x=0.08, y=0.12)
+            ax.set_title(f"{where}{group_title}", fontsize="medium")
             ax.set_xlabel("I(X;T) [bits]")
             if col == 0:
-                ax.set_ylabel(("" if not cell_columns else " / ".join(map(str, cell)) + "\n") + "I(T;Y) [bits]")
-
-    handles = [axes[0, 0].scatter([], [], marker=_BLOCK_MARKERS[b % len(_BLOCK_MARKERS)], color="grey",
-                                  edgecolor="black", linewidth=0.4, label=f"block {b}") for b in range(n_blocks)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(n_blocks, 8), frameon=False, bbox_to_anchor=(0.5, 0),
-               title=f"marker size grows with epoch ({epochs[0]} to {epochs[-1]}), arrows point forward in time")
+                entropy = label_entropy_text(in_cell)
+                ax.set_ylabel("I(T;Y) [bits]" + (f"\n{entropy}{n}" if entropy else ""))
+        axes[row, 0].annotate(f"epochs {epochs[0]:g}-{epochs[-1]:g}", (0.02, 0.98), xycoords="axes fraction",
+                              ha="left", va="top", fontsize="small", color="0.25")
+    handles = regime_handles(regimes)
+    handles += [Line2D([], [], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
+                       markeredgecolor="0.3", label="first snapshot"),
+                Line2D([], [], linestyle="none", marker="o", markersize=6, color="0.5", markeredgecolor="black",
+                       markeredgewidth=0.5, label="last snapshot\n(schedule's marker)")]
+    place_legend(fig, handles, title="regime (mean over seeds)")
     estimator = f", {table['estimator'].iloc[0]} estimator" if "estimator" in table else ""
-    ceiling = f", H(Y) = {table['H_Y_bits'].mean():.2f} bits" if "H_Y_bits" in table else ""
-    fig.suptitle(f"Information plane per block{estimator}{ceiling}")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.suptitle(f"Information plane per block{estimator}: trajectories over training epochs\n"
+                 f"H(Y) per cell = label entropy of its analysis subset (the ceiling of I(T;Y))")
     save(fig, path)

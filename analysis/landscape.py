@@ -201,7 +201,8 @@ def sharpness(slice_table: pd.DataFrame, radius: float = DEFAULT_RADIUS) -> pd.D
 
 # ---------------------------------------------------------------------------------------------- figures
 
-_PAIR_DASHES = ("-", "--", ":", "-.")
+_EXTRA_PAIR_STYLES = ({"linestyle": "-.", "marker": "X"}, {"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "P"})
+"""Styles of the second, third ... interpolation pair ending in one regime: no schedule's line style or marker."""
 
 
 def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styles: Mapping[str, dict],
@@ -216,7 +217,8 @@ def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styl
             for row, metric in enumerate(("loss", "accuracy")):
                 stats = rows.groupby(x)[metric].agg(["mean", "min", "max"])
                 ax = axes[row, column]
-                ax.plot(stats.index, stats["mean"], label=line, marker=".", **style)
+                ax.plot(stats.index, stats["mean"], label=line, markersize=3.5, linewidth=1.4,
+                        **{"marker": ".", **style})
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=style["color"], alpha=0.15, lw=0)
         axes[0, column].set_title(f"exit {k}" + (" (final)" if k == exits[-1] else ""))
         _log_axis(axes[0, column].yaxis)
@@ -232,12 +234,16 @@ def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styl
 
 
 def _log_axis(axis) -> None:
-    """Log scale with plain-number labels at 1, 2, 5 × 10^k (losses span decades away from the centre)."""
+    """Log scale with plain-number labels at 1, 2, 5 × 10^k while the data span at most 5 decades (losses span
+    decades away from the centre); beyond that, matplotlib's own decade ticks and 10^k labels (the 1-2-5 ticks
+    would be thinned to none and leave the axis unlabelled)."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # see analysis.style._plotting
 
     axis.axes.set_yscale("log")
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FormatStrFormatter("%g"))
+    low, high = axis.axes.dataLim.intervaly
+    if low > 0 and np.isfinite(high) and np.log10(high / low) <= 5:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -248,17 +254,19 @@ def plot_slices_1d(table: pd.DataFrame, path, title: str = "1-D loss slices (fil
 
 
 def plot_interpolation(table: pd.DataFrame, path, title: str = "Linear interpolation θ_a → θ_b") -> None:
-    """Interpolation curves, a line per ``pair`` column value, coloured by the ``regime`` of its θ_b.
+    """Interpolation curves, a line per ``pair`` column value, in the style of the ``regime`` of its θ_b (colour:
+    objective, line and marker: schedule).
 
-    Pairs ending in the same regime (e.g. "P1 → mixed" and "joint → mixed") share its colour and differ in
-    line style.
+    Of several pairs ending in the same regime (e.g. "P1 backbone → mixed" and "joint → mixed") the first in
+    sorted order keeps the regime's style; the others keep its colour and take a line style and marker no
+    schedule uses (_EXTRA_PAIR_STYLES).
     """
     pair_regime = table.drop_duplicates("pair").set_index("pair")["regime"]
-    styles, used = {}, {}
+    styles = {}
     for regime in regime_order(pair_regime):
-        for pair in sorted(pair_regime.index[pair_regime == regime]):
-            styles[pair] = {"color": regime_colour(regime), "linestyle": _PAIR_DASHES[used.get(regime, 0) % 4]}
-            used[regime] = used.get(regime, 0) + 1
+        for n, pair in enumerate(sorted(pair_regime.index[pair_regime == regime])):
+            extra = {} if n == 0 else _EXTRA_PAIR_STYLES[(n - 1) % len(_EXTRA_PAIR_STYLES)]
+            styles[pair] = {**regime_style(regime), **extra}
     _curve_panels(table, "t", "t (0 = θ_a, 1 = θ_b)", "pair", styles, path, title, marks=(0, 1))
 
 
@@ -277,13 +285,12 @@ def plot_contour_2d(table: pd.DataFrame, path, exit_index: int | None = None,
         filled = ax.contourf(grid.columns, grid.index, grid.to_numpy(), levels=levels, cmap="viridis",
                              norm="log")
         ax.contour(grid.columns, grid.index, grid.to_numpy(), levels=levels, colors="white", linewidths=0.4)
-        ax.plot(0, 0, marker="*", color="red", markersize=11, markeredgecolor="white", label="trained θ")
+        ax.plot(0, 0, marker="*", color="red", markersize=11, markeredgecolor="white")
         ax.set_title(regime, color=regime_colour(regime))
         ax.set_xlabel("α (along d₁)")
         ax.set_aspect("equal")
     axes[0, 0].set_ylabel("β (along d₂)")
-    axes[0, 0].legend(loc="upper left", fontsize="small")
     fig.colorbar(filled, ax=axes[0].tolist(), ticks=levels[::3], format="%.3g",
                  label=f"exit {exit_index} training loss (nats, log scale)")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\nred star: the trained weights θ (α = β = 0)")
     save(fig, path)

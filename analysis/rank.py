@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from analysis.style import cell_panels, regime_order, regime_style, save
+from analysis.style import (BASELINE, new_figure, regime_colour, regime_order, regime_style, save, schedule_groups,
+                            split_regime)
 from benchmark.models.eval_mode import evaluating
 
 DEFAULT_N_SAMPLES = 500   # ~0.4 s of CPU per cifar_resnet8 on 28 px (forward 0.25 s, spectra 0.15 s); the rank
@@ -148,26 +149,65 @@ RANK_LABELS = {
 
 
 def plot_rank_profiles(table: pd.DataFrame, path, metric: str = "effective_rank") -> None:
-    """``metric`` against block, one line per regime (mean over seeds, band = min-max over seeds), one panel per
-    (dataset, arch). The grey dotted line is min(N, D), the largest rank the matrix can have."""
+    """``metric`` against block, one column per (dataset, arch).
+
+    With a "joint" baseline in the table: the top row shows the absolute profiles of the plain schedules (joint,
+    disjoint, mixed: mean over seeds, band = min-max over seeds) under the grey dotted ceiling min(N, D); the rows
+    below show every regime *relative to joint*: its seed mean / joint's seed mean, per block, split by schedule
+    (analysis.style.schedule_groups) so that no panel holds more than the objectives of about one schedule, 15
+    regimes stay distinguishable, and differences of a few percent are visible on blocks whose ranks differ
+    tenfold. Without a baseline: one row, every regime absolute. Legends sit outside the panels, one per row.
+    """
     if metric not in RANK_LABELS:
         raise ValueError(f"metric must be one of {list(RANK_LABELS)}, not {metric!r}")
     cells = list(table.groupby(["dataset", "arch"], sort=True))
-    fig, axes = cell_panels(cells, 3)
-    for ax, ((dataset, arch), cell) in zip(axes, cells):
-        for regime in regime_order(cell["regime"]):
+    regimes = regime_order(table["regime"])
+    relative = BASELINE in regimes and len(regimes) > 1
+    groups = schedule_groups([r for r in regimes if r != BASELINE]) if relative else []
+    absolute = [r for r in regimes if split_regime(r)[1] == "uniform"] if relative else regimes
+    fig, axes = new_figure(ncols=len(cells), nrows=1 + len(groups), width=4.6, height=3.2, layout="constrained",
+                           sharex="col")
+    for column, ((dataset, arch), cell) in enumerate(cells):
+        ax = axes[0, column]
+        for regime in [r for r in absolute if r in set(cell["regime"])]:
             by_block = cell[cell["regime"] == regime].groupby("block")[metric].agg(["mean", "min", "max"])
             style = regime_style(regime)
-            ax.plot(by_block.index, by_block["mean"], marker="o", label=regime, **style)
-            ax.fill_between(by_block.index, by_block["min"], by_block["max"], color=style["color"], alpha=0.2,
+            ax.plot(by_block.index, by_block["mean"], label=regime, linewidth=1.6, markersize=4, **style)
+            ax.fill_between(by_block.index, by_block["min"], by_block["max"], color=style["color"], alpha=0.15,
                             linewidth=0)
         ceiling = cell.assign(cap=np.minimum(cell["n_samples"], cell["features"])).groupby("block")["cap"].max()
         ax.plot(ceiling.index, ceiling.values, color="grey", linestyle=":", label="min(N, D)")
         ax.set_ylim(bottom=0)
-        ax.set_xticks(sorted(cell["block"].unique()))
-        ax.set_xlabel("block (output of)")
-        ax.set_ylabel(RANK_LABELS[metric])
         ax.set_title(f"{dataset} / {arch}  (N = {int(cell['n_samples'].max())})")
-    axes[-1].legend(title="regime (band: seed range)", fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{RANK_LABELS[metric]} of block activations, mean over seeds")
+        for row, (group_title, members) in enumerate(groups, start=1):
+            ax = axes[row, column]
+            ax.axhline(1.0, color=regime_colour(BASELINE), linewidth=1.2, label=f"{BASELINE} (= 1)")
+            means = cell.groupby(["regime", "block"])[metric].mean()
+            for regime in [r for r in members if r in set(cell["regime"]) and BASELINE in set(cell["regime"])]:
+                ratio = means.loc[regime] / means.loc[BASELINE]
+                ax.plot(ratio.index, ratio.values, label=regime, linewidth=1.6, markersize=4,
+                        **regime_style(regime))
+            ax.set_title(f"{dataset} / {arch}: {group_title}", fontsize="medium")
+        axes[-1, column].set_xticks(sorted(cell["block"].unique()))
+        axes[-1, column].set_xlabel("block (output of)")
+    axes[0, 0].set_ylabel(RANK_LABELS[metric].replace(" (", "\n("))
+    for row in range(1, 1 + len(groups)):
+        axes[row, 0].set_ylabel(f"ratio to {BASELINE}'s (seed means)")
+    for row in range(axes.shape[0]):                       # one legend per row, outside its last panel
+        handles, labels = _unique_handles(axes[row])
+        title = "regime (band: seed range)" if row == 0 else groups[row - 1][0]
+        axes[row, -1].legend(handles, labels, title=title, fontsize="small", title_fontsize="small",
+                             loc="upper left", bbox_to_anchor=(1.02, 1))
+    what = ("top: absolute, mean over seeds; below: relative to joint per block (ratio of the "
+            "seed means)" if groups else "mean over seeds")
+    fig.suptitle(f"{RANK_LABELS[metric]} of block activations\n{what}")
     save(fig, path)
+
+
+def _unique_handles(axes_row) -> tuple[list, list]:
+    """The legend entries of every panel of a row, each label once, in order of first appearance."""
+    seen = {}
+    for ax in axes_row:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.style import cell_panels, regime_colour, regime_order, save
+from analysis.style import cell_panels, regime_order, regime_style, save
 
 CELL = ["dataset", "arch"]
 CONFIDENCE = 0.95
@@ -128,23 +128,31 @@ def average_ranks(runs: pd.DataFrame, metric: str, higher_is_better: bool = True
 
 def plot_confidence_intervals(summary: pd.DataFrame, metric: str, path, alpha: float = 0.05) -> None:
     """Mean and 95 % CI of ``metric`` per regime, one panel per (dataset, arch); a star marks p < alpha against
-    the baseline (paired t)."""
+    the baseline (paired t). Colour and marker are the regime's (objective and schedule, analysis.style)."""
     table = summary[summary["metric"] == metric]
     cells = list(table.groupby(CELL, sort=True))
-    fig, axes = cell_panels(cells, 4, width=3.4, height=3.4)
+    n_regimes = table["regime"].nunique()
+    fig, axes = cell_panels(cells, 4, width=max(3.4, 0.27 * n_regimes + 0.8), height=3.6)
     for panel, (ax, ((dataset, arch), cell)) in enumerate(zip(axes, cells)):
         regimes = regime_order(cell["regime"])
         cell = cell.set_index("regime").loc[regimes]
         for i, (regime, row) in enumerate(cell.iterrows()):
-            ax.errorbar(i, row["mean"], yerr=[[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]],
-                        fmt="o", color=regime_colour(regime), capsize=4, markersize=6)
+            style = regime_style(regime)
+            error = [[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]]
+            bars = ax.errorbar(i, row["mean"], yerr=error, fmt=style["marker"], color=style["color"], capsize=4,
+                               markersize=6, markeredgecolor="black", markeredgewidth=0.5)
+            bars.lines[2][0].set_linestyle(style["linestyle"])          # the interval in the schedule's style
             if row["p_value"] < alpha:
                 ax.annotate("*", (i, row["ci95_high"]), ha="center", va="bottom", fontsize=14)
-        ax.set_xticks(range(len(regimes)), regimes, rotation=30, ha="right")
+        ax.set_xticks(range(len(regimes)), regimes, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_xlim(-0.6, len(regimes) - 0.4)
+        low, high = cell["ci95_low"].min(), cell["ci95_high"].max()
+        if np.isfinite(low) and np.isfinite(high) and high > low:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.12 * (high - low))   # room for the stars
         if panel % 4 == 0:                                   # first column
             ax.set_ylabel(f"{metric} (mean, 95 % CI)")
         ax.set_title(f"{dataset} / {arch}")
     baseline = table["baseline"].iloc[0]
-    fig.suptitle(f"{metric} over {int(table['n'].max())} seeds; * p < {alpha} vs {baseline} (paired t-test)")
+    fig.suptitle(f"{metric} over {int(table['n'].max())} seeds; * p < {alpha} vs {baseline} (paired t-test)\n"
+                 f"colour: objective, marker and line: schedule")
     save(fig, path)

@@ -1,10 +1,37 @@
-"""One look for every figure: a fixed colour per regime (the same in every plot and report), readable labels."""
+"""One look for every figure: a fixed style per regime (the same in every plot and report), readable labels.
+
+A regime is ``schedule+objective`` (``joint`` alone is ``joint+uniform``). Its style encodes the two halves
+separately, so that 15 or more regimes stay distinguishable:
+- colour = objective, from a qualitative palette (matplotlib's tab10) with one clearly distinct hue per known
+  objective; unknown objectives get one of the remaining hues, chosen by a stable hash of the name;
+- line style and marker = schedule: joint solid / circle, disjoint dotted / square, mixed dashed / triangle; an
+  unknown schedule dash-dot / diamond.
+``regime_colour`` and ``regime_style`` are the single source of that look; ``place_legend`` puts a legend in an
+empty grid slot or outside the axes, never over data.
+"""
 from __future__ import annotations
 
 import functools
+import zlib
 
 SCHEDULE_ORDER = ("joint", "disjoint", "mixed")
 OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge")
+BASELINE = "joint"
+
+OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most distinct hues first
+    "uniform": "#1f77b4",         # blue
+    "sdn": "#ff7f0e",             # orange
+    "distill": "#2ca02c",         # green
+    "cet": "#d62728",             # red
+    "bdl": "#9467bd",             # purple
+    "l2w": "#8c564b",             # brown
+    "ge": "#e377c2",              # pink
+}
+FALLBACK_COLOURS = ("#7f7f7f", "#bcbd22", "#17becf")   # grey, olive, cyan: objectives not listed above
+SCHEDULE_LINESTYLES = {"joint": "-", "disjoint": ":", "mixed": "--"}
+SCHEDULE_MARKERS = {"joint": "o", "disjoint": "s", "mixed": "^"}
+SCHEDULE_HATCHES = {"joint": "", "disjoint": "....", "mixed": "////"}   # bars cannot show a line style
+FALLBACK_LINESTYLE, FALLBACK_MARKER = "-.", "D"
 
 
 @functools.cache
@@ -20,33 +47,72 @@ def _plotting():
     return plt, sns
 
 
+def split_regime(regime: str) -> tuple[str, str]:
+    """(schedule, objective) of a regime name; a bare schedule has the "uniform" objective."""
+    schedule, _, objective = regime.partition("+")
+    return schedule, objective or "uniform"
+
+
 def regime_order(regimes) -> list[str]:
     """Regimes sorted by objective then schedule, so related regimes sit together in legends and tables."""
     def key(name: str):
-        schedule, _, objective = name.partition("+")
-        objective = objective or "uniform"
+        schedule, objective = split_regime(name)
         o = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
         s = SCHEDULE_ORDER.index(schedule) if schedule in SCHEDULE_ORDER else len(SCHEDULE_ORDER)
         return (o, name if o == len(OBJECTIVE_ORDER) else "", s, name)
     return sorted(set(regimes), key=key)
 
 
+def objective_colour(objective: str) -> tuple[float, float, float]:
+    """The objective's hue (RGB in [0, 1]); an unknown objective gets a fallback hue by a stable hash of its name
+    (zlib.crc32, not Python's salted hash), so it too is the same in every figure and every process."""
+    from matplotlib.colors import to_rgb
+
+    if objective in OBJECTIVE_COLOURS:
+        return to_rgb(OBJECTIVE_COLOURS[objective])
+    return to_rgb(FALLBACK_COLOURS[zlib.crc32(objective.encode()) % len(FALLBACK_COLOURS)])
+
+
 def regime_colour(regime: str) -> tuple[float, float, float]:
-    """Hue by objective, shade by schedule (joint light, disjoint mid, mixed dark): stable across figures."""
-    schedule, _, objective = regime.partition("+")
-    objective = objective or "uniform"
-    palettes = ["Blues", "Oranges", "Greens", "Reds", "Purples", "YlOrBr", "Greys"]
-    o = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else sum(map(ord, objective)) % len(palettes)
-    shades = _plotting()[1].color_palette(palettes[o % len(palettes)], 7)
-    s = SCHEDULE_ORDER.index(schedule) if schedule in SCHEDULE_ORDER else 1
-    return tuple(shades[2 + 2 * s])
+    """Colour by objective (the schedule is told by line style and marker): stable across figures."""
+    return objective_colour(split_regime(regime)[1])
 
 
 def regime_style(regime: str) -> dict:
-    """Keyword arguments for plot(): colour, and a line style per schedule for print-friendly figures."""
-    schedule = regime.partition("+")[0]
-    dashes = {"joint": "-", "disjoint": ":", "mixed": "--"}
-    return {"color": regime_colour(regime), "linestyle": dashes.get(schedule, "-.")}
+    """Keyword arguments for plot(): the objective's colour, the schedule's line style and marker."""
+    schedule = split_regime(regime)[0]
+    return {"color": regime_colour(regime), "linestyle": SCHEDULE_LINESTYLES.get(schedule, FALLBACK_LINESTYLE),
+            "marker": SCHEDULE_MARKERS.get(schedule, FALLBACK_MARKER)}
+
+
+def regime_bar_style(regime: str) -> dict:
+    """Keyword arguments for bar(): the objective's colour, the schedule's hatch."""
+    return {"color": regime_colour(regime), "hatch": SCHEDULE_HATCHES.get(split_regime(regime)[0], "xx"),
+            "edgecolor": "white", "linewidth": 0}
+
+
+def regime_handles(regimes, linewidth: float = 1.6, markersize: float = 5.0, **overrides) -> list:
+    """Legend handles (Line2D) in every regime's style, labelled with its name, in the order given."""
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], label=regime, linewidth=linewidth, markersize=markersize,
+                   **{**regime_style(regime), **overrides}) for regime in regimes]
+
+
+def schedule_groups(regimes) -> list[tuple[str, list[str]]]:
+    """Regimes split into panels that each stay readable: those trained on the baseline's schedule (joint: only
+    the objective varies) and all others (disjoint, mixed). Returns [(title, regimes in regime_order)], empty
+    groups left out."""
+    ordered = regime_order(regimes)
+    base = split_regime(BASELINE)[0]
+    same = [r for r in ordered if split_regime(r)[0] == base]
+    other = [r for r in ordered if split_regime(r)[0] != base]
+    schedules = sorted({split_regime(r)[0] for r in other},
+                       key=lambda s: (SCHEDULE_ORDER.index(s) if s in SCHEDULE_ORDER else len(SCHEDULE_ORDER), s))
+    groups = [(f"{base} schedule", same)] if same else []
+    if other:
+        groups.append((" / ".join(schedules) + (" schedules" if len(schedules) > 1 else " schedule"), other))
+    return groups
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.5, height: float = 3.5, **kwargs):
@@ -56,14 +122,32 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.5, height: float
 
 
 def cell_panels(cells: list, max_cols: int, width: float = 4.5, height: float = 3.5):
-    """A figure with one panel per (dataset, arch) cell, wrapped after `max_cols`; spare panels hidden.
-    Returns (fig, the axes in cell order)."""
+    """A figure with one panel per (dataset, arch) cell, wrapped after `max_cols`; spare panels hidden (and used
+    by ``place_legend`` for the legend). Returns (fig, the axes in cell order)."""
     ncols = max(1, min(len(cells), max_cols))
     fig, axes = new_figure(ncols=ncols, nrows=-(-len(cells) // ncols), width=width, height=height,
                            layout="constrained")
     for ax in axes.flat[len(cells):]:
         ax.set_visible(False)
     return fig, list(axes.flat[:len(cells)])
+
+
+def place_legend(fig, handles, labels=None, title: str | None = None, ncol: int = 1, fontsize="small"):
+    """A figure legend that never covers data: in the first empty (hidden) grid slot of ``fig`` if there is one,
+    else outside the axes on the right, vertically centred (clear of a suptitle). Returns the legend."""
+    labels = [h.get_label() for h in handles] if labels is None else labels
+    spare = [ax for ax in fig.axes if not ax.get_visible()]
+    if spare:
+        slot = spare[0]
+        slot.set_visible(True)
+        slot.axis("off")
+        return slot.legend(handles, labels, title=title, ncol=ncol, fontsize=fontsize, loc="center",
+                           frameon=False, title_fontsize=fontsize)
+    if fig.get_layout_engine() is not None and type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine":
+        return fig.legend(handles, labels, title=title, ncol=ncol, fontsize=fontsize, loc="outside right center",
+                          title_fontsize=fontsize)
+    return fig.legend(handles, labels, title=title, ncol=ncol, fontsize=fontsize, loc="upper left",
+                      bbox_to_anchor=(1.0, 0.95), title_fontsize=fontsize)
 
 
 def save(fig, path) -> None:

@@ -36,8 +36,8 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
                               "difference from joint at p < 0.05."),
     ("rank_profiles.png", "Effective rank of each block's features: where a regime's representation narrows or "
                           "widens relative to the others."),
-    ("information_plane.png", "I(X;T) against I(T;Y) per exit at the end of training: exits further right keep more "
-                              "label information."),
+    ("information_plane.png", "Each block's I(X;T) (horizontal) and I(T;Y) (vertical) over training, from the "
+                              "hollow first snapshot to the last: higher means more label information kept."),
     ("landscape_1d_*.png", "Loss along a filter-normalised random direction, final exit: a wider basin is flatter."),
     ("interpolation_*.png", "Loss on the straight line from the joint to the mixed solution: a barrier means "
                             "separate basins."),
@@ -157,7 +157,7 @@ def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
 
 def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
     """Per cell, grouped bars: test accuracy (seed mean) of each exit, one bar per regime."""
-    from analysis.style import cell_panels, regime_colour, regime_order, save
+    from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
     cells = sorted(exits.groupby(["dataset", "arch"]).groups)
     fig, axes = cell_panels(cells, max_cols=2, width=6.0, height=3.6)
     for ax, (dataset, arch) in zip(axes, cells):
@@ -167,14 +167,14 @@ def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
         width = 0.8 / len(regimes)
         for i, regime in enumerate(regimes):
             xs = np.arange(means.shape[1]) + (i - (len(regimes) - 1) / 2) * width
-            ax.bar(xs, 100 * means.loc[regime].to_numpy(), width=width, color=regime_colour(regime), label=regime)
+            ax.bar(xs, 100 * means.loc[regime].to_numpy(), width=width, label=regime, **regime_bar_style(regime))
         ax.set_xticks(np.arange(means.shape[1]), [f"exit {k}" for k in means.columns])
         low = 100 * np.nanmin(means.to_numpy())
         ax.set_ylim(max(0, low - 5), 100)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset} / {arch}")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    place_legend(fig, handles, labels, ncol=2 if len(labels) > 8 else 1)
     save(fig, path)
 
 

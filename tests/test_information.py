@@ -8,9 +8,10 @@ import torch
 
 from analysis.information import (
     binned_symbols, discrete_entropy, discrete_mutual_information, exit_bound_table, exit_information_lower_bound,
-    gaussian_gram, information_table, label_gram, plot_information_plane, renyi_entropy, renyi_mutual_information,
-    silverman_sigma, stratified_indices,
+    gaussian_gram, information_table, label_entropy_text, label_gram, plane_blocks, plot_information_plane,
+    renyi_entropy, renyi_mutual_information, silverman_sigma, stratified_indices,
 )
+import analysis.information
 from benchmark.data import load_dataset
 from benchmark.models import build_model
 
@@ -155,3 +156,62 @@ def test_information_plane_figure_is_written(tmp_path):
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="one estimator"):
         plot_information_plane(pd.DataFrame(rows).assign(estimator=["renyi", "binning"] * 9), tmp_path / "x.png")
+
+
+CPU_REGIMES = ["joint", "disjoint", "mixed", *(f"{s}+{o}" for o in ("sdn", "distill", "cet", "bdl", "ge", "l2w")
+                                               for s in ("joint", "mixed"))]
+
+
+def plane_table(cells: dict, regimes=CPU_REGIMES, epochs=(0, 10, 20), seeds=(0, 1)) -> pd.DataFrame:
+    """Snapshot-like rows: cells maps (dataset, arch) -> (blocks, H(Y) in bits)."""
+    rows = [{"dataset": d, "arch": a, "regime": r, "seed": s, "block": b, "epoch": e, "estimator": "renyi",
+             "H_Y_bits": h_y, "n_samples": 250, "I_XT_bits": 3.2 - 0.05 * b - 0.01 * e + 0.01 * i,
+             "I_TY_bits": 1.8 + 0.02 * b + 0.02 * e + 0.005 * i + 0.001 * s}
+            for (d, a), (blocks, h_y) in cells.items() for i, r in enumerate(regimes) for s in seeds
+            for b in range(blocks) for e in epochs]
+    return pd.DataFrame(rows)
+
+
+def captured(monkeypatch, module):
+    """Replace module.save by one that keeps the figure (and draws it) instead of writing it."""
+    figures = []
+    monkeypatch.setattr(module, "save", lambda fig, path: (fig.canvas.draw(), figures.append(fig)))
+    return figures
+
+
+def test_information_plane_titles_each_cell_with_its_own_label_entropy(monkeypatch):
+    """The old title printed one H(Y) averaged over every cell (2.97 bits for 3.32- and 2.00-bit datasets)."""
+    figures = captured(monkeypatch, analysis.information)
+    table = plane_table({("digits", "small_cnn"): (9, math.log2(10)), ("fourclass", "small_cnn"): (9, 2.0)})
+    plot_information_plane(table, "unused.png")
+    texts = [t.get_text() for ax in figures[0].axes for t in (ax.yaxis.label, ax.title)]
+    assert any("H(Y) = 3.32 bits" in t for t in texts) and any("H(Y) = 2.00 bits" in t for t in texts)
+    assert not any("2.66" in t for t in texts) and "2.66" not in figures[0]._suptitle.get_text()
+    assert label_entropy_text(table[table.dataset == "digits"]) == "H(Y) = 3.32 bits"
+    assert label_entropy_text(table.assign(H_Y_bits=np.r_[[2.0], [3.0] * (len(table) - 1)])) == \
+        "H(Y) = 2.00-3.00 bits"
+    assert label_entropy_text(table.drop(columns="H_Y_bits")) == ""
+
+
+def test_information_plane_of_fifteen_regimes_and_three_cells_is_legible(monkeypatch):
+    """One row per cell, one column per schedule group, four blocks a panel: not 15 x 3 panels 8000 px wide."""
+    figures = captured(monkeypatch, analysis.information)
+    cells = {("digits", "cifar_resnet32"): (15, 3.32), ("digits", "small_cnn"): (9, 3.32),
+             ("mnist5k", "small_cnn"): (9, 3.32)}
+    plot_information_plane(plane_table(cells), "unused.png")
+    fig = figures[0]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert len(panels) == 3 * 2
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    assert box.width * 150 <= 2400 and box.height * 150 <= 2400, (box.width * 150, box.height * 150)
+    legend = fig.legends[0]
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in panels)
+    assert {t.get_text() for t in legend.get_texts()} >= set(CPU_REGIMES)
+    labels = {t.get_text() for ax in panels[:2] for t in ax.texts}
+    assert {"block 0", "block 14"} <= labels and "block 1" not in labels
+
+
+def test_plane_blocks_are_evenly_spaced_with_the_first_and_the_last():
+    assert plane_blocks(15) == [0, 5, 9, 14]
+    assert plane_blocks(9) == [0, 3, 5, 8]
+    assert plane_blocks(2) == [0, 1] and plane_blocks(1) == [0]

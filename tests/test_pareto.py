@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import analysis.pareto
 from analysis.pareto import (
     UNION, hypervolume, hypervolume_contributions, hypervolume_table, mean_curves, pareto_table, plot_pareto_fronts,
 )
@@ -150,6 +151,25 @@ def test_a_final_exit_only_front_has_the_area_up_to_the_reference_beyond_it():
 def test_pareto_figure_is_written(tmp_path):
     plot_pareto_fronts(random_curves(0), tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_pareto_figure_keeps_its_legend_off_the_data_and_zooms_on_the_front(monkeypatch):
+    figures = []
+    monkeypatch.setattr(analysis.pareto, "save", lambda fig, path: (fig.canvas.draw(), figures.append(fig)))
+    regimes = ("joint", "disjoint", "mixed", "joint+sdn", "mixed+sdn", "joint+cet", "mixed+cet", "joint+l2w")
+    curves = random_curves(1, cells=(("d", "a"), ("d", "b"), ("e", "a")), regimes=regimes)
+    plot_pareto_fronts(curves, "unused.png")
+    fig = figures[0]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2 * 3 and not [ax for ax in fig.axes if not ax.get_visible()]   # no empty slot
+    legend = fig.legends[0]
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in panels)
+    assert [t.get_text() for t in legend.get_texts()][:len(regimes)] == \
+        ["joint", "disjoint", "mixed", "joint+sdn", "mixed+sdn", "joint+cet", "mixed+cet", "joint+l2w"]
+    front = pareto_table(curves)
+    for ax, ((dataset, arch), cell) in zip(panels[3:], front.groupby(["dataset", "arch"])):   # the zoom row
+        low, high = ax.get_xlim()
+        assert low <= cell["test_flops_fraction"].min() and cell["test_flops_fraction"].max() <= high
 
 
 def test_fronts_are_chosen_on_validation_and_report_test_numbers():

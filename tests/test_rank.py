@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import analysis.rank
 from analysis.rank import block_activations, numerical_rank, plot_rank_profiles, rank_table, singular_values
 from benchmark.models.registry import build_model
 
@@ -147,3 +148,30 @@ def test_rank_figure_is_written(tmp_path):
             for regime in ("joint", "mixed") for seed in range(2) for arch in ("a", "b") for block in range(3)]
     plot_rank_profiles(pd.DataFrame(rows), tmp_path / "rank.png")
     assert (tmp_path / "rank.png").stat().st_size > 10_000
+
+
+def test_rank_figure_shows_fifteen_regimes_relative_to_joint_split_by_schedule(monkeypatch):
+    figures = []
+    monkeypatch.setattr(analysis.rank, "save", lambda fig, path: (fig.canvas.draw(), figures.append(fig)))
+    regimes = ["joint", "disjoint", "mixed", *(f"{s}+{o}" for o in ("sdn", "distill", "cet", "bdl", "ge", "l2w")
+                                               for s in ("joint", "mixed"))]
+    rows = [{"regime": regime, "dataset": "digits", "arch": arch, "seed": seed, "block": block, "n_samples": 100,
+             "features": 64, "effective_rank": 10.0 * (block + 1) * (1 + 0.01 * i) + seed,
+             "rank_rel_1e-3": 20, "rank_numpy_tol": 30}
+            for i, regime in enumerate(regimes) for seed in range(2) for arch in ("a", "b", "c") for block in range(4)]
+    plot_rank_profiles(pd.DataFrame(rows), "unused.png")
+    fig = figures[0]
+    axes = np.array(fig.axes).reshape(3, 3)                 # absolute; joint's objectives; disjoint / mixed
+    assert {line.get_label() for line in axes[0, 0].lines} == {"joint", "disjoint", "mixed", "min(N, D)"}
+    row_regimes = [{line.get_label() for line in ax.lines} - {"joint (= 1)"} for ax in axes[1:, 0]]
+    assert row_regimes[0] == {r for r in regimes if r.startswith("joint+")}
+    assert row_regimes[1] == {"disjoint", "mixed"} | {r for r in regimes if r.startswith("mixed+")}
+    sdn = next(line for line in axes[1, 0].lines if line.get_label() == "joint+sdn")
+    expected = [(10.0 * (b + 1) * 1.03 + 0.5) / (10.0 * (b + 1) + 0.5) for b in range(4)]   # seed means' ratio
+    assert np.allclose(sdn.get_ydata(), expected)
+    for row in axes:                                        # legends outside the panels, one per row
+        legend = row[-1].get_legend()
+        assert legend is not None
+        assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in fig.axes)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    assert box.width * 150 <= 2400
