@@ -34,8 +34,8 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
                                 "resolved apart by the Nemenyi test at α = 0.05."),
     ("final_accuracy_ci.png", "Final-exit accuracy, mean and 95 % interval over seeds; a star marks a paired "
                               "difference from joint at p < 0.05."),
-    ("rank_profiles.png", "Effective rank of each block's features: where a regime's representation narrows or "
-                          "widens relative to the others."),
+    ("rank_profiles.png", "Effective rank of each block's features (top: the three schedules; below: every regime "
+                          "as a ratio to joint): where a regime's representation narrows or widens."),
     ("information_plane.png", "Each block's I(X;T) (horizontal) and I(T;Y) (vertical) over training, from the "
                               "hollow first snapshot to the last: higher means more label information kept."),
     ("landscape_1d_*.png", "Loss along a filter-normalised random direction, final exit: a wider basin is flatter."),
