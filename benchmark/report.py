@@ -14,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.critical_difference import plot_critical_difference, rank_test
+from analysis.statistics import paired_tests, summary_table
+from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
 from benchmark import PROTOCOL_VERSION
-from benchmark.claims import CLAIMS_FILE
+from benchmark.analyze import leaderboard
+from benchmark.claims import CLAIMS_FILE, claim_findings, evaluate_claims, load_claims
+from benchmark.errors import UserError
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
+from benchmark.tuning import NOT_TUNED
 
 PRIMARY = "auc_normalised"
 ALPHA = 0.05
@@ -113,8 +119,6 @@ def completeness(grid, runs_all: pd.DataFrame, tuning: pd.DataFrame | None) -> l
 def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     """One (dataset, arch): regimes ranked by the seed-mean primary area, with spread, cost, tuned lr and a mark
     where the paired t-test against joint (by seed) gives p < ALPHA on the primary area."""
-    from analysis.statistics import summary_table
-    from benchmark.tuning import NOT_TUNED
     means = cell_runs.groupby("regime")[PRIMARY].mean().sort_values(ascending=False, kind="stable")
     tests = (summary_table(cell_runs, [PRIMARY]).set_index("regime")
              if "joint" in set(cell_runs.regime) else pd.DataFrame())
@@ -137,8 +141,6 @@ def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
 
 
 def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
-    from analysis.critical_difference import rank_test
-    from benchmark.analyze import leaderboard
     board = leaderboard(runs)
     test = rank_test(runs, PRIMARY, ALPHA)
     rows = []
@@ -157,7 +159,6 @@ def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
 
 def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
     """Per cell, grouped bars: test accuracy (seed mean) of each exit, one bar per regime."""
-    from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
     cells = sorted(exits.groupby(["dataset", "arch"]).groups)
     fig, axes = cell_panels(cells, max_cols=2, width=6.0, height=3.6)
     for ax, (dataset, arch) in zip(axes, cells):
@@ -186,14 +187,17 @@ def findings(runs: pd.DataFrame, cell_means: dict, claims: pd.DataFrame | None) 
         best = means.index[0]
         joint = "" if best == "joint" else f"; joint's is {_percent(means.get('joint', float('nan')))}"
         lines.append(f"- {dataset}/{arch}: `{best}` has the highest primary area ({100 * means.iloc[0]:.1f}){joint}.")
-    pairs = runs.pivot_table(index=["dataset", "arch"], columns="regime", values="accuracy_at_25pct", aggfunc="mean")
-    if {"joint", "mixed"} <= set(pairs.columns):
-        both = pairs[["joint", "mixed"]].dropna()
+    cells = runs.pivot_table(index=["dataset", "arch"], columns="regime", values="accuracy_at_25pct", aggfunc="mean")
+    if {"joint", "mixed"} <= set(cells.columns):
+        both = cells[["joint", "mixed"]].dropna()
         wins = int((both["mixed"] > both["joint"]).sum())
+        pairs = runs.pivot_table(index=["dataset", "arch", "seed"], columns="regime", values="accuracy_at_25pct")
+        test = paired_tests(pairs["mixed"], pairs["joint"])
+        p = "n/a" if not np.isfinite(test["p_value"]) else f"{test['p_value']:.2g}"
         lines.append(f"- At 25 % of the backbone's FLOPs, mixed is more accurate than joint in {wins} of "
-                     f"{len(both)} cells (seed means).")
+                     f"{len(both)} cells (seed means); over {test['n_pairs']} (cell, seed) pairs the mean difference "
+                     f"is {100 * test['mean_difference']:+.1f} points (paired t, two-sided p = {p}).")
     if claims is not None:
-        from benchmark.claims import claim_findings
         lines += [f"- {sentence}" for sentence in claim_findings(claims)]
     return lines
 
@@ -245,7 +249,6 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
 
     figures.mkdir(parents=True, exist_ok=True)
     overall, test = overall_ranking(runs)
-    from analysis.critical_difference import plot_critical_difference
     plot_critical_difference(test, figures / "critical_difference.png", f"Average rank by {PRIMARY}, grid {grid.name}")
     plot_exit_accuracy(exits[exits.run_id.isin(runs.run_id)], figures / "exit_accuracy.png")
     overall_block = ["## Overall", "", "Average rank by the primary area across cells (1 = best), with each regime's "
@@ -278,24 +281,17 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
                        f"figures: [results/{grid.name}/REPORT.md](results/{grid.name}/REPORT.md).", "",
                        *overall, ""]
     if claims is not None:
-        benchmark_block += ["Claims:", "", *(f"- {s}" for s in _claim_sentences(claims)), ""]
+        benchmark_block += ["Claims:", "", *(f"- {s}" for s in claim_findings(claims)), ""]
     return "\n".join(out).rstrip() + "\n", "\n".join(benchmark_block).rstrip()
 
 
 def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None) -> pd.DataFrame | None:
-    from benchmark.claims import evaluate_claims, load_claims
     table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE))
     return table if not table.empty else None
 
 
-def _claim_sentences(claims: pd.DataFrame) -> list[str]:
-    from benchmark.claims import claim_findings
-    return claim_findings(claims)
-
-
 def update_benchmark(path: Path, block: str) -> None:
     """Replace what lies between LEADERBOARD_MARKERS in BENCHMARK.md by `block`."""
-    from benchmark.errors import UserError
     if not path.is_file():
         raise UserError(f"{path} not found: run `bench report --update-benchmark` from the repository root")
     text = path.read_text()
