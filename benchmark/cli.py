@@ -334,5 +334,29 @@ def _rounded(value) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
+@main.command(short_help="Rerun a grid into a temporary folder and compare it with its golden table.")
+@click.option("--grid", "grid_name", default="smoke", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--update", is_flag=True,
+              help="Rewrite the golden table from this rerun (tolerances from perturbed reruns) and print what changed.")
+@click.option("--golden", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Golden table [default: results/<grid>/golden.csv].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads of the rerun (the thread count changes the numbers: keep the table's).")
+def check(grid_name, update, golden, data_root, threads):
+    """Retrain the grid's runs on the CPU in a temporary folder (results/ is never touched) and compare their
+    metrics with the golden table (key, metric, expected, tolerance): a value outside its tolerance either way,
+    a missing row or an unexpected one fails. Exits 0 when every row is within tolerance, 1 on differences, 2 on a
+    user error (no golden table: create it with --update).
+
+    --update rewrites the table: expected values from this rerun, each row's tolerance measured from reruns under
+    other thread counts and instruction sets (benchmark/check.py; BENCHMARK.md, "Reproducibility")."""
+    from benchmark.check import check as run_check
+    sys.exit(run_check(grid_name, update=update, golden=golden, data_root=data_root, threads=threads,
+                       echo=click.echo))
+
+
 if __name__ == "__main__":
     main()

@@ -1,14 +1,19 @@
 """Seeding and determinism settings, recorded with every run.
 
-CPU runs are bitwise deterministic for a fixed thread count; GPU runs use the deterministic flags that exist
-and record them (some CUDA kernels have no deterministic variant, hence warn_only there).
+CPU runs are bitwise deterministic on one machine for a fixed thread count and fixed math-library ISA settings;
+the thread count, ATen's CPU capability and oneDNN's ISA each change the numbers (measured: BENCHMARK.md,
+"Reproducibility"), so `configure` records what a reader needs to tell why two machines differ. GPU runs use the
+deterministic flags that exist and record them (some CUDA kernels have no deterministic variant, hence warn_only).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,4 +62,44 @@ def configure(device: torch.device, threads: int) -> dict:
         "cudnn_benchmark": False,
         "autocast": "bfloat16" if device.type == "cuda" else "none",
         "torch": torch.__version__,
+        **cpu_environment(),
+    }
+
+
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that pin the instruction set of ATen's kernels, oneDNN (convolutions) and MKL (GEMMs)."""
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The /proc/cpuinfo flags oneDNN and ATen dispatch on (f32 kernels: AVX2 vs AVX-512; AMX/bf16 pick other kernels)."""
+
+
+@functools.cache
+def cpu_environment() -> dict:
+    """The CPU facts that decide which kernels run, hence the floating-point summation order: CPU model, SIMD flags,
+    cache sizes (oneDNN sizes its blocking by them), ATen's dispatch level and any ISA-pinning variables."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level}{'d' if kind == 'Data' else ''}={size}")
+    return {
+        "cpu_model": model,
+        "cpu_flags": " ".join(f for f in SIMD_FLAGS if f in flags),
+        "cpu_caches": " ".join(caches),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_env": " ".join(f"{name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name)),
     }

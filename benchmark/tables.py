@@ -41,6 +41,8 @@ def run_row(metrics: dict, spec: dict) -> dict:
         "p1_reused": cost["p1_reused"],
         "threads": metrics["environment"]["threads"],
         "device": metrics["environment"]["device"],
+        **{key: metrics["environment"].get(key) for key in ("torch", "cpu_model", "cpu_capability", "cpu_flags",
+                                                           "cpu_caches", "isa_env")},
     }
 
 
