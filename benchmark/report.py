@@ -132,7 +132,10 @@ def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
                 mark = f"{'▲' if diff > 0 else '▼'} p={p:.2g}"
         lrs = sorted(group["lr"].dropna().unique())
         tuned = "tuned" in group and (group["tuned"].dropna().astype(str) != NOT_TUNED).any()
-        lr = "/".join(f"{v:g}" for v in lrs) + (" (tuned)" if tuned else "")
+        knobs = [f"{c}={'/'.join(v if isinstance(v, str) else f'{v:g}' for v in group[c].dropna().unique())}"
+                 for c in group.columns
+                 if "." in c and group[c].notna().any()]     # a tuned objective knob: tuning.py's "objective.key"
+        lr = "/".join(f"{v:g}" for v in lrs) + (" (tuned)" if tuned else "") + "".join(f"; {k}" for k in knobs)
         rows.append([str(rank), f"`{regime}`", *(_mean_std(group[c]) for c, _ in ACCURACY_COLUMNS),
                      *(_count(group[c].mean(), form) for c, _, form in COST_COLUMNS), lr, mark, str(len(group))])
     header = ["#", "regime", *(label for _, label in ACCURACY_COLUMNS), *(label for _, label, _ in COST_COLUMNS),
@@ -240,7 +243,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
             f"validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
             f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
             f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area. "
-            f"lr: the regime's own-phase learning rate (tuned: chosen on tuning seeds by validation area).", ""]
+            f"lr: the regime's own-phase learning rate (tuned: chosen on tuning seeds by validation area), "
+            f"with any tuned objective knob.", ""]
     cell_means = {}
     for (dataset, arch), cell in runs.groupby(["dataset", "arch"], sort=True):
         lines, means = cell_leaderboard(cell)

@@ -207,18 +207,25 @@ def _run_local(stage, store, outcome, progress, data_root, device, threads, extr
 
 
 def _run_pool(stage, store, outcome, progress, jobs, data_root, device, threads, extras) -> None:
-    """Workers are started with Ctrl-C ignored (they inherit it), so an interrupt reaches only this process, which
-    stops them: no tracebacks from workers, and the runs they had in flight stay pending."""
+    """Workers start with Ctrl-C blocked (a blocked signal stays blocked across their exec), so an interrupt reaches
+    only this process, which stops them: no tracebacks from workers, and the runs they had in flight stay pending.
+    While workers are spawned this process only notes a Ctrl-C (its other threads may take the signal, so blocking
+    it here is not enough) and acts on it once they all have started."""
     context = multiprocessing.get_context("spawn")
     pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                        initargs=(threads,))
-    interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:                                    # every worker is spawned by a submit, so all start ignoring Ctrl-C
-        pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), threads,
-                               extras): spec for spec in stage}
-    finally:
-        signal.signal(signal.SIGINT, interrupt_handler)
+    noted = []
     try:
+        handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:                                # every worker is spawned by a submit, so all start with it blocked
+            pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), threads,
+                                   extras): spec for spec in stage}
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, handler)
+        if noted:
+            raise KeyboardInterrupt
         for future in futures.as_completed(pending):
             _, status, message = future.result()
             progress.record(outcome, pending[future], status, message)

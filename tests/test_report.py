@@ -124,3 +124,14 @@ def test_a_user_adds_a_claim_by_adding_a_row(fixture_store, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| Mixed is more accurate than joint at half"))
     assert "`mixed` vs `joint`" in row and "| 3 |" in row
     assert "**contradicted**" in row, "fixture: mixed 55.8 vs joint 73.2 at 50 %, over 3 seeds"
+
+
+def test_a_tuned_objective_knob_is_shown_beside_the_lr(fixture_store):
+    grid, store = fixture_store
+    runs = pd.read_csv(store.tables_dir / "runs.csv")
+    runs.loc[runs.regime == "joint+bdl", "bdl.groups"] = 3          # as tuning.py's provenance names a knob
+    runs.to_csv(store.tables_dir / "runs.csv", index=False)
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    row = next(line for line in text.splitlines() if "| `joint+bdl` |" in line)
+    assert "0.05; bdl.groups=3" in row
+    assert "bdl.groups" not in next(line for line in text.splitlines() if "| `joint` |" in line)
