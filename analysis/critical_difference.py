@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.style import new_figure, regime_colour, save
+from analysis.style import new_figure, regime_style, save
 
 CELL = ["dataset", "arch"]
 
@@ -74,7 +74,8 @@ def plot_critical_difference(test: RankTest, path, title: str) -> None:
     fig, axes = new_figure(width=8.0, height=1.4 + 0.32 * (half + top))
     ax = axes[0][0]
     low, high = 1, max(k, 2)
-    ax.set_xlim(low - 0.5, high + 0.5)
+    margin = 1.0 + 0.3 * k                         # room for the labels beyond both ends of the rank axis
+    ax.set_xlim(low - margin, high + margin)
     ax.set_ylim(-(half + top + 0.8), 1.8)
     ax.axis("off")
     ax.hlines(0, low, high, color="black", lw=1)
@@ -84,17 +85,20 @@ def plot_critical_difference(test: RankTest, path, title: str) -> None:
     for i, (name, rank) in enumerate(zip(names, ranks)):
         left = i < half
         row = -top - (i if left else k - 1 - i)
-        end = low - 0.45 if left else high + 0.45
-        ax.plot([rank, rank, end], [0, row, row], color=regime_colour(name), lw=1.2)
-        ax.text(end, row + 0.12, f"{name} ({rank:.2f})", ha="left" if left else "right", va="bottom", fontsize=8.5,
-                color="black")
+        end = low - 0.3 if left else high + 0.3
+        style = regime_style(name)
+        ax.plot([rank, rank, end], [0, row, row], color=style["color"], linestyle=style["linestyle"], lw=1.4)
+        ax.text(end + (-0.1 if left else 0.1), row, f"{name} ({rank:.2f})", ha="right" if left else "left",
+                va="center", fontsize=8.5, color="black")
     for depth, group in enumerate(cliques):
         lo, hi = test.ranks[list(group)].min(), test.ranks[list(group)].max()
         ax.hlines(-0.35 - 0.25 * depth, lo - 0.03, hi + 0.03, color="black", lw=3.5)
     if np.isfinite(test.critical_difference):
         cd = test.critical_difference
-        ax.hlines(1.25, low, low + cd, color="black", lw=1.5)
-        ax.text(low + cd / 2, 1.35, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+        wider = cd > high - low                     # no two regimes can be resolved: say so, not a clipped bar
+        ax.hlines(1.25, low, min(low + cd, high), color="black", lw=1.5)
+        label = f"CD = {cd:.2f}" + (" (wider than the whole rank range: no pair is resolved)" if wider else "")
+        ax.text(low + min(cd, high - low) / 2, 1.35, label, ha="center", va="bottom", fontsize=9)
     p = "n/a" if not np.isfinite(test.friedman_p) else f"{test.friedman_p:.3g}"
     ax.set_title(f"{title}\nFriedman p = {p} over {test.n_cells} cells; Nemenyi α = {test.alpha:g}", fontsize=10,
                  pad=14)
