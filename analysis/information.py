@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from analysis.style import (BASELINE, new_figure, place_legend, regime_handles, regime_order, regime_style, save,
                             schedule_groups)
 from benchmark.models.eval_mode import evaluating
+from benchmark.models.multi_exit import Hidden, coarsest_scale
 
 DEFAULT_N_SAMPLES = 500   # cifar_resnet8 on 28 px MNIST: ~1.8 s per model on 1 thread, the float64 Gram matmuls most
 DEFAULT_ALPHA = 1.01      # close to Shannon (alpha -> 1) while keeping the closed form (Yu et al. 2019)
@@ -168,18 +169,23 @@ def exit_information_lower_bound(logits: Tensor, y: Tensor) -> dict[str, float]:
 
 def _forward_collect(model: nn.Module, x: Tensor, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
     """Every block's flattened output and every exit's logits, in eval mode (``evaluating``: every module's mode
-    is restored, so a snapshot inside phase P3 leaves the frozen backbone in eval)."""
+    is restored, so a snapshot inside phase P3 leaves the frozen backbone in eval).
+
+    Where a block outputs a list of multi-scale maps (MSDNet), its representation T is the coarsest scale: the one
+    its exit reads (the finer scales only feed later layers), so T -> exit is the chain the exit bound is about,
+    and the one scale every block keeps. Concatenated scales would put the finest one, with 16x the pixels of the
+    coarsest, in charge of the Gaussian kernel's distances.
+    """
     device = next(model.parameters()).device
     blocks, exits = [], []
     with evaluating(model):
         for chunk in x.split(batch_size):
             outputs = []
 
-            def keep(block: int, hidden: Tensor) -> Tensor:
-                outputs.append(hidden.flatten(1).clone())  # a copy: a later block may work in place
-                return hidden
+            def keep(block: int, hidden: Hidden) -> None:
+                outputs.append(coarsest_scale(hidden).flatten(1).clone())  # a copy: a later block may work in place
 
-            exits.append(model(chunk.to(device), after_block=keep))
+            exits.append(model(chunk.to(device), observe=keep))
             blocks.append(outputs)
     return [torch.cat(per_block) for per_block in zip(*blocks)], [torch.cat(per_exit) for per_exit in zip(*exits)]
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from analysis.style import (BASELINE, new_figure, regime_colour, regime_order, regime_style, save, schedule_groups,
                             split_regime)
 from benchmark.models.eval_mode import evaluating
+from benchmark.models.multi_exit import Hidden, coarsest_scale
 
 DEFAULT_N_SAMPLES = 500   # ~0.4 s of CPU per cifar_resnet8 on 28 px (forward 0.25 s, spectra 0.15 s); the rank
                           # can reach 500 at most, the information analysis uses the same N
@@ -51,8 +52,11 @@ def block_activations(model: nn.Module, x: Tensor, batch_size: int = 256) -> lis
     """Every block's output for ``x``, flattened to (N, D) float32 on the CPU, in eval mode (``evaluating``: every
     module's mode restored).
 
-    Read through MultiExitNet.forward's ``after_block`` hook, so the model runs exactly as in training and
-    evaluation (heads included; they do not change what a block outputs).
+    Read through MultiExitNet.forward's ``observe`` hook, so the model runs exactly as in training and evaluation
+    (heads included; they do not change what a block outputs). Where a block outputs a list of multi-scale maps
+    (MSDNet), its activation is the coarsest scale: the only one its exit reads, the one scale every block keeps
+    (so the rank profile compares like with like across blocks), and concatenating the scales instead would let
+    the finest one, with 16x the pixels of the coarsest, dominate the spectrum.
     """
     device = next(model.parameters()).device
     per_batch = []
@@ -60,11 +64,11 @@ def block_activations(model: nn.Module, x: Tensor, batch_size: int = 256) -> lis
         for chunk in x.split(batch_size):
             outputs = []
 
-            def keep(block: int, hidden: Tensor) -> Tensor:
-                outputs.append(hidden.flatten(1).float().cpu().clone())  # a copy: a later block may work in place
-                return hidden
+            def keep(block: int, hidden: Hidden) -> None:
+                # a copy: a later block may work in place
+                outputs.append(coarsest_scale(hidden).flatten(1).float().cpu().clone())
 
-            model(chunk.to(device), after_block=keep)
+            model(chunk.to(device), observe=keep)
             per_batch.append(outputs)
     return [torch.cat(per_block) for per_block in zip(*per_batch)]
 

@@ -23,12 +23,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FlopsProfile:
-    """Per-sample FLOPs of every part of a network, and the hidden-state shape after every block."""
+    """Per-sample FLOPs of every part of a network, and the hidden-state shape after every block.
+
+    A block's shape is without the batch dimension; where the hidden state is a list of multi-scale feature maps
+    (MSDNet) it is a tuple of such shapes, one per scale, finest first.
+    """
 
     blocks: list[float]
     heads: list[float]
     classifier: float
-    block_output_shapes: list[tuple[int, ...]]  # without the batch dimension
+    block_output_shapes: list[tuple[int, ...] | tuple[tuple[int, ...], ...]]
 
 
 def profile_flops(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsProfile:
@@ -44,14 +48,22 @@ def profile_flops(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsPro
         for i, block in enumerate(shadow.blocks):
             x, flops = _counted(block, x)
             blocks.append(flops)
-            shapes.append(tuple(x.shape[1:]))
+            shapes.append(hidden_shape(x))
             if i in head_at:
                 heads.append(_counted(head_at[i], x)[1])
         classifier = _counted(shadow.classifier, x)[1]
     return FlopsProfile(blocks, heads, classifier, shapes)
 
 
-def _counted(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def hidden_shape(hidden: torch.Tensor | list[torch.Tensor]) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    """The shape of a hidden state without the batch dimension; of a list of scales, the tuple of their shapes."""
+    if isinstance(hidden, torch.Tensor):
+        return tuple(hidden.shape[1:])
+    return tuple(tuple(scale.shape[1:]) for scale in hidden)
+
+
+def _counted(module: torch.nn.Module,
+             x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor | list[torch.Tensor], float]:
     with FlopCounterMode(display=False) as counter:
         out = module(x)
     return out, float(counter.get_total_flops())

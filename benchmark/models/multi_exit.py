@@ -1,13 +1,34 @@
-"""The multi-exit network: a backbone cut into blocks, exit heads after some blocks, the backbone's classifier last."""
+"""The multi-exit network: a backbone cut into blocks, exit heads after some blocks, the backbone's classifier last.
+
+The hidden state passed from block to block is one tensor (a feature map, or ViT tokens) or, for multi-scale nets
+(MSDNet), a list of feature maps, finest scale first.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 
+Hidden = Union[torch.Tensor, list[torch.Tensor]]
 Between = Callable[[int, torch.Tensor], torch.Tensor]
+Observe = Callable[[int, Hidden], None]
+
+
+def map_hidden(hook: Between, i: int, hidden: Hidden) -> Hidden:
+    """``hook(i, hidden)`` for a tensor; for a list of scales, ``hook(i, scale)`` on each scale in list order.
+
+    The regimes' hooks (detach, gradient rescaling) act on each tensor alone, so they need not know about lists.
+    """
+    if isinstance(hidden, torch.Tensor):
+        return hook(i, hidden)
+    return [hook(i, scale) for scale in hidden]
+
+
+def coarsest_scale(hidden: Hidden) -> torch.Tensor:
+    """The tensor itself, or the last (coarsest) scale of a multi-scale list: the one MSDNet's classifiers read."""
+    return hidden if isinstance(hidden, torch.Tensor) else hidden[-1]
 
 
 class MultiExitNet(nn.Module):
@@ -15,7 +36,7 @@ class MultiExitNet(nn.Module):
 
     Exit k < K-1 is ``heads[k]`` applied to the output of block ``exit_blocks[k]``; the last exit is
     ``classifier`` applied to the output of the last block. Regimes act on the network only through the
-    ``between`` hook of :meth:`forward`, so no regime needs its own model code.
+    ``between`` and ``after_block`` hooks of :meth:`forward`, so no regime needs its own model code.
     """
 
     def __init__(
@@ -45,7 +66,7 @@ class MultiExitNet(nn.Module):
         return len(self.heads) + 1
 
     def forward(self, x: torch.Tensor, between: Between | None = None,
-                after_block: Between | None = None) -> list[torch.Tensor]:
+                after_block: Between | None = None, observe: Observe | None = None) -> list[torch.Tensor]:
         """Logits of every exit in order (the last one is the classifier's).
 
         ``between(i, hidden)`` is called on the output of every block i but the last, and what it returns is
@@ -53,19 +74,24 @@ class MultiExitNet(nn.Module):
         regime can detach or rescale the path into later blocks without touching that head's own gradient.
         ``after_block(i, hidden)`` is called on the output of every block first, and both the head (or the
         classifier) and ``between`` see what it returns (gradient equilibrium rescales there).
+        Where the hidden state is a list of scales, both hooks are called on each scale in turn (``map_hidden``).
+        ``observe(i, hidden)`` is then called with every block's whole hidden state (a tensor or the list), as
+        the head reads it; it returns nothing and changes nothing (analyses read activations there).
         """
         logits = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x)
             if after_block is not None:
-                x = after_block(i, x)
+                x = map_hidden(after_block, i, x)
+            if observe is not None:
+                observe(i, x)
             if i == last:
                 break
             if i in self._head_after_block:
                 logits.append(self.heads[self._head_after_block[i]](x))
             if between is not None:
-                x = between(i, x)
+                x = map_hidden(between, i, x)
         logits.append(self.classifier(x))
         return logits
 

@@ -53,6 +53,7 @@ class ArchSpec:
     cpu_sized: bool  # cheap enough for the CPU grids (smoke, quick)
     input_kind: str  # "image" or "series"
     tokens: bool  # blocks pass (B, N, D) token sequences (ViT) rather than feature maps
+    multi_scale: bool  # blocks pass a list of feature maps, finest scale first (MSDNet), rather than one
     build: BackboneBuilder
 
     @property
@@ -65,12 +66,12 @@ _ARCHS: dict[str, ArchSpec] = {}
 
 def register_arch(
     name: str, *, family: str, source: str, description: str,
-    cpu_sized: bool = False, input_kind: str = "image", tokens: bool = False,
+    cpu_sized: bool = False, input_kind: str = "image", tokens: bool = False, multi_scale: bool = False,
 ) -> Callable[[BackboneBuilder], BackboneBuilder]:
     def register(build: BackboneBuilder) -> BackboneBuilder:
         if name in _ARCHS:
             raise ValueError(f"arch '{name}' is registered twice")
-        _ARCHS[name] = ArchSpec(name, family, source, description, cpu_sized, input_kind, tokens, build)
+        _ARCHS[name] = ArchSpec(name, family, source, description, cpu_sized, input_kind, tokens, multi_scale, build)
         return build
     return register
 
@@ -117,7 +118,7 @@ def build_model(
     FLOPs is closest to each fraction of the backbone's FLOPs (duplicates merged); or ``"all"``.
     """
     spec, input_shape = _checked_spec(arch, input_shape)
-    head_kind = resolve_head_kind(head, spec.tokens, arch)
+    head_kind = resolve_head_kind(head, spec.tokens, arch, multi_scale=spec.multi_scale)
     if pretrained and not spec.has_pretrained_weights:
         raise UserError(f"{arch} is defined by exitbench and has no pretrained weights; use pretrained=False")
 
