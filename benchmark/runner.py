@@ -1,5 +1,6 @@
 """Runs a grid: skips done runs, schedules the runs that train shared P1 backbones first, executes the rest
-locally or in a process pool, shows progress with ETA, and regenerates the tables.
+locally, in a process pool or as Ray tasks (`benchmark.ray_executor`), shows progress with ETA, and regenerates the
+tables.
 
 Killing `bench run` loses at most the runs in flight: a run is done only once its metrics.json is renamed
 into place (and its files match their checksums), and a rerun starts every other run from scratch.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from benchmark.data import load_dataset
@@ -28,7 +30,8 @@ from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
 
-EXECUTORS = ("local", "process")
+EXECUTORS = ("local", "process", "ray")
+LOST = "lost"  # a Ray task that never came back (its worker died every retry): the run stays pending
 
 
 @dataclass
@@ -37,6 +40,7 @@ class GridOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)       # already done before this invocation
     skipped_failed: list[str] = field(default_factory=list)  # failed earlier, not retried
+    lost: dict[str, str] = field(default_factory=dict)       # Ray tasks that never came back: the runs stay pending
     interrupted: bool = False
 
 
@@ -107,43 +111,74 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
              data_root: Path, device: str = "auto", retry_failed: bool = False, download: bool = False,
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
              snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
-             desc: str | None = None) -> GridOutcome:
+             desc: str | None = None, address: str | None = None, cpus_per_run: int | None = None,
+             gpus_per_run: float | None = None) -> GridOutcome:
     """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
-    every run in the folder)."""
+    every run in the folder). `address`, `cpus_per_run` and `gpus_per_run` are for the Ray executor."""
     outcome = GridOutcome()
-    torch_device = resolve_device(device)
-    with store.lock():
-        store.remove_stale_temporaries()
-        pending = []
-        for spec in specs:
-            state = store.state(spec.run_id)
-            if state == DONE:
-                outcome.skipped.append(spec.run_id)
-            elif state == FAILED and not retry_failed:
-                outcome.skipped_failed.append(spec.run_id)
-            else:
-                pending.append(spec)
-        for name in sorted({s.dataset for s in pending}):      # missing data fails before any training
-            load_dataset(name, data_root, download=download)
-        cores = os.cpu_count() or 1
-        if executor == "process" and jobs > 1 and torch_device.type == "cpu":
-            per_run_threads = threads or max(1, cores // jobs)
+    ray_started = False
+    if executor == "ray":
+        from benchmark import ray_executor
+        ray_started = ray_executor.connect(address)
+    try:
+        with store.lock():
+            _run_pending(specs, store, outcome, grid_name=grid_name, executor=executor, jobs=jobs,
+                         data_root=data_root, device=device, retry_failed=retry_failed, download=download,
+                         threads=threads, extras={"keep_model": save_models, "snapshot_every": snapshot_every,
+                                                  "snapshot_samples": snapshot_samples},
+                         write_tables=write_tables, desc=desc, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+    finally:
+        if ray_started:
+            ray_executor.disconnect()
+    return outcome
+
+
+def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root, device, retry_failed, download,
+                 threads, extras, write_tables, desc, cpus_per_run, gpus_per_run) -> None:
+    if executor == "ray":
+        from benchmark import ray_executor
+        device_type, ray_cpus, ray_gpus = ray_executor.resolve_resources(device, cpus_per_run or threads,
+                                                                         gpus_per_run)
+        torch_device = torch.device(device_type)
+        cluster = ray_executor.cluster_resources()
+        where = (f" on Ray ({cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs; {ray_cpus} CPUs, {ray_gpus:g} GPUs "
+                 f"per run)")
+    else:
+        torch_device, where = resolve_device(device), ""
+    store.remove_stale_temporaries()
+    pending = []
+    for spec in specs:
+        state = store.state(spec.run_id)
+        if state == DONE:
+            outcome.skipped.append(spec.run_id)
+        elif state == FAILED and not retry_failed:
+            outcome.skipped_failed.append(spec.run_id)
         else:
-            per_run_threads = threads or cores
-        extras = {"keep_model": save_models, "snapshot_every": snapshot_every, "snapshot_samples": snapshot_samples}
-        progress = Progress(len(pending), desc or f"grid {grid_name}", store)
-        try:
+            pending.append(spec)
+    for name in sorted({s.dataset for s in pending}):      # missing data fails before any training
+        load_dataset(name, data_root, download=download)
+    cores = os.cpu_count() or 1
+    if executor == "process" and jobs > 1 and torch_device.type == "cpu":
+        per_run_threads = threads or max(1, cores // jobs)
+    else:
+        per_run_threads = threads or cores
+    progress = Progress(len(pending), (desc or f"grid {grid_name}") + where, store)
+    try:
+        if executor == "ray":
+            _run_ray(stages(pending, store, torch_device.type), store, outcome, progress, data_root,
+                     torch_device.type, ray_cpus, ray_gpus, extras)
+        else:
             for stage in stages(pending, store, torch_device.type):
                 if executor == "process" and jobs > 1:
-                    _run_pool(stage, store, outcome, progress, jobs, data_root, torch_device, per_run_threads, extras)
+                    _run_pool(stage, store, outcome, progress, jobs, data_root, torch_device, per_run_threads,
+                              extras)
                 else:
                     _run_local(stage, store, outcome, progress, data_root, torch_device, per_run_threads, extras)
-        except KeyboardInterrupt:
-            outcome.interrupted = True
-        finally:
-            progress.close()
-            (write_tables or (lambda: tables.write_tables(store)))()
-    return outcome
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        progress.close()
+        (write_tables or (lambda: tables.write_tables(store)))()
 
 
 class Progress:
@@ -166,6 +201,9 @@ class Progress:
             metrics = read_json(self.store.run_dir(spec.run_id) / "metrics.json")
             result = (f"final accuracy {metrics['summary']['final_accuracy']:.4f}, "
                       f"{metrics['cost']['run_wall_seconds']:.1f} s")
+        elif status == LOST:
+            outcome.lost[spec.run_id] = message or "unknown error"
+            result = f"LOST: {message}; the run stays pending and the next `bench run` retries it"
         else:
             outcome.failed[spec.run_id] = message or "unknown error"
             result = f"FAILED: {message} (details: runs/{spec.run_id}/error.json)"
@@ -235,3 +273,17 @@ def _run_pool(stage, store, outcome, progress, jobs, data_root, device, threads,
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _run_ray(stages_, store, outcome, progress, data_root, device_type, cpus, gpus, extras) -> None:
+    """Every run as a Ray task at once; dependants of a P1 backbone wait on it inside Ray (`ray_executor`)."""
+    from benchmark import ray_executor
+    p1_of = {}
+    for spec in (s for stage in stages_ for s in stage):
+        epochs = p1_epochs(spec)
+        p1_of[spec.run_id] = spec.p1_id(epochs, device_type) if epochs else None
+    refs, backbones = ray_executor.submit_runs(stages_, store, p1_of, data_root=data_root, device_type=device_type,
+                                               cpus=cpus, gpus=gpus, extras=extras)
+    ray_executor.collect(refs, backbones, store, p1_of,
+                         record=lambda spec, status, message: progress.record(outcome, spec, status, message),
+                         lost=lambda spec, reason: progress.record(outcome, spec, LOST, reason))

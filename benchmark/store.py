@@ -10,6 +10,8 @@ SHA-256 of every other file the run wrote, and those files still match: a file t
 afterwards makes the run not done (with one line saying which file), so the next `bench run` recomputes it.
 A shared backbone is stored only if its cost.json parses and its model.pt matches the checksum in it.
 A results folder is locked while a `bench` command writes to it, so two commands cannot interleave their writes.
+A run trained elsewhere (a Ray worker without a shared filesystem) arrives as its folder's files (`pack_folder`);
+`receive` unpacks them beside the store under a temporary name and renames the whole folder into place.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -263,12 +266,38 @@ class ResultsStore:
         return [run_id for run_id in self.run_ids() if self.state(run_id) == DONE]
 
     def remove_stale_temporaries(self) -> int:
-        """Delete the `.*.tmp` files a killed writer left (only while the folder is locked: no writer is alive)."""
+        """Delete the `.*.tmp` files and folders a killed writer left (only while the folder is locked: no writer
+        is alive)."""
         assert self._lock_depth, "only under lock()"
-        stale = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        stale = list(self.root.rglob(".*.tmp"))
         for path in stale:
-            path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return len(stale)
+
+    def receive(self, folder: Path, files: dict[str, bytes]) -> None:
+        """Put a run or backbone folder packed elsewhere (`pack_folder`) at `folder`, whole or not at all: the files
+        are written and synced in a temporary folder of the store, which then replaces what an earlier attempt left
+        (never a done run or a stored backbone: those are not trained again)."""
+        assert self._lock_depth, "only under lock()"
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".incoming.", suffix=".tmp"))
+        try:
+            for name, content in files.items():
+                if Path(name).name != name or name.startswith("."):
+                    raise ValueError(f"refusing to unpack a file named {name!r} into {folder}")
+                with open(staging / name, "wb") as handle:
+                    handle.write(content)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def check_writable(self) -> None:
         """Fail with one line naming the folder and the fix if results cannot be written there."""
@@ -324,6 +353,11 @@ class ResultsStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pack_folder(folder: Path) -> dict[str, bytes]:
+    """The files of a run or backbone folder (flat; lock and temporary files left out), to send to another machine."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def _parsed(path: Path) -> tuple[Any, str | None]:

@@ -79,3 +79,21 @@ def test_dry_run_refuses_the_grid_in_one_line_and_creates_nothing(tmp_path):
     assert result.stderr.startswith(f"error: grid file {path}: key 'model.exits': ")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not results.exists()
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ("[resources]\ncpus_per_run = 0\n", "resources.cpus_per_run", "a whole number >= 1, got 0"),
+    ("[resources]\ncpus_per_run = 1.5\n", "resources.cpus_per_run", "a whole number >= 1, got 1.5"),
+    ("[resources]\ngpus_per_run = -1\n", "resources.gpus_per_run", "a number >= 0, got -1"),
+    ("[resources]\ngpu_per_run = 1\n", "resources.gpu_per_run", "did you mean 'gpus_per_run'"),
+])
+def test_ray_resources_are_checked(tmp_path, extra, key, problem):
+    path = write(tmp_path, extra)
+    with pytest.raises(UserError) as error:
+        load_grid(str(path))
+    assert f"key '{key}'" in str(error.value) and problem in str(error.value)
+
+
+def test_declared_resources_are_read(tmp_path):
+    grid = load_grid(str(write(tmp_path, "[resources]\ncpus_per_run = 4\ngpus_per_run = 0.5\n")))
+    assert grid.resources == {"cpus_per_run": 4, "gpus_per_run": 0.5}

@@ -1,0 +1,152 @@
+"""The Ray executor on a real local Ray cluster (`ray.init(num_cpus=2)`): results equal the local executor's, the
+shared P1 backbone travels to its dependants, a worker killed mid-run is retried, a run whose worker dies every time
+stays pending, and the driver writes what workers send whole or not at all."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchmark.cli import main
+from benchmark.grid import load_grid
+from benchmark.runner import run_grid
+from benchmark.store import DONE, PENDING, ResultsStore, pack_folder, read_json
+from benchmark.ray_executor import MAX_RETRIES
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+TASK_TITLE = "ray::exitbench.train_run"   # the process title Ray gives a worker while it runs the task
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def smoke_specs():
+    return load_grid("smoke").specs
+
+
+def train(specs, root: Path, executor: str, **kwargs):
+    return run_grid(specs, ResultsStore(root), grid_name="smoke", executor=executor, data_root=Path("/nonexistent"),
+                    device="cpu", **kwargs)
+
+
+def task_processes() -> list[int]:
+    """Pids of Ray workers running a training task right now (the title is set while the task runs)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(TASK_TITLE.encode()):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class Killer(threading.Thread):
+    """Kills (SIGKILL) workers running a training task, `times` times, each once it has run `after` seconds."""
+
+    def __init__(self, times: int, after: float):
+        super().__init__(daemon=True)
+        self.times, self.after, self.killed, self.stop = times, after, [], threading.Event()
+
+    def run(self):
+        seen: dict[int, float] = {}
+        while not self.stop.is_set() and len(self.killed) < self.times:
+            now = time.monotonic()
+            for pid in task_processes():
+                seen.setdefault(pid, now)
+                if pid not in self.killed and now - seen[pid] >= self.after:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+                    break
+            time.sleep(0.05)
+
+
+def test_ray_runs_equal_local_runs_and_share_one_backbone(cluster, tmp_path):
+    specs = smoke_specs()
+    local = train(specs, tmp_path / "local", "local", threads=1)
+    remote = train(specs, tmp_path / "ray", "ray", cpus_per_run=1)
+    assert sorted(remote.done) == sorted(local.done) == sorted(s.run_id for s in specs)
+    for spec in specs:        # same thread count: bitwise the same logits and numbers
+        a = read_json(tmp_path / "local" / "runs" / spec.run_id / "metrics.json")
+        b = read_json(tmp_path / "ray" / "runs" / spec.run_id / "metrics.json")
+        assert a["files"]["logits.npz"] == b["files"]["logits.npz"]
+        assert a["summary"] == b["summary"]
+        assert b["environment"]["threads"] == 1
+    backbones = list((tmp_path / "ray" / "backbones").iterdir())
+    assert len(backbones) == 1                              # disjoint and mixed share one P1
+    store = ResultsStore(tmp_path / "ray")
+    assert store.backbone_inspect(backbones[0].name) == (True, None)
+    reused = {s.regime: read_json(store.run_dir(s.run_id) / "metrics.json")["cost"]["p1_reused"]
+              for s in specs if s.regime != "joint"}
+    assert sorted(reused.values()) == [False, True]          # one run trained it, the other received it
+    trained_by = read_json(backbones[0] / "cost.json")["trained_by"]
+    assert reused[next(s.regime for s in specs if s.run_id == trained_by)] is False
+    assert not list((tmp_path / "ray").glob(".*.tmp"))       # no staging folder left behind
+
+
+def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(cluster, tmp_path):
+    killer = Killer(times=1, after=0.5)
+    killer.start()
+    try:
+        outcome = train(smoke_specs(), tmp_path, "ray", cpus_per_run=1)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert len(killer.killed) == 1, "no training task was seen running long enough to be killed"
+    assert not outcome.lost and not outcome.failed
+    store = ResultsStore(tmp_path)
+    assert [store.state(s.run_id) for s in smoke_specs()] == [DONE] * 3
+
+
+def test_a_run_whose_worker_dies_every_time_stays_pending_and_the_next_run_finishes_it(cluster, tmp_path):
+    joint = [s for s in smoke_specs() if s.regime == "joint"]
+    killer = Killer(times=MAX_RETRIES + 1, after=0.2)
+    killer.start()
+    try:
+        outcome = train(joint, tmp_path, "ray", cpus_per_run=1)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert len(killer.killed) == MAX_RETRIES + 1
+    assert list(outcome.lost) == [joint[0].run_id] and not outcome.failed and not outcome.done
+    store = ResultsStore(tmp_path)
+    assert store.state(joint[0].run_id) == PENDING
+    again = train(joint, tmp_path, "ray", cpus_per_run=1)
+    assert again.done == [joint[0].run_id] and store.state(joint[0].run_id) == DONE
+
+
+def test_the_cli_refuses_gpus_the_cluster_does_not_have(cluster, tmp_path):
+    result = CliRunner().invoke(main, ["run", "--grid", "smoke", "--results", str(tmp_path), "--executor", "ray",
+                                       "--gpus-per-run", "1"])
+    assert result.exit_code == 2
+    assert "asks for 1 GPUs but the Ray cluster has 0" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_receive_replaces_an_earlier_attempt_whole_and_refuses_paths(tmp_path):
+    store = ResultsStore(tmp_path)
+    folder = store.run_dir("abc")
+    folder.mkdir(parents=True)
+    (folder / "error.json").write_text("{}")                 # an earlier, failed attempt
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    (source / "spec.json").write_text('{"x": 1}')
+    (source / ".lock").write_text("")                        # never travels
+    with store.lock():
+        store.receive(folder, pack_folder(source))
+        assert sorted(p.name for p in folder.iterdir()) == ["spec.json"]
+        with pytest.raises(ValueError, match="refusing to unpack"):
+            store.receive(store.run_dir("evil"), {"../escape.json": b"{}"})
+    assert not store.run_dir("evil").exists() and not (tmp_path / "runs" / "escape.json").exists()
+    assert not list(tmp_path.glob(".incoming.*"))
