@@ -40,13 +40,26 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def configure(device: torch.device, threads: int) -> dict:
-    """Apply the determinism settings for this process and return them for metrics.json."""
+EVAL_BATCH_SIZES = {"cpu": 512, "cuda": 2048}
+"""Evaluation batch size per device type, fixed and recorded (`eval_batch_size` in metrics.json): on a GPU the
+kernels, hence the float32 logits' last bits, may depend on the batch size; on the CPU 512 is what every stored
+number so far was computed with."""
+
+
+def eval_batch_size(device: torch.device | str) -> int:
+    return EVAL_BATCH_SIZES.get(torch.device(device).type, 512)
+
+
+def configure(device: torch.device, threads: int, fast: bool = False) -> dict:
+    """Apply the determinism settings for this process and return them for metrics.json.
+
+    `fast` (`bench run --fast`) on CUDA lets cuDNN benchmark and pick non-deterministic algorithms; on the CPU it
+    changes nothing here (torch.compile, the other half of --fast, is applied to the model by the pipeline)."""
     torch.set_num_threads(threads)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = fast
+        torch.use_deterministic_algorithms(not fast, warn_only=True)
         # adaptive pooling's CUDA backward has no deterministic kernel; recorded below instead of warned per step
         warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -57,10 +70,12 @@ def configure(device: torch.device, threads: int) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": threads,
-        "deterministic_algorithms": True,
+        "deterministic_algorithms": not (fast and device.type == "cuda"),
         "deterministic_warn_only": device.type == "cuda",
-        "cudnn_benchmark": False,
+        "cudnn_benchmark": fast and device.type == "cuda",
         "autocast": "bfloat16" if device.type == "cuda" else "none",
+        "eval_batch_size": eval_batch_size(device),
+        "fast": fast,
         "torch": torch.__version__,
         **cpu_environment(),
     }

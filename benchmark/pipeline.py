@@ -19,7 +19,7 @@ import torch
 
 from benchmark import flops as flop_count
 from benchmark.data import load_dataset
-from benchmark.determinism import configure, derive_seed, seed_everything
+from benchmark.determinism import configure, derive_seed, eval_batch_size, seed_everything
 from benchmark.evaluate import evaluate
 from benchmark.models import build_model, exit_placement
 from benchmark.models.eval_mode import evaluating
@@ -27,7 +27,7 @@ from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
 from benchmark.store import (RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
                              read_torch, write_csv, write_json, write_npz, write_torch)
-from benchmark.train import PhaseCost, run_phase
+from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
 from regimes.base import Budget, Phase
 from regimes.registry import build_regime
 
@@ -45,22 +45,47 @@ def initial_model(spec: RunSpec, data, device: torch.device):
     return model
 
 
-def collect_logits(model, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+def collect_logits(model, x: torch.Tensor, batch_size: int = 512,
+                   prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Per-exit logits (K, N, C) in float32 — what logits.npz stores and every metric is computed from.
 
     Full float32 even on a GPU: no bf16 autocast and no TF32 (training enables both), because every exit decision
-    compares confidences and a rounded logit can flip one (bf16 keeps 8 significant bits, TF32 11).
+    compares confidences and a rounded logit can flip one (bf16 keeps 8 significant bits, TF32 11). Never a
+    compiled (--fast) graph either: the stored logits come from the eager model. `prepare` turns a batch of stored
+    values into model inputs (`Dataset.normalise` for uint8 pixels); the batch size is fixed per device type
+    (`eval_batch_size`).
     """
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     chunks = []
     try:
-        with evaluating(model):
+        with evaluating(model), eager():
             for start in range(0, len(x), batch_size):
-                chunks.append(torch.stack(model(x[start:start + batch_size])).float().cpu())
+                batch = x[start:start + batch_size]
+                chunks.append(torch.stack(model(batch if prepare is None else prepare(batch))).float().cpu())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return torch.cat(chunks, dim=1).numpy()
+
+
+def _split(data, split: str, device: torch.device) -> tuple[torch.Tensor, int, Callable]:
+    """collect_logits' arguments for a split: as held, the device's evaluation batch size, the normalising rule."""
+    x, prepare = held(data, split)
+    return x, eval_batch_size(device), prepare
+
+
+class _EagerSnapshots:
+    """Information snapshots whose forwards run eagerly (never a compiled --fast graph)."""
+
+    def __init__(self, model, data, every: int, samples: int):
+        self.taker = InformationSnapshots(model, data, every, samples)
+
+    def __call__(self, global_epoch: int) -> None:
+        with eager():
+            self.taker(global_epoch)
+
+    def table(self) -> pd.DataFrame:
+        return self.taker.table()
 
 
 def placement_columns(spec: RunSpec, data) -> dict[str, list]:
@@ -77,7 +102,7 @@ def _history_frame(rows: list[dict], spec: RunSpec) -> pd.DataFrame:
 
 def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, device: torch.device,
               on_epoch: EpochCallback | None,
-              snapshots: InformationSnapshots | None) -> tuple[list[dict], PhaseCost, bool, pd.DataFrame]:
+              snapshots: _EagerSnapshots | None) -> tuple[list[dict], PhaseCost, bool, pd.DataFrame]:
     """Load the shared P1 backbone into `model`, training and storing it first if it is not stored intact. Also
     returns the information snapshots taken during P1 (empty if none were asked for when it was trained).
 
@@ -107,7 +132,7 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_json(folder / "spec.json", {"p1_id": p1_id, "dataset": spec.dataset, "arch": spec.arch,
                                           "seed": spec.seed, "epochs": phase.epochs, "train": spec.train,
-                                          "model": spec.model})
+                                          "model": spec.model, **({"fast": True} if spec.fast else {})})
         write_csv(folder / "history.csv", pd.DataFrame(result.history))
         write_torch(folder / "model.pt", state)
         write_json(folder / "cost.json", {"cost": asdict(result.cost), "device": str(device),      # last = stored
@@ -121,7 +146,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     """Train, evaluate and store one run. Returns metrics.json's content. Raises on failure (see `safe_execute`).
     `snapshot_every` > 0 records the information plane every k epochs (runs/<id>/information_snapshots.csv)."""
     started = time.perf_counter()
-    environment = configure(device, threads)
+    environment = configure(device, threads, fast=spec.fast)
     folder = store.start_run(spec.run_id)
     write_json(folder / "spec.json", spec.to_json())
     data = load_dataset(spec.dataset, data_root).to(device)
@@ -130,17 +155,19 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     profile = flop_count.profile_flops(model, data.input_shape)          # one counting pass for every number
     costs = {"backbone": sum(profile.blocks) + profile.classifier,
              "exits": flop_count.exit_costs_of(profile, model.exit_blocks)}
+    environment.update(compile_for_training(model, data, spec.train["batch_size"], device) if spec.fast
+                       else {"compiled": False, "compile_error": None})
 
     budget = Budget(spec.train["epochs"], spec.train["p1_epochs"])
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
-    snapshots = InformationSnapshots(model, data, snapshot_every, snapshot_samples) if snapshot_every else None
+    snapshots = _EagerSnapshots(model, data, snapshot_every, snapshot_samples) if snapshot_every else None
     p1_snapshots = pd.DataFrame()
     for phase in regime.schedule.phases(budget):
         if phase.epochs == 0:
             continue
         seed_everything(derive_seed(spec.pairing_seed, "phase", phase.name))
         if phase.name == "P1":
-            p1_taker = InformationSnapshots(model, data, snapshot_every, snapshot_samples) if snapshots else None
+            p1_taker = _EagerSnapshots(model, data, snapshot_every, snapshot_samples) if snapshots else None
             rows, cost, p1_reused, p1_snapshots = obtain_p1(spec, phase, model, data, store, device, on_epoch,
                                                             p1_taker)
         else:
@@ -160,8 +187,8 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                   "seed": spec.seed}
         write_csv(folder / "information_snapshots.csv", taken.assign(**labels)[[*labels, *taken.columns]])
 
-    val_logits = collect_logits(model, data.x_val)
-    test_logits = collect_logits(model, data.x_test)
+    val_logits = collect_logits(model, *_split(data, "val", device))
+    test_logits = collect_logits(model, *_split(data, "test", device))
     val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
     write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
               exit_flops=np.asarray(costs["exits"]))

@@ -2,6 +2,11 @@
 
 The run id hashes only what changes the numbers (dataset, arch, regime, seed, budget, resolved hyperparameters,
 protocol version) — never paths, hosts or devices — so the same spec gets the same id on every machine.
+
+`fast` (`bench run --fast`: torch.compile, and on CUDA cuDNN's benchmarked, non-deterministic algorithms) enters
+the hashed payload only when set: compiled kernels fuse and reorder floating-point operations on every device, so
+a fast run's numbers may differ from the eager run's and it must not share its id. A spec without it hashes, and
+writes spec.json, byte for byte as before the flag existed, so no existing run id changed.
 """
 from __future__ import annotations
 
@@ -29,10 +34,18 @@ class RunSpec:
     hparams: dict[str, Any] = field(default_factory=dict)   # the objective's resolved hyperparameters
     own_phases: dict[str, Any] = field(default_factory=dict)  # train keys overridden in P2/P3, never in shared P1
     protocol: int = PROTOCOL_VERSION
+    fast: bool = False             # --fast: compiled model (and on CUDA non-deterministic cuDNN); hashed only if set
+
+    def semantic(self) -> dict[str, Any]:
+        """What the run id hashes: every field, `fast` only when it is set (module docstring)."""
+        payload = asdict(self)
+        if not self.fast:
+            del payload["fast"]
+        return payload
 
     @property
     def run_id(self) -> str:
-        return _digest(asdict(self))
+        return _digest(self.semantic())
 
     @property
     def pairing_seed(self) -> int:
@@ -48,13 +61,16 @@ class RunSpec:
     def p1_id(self, p1_epochs: int, device_type: str) -> str:
         """Key of the shared P1 backbone: everything P1 depends on, nothing that only later phases use — including
         the device type, which sets the precision (bf16 autocast on cuda, float32 on cpu): a GPU backbone is never
-        reused by a CPU run, nor the reverse."""
+        reused by a CPU run, nor the reverse. Likewise a --fast backbone (compiled) is shared by --fast runs only;
+        without `fast` the key is what it always was."""
         train = {k: v for k, v in self.train.items() if k not in ("epochs", "p1_epochs")}
-        return _digest({"dataset": self.dataset, "arch": self.arch, "seed": self.seed, "p1_epochs": p1_epochs,
-                        "train": train, "model": self.model, "protocol": self.protocol, "device": device_type})
+        key = {"dataset": self.dataset, "arch": self.arch, "seed": self.seed, "p1_epochs": p1_epochs,
+               "train": train, "model": self.model, "protocol": self.protocol, "device": device_type}
+        return _digest({**key, "fast": True} if self.fast else key)
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, **asdict(self)}
+        """spec.json: the run id and the semantic spec (`"fast": true` appears only in fast runs)."""
+        return {"run_id": self.run_id, **self.semantic()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSpec":

@@ -9,7 +9,9 @@ paired batch order, and a per-epoch history. Knows schedules only through `Phase
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark.determinism import derive_seed
+from benchmark.determinism import derive_seed, eval_batch_size
 from benchmark.errors import NonFiniteLoss
 from benchmark.models.eval_mode import evaluating
 from regimes.base import Objective, Phase, StepContext
@@ -77,6 +79,79 @@ def set_train_mode(model, trains: str) -> None:
             module.eval()
 
 
+def held(data, split: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A split as the dataset holds it and the rule that makes model inputs of a batch of it: a `Dataset` may hold
+    uint8 pixels (normalised per batch); anything else passed as data (tests' subsets) holds model inputs."""
+    if hasattr(data, "stored"):
+        return data.stored(split), data.normalise
+    return getattr(data, f"x_{split}"), lambda x: x
+
+
+def eager(on: bool = True):
+    """Run compiled (--fast) modules eagerly inside: FLOP counting, evaluation. Nothing when `on` is False or when
+    torch.compile was never imported (then nothing is compiled, and importing it would cost every run ~1 s)."""
+    return torch.compiler.set_stance("force_eager") if on and "torch._dynamo" in sys.modules else nullcontext()
+
+
+COMPILE_BACKEND = "inductor"
+"""The torch.compile backend of --fast (tests swap in a failing one to exercise the fallback)."""
+_COMPILE_WARNED: set[str] = set()
+
+
+def compile_for_training(model, data, batch_size: int, device: torch.device) -> dict:
+    """--fast: compile every block, exit head and the classifier in place (`Module.compile`, so state_dict keys,
+    hooks, `forward_final` and `functional_call` keep working) and probe the compiled model at once with one
+    forward and backward on a training-sized batch, so that a compilation failure shows here rather than mid-run.
+    The probe leaves no trace: weights, BatchNorm statistics, gradients and RNG states are restored.
+
+    If compiling or the probe raises, the modules are returned to eager, a warning with the reason is given (once
+    per reason and process) and training goes on eagerly. Returns {"compiled": bool, "compile_error": str|None}
+    for metrics.json. Compiles that fail later (another phase's graph) fall back to eager per graph
+    (torch._dynamo's suppress_errors) without failing the run."""
+    modules = [*model.blocks, *model.heads, model.classifier]
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+    grad_enabled, training = torch.is_grad_enabled(), model.training
+    import torch._dynamo as dynamo          # here, not at the top: importing it costs ~1 s
+    try:
+        dynamo.config.suppress_errors = False
+        for module in modules:
+            module.compile(backend=COMPILE_BACKEND)
+        x_train, prepare = held(data, "train")
+        x = prepare(x_train[:batch_size])
+        if device.type == "cuda" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        model.train()
+        with torch.enable_grad(), autocast:
+            logits = model(x)
+        torch.stack([z.float().sum() for z in logits]).sum().backward()
+        error = None
+    except Exception as failure:  # noqa: BLE001 — any failure to compile means: train eagerly
+        cause = getattr(failure, "inner_exception", None) or failure.__cause__ or failure   # the backend's own error
+        message = (str(cause).strip().splitlines() or [""])[0][:300]
+        error = type(failure).__name__ + (f" ({type(cause).__name__}: {message})" if cause is not failure
+                                          else f": {message}")
+        for module in modules:
+            module._compiled_call_impl = None
+        dynamo.reset()
+        if error not in _COMPILE_WARNED:
+            _COMPILE_WARNED.add(error)
+            warnings.warn(f"--fast: torch.compile failed, training eagerly instead ({error})", stacklevel=2)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            model.load_state_dict(saved)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        torch.set_grad_enabled(grad_enabled)
+        model.train(training)
+    dynamo.config.suppress_errors = error is None
+    return {"compiled": error is None, "compile_error": error}
+
+
 def backbone_step(model, x, y, optimizer, ctx) -> dict:
     """P1: the backbone alone, cross-entropy on its own classifier whatever the objective."""
     loss = F.cross_entropy(model.forward_final(x), y)
@@ -86,12 +161,16 @@ def backbone_step(model, x, y, optimizer, ctx) -> dict:
     return {"loss": loss.detach(), "exit_ce": loss.detach().reshape(1)}
 
 
-def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast) -> list[float]:
+def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast,
+                    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """Per-exit accuracy on (x, y) in batches; `prepare` turns a batch of stored values into model inputs
+    (`Dataset.normalise` for uint8 pixels), so a whole split is never normalised at once."""
     correct = None
-    with evaluating(model):
+    with evaluating(model), eager():                       # evaluation never runs a compiled (--fast) graph
         for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
             with autocast():
-                logits = model(x[start:start + batch_size])
+                logits = model(batch if prepare is None else prepare(batch))
             hits = torch.stack([(z.argmax(1) == y[start:start + batch_size]).sum() for z in logits])
             correct = hits if correct is None else correct + hits
     return (correct.double() / len(x)).tolist()
@@ -108,7 +187,8 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
     epoch's bookkeeping, outside the timed part (information-plane snapshots use it)."""
     trained = set_trainable(model, phase.trains)
     optimizer = make_optimizer(trained, train)
-    n, batch_size = len(data.x_train), train["batch_size"]
+    (x_train, prepare), (x_val, _) = held(data, "train"), held(data, "val")
+    n, batch_size = len(x_train), train["batch_size"]
     steps_per_epoch = max(1, n // batch_size)          # drop the ragged last batch (BatchNorm needs >1 sample)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * phase.epochs)
     step_fn = backbone_step if phase.trains == "backbone" else objective.step
@@ -130,13 +210,13 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         optimizer_steps = drawn = 0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            x = data.augment(data.x_train[idx], generator)
+            x = prepare(data.augment(x_train[idx], generator))     # uint8 pixels: normalised after the crop
             if device.type == "cuda" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx.step = step
             kind = step_kind(ctx)
             counter = None if kind in result.cost.step_flops else FlopCounterMode(display=False)
-            with nullcontext() if counter is None else counter, autocast():
+            with nullcontext() if counter is None else counter, eager(counter is not None), autocast():
                 out = step_fn(model, x, data.y_train[idx], optimizer, ctx)
             if counter is not None:
                 result.cost.step_flops[kind] = float(counter.get_total_flops())
@@ -155,7 +235,8 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         result.cost.optimizer_steps += optimizer_steps
         result.cost.examples_seen += drawn
         evaluate_now = (epoch + 1) % train["eval_every"] == 0 or epoch + 1 == phase.epochs
-        val_acc = exit_accuracies(model, data.x_val, data.y_val, 512, autocast) if evaluate_now else None
+        val_acc = (exit_accuracies(model, x_val, data.y_val, eval_batch_size(device), autocast, prepare)
+                   if evaluate_now else None)
         exit_ce = (ce_sum / steps_per_epoch).tolist()
         for k in range(model.num_exits):
             trained_exit = phase.trains != "backbone" or k == model.num_exits - 1
