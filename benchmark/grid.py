@@ -15,8 +15,11 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
     [regime_overrides."<glob>"]  optimizer keys (OPTIMIZER_KEYS) that differ in the own phases (P2, P3) of the
                                  regimes matching a glob (e.g. "*+l2w"); never in the shared P1, never anything
                                  that would break pairing (batch size, budget)
-    [tuning]                     the declared tuning protocol (benchmark/tuning.py): seeds, lr = [...], and at
-                                 most one knob per objective in [tuning.hparams.<objective>]
+    [tuning]                     the declared tuning protocol (benchmark/tuning.py): seeds, lr = [...] (or one
+                                 list per optimizer: [tuning.lr] sgd = [...] adamw = [...]), and at most one
+                                 knob per objective in [tuning.hparams.<objective>]
+    [resources]                  what each run declares to the Ray executor: cpus_per_run, gpus_per_run (the
+                                 --cpus-per-run / --gpus-per-run flags win); no effect on results
 
 Runs pair every dataset with every arch of the same input kind (images with image nets, sensor series with
 1-D nets). Every mistake is reported with the file and the offending key.
@@ -51,7 +54,9 @@ OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 """What [regime_overrides] may change: settings of a regime's own optimizer, never batches or budgets (pairing)."""
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
 TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "exclude", "train", "model", "hparams",
-            "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "analyses"}
+            "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "analyses", "resources"}
+RESOURCE_DEFAULTS: dict[str, Any] = {"cpus_per_run": None, "gpus_per_run": None}
+"""None: the executor decides (1 CPU; 1 GPU when --device asks for or finds one)."""
 OPTIMIZERS = ("sgd", "adamw")
 CHECK_INPUT = {"image": (3, 32, 32), "series": (6, 100)}
 """The input shape, per input kind, that heads and exits are checked at when a grid loads: the data registry knows
@@ -67,6 +72,7 @@ class Grid:
     raw: dict[str, Any]
     analyses: dict[str, Any]       # the [analyses] table merged over benchmark.analyze.ANALYSIS_DEFAULTS
     tuning: dict[str, Any] | None  # the validated [tuning] table, or None: every value fixed by hand
+    resources: dict[str, Any]      # the [resources] table merged over RESOURCE_DEFAULTS
 
 
 def grid_names() -> list[str]:
@@ -212,7 +218,10 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                 raise _bad(path, f"regime_overrides.{pattern}.{key}",
                            f"only the regime's own optimizer settings ({', '.join(OPTIMIZER_KEYS)}) may differ "
                            f"between regimes; '{key}' would break pairing — set it in [train] or [cell_overrides]")
-    tuning = _tuning(path, raw.get("tuning"), seeds, regime_overrides, objective_names())
+    used_optimizers = {train_base["optimizer"], *(table.get("optimizer", train_base["optimizer"]) for table in
+                                                  [*overrides.values(), *cell_overrides.values(),
+                                                   *regime_overrides.values()])}
+    tuning = _tuning(path, raw.get("tuning"), seeds, regime_overrides, objective_names(), used_optimizers)
 
     excluded = set()
     for entry in raw.get("exclude", []):
@@ -255,7 +264,8 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                                          train=dict(train), model=dict(model), hparams=resolved,
                                          own_phases=dict(own_phases)))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
-                analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning)
+                analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning,
+                resources=_resources(path, raw.get("resources", {})))
 
 
 def _check_hparam(path: Path, where: str, objective, key: str, value: Any) -> None:
@@ -279,7 +289,7 @@ def _check_model(path: Path, dataset: str, arch: str, model: dict[str, Any], ori
         return _bad(path, f"{origin.get(key, 'model')}.{key}", f"{error} (cell {dataset}/{arch})")
 
     try:
-        resolve_head_kind(model["head"], _ARCHS[arch].tokens, arch)
+        resolve_head_kind(model["head"], _ARCHS[arch].tokens, arch, multi_scale=_ARCHS[arch].multi_scale)
     except UserError as e:
         raise bad("head", e) from None
     try:
@@ -288,7 +298,8 @@ def _check_model(path: Path, dataset: str, arch: str, model: dict[str, Any], ori
         raise bad("exits", e) from None
 
 
-def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, objectives: list[str]) -> dict | None:
+def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, objectives: list[str],
+            used_optimizers: set[str]) -> dict | None:
     """Validate [tuning]: seeds (not reported ones), lr candidates, at most one knob per objective."""
     if table is None:
         return None
@@ -302,12 +313,20 @@ def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, ob
     shared = sorted(set(tuning_seeds) & set(seeds))
     if shared:
         raise _bad(path, "tuning.seeds", f"seeds {shared} are also reported seeds; tuning must use other seeds")
-    lrs = table.get("lr")
-    if not isinstance(lrs, list) or not lrs or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lrs):
-        raise _bad(path, "tuning.lr", f"must be a non-empty list of learning rates > 0, got {lrs!r}")
-    if len(set(lrs)) != len(lrs):
-        raise _bad(path, "tuning.lr", "lists a value twice")
+    declared = table.get("lr")
+    if isinstance(declared, dict):          # one list per optimizer: [tuning.lr] sgd = [...] adamw = [...]
+        for optimizer in declared:
+            if optimizer not in OPTIMIZERS:
+                raise _bad(path, f"tuning.lr.{optimizer}", "unknown optimizer" + _suggest(optimizer, OPTIMIZERS))
+        missing = sorted(set(used_optimizers) - set(declared))
+        if missing:
+            raise _bad(path, "tuning.lr", f"declares no learning rates for {', '.join(missing)}, which cells of this "
+                                          f"grid train with; add `{missing[0]} = [...]`")
+        lrs_of = {optimizer: _learning_rates(path, f"tuning.lr.{optimizer}", lrs)
+                  for optimizer, lrs in declared.items()}
+    else:
+        lrs = _learning_rates(path, "tuning.lr", declared)
+        lrs_of = dict.fromkeys(OPTIMIZERS, lrs)
     for pattern, override in regime_overrides.items():
         if "lr" in override:
             raise _bad(path, f"regime_overrides.{pattern}.lr", "the lr is tuned ([tuning] lr); do not also fix it")
@@ -329,7 +348,28 @@ def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, ob
             raise _bad(path, f"tuning.hparams.{objective}.{knob}", "must be a non-empty list of distinct values")
         for value in candidates:
             _check_hparam(path, f"tuning.hparams.{objective}.{knob}", OBJECTIVES[objective], knob, value)
-    return {"seeds": tuning_seeds, "lr": [float(v) for v in lrs], "hparams": knobs}
+    return {"seeds": tuning_seeds, "lr": lrs_of, "hparams": knobs}
+
+
+def _learning_rates(path: Path, key: str, lrs: Any) -> list[float]:
+    if not isinstance(lrs, list) or not lrs or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lrs):
+        raise _bad(path, key, f"must be a non-empty list of learning rates > 0, got {lrs!r}")
+    if len(set(lrs)) != len(lrs):
+        raise _bad(path, key, "lists a value twice")
+    return [float(v) for v in lrs]
+
+
+def _resources(path: Path, table: Any) -> dict[str, Any]:
+    settings = {**RESOURCE_DEFAULTS, **_check_table(path, "resources", table, RESOURCE_DEFAULTS)}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        whole = key == "cpus_per_run"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value < (1 if whole else 0):
+            raise _bad(path, f"resources.{key}", f"must be {'a whole number >= 1' if whole else 'a number >= 0'}, "
+                                                 f"got {value!r}")
+    return settings
 
 
 def _analyses(path: Path, table: Any) -> dict[str, Any]:

@@ -32,12 +32,18 @@ def cell_of(spec: RunSpec) -> tuple[str, str, str]:
     return spec.dataset, spec.arch, spec.regime
 
 
+def learning_rates(spec: RunSpec, tuning: dict[str, Any]) -> list[float]:
+    """The candidate learning rates declared for the optimizer of the cell's own phases (SGD and AdamW need
+    different scales; `[tuning] lr` is one list for every optimizer or one per optimizer)."""
+    return tuning["lr"][spec.own_phase_train["optimizer"]]
+
+
 def candidates(spec: RunSpec, tuning: dict[str, Any]) -> list[dict[str, Any]]:
     """The declared candidate values of a cell, in declaration order: lr x (the objective's knob, if any)."""
     _, objective = parse_regime_name(spec.regime)
     knob = tuning["hparams"].get(objective, {})
     knob_values = [{f"{objective}.{name}": value} for name, values in knob.items() for value in values] or [{}]
-    return [{"lr": lr, **extra} for lr, extra in itertools.product(tuning["lr"], knob_values)]
+    return [{"lr": lr, **extra} for lr, extra in itertools.product(learning_rates(spec, tuning), knob_values)]
 
 
 def with_values(spec: RunSpec, values: dict[str, Any], seed: int | None = None) -> RunSpec:
@@ -99,7 +105,8 @@ def make_plan(specs: list[RunSpec], tuning: dict[str, Any] | None, store: Result
             continue
         for row in cell_rows:
             row["chosen"] = row["candidate"] == best
-        if len(tuning["lr"]) > 1 and options[best]["lr"] in (min(tuning["lr"]), max(tuning["lr"])):
+        declared = learning_rates(reported[0], tuning)
+        if len(declared) > 1 and options[best]["lr"] in (min(declared), max(declared)):
             plan.at_edge.append(f"{'/'.join(cell)}: lr {options[best]['lr']:g}")
         tuned = ", ".join(options[best])
         for spec in reported:

@@ -98,3 +98,32 @@ def test_bench_run_tunes_then_trains_the_reported_seeds_with_the_winner(grid_fil
 
     after = bench("--dry-run")
     assert "await" not in after.stdout and after.stdout.count(" done ") == 2 + 2
+
+
+def test_each_optimizer_tunes_over_its_own_learning_rates(tmp_path):
+    """[tuning.lr] with one list per optimizer: a cell tries only its own optimizer's list."""
+    from benchmark.grid import load_grid
+    from benchmark.store import ResultsStore
+    from benchmark.tuning import make_plan
+    path = tmp_path / "g.toml"
+    path.write_text('datasets = ["digits"]\narchs = ["small_cnn", "cifar_resnet8"]\nregimes = ["joint"]\nseeds = [0]\n'
+                    '[train]\nepochs = 2\n[arch_overrides.cifar_resnet8]\noptimizer = "adamw"\nlr = 1e-3\n'
+                    '[tuning]\nseeds = [9]\n[tuning.lr]\nsgd = [0.1, 0.05]\nadamw = [2e-3, 1e-3, 5e-4]\n')
+    plan = make_plan(load_grid(str(path)).specs, load_grid(str(path)).tuning, ResultsStore(tmp_path / "r"))
+    tried = {}
+    for run in plan.tuning:
+        tried.setdefault(run.arch, set()).add(run.own_phases["lr"])
+    assert tried == {"small_cnn": {0.1, 0.05}, "cifar_resnet8": {2e-3, 1e-3, 5e-4}}
+
+
+def test_a_per_optimizer_lr_table_must_cover_every_optimizer_the_grid_uses(tmp_path):
+    from benchmark.errors import UserError
+    from benchmark.grid import load_grid
+    path = tmp_path / "g.toml"
+    path.write_text('datasets = ["digits"]\narchs = ["small_cnn"]\nregimes = ["joint"]\nseeds = [0]\n'
+                    '[train]\nepochs = 2\n[tuning]\nseeds = [9]\n[tuning.lr]\nadamw = [1e-3]\n')
+    with pytest.raises(UserError, match=r"key 'tuning.lr': declares no learning rates for sgd"):
+        load_grid(str(path))
+    path.write_text(path.read_text().replace("adamw = [1e-3]", "sgd = [0.1]\nadam = [1e-3]"))
+    with pytest.raises(UserError, match=r"key 'tuning.lr.adam': unknown optimizer \(did you mean 'adamw'\?\)"):
+        load_grid(str(path))
