@@ -1,9 +1,11 @@
 """`bench`: run grids, list what is registered, show a run. User mistakes exit with 2 and one clear message."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -48,9 +50,19 @@ def main() -> None:
               help="Registered grid name (see `bench list grids`) or path to a grid .toml file.")
 @click.option("--only", multiple=True, metavar="KEY=GLOB",
               help="Keep runs whose KEY (dataset, arch, regime, seed, run_id) matches GLOB; repeatable.")
-@click.option("--executor", type=click.Choice(["local", "process"]), default="local", show_default=True)
+@click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
+              help="local: one run after another; process: --jobs worker processes; ray: every run a Ray task, on "
+                   "this machine or the cluster at --address.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel runs for --executor process.")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="--executor ray: the cluster to join (auto: the one `ray start` runs here) [default: a local Ray].")
+@click.option("--cpus-per-run", type=click.IntRange(min=1), default=None,
+              help="--executor ray: CPUs each run declares, also its torch threads [default: grid's [resources], "
+                   "else 1].")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="--executor ray: GPUs each run declares (fractions share a GPU) [default: grid's [resources], "
+                   "else 1 when the cluster has GPUs].")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their state; train nothing.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Results folder [default: results/<grid>].")
@@ -65,8 +77,12 @@ def main() -> None:
               help="Exit 0 even if reported runs are failed (they stay in runs.csv with their error). Failed tuning "
                    "candidates never fail the command: they lose the tuning, as the protocol says.")
 @click.option("--save-models", is_flag=True, help="Also store each trained model as runs/<id>/model.pt.")
-def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, device, threads, retry_failed,
-        allow_failed, save_models):
+@click.option("--fast", is_flag=True,
+              help="torch.compile the model (eager if compiling fails) and, on CUDA, let cuDNN pick benchmarked, "
+                   "non-deterministic algorithms. Numbers may differ, so fast runs get their own run ids "
+                   "[default results: results/<grid>-fast].")
+def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dry_run, results, data_root, download,
+        device, threads, retry_failed, allow_failed, save_models, fast):
     """Train and evaluate every run of a grid that is not done yet, then regenerate the tables.
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
@@ -80,10 +96,12 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
+    if fast:       # part of every spec (and run id): tuning, tables and analyses of this command all see fast runs
+        grid = dataclasses.replace(grid, specs=[dataclasses.replace(s, fast=True) for s in grid.specs])
     specs = select(grid.specs, parse_filters(only))
     if not specs:
         raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
-    store = ResultsStore(results or Path("results") / grid.name)
+    store = ResultsStore(results or Path("results") / (f"{grid.name}-fast" if fast else grid.name))
     for warning in cell_warnings(specs, data_root):
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(specs, grid.tuning, store)
@@ -99,11 +117,15 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
 
     settings = grid.analyses
     common = dict(grid_name=grid.name, executor=executor, jobs=jobs, data_root=data_root, device=device,
-                  retry_failed=retry_failed, download=download, threads=threads,
+                  retry_failed=retry_failed, download=download, threads=threads, address=address,
+                  cpus_per_run=cpus_per_run or grid.resources["cpus_per_run"],
+                  gpus_per_run=gpus_per_run if gpus_per_run is not None else grid.resources["gpus_per_run"],
                   write_tables=lambda: _write_grid_tables(grid, store))
-    with store.lock():                  # held from the first write to the last, analyses included
+    lost = {}                           # Ray tasks that never came back: their runs stay pending
+    with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
         if plan.tuning:
             tuning = run_grid(plan.tuning, store, desc=f"tuning {grid.name}", **common)
+            lost.update(tuning.lost)
             _report(f"tuning runs of grid {grid.name}", tuning, store)
             if tuning.interrupted:
                 raise KeyboardInterrupt
@@ -116,6 +138,7 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
                            snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
                            **common)
         _report(f"grid {grid.name}", outcome, store)
+        lost.update(outcome.lost)
         for reason in plan.untunable.values():
             click.echo(f"  not run: {reason}", err=True)
         if outcome.interrupted:
@@ -126,8 +149,24 @@ def run(grid_name, only, executor, jobs, dry_run, results, data_root, download, 
     if failed:
         click.echo(f"{len(failed)} reported runs of grid {grid.name} are failed (runs.csv lists each with its "
                    f"error): fix the cause and rerun with --retry-failed, or pass --allow-failed", err=True)
-    if failed or plan.untunable:
+    if failed or plan.untunable or lost:
         sys.exit(1)
+
+
+@contextmanager
+def _ray_session(executor: str, address: str | None):
+    """One Ray connection for the tuning and the reported runs of `bench run --executor ray` (a local Ray takes
+    seconds to start); nothing for the other executors."""
+    if executor != "ray":
+        yield
+        return
+    from benchmark import ray_executor
+    started = ray_executor.connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray_executor.disconnect()
 
 
 def _write_grid_tables(grid, store) -> None:
@@ -144,6 +183,11 @@ def _report(what: str, outcome, store) -> None:
                f"; tables in {store.tables_dir}")
     for run_id, message in outcome.failed.items():
         click.echo(f"  failed {run_id}: {message}", err=True)
+    if outcome.lost:
+        click.echo(f"  {len(outcome.lost)} runs never came back from Ray (they stay pending; rerun the same command):",
+                   err=True)
+    for run_id, message in outcome.lost.items():
+        click.echo(f"  lost {run_id}: {message}", err=True)
 
 
 def _interrupted() -> None:
@@ -232,9 +276,11 @@ def report(grid_name, results, update_benchmark, claims_file):
 
 
 def _print_plan(plan, store, device_type: str) -> None:
-    """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1."""
+    """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1; then the
+    estimated cost per (dataset, arch) cell and in total (benchmark/cost_model.py)."""
+    from benchmark import cost_model
     from benchmark.runner import p1_stored
-    from benchmark.store import FAILED
+    from benchmark.store import DONE, FAILED
     click.echo(f"{'run_id':12}  {'state':8} {'role':7} {'dataset':12} {'arch':16} {'regime':18} {'seed':>4}  "
                f"{'lr':>8}  p1")
     rows = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported]
@@ -255,6 +301,14 @@ def _print_plan(plan, store, device_type: str) -> None:
     counts = {s: sum(store.state(x.run_id) == s for x in specs) for s in ("done", "failed", "pending")}
     click.echo(f"{len(specs)} runs ({len(plan.tuning)} tuning): " + ", ".join(f"{n} {s}" for s, n in counts.items())
                + (f"; {len(plan.awaiting)} reported runs await their cell's tuning" if plan.awaiting else ""))
+    context = click.get_current_context(silent=True)          # the grid's name, for the calibration command
+    grid_name = context.params.get("grid_name") if context else None
+    calibration = cost_model.choose_calibration(cost_model.read_calibration(), device_type)
+    costs = cost_model.estimate(rows + [("report", s) for s in plan.awaiting], calibration, device_type=device_type,
+                                done=lambda s: store.state(s.run_id) == DONE,
+                                p1_done=lambda s: bool(p1_stored(s, store, device_type)))
+    for line in cost_model.format_estimate(costs, grid_name, device_type):
+        click.echo(line)
 
 
 @main.command(name="list", short_help="List registered regimes, architectures, datasets or grids.")
@@ -356,6 +410,63 @@ def check(grid_name, update, golden, data_root, threads):
     from benchmark.check import check as run_check
     sys.exit(run_check(grid_name, update=update, golden=golden, data_root=data_root, threads=threads,
                        echo=click.echo))
+
+
+@main.command(short_help="Time real early exit per operating point beside the speed-up its FLOPs predict.")
+@click.argument("run_id", required=False)
+@click.option("--grid", "grid_name", default=None,
+              help="Measure every done run of this grid (name or .toml) that has a model.pt; also writes "
+                   "tables/latency.csv.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results folder [default: results/<grid>; for RUN_ID, every results/<grid>].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed passes per operating point (the median is reported).")
+@click.option("--samples", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Test samples timed one by one (batch size 1).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Batch size of the batched variant (the whole test split; finished rows are dropped).")
+def latency(run_id, grid_name, results, data_root, device, threads, repeats, samples, batch_size):
+    """Run the trained model with early exit that really stops (batch size 1, and batched with finished samples
+    dropped) at the baseline (the backbone alone), every internal exit alone and each operating point validation
+    selected, and time it beside the speed-up its FLOPs predict: runs/<id>/latency.csv (with --grid also
+    tables/latency.csv). Needs the run's model.pt (`bench run --save-models`)."""
+    from benchmark.determinism import resolve_device
+    from benchmark.latency import find_run, measurable_spec, measure_grid, measure_run
+
+    if bool(run_id) == bool(grid_name):
+        raise UserError("give either a RUN_ID or --grid NAME (`bench latency --help`)")
+    settings = dict(data_root=data_root, device=resolve_device(device), threads=threads, repeats=repeats,
+                    samples=samples, batch_size=batch_size)
+    if run_id:
+        roots = [results] if results else sorted(p for p in Path("results").glob("*") if p.is_dir())
+        store = find_run(run_id, roots)
+        spec = measurable_spec(store, run_id)
+        with store.lock():
+            table = measure_run(spec, store, **settings)
+        click.echo(f"latency of run {run_id}: {len(table)} rows in {store.run_dir(run_id) / 'latency.csv'}")
+        return
+    from benchmark.grid import load_grid
+    from benchmark.store import ResultsStore
+    from benchmark.tuning import make_plan
+    grid = load_grid(grid_name, data_root)
+    store = ResultsStore(results or Path("results") / grid.name)
+    specs = make_plan(grid.specs, grid.tuning, store).reported
+    with store.lock():
+        table, skipped = measure_grid(specs, store, **settings)
+    no_model = sum("no model.pt" in reason for reason in skipped.values())
+    why = f"{no_model} have no model.pt, {len(skipped) - no_model} are not done, failed or damaged"
+    if table.empty:
+        raise UserError(f"none of the {len(specs)} reported runs of grid '{grid.name}' in {store.root} could be "
+                        f"measured ({why}); train them with `bench run --grid {grid_name} --save-models`")
+    for reason in skipped.values():
+        click.echo(f"  skipped: {reason}", err=True)
+    click.echo(f"latency of grid {grid.name}: {table.run_id.nunique()} runs measured, {len(skipped)} skipped"
+               + (f" ({why}: rerun them with `bench run --save-models`)" if skipped else "")
+               + f"; {store.tables_dir / 'latency.csv'}")
 
 
 if __name__ == "__main__":
