@@ -30,10 +30,10 @@ plus its evaluation, where
   `eval_every` epochs and at the end of every phase, and the final validation and test logits.
 
 Training FLOPs (device independent) are printed beside: a joint step's FLOPs per example, counted on a meta-device
-copy of the cell's model under `torch.utils.flop_counter.FlopCounterMode` as the trainer counts its first step (it
-matches results/quick's train_flops exactly), x m x steps x batch size. The counter charges a grouped (depthwise)
-convolution's backward as if it were ungrouped (torch's conv_backward_flop ignores `groups`): MobileNetV2's step reads
-3.9 GFLOPs per example at 32 px for a 0.18 GFLOPs forward, here and in the trainer's train_flops alike.
+copy of the cell's model under `flops.counting_flops` as the trainer counts its first step (it matches
+results/quick's train_flops exactly), x m x steps x batch size. That counter corrects PyTorch's charge for a grouped
+(depthwise) convolution's backward, which ignores `groups` (MobileNetV2's step read 3.9 GFLOPs per example at 32 px
+for a 0.18 GFLOPs forward before the correction).
 
 A CPU calibration skips a cell whose step would need more than `--memory-fraction` of the available memory
 (`activation_bytes`) and says so: on a small machine ResNet-50 and MobileNetV2 at 64 px stay uncalibrated.
@@ -168,8 +168,8 @@ def step_flops_per_example(arch: str, num_classes: int, input_shape: tuple[int, 
     """Training FLOPs per example of one joint (uniform) step of the model, counted on a meta-device copy as the
     trainer counts its first step (forward through every exit, loss, backward; the optimizer counts none)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmark.flops import counting_flops
     from benchmark.models import build_model
     from regimes.base import StepContext
     from regimes.registry import build_regime
@@ -186,7 +186,7 @@ def step_flops_per_example(arch: str, num_classes: int, input_shape: tuple[int, 
                           generator=torch.Generator().manual_seed(0), data_kind="image" if len(input_shape) == 3
                           else "series")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with FlopCounterMode(display=False) as counter:
+        with counting_flops() as counter:
             build_regime("joint").objective.step(model, x, y, optimizer, ctx)
     except Exception:                         # noqa: BLE001 — an estimate without FLOPs is still an estimate
         return None

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.determinism import derive_seed, eval_batch_size
+from benchmark.flops import counting_flops
 from benchmark.errors import NonFiniteLoss
 from benchmark.models.eval_mode import evaluating
 from regimes.base import Objective, Phase, StepContext
@@ -29,7 +29,7 @@ from regimes.base import Objective, Phase, StepContext
 @dataclass
 class PhaseCost:
     """What a phase cost. FLOPs are measured, not estimated: the first step of each kind (`step_kind`) runs under
-    `FlopCounterMode` (matmul/conv forward and backward, 1 multiply-add = 2 FLOPs; it leaves the numbers
+    `flops.counting_flops` (matmul/conv forward and backward, 1 multiply-add = 2 FLOPs; it leaves the numbers
     bitwise unchanged) and every step of that kind is charged its count. `wall_seconds` includes that counted
     step, which runs ~2x slower on CPU. On CPU the fused attention kernels escape the counter (flops.py)."""
 
@@ -215,7 +215,7 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx.step = step
             kind = step_kind(ctx)
-            counter = None if kind in result.cost.step_flops else FlopCounterMode(display=False)
+            counter = None if kind in result.cost.step_flops else counting_flops()
             with nullcontext() if counter is None else counter, eager(counter is not None), autocast():
                 out = step_fn(model, x, data.y_train[idx], optimizer, ctx)
             if counter is not None:

@@ -1,5 +1,6 @@
 """FLOPs counting against hand counts (1 multiply-add = 2 FLOPs) and the exit-cost rule of REGIMES.md."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,29 @@ def test_counting_leaves_the_model_as_it_was():
     exit_costs(net, (1, 28, 28))
     assert all(m.training for m in net.modules())
     assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("channels, groups, stride, transposed", [
+    (16, 1, 1, False), (16, 1, 2, False), (8, 1, 2, True), (32, 32, 1, False), (32, 4, 2, False), (16, 16, 2, True),
+])
+def test_a_convolution_backward_costs_twice_its_forward_whatever_its_groups(channels, groups, stride, transposed):
+    """Known answer: grad-input and grad-weight each cost one forward, so forward + backward = 3 x forward, also for
+    depthwise convolutions, where PyTorch's own formula ignores groups; for groups = 1 it agrees with PyTorch's."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from benchmark.flops import counting_flops
+    make = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    conv = make(channels, channels, 3, stride=stride, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, channels, 9, 9, requires_grad=True)
+    with counting_flops() as forward:
+        conv(x)
+    with counting_flops() as both, FlopCounterMode(display=False) as torch_counter:
+        conv(x).sum().backward()
+    out = conv(x)
+    spatial = (x if transposed else out).shape[2:].numel()
+    expected_forward = 2 * 2 * conv.weight.numel() * spatial          # 2 FLOPs per multiply-add, batch 2
+    assert forward.get_total_flops() == expected_forward
+    assert both.get_total_flops() == 3 * expected_forward
+    if groups == 1:
+        assert torch_counter.get_total_flops() == both.get_total_flops()
+    else:
+        assert torch_counter.get_total_flops() > both.get_total_flops()      # the upstream over-count this fixes
