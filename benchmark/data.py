@@ -284,7 +284,7 @@ class _TorchvisionSource:
                 raise DataUnavailable(self._unavailable_message(root, download, error)) from error
             images = np.asarray(loaded.data)
             labels = np.asarray(loaded.labels if self.uses_split_argument else loaded.targets)
-            splits += [_unit_scale(_to_nchw(images), 255), labels]
+            splits += [np.ascontiguousarray(_to_nchw(images), dtype=np.uint8), labels]   # 8-bit pixels, as stored
         return tuple(splits)
 
     def _unavailable_message(self, root: Path, download: bool, error: Exception) -> str:
@@ -486,7 +486,7 @@ def _read_tiny_imagenet(root: Path, download: bool) -> RawSplits:
     else:
         x_train, x_test = _decode_images(root, train_files), _decode_images(root, val_files)
         _write_tiny_imagenet_cache(cache, fingerprint, x_train, x_test)
-    return _unit_scale(x_train, 255), y_train, _unit_scale(x_test, 255), y_test
+    return x_train, y_train, x_test, y_test       # uint8 pixels: `_build` holds them as they are
 
 
 def _tiny_imagenet_fingerprint(root: Path, train_files: list[Path], val_files: list[Path]) -> str:
@@ -659,6 +659,15 @@ def clear_cache() -> None:
 
 def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
     x_train, y_train, x_test, y_test = entry.read(root, download)
+    # Images whose every value is an 8-bit level (k / 255: MNIST family, CIFAR, SVHN, TinyImageNet; not digits,
+    # whose 0..16 scale is not) are held as uint8 from here on — split, counted and normalised per batch, bitwise as
+    # normalising the float image would — so no full-size float copy outlives this line. A reader may return uint8.
+    if entry.kind == "image":
+        pixels = [x if x is None or x.dtype == np.uint8 else eight_bit_pixels(x) for x in (x_train, x_test)]
+        if all(p is not None for p in pixels) or (pixels[0] is not None and x_test is None):
+            x_train, x_test = pixels
+    if x_train.dtype == np.uint8 and x_test is not None and x_test.dtype != np.uint8:
+        raise ValueError(f"{name}: the reader gave uint8 training pixels but float test images")
     if x_test is None:
         train_index, test_index = stratified_split(y_train, TEST_FRACTION)
         x_train, y_train, x_test, y_test = x_train[train_index], y_train[train_index], x_train[test_index], y_train[test_index]
@@ -673,13 +682,10 @@ def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
     def labels(y: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
-    # Images whose every value is an 8-bit level (k / 255: MNIST family, CIFAR, SVHN, TinyImageNet; not digits,
-    # whose 0..16 scale is not) are held as uint8 and normalised per batch, bitwise as `normalise` would.
-    pixels = [eight_bit_pixels(x) for x in (x_train, x_val, x_test)] if entry.kind == "image" else [None]
-    if any(p is None for p in pixels):
-        x_train, x_val, x_test = normalise(x_train), normalise(x_val), normalise(x_test)
+    if x_train.dtype == np.uint8:
+        x_train, x_val, x_test = (torch.from_numpy(np.ascontiguousarray(x)) for x in (x_train, x_val, x_test))
     else:
-        x_train, x_val, x_test = (torch.from_numpy(p) for p in pixels)
+        x_train, x_val, x_test = normalise(x_train), normalise(x_val), normalise(x_test)
 
     return Dataset(
         name=name, kind=entry.kind, num_classes=entry.num_classes, input_shape=tuple(x_train.shape[1:]),
@@ -704,12 +710,22 @@ def stratified_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, n
     return np.sort(kept), np.sort(held_out)
 
 
-def channel_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over every axis but 1, shaped to broadcast against ``x``.
+def channel_statistics(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std over every axis but 1, shaped to broadcast against ``x``; uint8
+    pixels count as k / 255.
 
-    Works for images (N, C, H, W) and series (N, C, T) alike.
+    Works for images (N, C, H, W) and series (N, C, T) alike. Two passes in float64 over chunks of samples, so memory
+    stays a few chunks (a whole-array float64 temporary of TinyImageNet would be 10 GB); on every committed dataset
+    the float32 results are bitwise those of numpy's whole-array mean and std.
     """
     axes = tuple(axis for axis in range(x.ndim) if axis != 1)
-    mean = x.mean(axis=axes, dtype=np.float64, keepdims=True)
-    std = x.std(axis=axes, dtype=np.float64, keepdims=True)
-    return mean.astype(np.float32), std.astype(np.float32)
+    count = x.size // x.shape[1]
+
+    def chunks():
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk]
+            yield _unit_scale(part, PIXEL_LEVELS) if part.dtype == np.uint8 else part
+
+    mean = sum(part.sum(axis=axes, dtype=np.float64, keepdims=True) for part in chunks()) / count
+    squares = sum(np.square(part - mean).sum(axis=axes, keepdims=True) for part in chunks())
+    return mean.astype(np.float32), np.sqrt(squares / count).astype(np.float32)

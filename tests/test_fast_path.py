@@ -255,3 +255,36 @@ def test_inductor_compiles_and_trains_on_the_cpu(tmp_path, restore_dynamo):
     assert metrics["environment"]["compiled"] is True, metrics["environment"]["compile_error"]
     assert all(np.isfinite(v).all() for v in logits.values())
     assert metrics["summary"]["final_accuracy"] > 0.15          # one epoch of 10 classes: better than chance
+
+
+def test_a_reader_returning_uint8_pixels_builds_the_same_dataset_as_one_returning_scaled_floats():
+    """Readers may hand `_build` raw uint8 pixels (torchvision's, TinyImageNet's) instead of k / 255 floats: same
+    splits, same statistics, same stored pixels — and no full-size float copy."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(300, 3, 8, 8), dtype=np.uint8)
+    labels = np.arange(300) % 10
+    as_floats = data_module._build("f", synthetic_entry(pixels, labels), Path("."), False)
+    raw = data_module._Entry("image", "synthetic", 10, "crop+flip", 4, "synthetic",
+                             lambda root, download: (pixels, labels, None, None), embedded=True)
+    as_pixels = data_module._build("p", raw, Path("."), False)
+    assert as_pixels.storage == as_floats.storage == "uint8"
+    assert as_pixels.mean == as_floats.mean and as_pixels.std == as_floats.std
+    for split in ("train", "val", "test"):
+        assert torch.equal(as_pixels.stored(split), as_floats.stored(split))
+
+
+def test_channel_statistics_in_chunks_equal_the_whole_array_ones():
+    """Known answer: numpy's whole-array mean and std; bitwise within one chunk, to float32 rounding across many."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(1000, 3, 5, 5)).astype(np.float32)
+    axes = (0, 2, 3)
+    mean = x.mean(axis=axes, dtype=np.float64, keepdims=True).astype(np.float32)
+    std = x.std(axis=axes, dtype=np.float64, keepdims=True).astype(np.float32)
+    whole = channel_statistics(x)
+    assert np.array_equal(whole[0], mean) and np.array_equal(whole[1], std)
+    chunked = channel_statistics(x, chunk=64)
+    np.testing.assert_allclose(chunked[0], mean, rtol=1e-6)
+    np.testing.assert_allclose(chunked[1], std, rtol=1e-6)
+    pixels = rng.integers(0, 256, size=(200, 3, 4, 4), dtype=np.uint8)
+    assert all(np.array_equal(a, b) for a, b in zip(channel_statistics(pixels),
+                                                    channel_statistics(data_module._unit_scale(pixels, 255))))
