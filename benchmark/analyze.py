@@ -5,8 +5,9 @@ Per run, on the trained model (cached next to the run, so a rerun only does what
   information.csv   I(X;T), I(T;Y) per block (Renyi and binning) and the H(Y) - CE bound per exit
   landscape.csv     1-D slices (every run), a 2-D slice (runs of `landscape_2d_seeds`), and the
                     interpolation from the shared P1 backbone to the final model (disjoint*/mixed* runs)
-Across runs (regenerated every time): Pareto fronts and hypervolumes, statistics over seeds, the joint -> mixed
-interpolation per seed, and every figure. Information-plane snapshots are recorded *during training*
+Across runs (regenerated every time): calibration of every exit from the stored test logits (no model needed:
+calibration.csv, reliability.csv, reliability_<dataset>_<arch>.png), Pareto fronts and hypervolumes, statistics
+over seeds, the joint -> mixed interpolation per seed, and every figure. Information-plane snapshots are recorded *during training*
 (`snapshot_every` in the grid's [analyses]); analyze only gathers them.
 
 Every model analysis runs on a fixed, class-stratified, non-augmented subset of the training split drawn by one
@@ -24,13 +25,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis import information, landscape, pareto, rank, statistics
+from analysis import calibration, information, landscape, pareto, rank, statistics
 from benchmark.data import load_dataset
 from benchmark.pipeline import initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_json, read_torch, write_csv
+from benchmark.store import ResultsStore, read_json, read_logits, read_torch, write_csv
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
@@ -187,7 +188,14 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         one_d = land[land.kind == "slice_1d"].dropna(axis=1, how="all")
         emit("sharpness", landscape.sharpness(one_d.drop(columns=["kind"])))
 
-    curves_path, runs_path = tables / "curves.csv", tables / "runs.csv"
+    runs_path = tables / "runs.csv"
+    calib, bins = calibration.calibration_table(stored_test_logits(done, store))
+    emit("calibration", calib)
+    emit("reliability", bins)
+    if not bins.empty:
+        calibration.plot_reliability_diagrams(bins, figures, pd.read_csv(runs_path) if runs_path.is_file() else None)
+
+    curves_path = tables / "curves.csv"
     if curves_path.is_file() and runs_path.is_file():
         curves, runs = pd.read_csv(curves_path), pd.read_csv(runs_path)
         ids = {s.run_id for s in done}
@@ -203,6 +211,22 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     written["per_run_seconds"] = round(per_run_seconds, 1)
     written["missing_models"] = len(failures)
     return written
+
+
+def stored_test_logits(specs: list[RunSpec], store: ResultsStore):
+    """(labels, test logits (K, N, C), test labels) of every run in `specs` that has logits.npz, read with the
+    shape checks of `read_logits` (K from the run's metrics.json; sizes from the file's own label arrays)."""
+    for spec in specs:
+        folder = store.run_dir(spec.run_id)
+        if not (folder / "logits.npz").is_file():
+            continue
+        num_exits = read_json(folder / "metrics.json")["num_exits"]
+        with np.load(folder / "logits.npz") as sizes:
+            val_size, test_size = len(sizes["val_y"]), len(sizes["test_y"])
+        stored = read_logits(folder / "logits.npz", num_exits, val_size, test_size)
+        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
+                  "seed": spec.seed}
+        yield labels, stored["test"], stored["test_y"]
 
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:

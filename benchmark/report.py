@@ -48,6 +48,9 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
     ("interpolation_*.png", "Loss on the straight line from the joint to the mixed solution: a barrier means "
                             "separate basins."),
     ("landscape_2d_*.png", "Loss over a 2-D slice around each core regime's solution, final exit."),
+    ("reliability_*.png", "Test accuracy against mean confidence per equal-width bin (seeds pooled) at the first, a "
+                          "middle and the final exit, for joint, mixed and the best joint+objective: below the "
+                          "diagonal is over-confident."),
 ]
 
 
@@ -205,6 +208,33 @@ def findings(runs: pd.DataFrame, cell_means: dict, claims: pd.DataFrame | None) 
     return lines
 
 
+def calibration_section(path: Path, runs: pd.DataFrame, grid_name: str) -> list[str]:
+    """Per cell: ECE (%, 15 equal-width bins) and NLL at the first and the final exit per regime, mean ± std over
+    seeds, from calibration.csv (its done runs only); a line naming the command when the table is absent."""
+    out = ["## Calibration", ""]
+    calib = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    calib = calib[calib.run_id.isin(runs.run_id)] if not calib.empty else calib
+    if calib.empty:
+        return out + [f"Not computed yet: `calibration.csv` — `bench analyze --grid {grid_name}` computes it from "
+                      f"the runs' stored test logits (no model needed).", ""]
+    out += ["Test split, max-softmax confidence. ECE: expected calibration error with 15 equal-width bins (%); "
+            "NLL: mean negative log-likelihood (nats); mean ± std over seeds. KS error and Brier score of every "
+            "exit are in `tables/calibration.csv`.", ""]
+    for (dataset, arch), cell in calib.groupby(["dataset", "arch"], sort=True):
+        first, last = cell.exit.min(), cell.exit.max()
+        rows = []
+        for regime in regime_order(cell.regime):
+            group = cell[cell.regime == regime]
+            at = {k: group[group.exit == k] for k in (first, last)}
+            rows.append([f"`{regime}`", _mean_std(at[first].ece), _mean_std(at[last].ece),
+                         _mean_std(at[first].nll, scale=1.0, digits=3), _mean_std(at[last].nll, scale=1.0, digits=3),
+                         str(group.seed.nunique())])
+        out += [f"### {dataset} / {arch}", "",
+                *_table(["regime", f"ECE exit {first}", f"ECE exit {last} (final)", f"NLL exit {first}",
+                         f"NLL exit {last} (final)", "seeds"], rows), ""]
+    return out
+
+
 def claims_section(claims: pd.DataFrame) -> list[str]:
     rows = []
     for _, c in claims.iterrows():
@@ -267,6 +297,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
                 "pair where both regimes are done. Differences in points (accuracy × 100); d_z = mean / sd of "
                 "the differences; *pairs needed*: for an inconclusive claim, the pairs a paired t-test would need "
                 "for 80 % power at the observed effect.", "", *claims_section(claims), ""]
+    out += calibration_section(tables / "calibration.csv", runs, grid.name)
     out += ["## Findings", "", "Written by `bench report` from the tables above.", "",
             *findings(runs, cell_means, claims), ""]
     out += ["## Figures", ""]
