@@ -146,7 +146,8 @@ def shown_exits(exits: Iterable[int]) -> list[int]:
 def plot_reliability(bins: pd.DataFrame, path, runs: pd.DataFrame | None = None, title: str = "") -> list[str]:
     """Reliability diagram of one (dataset, arch): a panel per shown exit (first, middle, last), for joint, mixed
     and the best joint+X objective (`figure_regimes`), seeds pooled: accuracy against mean confidence of each
-    non-empty equal-width bin, the diagonal being perfect calibration. Returns the regimes drawn."""
+    non-empty equal-width bin (marker area ∝ its share of the samples), the diagonal being perfect calibration.
+    Returns the regimes drawn."""
     regimes = regime_order(figure_regimes(bins["regime"].unique(), runs))
     regimes = [r for r in ("joint", "mixed") if r in regimes] + [r for r in regimes if r not in ("joint", "mixed")]
     exits = shown_exits(bins["exit"])
@@ -158,10 +159,14 @@ def plot_reliability(bins: pd.DataFrame, path, runs: pd.DataFrame | None = None,
         ax.plot([0, 1], [0, 1], color="grey", linewidth=1.0, linestyle=(0, (4, 3)), zorder=1)
         for regime in regimes:
             curve = pooled[(pooled.regime == regime) & (pooled.exit == k) & (pooled["count"] > 0)].sort_values("bin")
-            ax.plot(curve.confidence_sum / curve["count"], curve.correct_sum / curve["count"], linewidth=1.5,
-                    markersize=4, zorder=2, **regime_style(regime))
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+            style = regime_style(regime)
+            confidence, accuracy = curve.confidence_sum / curve["count"], curve.correct_sum / curve["count"]
+            ax.plot(confidence, accuracy, linewidth=1.2, zorder=2, alpha=0.8, **{**style, "marker": None})
+            share = curve["count"] / curve["count"].sum()      # a bin of a few samples is a small, noisy point
+            ax.scatter(confidence, accuracy, s=6 + 300 * share, marker=style["marker"], color=style["color"],
+                       edgecolors="white", linewidths=0.5, zorder=3)
+        ax.set_xlim(-0.02, 1.03)                             # room for the big markers at confidence 1
+        ax.set_ylim(-0.02, 1.03)
         ax.set_aspect("equal")
         ax.set_xlabel("mean confidence in bin")
         ax.set_title(f"exit {k}" + (" (final)" if k == last else ""), fontsize="medium")
@@ -182,7 +187,7 @@ def plot_reliability_diagrams(bins: pd.DataFrame, figures: Path, runs: pd.DataFr
     for (dataset, arch), cell in bins.groupby(["dataset", "arch"], sort=True):
         cell_runs = None if runs is None else runs[(runs.dataset == dataset) & (runs.arch == arch)]
         path = Path(figures) / f"reliability_{dataset}_{arch}.png"
-        plot_reliability(cell, path, cell_runs, title=f"Reliability, test split, 15 equal-width bins, seeds pooled "
-                                                      f"— {dataset} / {arch}")
+        plot_reliability(cell, path, cell_runs, title=f"Reliability — {dataset} / {arch}: test split, 15 equal-width "
+                                                      f"bins, seeds pooled; marker area ∝ samples in the bin")
         written.append(path)
     return written
