@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.style import new_figure, place_legend, regime_handles, regime_order, regime_style, save, split_regime
-from benchmark.evaluate import max_softmax
+from benchmark.evaluate import log_softmax, max_softmax
 
 N_BINS = 15
 LABELS = ["run_id", "dataset", "arch", "regime", "seed"]
@@ -70,22 +70,16 @@ def ks_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
     return float(np.abs(gap).max())
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean -log softmax(z)[y] over the samples, in float64."""
-    log_p = _log_softmax(logits)
+    log_p = log_softmax(logits)
     labels = np.asarray(labels)
     return float(-log_p[np.arange(len(labels)), labels].mean())
 
 
 def brier_score(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean over samples of sum over classes of (softmax(z) - one-hot(y))^2, in float64."""
-    p = np.exp(_log_softmax(logits))
+    p = np.exp(log_softmax(logits))
     labels = np.asarray(labels)
     p[np.arange(len(labels)), labels] -= 1.0
     return float((p ** 2).sum(axis=-1).mean())

@@ -6,13 +6,18 @@ re-forward — so re-evaluating a run takes milliseconds and later analyses can 
 
 Conventions used throughout:
 - K exits, N samples, C classes. Logits are (K, N, C); confidences and correctness are (K, N).
-- Confidence is the max softmax probability, computed in float64 from the stored float32 logits.
-- A sample leaves at the first exit whose confidence >= that exit's threshold; the last exit takes the rest.
-  Thresholds are therefore K-1 numbers, one per internal exit.
+- An exit *rule* turns the (K, N, C) logits into a score and a prediction per exit (`exit_scores`): the max
+  softmax probability (SDN/MSDNet), one minus the normalised entropy, the length of the current streak of exits
+  agreeing on the argmax (PBEE's patience), or the max probability of the geometric-mean ensemble of exits 0..k
+  (ZTW). Scores are float64 from the stored float32 logits, and causal: exit k's depends on exits 0..k only.
+- A sample leaves at the first exit whose score >= that exit's threshold; the last exit takes the rest, with its
+  rule's prediction there. Thresholds are therefore K-1 numbers, one per internal exit. A *policy* is a rule plus
+  a sweep of threshold vectors (POLICIES).
 - exit_costs[k] is the cumulative FLOPs of leaving at exit k (backbone up to k plus every head up to k).
   A policy point reports mean FLOPs per sample and accuracy as a fraction in [0, 1].
 - Thresholds and operating points are chosen on validation only (`preference_order` is the one selection
-  rule) and then *applied* to test; no number but `oracle_auc_normalised` looks at test to choose anything.
+  rule, over the points of every policy) and then *applied* to test; no number but `oracle_auc_normalised`
+  looks at test to choose anything.
 """
 
 from __future__ import annotations
@@ -26,13 +31,24 @@ import torch
 from benchmark.budgeted import budget_shares, budgeted_exits
 
 THRESHOLD_GRID = np.linspace(0.0, 1.0, 100)
-"""Global confidence thresholds tau of the SDN/ZTW-style sweep (same tau at every internal exit)."""
+"""Global thresholds tau of the threshold (SDN/ZTW), entropy and ensemble sweeps (same tau at every internal exit)."""
 
 BUDGET_Q = np.arange(1, 40) / 20
 """Share ratios q of the MSDNet/L2W budgeted-batch curve: exit k gets a share proportional to q**k."""
 
-POLICY_ORDER = ("exit", "threshold", "budgeted")
-"""The order of the policies in curves.csv; with the point index it breaks the last ties of validation selection."""
+POLICY_RULE = {"exit": "max_softmax", "threshold": "max_softmax", "budgeted": "max_softmax",
+               "entropy": "entropy", "patience": "patience", "ensemble": "ensemble"}
+"""Each policy's exit rule (`exit_scores`). `exit`: everyone leaves at exit k (param k); `threshold`: one global tau
+on the max softmax (param tau); `budgeted`: MSDNet/L2W budgeted batch, per-exit thresholds fit on validation
+(param q); `entropy`: one global tau on 1 - H/log C; `patience`: leave once p consecutive exits agree (param p,
+1..K-1; PBEE); `ensemble`: one global tau on the geometric-mean ensemble's max probability (ZTW, unweighted)."""
+
+POLICY_ORDER = tuple(POLICY_RULE)
+"""The order of the policies in curves.csv; with the point index it breaks the last ties of validation selection.
+The protocol-2 policies come first, so a tie between an old and a new policy keeps the old choice."""
+
+HISTORY_RULES = frozenset({"patience", "ensemble"})
+"""Rules whose score at exit k reads the heads of every earlier exit: an early-exit forward must run all of them."""
 
 BUDGET_FRACTIONS = {"25pct": 0.25, "50pct": 0.50, "75pct": 0.75, "100pct": 1.00}
 """Budgets of the accuracy_at_X summary numbers, as fractions of the backbone's FLOPs."""
@@ -44,23 +60,24 @@ above the exact budget is not excluded by floating-point noise."""
 
 @dataclass(frozen=True)
 class ExitOutputs:
-    """One split's per-exit confidences and correctness, (K, N) each: all an exit policy needs."""
+    """One split's per-exit scores, predictions and correctness under one exit rule, (K, N) each: all a policy
+    needs."""
 
-    confidence: np.ndarray  # float64, max softmax probability
-    prediction: np.ndarray  # int64, argmax class
+    score: np.ndarray  # float64, what the thresholds compare against (`exit_scores`)
+    prediction: np.ndarray  # int64, the class a sample leaving at this exit is given
     correct: np.ndarray  # bool, prediction == label
 
     @classmethod
-    def from_logits(cls, logits: np.ndarray, y: np.ndarray) -> ExitOutputs:
-        confidence, prediction = max_softmax(logits)
+    def from_logits(cls, logits: np.ndarray, y: np.ndarray, rule: str = "max_softmax") -> ExitOutputs:
+        score, prediction = exit_scores(rule, logits)
         y = np.asarray(y)
         if y.shape != prediction.shape[1:]:
             raise ValueError(f"labels of shape {y.shape} do not match logits of shape {np.shape(logits)}")
-        return cls(confidence, prediction, prediction == y[None, :])
+        return cls(score, prediction, prediction == y[None, :])
 
     @property
     def n_exits(self) -> int:
-        return self.confidence.shape[0]
+        return self.score.shape[0]
 
 
 @dataclass
@@ -88,20 +105,63 @@ def max_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return confidence, prediction
 
 
-def exit_decisions(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Index of the exit each sample leaves at: the first k < K-1 with confidence[k] >= thresholds[k], else K-1.
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities along the last axis in float64, computed stably (shift by the max)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
-    confidence: (K, N). thresholds: (K-1,) or a batch of policy points (..., K-1).
+
+def exit_scores(rule: str, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Score and prediction per exit, (K, N) each, from per-exit logits (K, N, C) under an exit rule.
+
+    - max_softmax: the max softmax probability and the exit's argmax (`max_softmax`).
+    - entropy: 1 - H(p) / log C in [0, 1] (1 = one-hot, 0 = uniform) and the exit's argmax; the normalisation puts
+      its thresholds on the same [0, 1] grid as the max softmax's, whatever the number of classes.
+    - patience: how many consecutive exits up to and including k predict exit k's argmax (1 at exit 0, +1 while
+      the argmax stays, back to 1 when it changes), and exit k's argmax; threshold p = PBEE's "p exits agree".
+    - ensemble: the max probability and argmax of the normalised geometric mean of the softmax of exits 0..k, i.e.
+      the softmax of the mean log-probability (ZTW's geometric ensemble with equal weights); exit 0 alone is itself.
+    Every rule is causal (exit k reads exits 0..k only), so the early-exit forward of bench latency computes the
+    same numbers from the heads it has run so far.
+    """
+    if rule == "max_softmax":
+        return max_softmax(logits)
+    if rule == "entropy":
+        shifted = np.asarray(logits, dtype=np.float64)
+        prediction = shifted.argmax(axis=-1)
+        shifted = shifted - shifted.max(axis=-1, keepdims=True)
+        weights = np.exp(shifted)
+        total = weights.sum(axis=-1)
+        entropy = np.log(total) - (weights * shifted).sum(axis=-1) / total     # H = log S - sum(e^z z) / S
+        return 1.0 - entropy / np.log(shifted.shape[-1]), prediction
+    if rule == "patience":
+        prediction = np.asarray(logits).argmax(axis=-1)
+        streak = np.ones(prediction.shape)
+        for k in range(1, len(prediction)):
+            streak[k] = np.where(prediction[k] == prediction[k - 1], streak[k - 1] + 1, 1)
+        return streak, prediction
+    if rule == "ensemble":
+        log_p = log_softmax(logits)
+        seen = np.arange(1, len(log_p) + 1, dtype=np.float64)[:, None, None]
+        return max_softmax(np.cumsum(log_p, axis=0) / seen)
+    raise ValueError(f"unknown exit rule '{rule}'; known: {sorted(set(POLICY_RULE.values()))}")
+
+
+def exit_decisions(score: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Index of the exit each sample leaves at: the first k < K-1 with score[k] >= thresholds[k], else K-1.
+
+    score: (K, N). thresholds: (K-1,) or a batch of policy points (..., K-1).
     Returns int64 of shape (..., N). A threshold of +inf closes an exit; 0 sends everyone there.
     """
-    confidence = np.asarray(confidence)
+    score = np.asarray(score)
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    n_exits, n_samples = confidence.shape
+    n_exits, n_samples = score.shape
     if thresholds.shape[-1:] != (n_exits - 1,):
         raise ValueError(f"need {n_exits - 1} thresholds (one per internal exit), got shape {thresholds.shape}")
     exits = np.full(thresholds.shape[:-1] + (n_samples,), n_exits - 1)
     for k in reversed(range(n_exits - 1)):  # walking backwards, the earliest exit a sample passes wins
-        exits[confidence[k] >= thresholds[..., k, None]] = k
+        exits[score[k] >= thresholds[..., k, None]] = k
     return exits
 
 
@@ -143,41 +203,57 @@ def fit_budgeted_thresholds(confidence: np.ndarray, shares: np.ndarray) -> np.nd
     return thresholds.reshape(shares.shape[:-1] + (n_exits - 1,))
 
 
-def _policy_frame(policy: str, params: np.ndarray, thresholds: np.ndarray,
-                  val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray) -> pd.DataFrame:
-    """Curve rows for a batch of threshold vectors (P, K-1) applied to validation and test alike."""
-    val_accuracy, val_flops = operating_point(exit_decisions(val.confidence, thresholds), val.correct, exit_costs)
-    test_accuracy, test_flops = operating_point(exit_decisions(test.confidence, thresholds), test.correct, exit_costs)
-    return pd.DataFrame({"policy": policy, "point": np.arange(len(params)), "param": np.asarray(params, float),
+def policy_params(policy: str, n_exits: int) -> np.ndarray:
+    """A policy's sweep: the param of each of its points (curves.csv's `param`; `point` indexes this array)."""
+    if policy == "exit":
+        return np.arange(n_exits, dtype=np.float64)
+    if policy == "budgeted":
+        return BUDGET_Q
+    if policy == "patience":
+        return np.arange(1, n_exits, dtype=np.float64)
+    if policy in POLICY_RULE:
+        return THRESHOLD_GRID
+    raise ValueError(f"unknown policy '{policy}'; known: {', '.join(POLICY_ORDER)}")
+
+
+def policy_thresholds(policy: str, params: np.ndarray, val_score: np.ndarray) -> np.ndarray:
+    """The threshold vectors (P, K-1) of a policy's points `params`, built as every number of the suite uses them.
+
+    val_score: (K, N) validation scores under the policy's rule; only `budgeted` reads it (its thresholds are fit
+    on validation). `exit` k opens exit k alone (threshold 0: every max softmax is > 0, everyone leaves; earlier
+    exits closed with +inf; k = K-1 closes them all); `budgeted` q realises shares proportional to q**k on
+    validation (`fit_budgeted_thresholds`); the others put their param at every internal exit.
+    """
+    params = np.asarray(params, dtype=np.float64)
+    n_exits = np.shape(val_score)[0]
+    if policy == "exit":
+        thresholds = np.full((len(params), n_exits - 1), np.inf)
+        internal = params < n_exits - 1
+        thresholds[np.flatnonzero(internal), params[internal].astype(int)] = 0.0
+        return thresholds
+    if policy == "budgeted":
+        return fit_budgeted_thresholds(val_score, budget_shares(params, n_exits))
+    return np.repeat(params[:, None], n_exits - 1, axis=1)
+
+
+def policy_curve(policy: str, val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray) -> pd.DataFrame:
+    """curves.csv rows of one policy: its sweep's thresholds, fit on validation where they are fit at all, applied
+    to validation and test alike. `val` and `test` are under the policy's rule (POLICY_RULE)."""
+    params = policy_params(policy, val.n_exits)
+    thresholds = policy_thresholds(policy, params, val.score)
+    val_accuracy, val_flops = operating_point(exit_decisions(val.score, thresholds), val.correct, exit_costs)
+    test_accuracy, test_flops = operating_point(exit_decisions(test.score, thresholds), test.correct, exit_costs)
+    return pd.DataFrame({"policy": policy, "point": np.arange(len(params)), "param": params,
                          "val_accuracy": val_accuracy, "val_flops": val_flops,
                          "test_accuracy": test_accuracy, "test_flops": test_flops})
 
 
-def anytime_points(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray) -> pd.DataFrame:
-    """Policy "exit": every sample leaves at exit k (the anytime setting); param = k, cost = exit_costs[k]."""
-    exit_costs = np.asarray(exit_costs, dtype=np.float64)
-    exits = np.arange(val.n_exits)
-    return pd.DataFrame({"policy": "exit", "point": exits, "param": exits.astype(float),
-                         "val_accuracy": val.correct.mean(axis=1), "val_flops": exit_costs,
-                         "test_accuracy": test.correct.mean(axis=1), "test_flops": exit_costs})
-
-
-def threshold_sweep(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray,
-                    taus: np.ndarray = THRESHOLD_GRID) -> pd.DataFrame:
-    """Policy "threshold": one global tau at every internal exit (SDN/ZTW); param = tau. Nothing is fit."""
-    taus = np.asarray(taus, dtype=np.float64)
-    thresholds = np.repeat(taus[:, None], val.n_exits - 1, axis=1)
-    return _policy_frame("threshold", taus, thresholds, val, test, exit_costs)
-
-
-def budgeted_batch(val: ExitOutputs, test: ExitOutputs, exit_costs: np.ndarray,
-                   qs: np.ndarray = BUDGET_Q) -> pd.DataFrame:
-    """Policy "budgeted": MSDNet/L2W budgeted batch; per-exit thresholds fit on validation, applied to test.
-
-    param = q, the ratio of consecutive exit shares (see budget_shares).
-    """
-    thresholds = fit_budgeted_thresholds(val.confidence, budget_shares(qs, val.n_exits))
-    return _policy_frame("budgeted", qs, thresholds, val, test, exit_costs)
+def point_outcome(policy: str, param: float, val: ExitOutputs, test: ExitOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """(exit, prediction) of every test sample at one point of a policy (thresholds built as in `policy_curve`);
+    `val` and `test` under the policy's rule. What a per-sample metric of a chosen point (macro-F1) needs."""
+    thresholds = policy_thresholds(policy, [param], val.score)[0]
+    exits = exit_decisions(test.score, thresholds)
+    return exits, test.prediction[exits, np.arange(exits.shape[-1])]
 
 
 def pareto_mask(costs: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
@@ -319,8 +395,9 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
     exit_costs: (K,) cumulative FLOPs of leaving at each exit. backbone_cost: FLOPs of the plain backbone (100 %).
 
     exits:    one row per exit: exit, flops, flops_fraction, val_accuracy, test_accuracy, test_macro_f1.
-    curves:   one row per (policy, point) for policies "exit" (each exit alone), "threshold" (global tau sweep)
-              and "budgeted" (MSDNet budgeted batch), listed in POLICY_ORDER then point order: param,
+    curves:   one row per (policy, point) for every policy of POLICY_RULE (each exit alone, the max-softmax tau
+              sweep, MSDNet's budgeted batch, entropy, patience, the exits' ensemble), listed in POLICY_ORDER then
+              point order: param,
               val_accuracy, val_flops, test_accuracy, test_flops, test_flops_fraction.
     selected: the operating points validation picks (`selected_points`).
     summary:  final_accuracy and final_macro_f1 (last exit, test); accuracy_at_{25,50,75,100}pct (chosen on
@@ -338,8 +415,9 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
                          f"exit_costs {len(exit_costs)}")
     if backbone_cost <= 0:
         raise ValueError(f"backbone_cost must be positive, got {backbone_cost}")
-    val = ExitOutputs.from_logits(val_logits, val_y)
-    test = ExitOutputs.from_logits(test_logits, test_y)
+    outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule), ExitOutputs.from_logits(test_logits, test_y, rule))
+               for rule in dict.fromkeys(POLICY_RULE.values())}
+    val, test = outputs["max_softmax"]
     test_y = np.asarray(test_y)
 
     exits = pd.DataFrame({
@@ -348,8 +426,8 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
         "test_macro_f1": [macro_f1(test_y, prediction) for prediction in test.prediction],
     })
 
-    curves = pd.concat([anytime_points(val, test, exit_costs), threshold_sweep(val, test, exit_costs),
-                        budgeted_batch(val, test, exit_costs)], ignore_index=True)
+    curves = pd.concat([policy_curve(policy, *outputs[rule], exit_costs) for policy, rule in POLICY_RULE.items()],
+                       ignore_index=True)
     curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
     selected = selected_points(curves, backbone_cost)
     at_budget = selected.set_index("selection")["test_accuracy"]      # the points chosen once, read here

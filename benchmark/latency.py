@@ -5,15 +5,15 @@ the cost of leaving is counted in FLOPs, never spent. Here the trained model (ru
 early-exit forward that really stops: blocks in order, and at each internal exit that can be left the head, its
 confidence, and the decision; a sample that leaves runs nothing after that head.
 
-- **The exit rule is evaluate.py's**, for the same operating point: confidence and prediction by
-  `evaluate.max_softmax` (float64, from the float32 logits the head returns), leave at the first exit whose confidence
-  is >= its threshold (ties leave, as in `evaluate.exit_decisions`); the last exit takes the rest. The thresholds are
-  rebuilt exactly as evaluate builds them: `threshold` τ = THRESHOLD_GRID[point] at every internal exit; `budgeted`
-  fit on the stored *validation* logits by `evaluate.fit_budgeted_thresholds`; `exit` k opens exit k only (threshold
-  0, everyone leaves; earlier exits closed). The forward runs float32 without TF32 or autocast, as `collect_logits`
+- **The exit rule is evaluate.py's**, for the same operating point: the score and prediction of the point's policy
+  rule by `evaluate.exit_scores` (float64, from the float32 logits the heads return; the max softmax, entropy,
+  patience or the exits' ensemble), leave at the first exit whose score is >= its threshold (ties leave, as in
+  `evaluate.exit_decisions`); the last exit takes the rest. The thresholds are rebuilt by the function that built
+  them, `evaluate.policy_thresholds` (`budgeted`'s fit on the stored *validation* logits; `exit` k opens exit k
+  only). The forward runs float32 without TF32 or autocast, as `collect_logits`
   did when the logits were stored. What the forward decides is compared with `exit_decisions` on the stored test
   logits, sample by sample; logits computed at another batch size can differ in the last bits, so a sample whose
-  confidence sits on a threshold may go the other way: the disagreements are counted, never hidden.
+  score sits on a threshold may go the other way: the disagreements are counted, never hidden.
 - **Operating points**: the ones validation selected (`selected.csv`, the budgets at_25/50/75/100pct, selected by
   `evaluate.preference_order` when the run was evaluated; one measurement per distinct point, one row per budget
   that chose it), every internal exit alone (`exit_k`: data-independent early exit), and the baseline.
@@ -51,9 +51,8 @@ from tqdm.auto import tqdm
 
 from benchmark import flops as flop_count
 from benchmark.errors import UserError
-from benchmark.evaluate import (BUDGET_FRACTIONS, BUDGET_Q, THRESHOLD_GRID, ExitOutputs, exit_decisions, fit_budgeted_thresholds,
-                                max_softmax, operating_point)
-from benchmark.budgeted import budget_shares
+from benchmark.evaluate import (BUDGET_FRACTIONS, HISTORY_RULES, POLICY_RULE, ExitOutputs, exit_decisions,
+                                exit_scores, operating_point, policy_params, policy_thresholds)
 from benchmark.models.eval_mode import evaluating
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, CorruptFile, ResultsStore, read_json, read_logits, write_csv
@@ -79,23 +78,36 @@ COLUMNS = [
 
 # --------------------------------------------------------------------------------------------- the forward
 
-def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
+                       rule: str = "max_softmax") -> tuple[np.ndarray, np.ndarray]:
     """(prediction, exit) per row of `x`, from a forward that stops every row at the exit it leaves from.
 
     Blocks run in order; after the block of internal exit k whose threshold is finite, head k runs on the rows
-    still in flight, and the rows whose confidence (`max_softmax`, as evaluate computes it) is >= thresholds[k]
-    leave with that head's prediction; the rest go on (`index_select`), so no later block or head sees a row that
-    left. Rows left after the last block take the classifier's argmax. A closed exit (threshold +inf) costs
-    nothing. With one row this is the batch-size-1 early exit: nothing runs after the exit it leaves from. A
-    multi-scale hidden state (a list of feature maps) loses the rows of every scale.
-    Call under `evaluating(model)`.
+    still in flight, and the rows whose score under `rule` (`evaluate.exit_scores`, from the heads run so far) is
+    >= thresholds[k] leave with that rule's prediction; the rest go on (`index_select`), so no later block or head
+    sees a row that left. Rows left after the last block take the rule's prediction with the classifier's logits.
+    A closed exit (threshold +inf) costs nothing, unless the rule reads every earlier head (HISTORY_RULES:
+    patience, ensemble), which runs them all. With one row this is the batch-size-1 early exit: nothing runs
+    after the exit it leaves from. A multi-scale hidden state (a list of feature maps) loses the rows of every
+    scale. Call under `evaluating(model)`.
     """
     n, last, device = x.shape[0], len(model.blocks) - 1, x.device
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    open_exit = {block: k for k, block in enumerate(model.exit_blocks) if np.isfinite(thresholds[k])}
+    needs_history = rule in HISTORY_RULES
+    open_exit = {block: k for k, block in enumerate(model.exit_blocks)
+                 if needs_history or np.isfinite(thresholds[k])}
     prediction = np.empty(n, dtype=np.int64)
     exits = np.empty(n, dtype=np.int64)
     remaining = np.arange(n)
+    history = []                                    # head logits of the rows in flight, for HISTORY_RULES
+
+    def scored(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score and prediction of the newest exit, under `rule`, for the rows in flight."""
+        if needs_history:
+            history.append(logits)
+        score, predicted = exit_scores(rule, np.stack(history) if needs_history else logits[None])
+        return score[-1], predicted[-1]
+
     for i, block in enumerate(model.blocks):
         x = block(x)
         if i == last:
@@ -103,8 +115,8 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray) -> tuple[
         k = open_exit.get(i)
         if k is None:
             continue
-        confidence, predicted = max_softmax(model.heads[k](x).float().cpu().numpy())
-        leave = confidence >= thresholds[k]
+        score, predicted = scored(model.heads[k](x).float().cpu().numpy())
+        leave = score >= thresholds[k]
         if not leave.any():
             continue
         prediction[remaining[leave]], exits[remaining[leave]] = predicted[leave], k
@@ -112,8 +124,9 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray) -> tuple[
             return prediction, exits
         stay = np.flatnonzero(~leave)
         remaining = remaining[stay]
+        history[:] = [logits[stay] for logits in history]
         x = _rows(x, torch.from_numpy(stay).to(device))
-    prediction[remaining] = model.classifier(x).argmax(dim=-1).cpu().numpy()
+    prediction[remaining] = scored(model.classifier(x).float().cpu().numpy())[1]
     exits[remaining] = model.num_exits - 1
     return prediction, exits
 
@@ -137,7 +150,7 @@ def backbone_forward(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 class Point:
     """One operating point to time: its policy and point index in curves.csv, and the selections that chose it."""
 
-    policy: str            # "backbone" (the baseline), "exit", "threshold" or "budgeted"
+    policy: str            # "backbone" (the baseline) or a policy of evaluate.POLICY_RULE
     point: int
     param: float
     thresholds: np.ndarray  # (K-1,), +inf = closed
@@ -145,26 +158,18 @@ class Point:
 
 
 def curve_thresholds(policy: str, point: int, param: float, val_confidence: np.ndarray) -> np.ndarray:
-    """The K-1 thresholds of curves.csv's point (policy, point), built as evaluate.py built them.
+    """The K-1 thresholds of curves.csv's point (policy, point), by `evaluate.policy_thresholds`, the function that
+    built them; val_confidence is the validation max softmax (K, N) that `budgeted` fits on.
 
-    `param` (read back from a table) must match the grid value the point index names: a run evaluated with other
-    grids than this code's cannot be re-enacted."""
+    `param` (read back from a table) must match the sweep value the point index names: a run evaluated with other
+    sweeps than this code's cannot be re-enacted."""
     n_exits = val_confidence.shape[0]
-    if policy == "exit":
-        if not 0 <= point < n_exits:
-            raise ValueError(f"exit {point} does not exist (the run has {n_exits} exits)")
-        thresholds = np.full(n_exits - 1, np.inf)
-        if point < n_exits - 1:
-            thresholds[point] = 0.0              # every confidence is > 0: everyone leaves at exit `point`
-        return thresholds
-    grid = {"threshold": THRESHOLD_GRID, "budgeted": BUDGET_Q}.get(policy)
-    if grid is None:
-        raise ValueError(f"unknown policy '{policy}'")
-    if not 0 <= point < len(grid) or not np.isclose(grid[point], param, rtol=1e-12, atol=0):
-        raise ValueError(f"{policy} point {point} with param {param} is not on this exitbench's {policy} grid")
-    if policy == "threshold":
-        return np.full(n_exits - 1, grid[point])
-    return fit_budgeted_thresholds(val_confidence, budget_shares(grid[point], n_exits))
+    params = policy_params(policy, n_exits)
+    if policy == "exit" and not 0 <= point < n_exits:
+        raise ValueError(f"exit {point} does not exist (the run has {n_exits} exits)")
+    if not 0 <= point < len(params) or not np.isclose(params[point], param, rtol=1e-12, atol=0):
+        raise ValueError(f"{policy} point {point} with param {param} is not on this exitbench's {policy} sweep")
+    return policy_thresholds(policy, params[point:point + 1], val_confidence)[0]
 
 
 def operating_points(selected: pd.DataFrame, val_confidence: np.ndarray) -> list[Point]:
@@ -188,10 +193,12 @@ def operating_points(selected: pd.DataFrame, val_confidence: np.ndarray) -> list
     return out
 
 
-def executed_exit_costs(profile: flop_count.FlopsProfile, exit_blocks: list[int], thresholds: np.ndarray) -> np.ndarray:
+def executed_exit_costs(profile: flop_count.FlopsProfile, exit_blocks: list[int], thresholds: np.ndarray,
+                        every_head: bool = False) -> np.ndarray:
     """Per-sample FLOPs the early-exit forward runs for a sample leaving at each exit: evaluate's exit costs with
-    the heads of closed exits (threshold +inf) left out, since the forward never evaluates them."""
-    heads = [h if np.isfinite(t) else 0.0 for h, t in zip(profile.heads, thresholds)]
+    the heads of closed exits (threshold +inf) left out, since the forward never evaluates them — unless the rule
+    reads every earlier head (`every_head`: patience, ensemble)."""
+    heads = [h if every_head or np.isfinite(t) else 0.0 for h, t in zip(profile.heads, thresholds)]
     return np.asarray(flop_count.exit_costs_of(dataclasses.replace(profile, heads=heads), exit_blocks))
 
 
@@ -273,9 +280,10 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     profile = flop_count.profile_flops(model, data.input_shape)
     backbone_flops = sum(profile.blocks) + profile.classifier
     val = ExitOutputs.from_logits(stored["val"], stored["val_y"])
-    test = ExitOutputs.from_logits(stored["test"], stored["test_y"])
+    test = {rule: ExitOutputs.from_logits(stored["test"], stored["test_y"], rule)
+            for rule in dict.fromkeys(POLICY_RULE.values())}
     selected = pd.read_csv(folder / "selected.csv")
-    points = operating_points(selected, val.confidence)
+    points = operating_points(selected, val.score)
 
     x_test = data.x_test
     n_timed = min(samples, len(x_test))
@@ -285,7 +293,7 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     def forward_of(point: Point) -> Callable:
         if point.policy == "backbone":
             return lambda x: backbone_forward(model, x)
-        return lambda x, t=point.thresholds: early_exit_forward(model, x, t)
+        return lambda x, t=point.thresholds, r=POLICY_RULE[point.policy]: early_exit_forward(model, x, t, r)
 
     forwards = [forward_of(p) for p in points]
     bs1_seconds = [[] for _ in points]
@@ -321,13 +329,15 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     exit_costs = np.asarray(stored["exit_flops"], dtype=np.float64)
     rows = []
     for p, point in enumerate(points):
-        decided = exit_decisions(test.confidence, point.thresholds)
-        stored_prediction = test.prediction[decided, np.arange(len(decided))]
-        stored_accuracy, evaluated_flops = operating_point(decided, test.correct, exit_costs)
+        outputs = test[POLICY_RULE.get(point.policy, "max_softmax")]
+        decided = exit_decisions(outputs.score, point.thresholds)
+        stored_prediction = outputs.prediction[decided, np.arange(len(decided))]
+        stored_accuracy, evaluated_flops = operating_point(decided, outputs.correct, exit_costs)
         _check_against_selected(selected, point, float(stored_accuracy), float(evaluated_flops), folder)
         if point.policy == "backbone":
             evaluated_flops = backbone_flops
-        executed = executed_exit_costs(profile, model.exit_blocks, point.thresholds)[decided]
+        executed = executed_exit_costs(profile, model.exit_blocks, point.thresholds,
+                                       POLICY_RULE.get(point.policy) in HISTORY_RULES)[decided]
         latency = float(np.median(bs1_seconds[p]))
         throughput = len(x_test) / float(np.median(batch_seconds[p]))
         prediction, exits = batch_out[p]

@@ -48,7 +48,7 @@ def test_every_run_writes_its_files_and_the_tables(smoke_results):
     curves = pd.read_csv(results / "tables" / "curves.csv")
     assert sorted(runs.regime) == ["disjoint", "joint", "mixed"] and runs.run_id.is_unique
     assert len(exits) == runs.num_exits.sum()
-    assert set(curves.policy) == {"exit", "threshold", "budgeted"}
+    assert set(curves.policy) == {"exit", "threshold", "budgeted", "entropy", "patience", "ensemble"}
     assert not curves.duplicated(["run_id", "policy", "point"]).any()
 
 

@@ -123,7 +123,7 @@ def test_exit_rule_matches_per_sample_loop(seed, n_exits):
     thresholds = np.random.default_rng(100 + seed).uniform(0.3, 1.0, size=n_exits - 1)
     outputs = ExitOutputs.from_logits(logits, labels)
 
-    exits = exit_decisions(outputs.confidence, thresholds)
+    exits = exit_decisions(outputs.score, thresholds)
     accuracy, mean_flops = operating_point(exits, outputs.correct, exit_costs)
 
     loop_exits, loop_accuracy, loop_flops = loop_exit_policy(logits, labels, exit_costs, thresholds)
@@ -135,7 +135,7 @@ def test_exit_rule_matches_per_sample_loop(seed, n_exits):
 
 def test_exit_decisions_batch_of_points_equals_one_at_a_time():
     logits, labels, _ = random_run(7, n_exits=4)
-    confidence = ExitOutputs.from_logits(logits, labels).confidence
+    confidence = ExitOutputs.from_logits(logits, labels).score
     points = np.random.default_rng(7).uniform(0.2, 1.0, size=(6, 3))
     batched = exit_decisions(confidence, points)
     for row, thresholds in zip(batched, points):
@@ -147,10 +147,10 @@ def test_tau_zero_sends_all_to_first_exit_and_tau_above_one_to_last(seed):
     logits, labels, exit_costs = random_run(seed, n_exits=4)
     outputs = ExitOutputs.from_logits(logits, labels)
 
-    everyone_first = exit_decisions(outputs.confidence, np.zeros(3))
+    everyone_first = exit_decisions(outputs.score, np.zeros(3))
     assert (everyone_first == 0).all()
 
-    everyone_last = exit_decisions(outputs.confidence, np.full(3, 1.01))
+    everyone_last = exit_decisions(outputs.score, np.full(3, 1.01))
     accuracy, mean_flops = operating_point(everyone_last, outputs.correct, exit_costs)
     assert (everyone_last == 3).all()
     assert accuracy == outputs.correct[-1].mean()
@@ -168,7 +168,7 @@ def test_budget_shares_are_normalised_powers_of_q():
 @pytest.mark.parametrize("n_exits", [3, 4])
 def test_budgeted_thresholds_realise_the_shares_and_match_msdnet_loop(seed, n_exits):
     logits, labels, _ = random_run(seed, n_exits, n_samples=200)
-    confidence = ExitOutputs.from_logits(logits, labels).confidence
+    confidence = ExitOutputs.from_logits(logits, labels).score
     assert all(len(np.unique(row)) == len(row) for row in confidence), "this test needs tie-free confidences"
     all_shares = budget_shares(BUDGET_Q, n_exits)
 
@@ -333,8 +333,9 @@ def test_evaluate_tables_agree_with_building_blocks(seed):
     assert list(exits.columns) == ["exit", "flops", "flops_fraction", "val_accuracy", "test_accuracy", "test_macro_f1"]
     assert list(curves.columns) == ["policy", "point", "param", "val_accuracy", "val_flops", "test_accuracy",
                                     "test_flops", "test_flops_fraction"]
-    assert list(curves.policy.unique()) == ["exit", "threshold", "budgeted"]  # the listing order ties use
-    assert curves.groupby("policy").size().to_dict() == {"exit": 4, "threshold": 100, "budgeted": 39}
+    assert list(curves.policy.unique()) == ["exit", "threshold", "budgeted", "entropy", "patience", "ensemble"]
+    assert curves.groupby("policy").size().to_dict() == {"exit": 4, "threshold": 100, "budgeted": 39, "entropy": 100,
+                                                         "patience": 3, "ensemble": 100}
     assert curves[["val_accuracy", "test_accuracy"]].stack().between(0, 1).all()
 
     test_pred = test_logits.argmax(-1)
@@ -378,6 +379,8 @@ def test_float16_logits_decide_like_their_float32_upcast():
 
 
 def test_evaluate_is_fast_on_a_realistic_run():
+    """A CIFAR-100-sized run (6 exits, 10k samples per split) evaluates in seconds, next to minutes of training.
+    Six policies over four exit rules measured 1.85-2.1 s on the 2-core CI machine (three policies: ~0.9 s)."""
     rng = np.random.default_rng(0)
     n_exits, n_samples, n_classes = 6, 10_000, 100
     val_logits = rng.normal(scale=4, size=(n_exits, n_samples, n_classes)).astype(np.float16)
@@ -390,4 +393,4 @@ def test_evaluate_is_fast_on_a_realistic_run():
     evaluate(val_logits, labels, test_logits, labels, exit_costs, exit_costs[-1])
     elapsed_ms = (time.perf_counter() - start) * 1e3
     print(f"evaluate(K={n_exits}, N={n_samples}, C={n_classes}): {elapsed_ms:.0f} ms")
-    assert elapsed_ms < 1000
+    assert elapsed_ms < 3000

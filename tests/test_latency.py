@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from benchmark.analyze import load_trained
 from benchmark.cli import main
 from benchmark.data import load_dataset
-from benchmark.evaluate import ExitOutputs, exit_decisions
-from benchmark.latency import COLUMNS, backbone_forward, early_exit_forward, operating_points
+from benchmark.evaluate import POLICY_RULE, THRESHOLD_GRID, ExitOutputs, exit_decisions
+from benchmark.latency import (COLUMNS, Point, backbone_forward, curve_thresholds, early_exit_forward,
+                               operating_points)
 from benchmark.models.eval_mode import evaluating
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, folder_digests, read_json, read_logits, write_json
@@ -114,7 +115,7 @@ def counted(model, function):
 def mixed_thresholds(model, x):
     """Thresholds that send about a third of the samples to each of exits 0 and 1, the rest on."""
     with evaluating(model):
-        confidence = ExitOutputs.from_logits(torch.stack(model(x)).numpy(), np.zeros(len(x), int)).confidence
+        confidence = ExitOutputs.from_logits(torch.stack(model(x)).numpy(), np.zeros(len(x), int)).score
     thresholds = np.full(model.num_exits - 1, np.inf)
     thresholds[0] = np.quantile(confidence[0], 2 / 3)
     thresholds[1] = np.quantile(confidence[1][confidence[0] < thresholds[0]], 1 / 2)
@@ -178,18 +179,23 @@ def test_exits_agree_with_evaluate_on_the_stored_logits(loaded):
     evaluate's exit_decisions sends the stored logits, but for samples on a threshold to float noise."""
     model, x, stored, selected = loaded
     val = ExitOutputs.from_logits(stored["val"], stored["val_y"])
-    test = ExitOutputs.from_logits(stored["test"], stored["test_y"])
-    points = operating_points(selected, val.confidence)
+    points = operating_points(selected, val.score)
     assert {s for p in points for s in p.selections} >= {"baseline", "exit_0", "at_25pct", "at_100pct"}
+    points += [Point(policy, point, param, curve_thresholds(policy, point, param, val.score), ())
+               for policy, point, param in (("entropy", 70, THRESHOLD_GRID[70]), ("patience", 1, 2.0),
+                                            ("ensemble", 80, THRESHOLD_GRID[80]))]
     for point in points:
-        decided = exit_decisions(test.confidence, point.thresholds)
+        rule = POLICY_RULE.get(point.policy, "max_softmax")
+        test = ExitOutputs.from_logits(stored["test"], stored["test_y"], rule)
+        decided = exit_decisions(test.score, point.thresholds)
         with evaluating(model):
-            prediction, exits = early_exit_forward(model, x, point.thresholds)
-            single = np.concatenate([early_exit_forward(model, s, point.thresholds)[1] for s in x[:50].split(1)])
+            prediction, exits = early_exit_forward(model, x, point.thresholds, rule)
+            single = np.concatenate([early_exit_forward(model, s, point.thresholds, rule)[1]
+                                     for s in x[:50].split(1)])
         for got, want in ((exits, decided), (single, decided[:50])):
             differ = np.flatnonzero(got != want)
             first = np.minimum(got, want)[differ]
-            gap = np.abs(test.confidence[first, differ] - point.thresholds[first])
+            gap = np.abs(test.score[first, differ] - point.thresholds[first])
             assert (gap < 1e-5).all(), (point, differ, gap)
         same = exits == decided
         assert np.array_equal(prediction[same], test.prediction[decided, np.arange(len(decided))][same])
