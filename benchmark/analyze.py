@@ -5,9 +5,11 @@ Per run, on the trained model (cached next to the run, so a rerun only does what
   information.csv   I(X;T), I(T;Y) per block (Renyi and binning) and the H(Y) - CE bound per exit
   landscape.csv     1-D slices (every run), a 2-D slice (runs of `landscape_2d_seeds`), and the
                     interpolation from the shared P1 backbone to the final model (disjoint*/mixed* runs)
+  robustness.csv    every exit, budget point and the primary area on corrupted test data, thresholds fit on clean
+                    validation (analysis/robustness.py); the corrupted logits in robustness_logits.npz
 Across runs (regenerated every time): calibration of every exit from the stored test logits (no model needed:
 calibration.csv, reliability.csv, reliability_<dataset>_<arch>.png), Pareto fronts and hypervolumes, statistics
-over seeds, the joint -> mixed interpolation per seed, and every figure. Information-plane snapshots are recorded *during training*
+over seeds, the joint -> mixed interpolation per seed, the robustness summary, and every figure. Information-plane snapshots are recorded *during training*
 (`snapshot_every` in the grid's [analyses]); analyze only gathers them.
 
 Every model analysis runs on a fixed, class-stratified, non-augmented subset of the training split drawn by one
@@ -25,17 +27,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis import calibration, information, landscape, pareto, rank, statistics
-from benchmark.data import load_dataset
-from benchmark.pipeline import initial_model
+from analysis import calibration, information, landscape, pareto, rank, robustness, statistics
+from benchmark.corruptions import CORRUPTIONS, SEVERITIES, corrupted_inputs, corruptions_for
+from benchmark.data import dataset_kind, load_dataset
+from benchmark.determinism import eval_batch_size
+from benchmark.pipeline import collect_logits, initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_json, read_logits, read_torch, write_csv
+from benchmark.store import ResultsStore, read_json, read_logits, read_torch, write_csv, write_npz
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
-    "model": ["rank", "information", "landscape"],   # per-run analyses on the trained model
+    "model": ["rank", "information", "landscape", "robustness"],   # per-run analyses on the trained model
     "samples": 500,                # N for rank and information (fixed subset of the training split)
     "snapshot_every": 0,           # information-plane snapshots every k epochs during training (0 = none)
     "snapshot_samples": 250,
@@ -44,8 +48,10 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {
     "landscape_points_2d": 9,      # alpha x beta on [-1, 1]^2
     "landscape_2d_seeds": [0],     # 2-D slices cost points_2d^2 forwards: only these seeds
     "interpolation_points": 13,    # t on [-0.25, 1.25]
+    "corruptions": [*CORRUPTIONS["image"], *CORRUPTIONS["series"]],   # robustness: those of each dataset's kind
+    "severities": list(SEVERITIES),
 }
-MODEL_ANALYSES = ("rank", "information", "landscape")
+MODEL_ANALYSES = ("rank", "information", "landscape", "robustness")
 SUMMARY_METRICS = ["final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
                    "accuracy_at_75pct", "accuracy_at_100pct", "auc_normalised", "train_wall_seconds", "train_flops",
                    "train_optimizer_steps", "train_examples_seen"]
@@ -76,7 +82,8 @@ def _labelled(frame: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
 def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device) -> None:
     """Compute the missing per-run analyses of one done run (each file written atomically)."""
     folder = store.run_dir(spec.run_id)
-    todo = [name for name in settings["model"] if not (folder / f"{name}.csv").is_file()]
+    todo = [name for name in settings["model"] if not (folder / f"{name}.csv").is_file()
+            or (name == "robustness" and not _robustness_current(folder, spec, settings))]
     if not todo:
         return
     if not (folder / "model.pt").is_file():
@@ -95,6 +102,35 @@ def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: P
         write_csv(folder / "information.csv", _labelled(frame, spec))
     if "landscape" in todo:
         write_csv(folder / "landscape.csv", _labelled(run_landscape(spec, store, model, data, settings), spec))
+    if "robustness" in todo:
+        write_csv(folder / "robustness.csv", _labelled(run_robustness(spec, store, model, data, settings, device), spec))
+
+
+def robustness_cases(spec: RunSpec, settings: dict) -> list[tuple[str, int]]:
+    """The (corruption, severity) pairs the grid declares for this run's dataset kind."""
+    return [(c, s) for c in corruptions_for(dataset_kind(spec.dataset), settings["corruptions"])
+            for s in settings["severities"]]
+
+
+def _robustness_current(folder: Path, spec: RunSpec, settings: dict) -> bool:
+    """Whether the cached robustness.csv covers exactly the declared corruptions and severities."""
+    cached = pd.read_csv(folder / "robustness.csv", usecols=["corruption", "severity"]).drop_duplicates()
+    have = {(c, int(s)) for c, s in cached.itertuples(index=False) if s > 0}
+    return have == set(robustness_cases(spec, settings))
+
+
+def run_robustness(spec: RunSpec, store: ResultsStore, model, data, settings: dict,
+                   device: torch.device) -> pd.DataFrame:
+    """Corrupted test logits of every declared (corruption, severity) by the one eval-forward (`collect_logits`),
+    stored as runs/<id>/robustness_logits.npz (keys "<corruption>@<severity>"), and the run's robustness rows."""
+    folder = store.run_dir(spec.run_id)
+    stored = read_logits(folder / "logits.npz", model.num_exits, len(data.y_val), len(data.y_test))
+    corrupted = {(c, s): collect_logits(model, corrupted_inputs(data, "test", c, s).to(device), eval_batch_size(device))
+                 for c, s in robustness_cases(spec, settings)}
+    write_npz(folder / "robustness_logits.npz", **{f"{c}@{s}": logits for (c, s), logits in corrupted.items()})
+    backbone = read_json(folder / "metrics.json")["flops"]["backbone"]
+    return robustness.run_robustness(stored["val"], stored["val_y"], stored["test"], stored["test_y"], corrupted,
+                                     stored["exit_flops"], backbone)
 
 
 def run_landscape(spec: RunSpec, store: ResultsStore, model, data, settings: dict) -> pd.DataFrame:
@@ -187,6 +223,12 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         _landscape_figures(land, figures)
         one_d = land[land.kind == "slice_1d"].dropna(axis=1, how="all")
         emit("sharpness", landscape.sharpness(one_d.drop(columns=["kind"])))
+
+    robust = _gather(store, done, "robustness.csv")
+    emit("robustness", robust)
+    if not robust.empty:
+        emit("robustness_summary", robustness.robustness_summary(robust))
+        robustness.plot_severity_curves(robust, figures)
 
     runs_path = tables / "runs.csv"
     calib, bins = calibration.calibration_table(stored_test_logits(done, store))

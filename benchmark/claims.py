@@ -50,7 +50,11 @@ RUN_METRICS = ("auc_normalised", "val_auc_normalised", "final_accuracy", "final_
 oracle_* numbers (chosen on test, they never rank anything) nor training costs (a cost claim is a ratio)."""
 EXIT_METRICS = ("first_exit_accuracy", "early_exit_accuracy", "final_exit_accuracy")
 """Per-run numbers computed from exits.csv test accuracies (exit_metrics)."""
-METRICS = RUN_METRICS + EXIT_METRICS
+ROBUSTNESS_METRICS = ("corrupted_auc", "corrupted_early_macro_f1", "corrupted_final_macro_f1")
+"""Per-run numbers from robustness.csv (analysis/robustness.py), means over every corruption and severity >= 1:
+the validation-selected area, the macro-F1 of the internal exits 0..K-2 (the CET paper's "detection rate" at the
+early exits) and of the final exit. A results folder without robustness.csv leaves them missing (0 pairs)."""
+METRICS = RUN_METRICS + EXIT_METRICS + ROBUSTNESS_METRICS
 REQUIRED_KEYS = ("id", "statement", "source", "a", "b", "metric", "direction")
 KEYS = REQUIRED_KEYS + ("margin", "cells")
 PAIR_KEY = ["dataset", "arch", "seed"]
@@ -226,8 +230,24 @@ def paired_verdict(differences, margin: float = 0.0, scale: float = 1.0) -> dict
     return out
 
 
-def evaluate_claims(runs: pd.DataFrame, exits: pd.DataFrame, claims: list[Claim] | None = None) -> pd.DataFrame:
-    """One row per claim (COLUMNS; default claims: the shipped file), from the tidy runs.csv and exits.csv.
+def robustness_metrics(robustness: pd.DataFrame) -> pd.DataFrame:
+    """Per run_id (the index): ROBUSTNESS_METRICS from robustness.csv rows (severity >= 1 only)."""
+    shifted = robustness[robustness["severity"] > 0]
+    if shifted.empty:
+        return pd.DataFrame(columns=list(ROBUSTNESS_METRICS), index=pd.Index([], name="run_id"), dtype=np.float64)
+    exit_rows = shifted[shifted["point"].str.startswith("exit_")]
+    last = exit_rows.groupby("run_id")["exit"].transform("max")
+    return pd.DataFrame({
+        "corrupted_auc": shifted[shifted["point"] == "area"].groupby("run_id")["accuracy"].mean(),
+        "corrupted_early_macro_f1": exit_rows[exit_rows["exit"] < last].groupby("run_id")["macro_f1"].mean(),
+        "corrupted_final_macro_f1": exit_rows[exit_rows["exit"] == last].groupby("run_id")["macro_f1"].mean(),
+    })[list(ROBUSTNESS_METRICS)]
+
+
+def evaluate_claims(runs: pd.DataFrame, exits: pd.DataFrame, claims: list[Claim] | None = None,
+                    robustness: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per claim (COLUMNS; default claims: the shipped file), from the tidy runs.csv and exits.csv (and
+    robustness.csv for ROBUSTNESS_METRICS; without it those claims have no pairs).
 
     Only runs with status "done" count. Pairs are (dataset, arch, seed) with a done run of both a and b and a value
     of the metric for both, in the cells the claim's globs match; `cells` lists the cells that gave pairs and
@@ -239,6 +259,9 @@ def evaluate_claims(runs: pd.DataFrame, exits: pd.DataFrame, claims: list[Claim]
         raise ValueError(f"{repeated.sum()} done runs repeat a (dataset, arch, regime, seed); pairing needs one each")
     if any(claim.metric in EXIT_METRICS for claim in claims):
         done = done.join(exit_metrics(exits), on="run_id")
+    if any(claim.metric in ROBUSTNESS_METRICS for claim in claims):
+        empty = pd.DataFrame(columns=["run_id", "severity", "point", "exit", "accuracy", "macro_f1"])
+        done = done.join(robustness_metrics(empty if robustness is None else robustness), on="run_id")
     rows = []
     for claim in claims:
         if claim.metric not in done.columns:

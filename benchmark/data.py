@@ -611,6 +611,13 @@ def dataset_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_kind(name: str) -> str:
+    """"image" or "series", without loading the data."""
+    if name not in _REGISTRY:
+        raise UnknownName("dataset", name, dataset_names())
+    return _REGISTRY[name].kind
+
+
 def dataset_table() -> list[dict]:
     """One row per dataset for `bench list datasets`."""
     return [

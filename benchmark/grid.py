@@ -381,6 +381,14 @@ def _analyses(path: Path, table: Any) -> dict[str, Any]:
     for key, value in settings.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise _bad(path, f"analyses.{key}", f"must be >= 0, got {value}")
+    from benchmark.corruptions import SEVERITIES, unknown_corruptions
+    unknown = unknown_corruptions(settings["corruptions"])
+    if unknown:
+        raise _bad(path, "analyses.corruptions", f"unknown corruptions {unknown}; valid: "
+                   f"{', '.join(ANALYSIS_DEFAULTS['corruptions'])}")
+    if not settings["severities"] or any(s not in SEVERITIES for s in settings["severities"]):
+        raise _bad(path, "analyses.severities", f"must be a non-empty list of severities in {list(SEVERITIES)}, "
+                   f"got {settings['severities']!r}")
     return settings
 
 

@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 
 from analysis.critical_difference import plot_critical_difference, rank_test
+from analysis.robustness import CLEAN, robustness_summary
 from analysis.statistics import paired_tests, summary_table
 from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
 from benchmark import PROTOCOL_VERSION
 from benchmark.analyze import leaderboard
 from benchmark.claims import CLAIMS_FILE, claim_findings, evaluate_claims, load_claims
 from benchmark.errors import UserError
+from benchmark.evaluate import POLICY_ORDER
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
 from benchmark.tuning import NOT_TUNED
 
@@ -48,6 +50,9 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
     ("interpolation_*.png", "Loss on the straight line from the joint to the mixed solution: a barrier means "
                             "separate basins."),
     ("landscape_2d_*.png", "Loss over a 2-D slice around each core regime's solution, final exit."),
+    ("robustness_*.png", "Test accuracy against corruption severity (0 = clean; mean over corruptions and seeds) at "
+                         "the first, a middle and the final exit and for the validation-selected area: a flatter "
+                         "line holds up better when the inputs drift."),
     ("reliability_*.png", "Test accuracy against mean confidence per equal-width bin (seeds pooled) at the first, a "
                           "middle and the final exit, for joint, mixed and the best joint+objective: below the "
                           "diagonal is over-confident."),
@@ -235,6 +240,92 @@ def calibration_section(path: Path, runs: pd.DataFrame, grid_name: str) -> list[
     return out
 
 
+def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[str]:
+    """Which exit policy validation selects (share of the runs' budget selections and of the primary area's budget
+    range, from selected.csv) and, per cell, who owns each segment of the validation-selected Pareto front (from
+    pareto.csv): consecutive front points with the same owners merge into one segment."""
+    out = ["## Exit policies", "",
+           "Every policy's points compete in one validation selection (`evaluate.preference_order`): `exit` (each "
+           "exit alone), `threshold` (max softmax), `budgeted` (MSDNet/L2W), `entropy`, `patience` (PBEE) and "
+           "`ensemble` (geometric mean of the exits so far, ZTW-style, equal weights).", ""]
+    if not (tables / "selected.csv").is_file():
+        return out + [f"Not computed yet: `selected.csv` — `bench run --grid {grid_name}` regenerates the tables.", ""]
+    selected = pd.read_csv(tables / "selected.csv")
+    selected = selected[selected.run_id.isin(runs.run_id) & selected.policy.notna()]
+    budgets = selected[selected.selection.str.startswith("at_")]
+    staircase = selected[selected.selection == "staircase"]
+    width = staircase.budget_to - staircase.budget_from
+    rows = [[f"`{policy}`", _percent((budgets.policy == policy).mean()),
+             _percent(width[staircase.policy == policy].sum() / width.sum() if width.sum() > 0 else np.nan)]
+            for policy in POLICY_ORDER]
+    out += ["Share of the selections validation made, over every done run: at the four budgets (25/50/75/100 %), "
+            "and of the budget range [0, 1] under the primary area's staircase.", "",
+            *_table(["policy", "budget selections (%)", "primary area's budget range (%)"], rows), ""]
+    if not (tables / "pareto.csv").is_file():
+        return out + [f"Front owners not computed yet: `pareto.csv` — `bench analyze --grid {grid_name}`.", ""]
+    front = pd.read_csv(tables / "pareto.csv")
+    out += ["Who owns the front: the union front of each cell, chosen on validation from seed-mean points of every "
+            "regime and policy, at its test numbers; consecutive points with the same owners form one segment "
+            "(FLOPs and accuracy in % of the backbone's FLOPs and of the test split).", ""]
+    for (dataset, arch), cell in front.groupby(["dataset", "arch"], sort=True):
+        out += [f"### {dataset} / {arch}", "", *_table(["test FLOPs (%)", "test accuracy (%)", "owner"],
+                                                        _front_segments(cell), "rrl"), ""]
+    return out
+
+
+def _front_segments(front: pd.DataFrame) -> list[list[str]]:
+    """Rows (FLOPs range, accuracy range, owners) of a cell's front, sorted by test cost."""
+    points = (front.assign(owner=front.regime.map(lambda r: f"`{r}`") + " " + front.policy)
+              .groupby(["test_flops_fraction", "test_accuracy"], sort=True)["owner"]
+              .agg(lambda owners: ", ".join(sorted(set(owners)))).reset_index())
+    segment = (points.owner != points.owner.shift()).cumsum()
+    rows = []
+    for _, part in points.groupby(segment, sort=True):
+        costs, accuracies = part.test_flops_fraction, part.test_accuracy
+        rows.append([_span(costs.min(), costs.max()), _span(accuracies.min(), accuracies.max()), part.owner.iloc[0]])
+    return rows
+
+
+def _span(low: float, high: float) -> str:
+    """'a–b' in percent, or one number where both round alike."""
+    return _percent(low) if _percent(low) == _percent(high) else f"{_percent(low)}–{_percent(high)}"
+
+
+def robustness_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[str]:
+    """Per cell: clean and corrupted accuracy (mean over corruptions and severities 1-5) at the final exit, at the
+    25 % budget point and of the primary area, with the relative mCE against joint, from robustness.csv."""
+    out = ["## Robustness", ""]
+    path = tables / "robustness.csv"
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    table = table[table.run_id.isin(runs.run_id)] if not table.empty else table
+    if table.empty:
+        return out + [f"Not computed yet: `robustness.csv` — `bench analyze --grid {grid_name}` computes it (it "
+                      f"needs the runs' models: `run_after = true` in the grid's [analyses] or "
+                      f"`bench run --save-models`).", ""]
+    summary = robustness_summary(table)
+    corruptions = ", ".join(f"`{c}`" for c in sorted(set(table.corruption) - {CLEAN}))
+    out += [f"Test accuracy (%) on clean data and under {corruptions} at severities "
+            f"{', '.join(map(str, sorted(set(table.severity) - {0})))} (mean over corruptions and severities, then "
+            "seeds), with every threshold and operating point still chosen on *clean* validation. rel. mCE: mean over "
+            "corruptions of the regime's summed error over severities divided by joint's (< 1: more robust than "
+            "joint). Every exit, budget, macro-F1 and calibration under corruption: `tables/robustness.csv`.", ""]
+    points = [("final", "final exit"), ("at_25pct", "@25%"), ("area", "area")]
+    for (dataset, arch), cell in summary.groupby(["dataset", "arch"], sort=True):
+        rows = []
+        for regime in regime_order(cell.regime):
+            mine = cell[cell.regime == regime].set_index("point")
+            row = [f"`{regime}`"]
+            for point, _ in points:
+                got = mine.loc[point] if point in mine.index else None
+                row += ["–", "–", "–"] if got is None else [
+                    _percent(got.clean_accuracy), _percent(got.corrupted_accuracy),
+                    "–" if not np.isfinite(got.relative_mce) else f"{got.relative_mce:.2f}"]
+            rows.append(row)
+        header = ["regime"] + [f"{label} {what}" for _, label in points for what in ("clean", "corrupted", "rel. mCE")]
+        out += [f"### {dataset} / {arch}", "", *_table(header, rows), ""]
+    return out
+
+
 def claims_section(claims: pd.DataFrame) -> list[str]:
     rows = []
     for _, c in claims.iterrows():
@@ -289,7 +380,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
                      "training cost as its mean ratio to joint's.", "", *overall, ""]
     out += overall_block
 
-    claims = _claims(runs, exits[exits.run_id.isin(runs.run_id)], claims_file)
+    claims = _claims(runs, exits[exits.run_id.isin(runs.run_id)], claims_file, tables / "robustness.csv")
     if claims is not None:
         declared = "benchmark/claims.toml" if claims_file is None else claims_file.name
         out += ["## The papers' claims, tested", "",
@@ -297,6 +388,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
                 "pair where both regimes are done. Differences in points (accuracy × 100); d_z = mean / sd of "
                 "the differences; *pairs needed*: for an inconclusive claim, the pairs a paired t-test would need "
                 "for 80 % power at the observed effect.", "", *claims_section(claims), ""]
+    out += policies_section(tables, runs, grid.name)
+    out += robustness_section(tables, runs, grid.name)
     out += calibration_section(tables / "calibration.csv", runs, grid.name)
     out += ["## Findings", "", "Written by `bench report` from the tables above.", "",
             *findings(runs, cell_means, claims), ""]
@@ -320,8 +413,10 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     return "\n".join(out).rstrip() + "\n", "\n".join(benchmark_block).rstrip()
 
 
-def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None) -> pd.DataFrame | None:
-    table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE))
+def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None,
+            robustness_path: Path) -> pd.DataFrame | None:
+    robustness = pd.read_csv(robustness_path) if robustness_path.is_file() else None
+    table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE), robustness)
     return table if not table.empty else None
 
 

@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,3 +68,27 @@ def record_run(store, spec, metrics=None, error=None, files=None):
         write_json(folder / "error.json", {"run_id": spec.run_id, "error": error})
     else:
         write_json(folder / "metrics.json", {**(metrics or {}), "run_id": spec.run_id, "files": folder_digests(folder)})
+
+
+def uci_har_number(value):
+    """A float as the UCI HAR files print it: ' 1.8085150e-004' (sign or space, 3-digit exponent)."""
+    mantissa, exponent = f"{value:.7e}".split("e")
+    return f"{mantissa if value < 0 else ' ' + mantissa}e{int(exponent):+04d}"
+
+
+def write_uci_har(root, sizes=(("train", 60), ("test", 12))):
+    """A tiny UCI HAR folder in the original layout and number format; returns what each split holds."""
+    from benchmark.data import UCI_HAR_SIGNALS
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, n in sizes:
+        folder = root / "UCI HAR Dataset" / split
+        (folder / "Inertial Signals").mkdir(parents=True)
+        windows = rng.normal(size=(n, 9, 128)).astype(np.float32) * np.arange(1, 10, dtype=np.float32)[:, None]
+        for c, signal in enumerate(UCI_HAR_SIGNALS):
+            lines = ("".join(f" {uci_har_number(v)}" for v in row) for row in windows[:, c])
+            (folder / "Inertial Signals" / f"{signal}_{split}.txt").write_text("\n".join(lines) + "\n")
+        labels = np.arange(n) % 6 + 1
+        (folder / f"y_{split}.txt").write_text("".join(f"{k}\n" for k in labels))
+        written[split] = windows, labels
+    return written

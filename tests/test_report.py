@@ -135,3 +135,26 @@ def test_a_tuned_objective_knob_is_shown_beside_the_lr(fixture_store):
     row = next(line for line in text.splitlines() if "| `joint+bdl` |" in line)
     assert "0.05; bdl.groups=3" in row
     assert "bdl.groups" not in next(line for line in text.splitlines() if "| `joint` |" in line)
+
+
+def test_policies_section_counts_selections_and_merges_front_segments(tmp_path):
+    """Known answer: 3 of 4 budget selections and 3/4 of the staircase's width are ensemble's; the front's
+    consecutive points with the same owners merge, a shared point lists both owners."""
+    from benchmark.report import policies_section
+    runs = pd.DataFrame({"run_id": ["r1"]})
+    pd.DataFrame({"run_id": "r1", "selection": ["at_25pct", "at_50pct", "at_75pct", "at_100pct", "staircase",
+                                                "staircase"],
+                  "budget_from": [0.25, 0.5, 0.75, 1.0, 0.0, 0.25], "budget_to": [0.25, 0.5, 0.75, 1.0, 0.25, 1.0],
+                  "policy": ["exit", "ensemble", "ensemble", "ensemble", "exit", "ensemble"]}
+                 ).to_csv(tmp_path / "selected.csv", index=False)
+    pd.DataFrame({"dataset": "d", "arch": "a",
+                  "regime": ["joint", "joint", "joint", "mixed", "joint"],
+                  "policy": ["exit", "threshold", "threshold", "ensemble", "ensemble"],
+                  "test_flops_fraction": [0.2, 0.3, 0.4, 0.6, 0.6], "test_accuracy": [0.5, 0.6, 0.7, 0.8, 0.8]}
+                 ).to_csv(tmp_path / "pareto.csv", index=False)
+    text = "\n".join(policies_section(tmp_path, runs, "g"))
+    assert "| `exit` | 25.0 | 25.0 |" in text and "| `ensemble` | 75.0 | 75.0 |" in text
+    assert "| `patience` | 0.0 | 0.0 |" in text
+    assert "| 20.0 | 50.0 | `joint` exit |" in text
+    assert "| 30.0–40.0 | 60.0–70.0 | `joint` threshold |" in text
+    assert "| 60.0 | 80.0 | `joint` ensemble, `mixed` ensemble |" in text

