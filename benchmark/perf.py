@@ -82,11 +82,23 @@ def dataloader_loop(model, loader, epochs: int, device) -> float:
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            _plain_step(model, x, y, optimizer, scheduler, bf16=False)
+    return _seconds_since(start, device)
+
+
+def _plain_step(model, x, y, optimizer, scheduler, bf16: bool) -> None:
+    """The baselines' training step, one for both so they do the same work: mean cross-entropy over the exits,
+    an optimizer and a schedule step; the forward under bf16 autocast when `bf16`."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _seconds_since(start: float, device) -> float:
+    """Wall seconds since `start`, after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -117,15 +129,8 @@ def hand_loop(model, data, epochs: int, device) -> float:
             x, y = data.training_batch(idx, generator), data.y_train[idx]
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = torch.stack([F.cross_entropy(z, y) for z in model(x)]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+            _plain_step(model, x, y, optimizer, scheduler, bf16=device.type == "cuda")
+    return _seconds_since(start, device)
 
 
 def trainer(model, data, epochs: int, device) -> tuple[float, float]:
