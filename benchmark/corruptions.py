@@ -117,10 +117,9 @@ CORRUPTIONS = {"image": tuple(_IMAGE_PARAMETERS), "series": tuple(_SERIES_PARAME
 _PARAMETERS = {**_IMAGE_PARAMETERS, **_SERIES_PARAMETERS}
 
 
-def corruptions_for(kind: str, declared: str | list[str] = "all") -> tuple[str, ...]:
-    """The declared corruptions that apply to a dataset kind ("all": every one of the kind), in the fixed order."""
-    names = CORRUPTIONS[kind]
-    return names if declared == "all" else tuple(name for name in names if name in declared)
+def corruptions_for(kind: str, declared: list[str]) -> tuple[str, ...]:
+    """The declared corruptions that apply to a dataset kind, in the kind's fixed order."""
+    return tuple(name for name in CORRUPTIONS[kind] if name in declared)
 
 
 def unknown_corruptions(declared: list[str]) -> list[str]:
