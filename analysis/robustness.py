@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis.calibration import exit_calibration, shown_exits
 from analysis.style import new_figure, place_legend, regime_handles, regime_order, regime_style, save
-from benchmark.evaluate import BUDGET_FRACTIONS, POLICY_RULE, ExitOutputs, evaluate, macro_f1, point_outcome
+from benchmark.evaluate import BUDGET_FRACTIONS, POLICY_RULE, evaluate, macro_f1, point_outcome
 
 CLEAN = "none"
 """The corruption label of the severity-0 rows (the clean test split)."""
@@ -54,15 +54,11 @@ def _case_rows(val_logits, val_y, test_logits, test_y, exit_costs, backbone_cost
     rows = [{"point": f"exit_{e.exit}", "exit": e.exit, "policy": "exit", "policy_point": e.exit, "param": e.exit,
              "accuracy": e.test_accuracy, "macro_f1": e.test_macro_f1, "flops_fraction": e.flops_fraction,
              "ece": e.ece, "ks": e.ks, "nll": e.nll, "brier": e.brier} for e in exits.itertuples(index=False)]
-    outputs = {}
     for chosen in evaluation.selected[evaluation.selected.selection.isin(BUDGET_POINTS)].itertuples(index=False):
         row = {"point": chosen.selection, "accuracy": chosen.test_accuracy}
         if isinstance(chosen.policy, str):                   # NaN: no point fits the budget
-            rule = POLICY_RULE[chosen.policy]
-            if rule not in outputs:
-                outputs[rule] = (ExitOutputs.from_logits(val_logits, val_y, rule),
-                                 ExitOutputs.from_logits(test_logits, test_y, rule))
-            _, prediction = point_outcome(chosen.policy, chosen.param, *outputs[rule])
+            _, prediction = point_outcome(chosen.policy, chosen.param,
+                                          *evaluation.outputs[POLICY_RULE[chosen.policy]])
             row.update(policy=chosen.policy, policy_point=chosen.point, param=chosen.param,
                        macro_f1=macro_f1(test_y, prediction), flops_fraction=chosen.test_flops / backbone_cost)
         rows.append(row)

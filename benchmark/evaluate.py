@@ -88,6 +88,7 @@ class Evaluation:
     curves: pd.DataFrame
     selected: pd.DataFrame
     summary: dict
+    outputs: dict[str, tuple[ExitOutputs, ExitOutputs]]  # rule -> (validation, test): what the policies read
 
 
 def max_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -441,4 +442,4 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
         "oracle_auc_normalised": staircase_auc(curves["test_flops_fraction"].to_numpy(),
                                                curves["test_accuracy"].to_numpy()),
     }
-    return Evaluation(exits=exits, curves=curves, selected=selected, summary=summary)
+    return Evaluation(exits=exits, curves=curves, selected=selected, summary=summary, outputs=outputs)
