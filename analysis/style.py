@@ -2,8 +2,8 @@
 
 A regime is ``schedule+objective`` (``joint`` alone is ``joint+uniform``). Its style encodes the two halves
 separately, so that 15 or more regimes stay distinguishable:
-- colour = objective, from a qualitative palette (matplotlib's tab10) with one clearly distinct hue per known
-  objective; unknown objectives get one of the remaining hues, chosen by a stable hash of the name;
+- colour = objective, from a qualitative palette (matplotlib's tab10, then hand-picked dark hues) with one clearly
+  distinct hue per known objective; unknown objectives get one of the remaining hues, chosen by a stable hash of the name;
 - line style and marker = schedule: joint solid / circle, disjoint dotted / square, mixed dashed / triangle; an
   unknown schedule dash-dot / diamond.
 ``regime_colour`` and ``regime_style`` are the single source of that look; ``place_legend`` puts a legend in an
@@ -15,7 +15,7 @@ import functools
 import zlib
 
 SCHEDULE_ORDER = ("joint", "disjoint", "mixed")
-OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge")
+OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge", "boosted", "pcgrad", "cagrad", "nash")
 BASELINE = "joint"
 
 OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most distinct hues first
@@ -26,8 +26,12 @@ OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most
     "bdl": "#9467bd",             # purple
     "l2w": "#8c564b",             # brown
     "ge": "#e377c2",              # pink
+    "boosted": "#00ced1",         # dark turquoise (beyond tab10: each > 0.3 in RGB from every other colour here)
+    "pcgrad": "#bcbd22",          # olive        } the gradient-conflict family: related hues
+    "cagrad": "#808000",          # dark olive   }
+    "nash": "#4b0082",            # indigo
 }
-FALLBACK_COLOURS = ("#7f7f7f", "#bcbd22", "#17becf")   # grey, olive, cyan: objectives not listed above
+FALLBACK_COLOURS = ("#7f7f7f", "#17becf", "#a6761d")   # grey, cyan, ochre: objectives not listed above
 SCHEDULE_LINESTYLES = {"joint": "-", "disjoint": ":", "mixed": "--"}
 SCHEDULE_MARKERS = {"joint": "o", "disjoint": "s", "mixed": "^"}
 SCHEDULE_HATCHES = {"joint": "", "disjoint": "....", "mixed": "////"}   # bars cannot show a line style

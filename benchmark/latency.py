@@ -87,7 +87,8 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
     >= thresholds[k] leave with that rule's prediction; the rest go on (`index_select`), so no later block or head
     sees a row that left. Rows left after the last block take the rule's prediction with the classifier's logits.
     A closed exit (threshold +inf) costs nothing, unless the rule reads every earlier head (HISTORY_RULES:
-    patience, ensemble), which runs them all. With one row this is the batch-size-1 early exit: nothing runs
+    patience, ensemble) or the model's exits combine every earlier head (`MultiExitNet.combiner`: boosted), which
+    runs them all. With one row this is the batch-size-1 early exit: nothing runs
     after the exit it leaves from. A multi-scale hidden state (a list of feature maps) loses the rows of every
     scale. Call under `evaluating(model)`.
     """
@@ -95,11 +96,19 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
     thresholds = np.asarray(thresholds, dtype=np.float64)
     needs_history = rule in HISTORY_RULES
     open_exit = {block: k for k, block in enumerate(model.exit_blocks)
-                 if needs_history or np.isfinite(thresholds[k])}
+                 if needs_history or model.combiner is not None or np.isfinite(thresholds[k])}
     prediction = np.empty(n, dtype=np.int64)
     exits = np.empty(n, dtype=np.int64)
     remaining = np.arange(n)
     history = []                                    # head logits of the rows in flight, for HISTORY_RULES
+    state = None                                    # the combiner's state for the rows in flight
+
+    def output(k: int, head_logits: torch.Tensor) -> np.ndarray:
+        """Exit k's output for the rows in flight: its head's logits, or what the model's combiner makes of them."""
+        nonlocal state
+        if model.combiner is not None:
+            head_logits, state = model.combiner.step(k, head_logits, state)
+        return head_logits.float().cpu().numpy()
 
     def scored(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score and prediction of the newest exit, under `rule`, for the rows in flight."""
@@ -115,7 +124,7 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
         k = open_exit.get(i)
         if k is None:
             continue
-        score, predicted = scored(model.heads[k](x).float().cpu().numpy())
+        score, predicted = scored(output(k, model.heads[k](x)))
         leave = score >= thresholds[k]
         if not leave.any():
             continue
@@ -125,8 +134,10 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
         stay = np.flatnonzero(~leave)
         remaining = remaining[stay]
         history[:] = [logits[stay] for logits in history]
-        x = _rows(x, torch.from_numpy(stay).to(device))
-    prediction[remaining] = scored(model.classifier(x).float().cpu().numpy())[1]
+        rows = torch.from_numpy(stay).to(device)
+        state = None if state is None else state.index_select(0, rows)
+        x = _rows(x, rows)
+    prediction[remaining] = scored(output(model.num_exits - 1, model.classifier(x)))[1]
     exits[remaining] = model.num_exits - 1
     return prediction, exits
 
@@ -197,7 +208,7 @@ def executed_exit_costs(profile: flop_count.FlopsProfile, exit_blocks: list[int]
                         every_head: bool = False) -> np.ndarray:
     """Per-sample FLOPs the early-exit forward runs for a sample leaving at each exit: evaluate's exit costs with
     the heads of closed exits (threshold +inf) left out, since the forward never evaluates them — unless the rule
-    reads every earlier head (`every_head`: patience, ensemble)."""
+    reads every earlier head (`every_head`: patience, ensemble, or a model whose exits combine them: boosted)."""
     heads = [h if every_head or np.isfinite(t) else 0.0 for h, t in zip(profile.heads, thresholds)]
     return np.asarray(flop_count.exit_costs_of(dataclasses.replace(profile, heads=heads), exit_blocks))
 
@@ -337,7 +348,8 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         if point.policy == "backbone":
             evaluated_flops = backbone_flops
         executed = executed_exit_costs(profile, model.exit_blocks, point.thresholds,
-                                       POLICY_RULE.get(point.policy) in HISTORY_RULES)[decided]
+                                       POLICY_RULE.get(point.policy) in HISTORY_RULES
+                                       or model.combiner is not None)[decided]
         latency = float(np.median(bs1_seconds[p]))
         throughput = len(x_test) / float(np.median(batch_seconds[p]))
         prediction, exits = batch_out[p]

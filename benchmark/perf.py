@@ -144,16 +144,18 @@ def trainer(model, data, epochs: int, device) -> tuple[float, float]:
 
 def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
     """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for every registered
-    objective, relative to `uniform` on the same model, data and batches."""
-    from regimes.registry import objective_names
+    objective, relative to `uniform` on the same model, data and batches. Objectives that act only on the shared
+    blocks' gradients have no P3 (the registry refuses them under disjoint)."""
+    from regimes.registry import OBJECTIVES, objective_names
     steps = len(data.y_train) // TRAIN["batch_size"] * epochs
     times = {}
     for name in objective_names():
-        for trains in ("all", "heads"):
+        for trains in ("all",) if OBJECTIVES[name].requires_shared_training else ("all", "heads"):
             samples = []
             for _ in range(repeats):
                 model = fresh_model(arch, data, device)
                 objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
+                model.combiner = objective.exit_combiner()
                 result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
                                    TRAIN, pairing_seed=0, epoch_offset=0, device=device)
                 samples.append(result.cost.wall_seconds / steps)
@@ -161,9 +163,9 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
     print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
           f"{steps} steps x {repeats} repeats (median); relative to uniform")
     for name in objective_names():
-        p2, p3 = times[name, "all"], times[name, "heads"]
+        p2, p3 = times[name, "all"], times.get((name, "heads"))
         print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{p2 / times['uniform', 'all']:4.2f}    "
-              f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}")
+              + (f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}" if p3 else "P3  (no P3)"))
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -35,10 +35,13 @@ EpochCallback = Callable[[str, int, float], None]
 
 
 def initial_model(spec: RunSpec, data, device: torch.device):
-    """Same weights for every regime of a (dataset, arch, seed): seeded by the pairing seed only."""
+    """Same weights for every regime of a (dataset, arch, seed): seeded by the pairing seed only. The regime's exit
+    combiner (boosted's ensemble) is part of the model, so every forward — training, evaluation, analyses, `bench
+    latency` — sees the exits' real outputs."""
     seed_everything(spec.pairing_seed)
     model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
                         exits=spec.model["exits"])
+    model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner()
     model = model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)

@@ -136,6 +136,7 @@ class Objective:
     hparams: ClassVar[dict[str, HParam]] = {}
     uses_between: ClassVar[bool] = False      # True if `between` must be passed to the model's forward
     uses_after_block: ClassVar[bool] = False  # True if `after_block` must be passed to the model's forward
+    requires_shared_training: ClassVar[bool] = False  # True if it acts only where blocks and heads train together
 
     def __init__(self, **overrides: Any):
         unknown = set(overrides) - set(self.hparams)
@@ -153,6 +154,12 @@ class Objective:
     def after_block(self, i: int, hidden: Tensor) -> Tensor:
         """Acts on the hidden state after block i before the head at i reads it (ge rescales there)."""
         return hidden
+
+    def exit_combiner(self) -> torch.nn.Module | None:
+        """How the heads' logits become the exits' outputs, in training and at inference (`MultiExitNet.combiner`,
+        installed by `pipeline.initial_model`): None, each exit outputs its head's logits. A combiner has a causal
+        `step(k, head_logits, state) -> (output, state)` (state None before exit 0), so early exit can run it."""
+        return None
 
     def forward(self, model, x: Tensor) -> list[Tensor]:
         """All exits' logits with this objective's hooks in place."""

@@ -7,11 +7,11 @@ import pkgutil
 from typing import Any
 
 from benchmark.errors import UnknownName, UserError
-from regimes.base import Objective, Regime, Schedule
+from regimes.base import Budget, Objective, Regime, Schedule
 
 SCHEDULES: dict[str, type[Schedule]] = {}
 OBJECTIVES: dict[str, type[Objective]] = {}
-_INFRASTRUCTURE = {"base", "registry"}
+_INFRASTRUCTURE = {"base", "registry", "exit_gradients", "perturbations"}
 _loaded = False
 
 
@@ -47,12 +47,24 @@ def objective_names() -> list[str]:
 
 
 def regime_names() -> list[str]:
-    """Every schedule x objective pair; `X+uniform` is spelled `X`."""
-    return [s if o == "uniform" else f"{s}+{o}" for s in schedule_names() for o in objective_names()]
+    """Every schedule x objective pair that composes (`incompatibility`); `X+uniform` is spelled `X`."""
+    return [s if o == "uniform" else f"{s}+{o}" for s in schedule_names() for o in objective_names()
+            if incompatibility(s, o) is None]
+
+
+def incompatibility(schedule: str, objective: str) -> str | None:
+    """Why `schedule+objective` is refused, or None. An objective that only combines the exits' gradients on the
+    shared blocks needs a phase that trains blocks and heads together; without one it would be `uniform`."""
+    phases = SCHEDULES[schedule]().phases(Budget(2))
+    if OBJECTIVES[objective].requires_shared_training and not any(p.trains == "all" for p in phases):
+        return (f"{objective} combines the exits' gradients on the shared backbone, which {schedule} never trains "
+                f"together with the heads; use joint+{objective} or mixed+{objective}")
+    return None
 
 
 def parse_regime_name(name: str) -> tuple[str, str]:
-    """'mixed+sdn' -> ('mixed', 'sdn'); 'mixed' -> ('mixed', 'uniform'). Raises UnknownName for either part."""
+    """'mixed+sdn' -> ('mixed', 'sdn'); 'mixed' -> ('mixed', 'uniform'). Raises UnknownName for either part and
+    UserError for a pair that does not compose."""
     _load_all()
     schedule, _, objective = name.partition("+")
     objective = objective or "uniform"
@@ -60,6 +72,9 @@ def parse_regime_name(name: str) -> tuple[str, str]:
         raise UnknownName("regime", name, regime_names())
     if objective not in OBJECTIVES:
         raise UnknownName("regime", name, regime_names())
+    reason = incompatibility(schedule, objective)
+    if reason is not None:
+        raise UserError(f"regime '{name}': {reason}")
     return schedule, objective
 
 

@@ -60,6 +60,7 @@ class MultiExitNet(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.exit_blocks = exit_blocks
         self._head_after_block = {block: k for k, block in enumerate(exit_blocks)}
+        self.combiner: nn.Module | None = None      # set by a regime whose exits output more than their head's logits
 
     @property
     def num_exits(self) -> int:
@@ -77,6 +78,8 @@ class MultiExitNet(nn.Module):
         Where the hidden state is a list of scales, both hooks are called on each scale in turn (``map_hidden``).
         ``observe(i, hidden)`` is then called with every block's whole hidden state (a tensor or the list), as
         the head reads it; it returns nothing and changes nothing (analyses read activations there).
+        With a ``combiner`` (the regime's `Objective.exit_combiner`, e.g. boosted's additive ensemble), exit k
+        outputs ``combiner.step(k, head logits, state)``, in training and at inference alike.
         """
         logits = []
         last = len(self.blocks) - 1
@@ -93,7 +96,15 @@ class MultiExitNet(nn.Module):
             if between is not None:
                 x = map_hidden(between, i, x)
         logits.append(self.classifier(x))
-        return logits
+        return logits if self.combiner is None else self.combined(logits)
+
+    def combined(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The exits' outputs from their heads' logits through ``combiner`` (causal: exit k reads heads 0..k)."""
+        outputs, state = [], None
+        for k, z in enumerate(logits):
+            out, state = self.combiner.step(k, z, state)
+            outputs.append(out)
+        return outputs
 
     def forward_final(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone alone: blocks then classifier, no head computed (phase P1 pays only for this)."""
