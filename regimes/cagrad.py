@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from regimes.base import HParam
@@ -25,6 +24,7 @@ from regimes.registry import register_objective
 
 def simplex_weights(gram: np.ndarray, c: float) -> np.ndarray:
     """The dual's minimiser w on the simplex, for the Gram matrix `gram` (K, K) of the task gradients."""
+    from scipy.optimize import minimize          # here, not at import: `bench list` loads every regime, no SciPy
     k = len(gram)
     uniform = np.full(k, 1.0 / k)
     scale = np.trace(gram) / k
