@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from regimes.base import HParam
-from regimes.exit_gradients import GradientCombination
+from regimes.exit_gradients import GradientCombination, gram_matrix
 from regimes.registry import register_objective
 
 
@@ -43,7 +43,7 @@ def cagrad_direction(grads: Tensor, c: float) -> Tensor:
     mean = grads.mean(0)
     if c == 0:
         return mean
-    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    gram = gram_matrix(grads)
     w = torch.as_tensor(simplex_weights(gram, c), dtype=grads.dtype, device=grads.device)
     g_w = w @ grads
     lam = c * float(np.sqrt(gram.mean() + 1e-8)) / (float(g_w.norm()) + 1e-8)

@@ -57,6 +57,13 @@ def exit_gradients(model, losses: Tensor) -> ExitGradients:
     return ExitGradients(shared, own, torch.stack(rows), own_rows)
 
 
+def gram_matrix(grads: Tensor):
+    """GGᵀ (K, K) of the per-exit gradients (K, P), in float64 on the CPU: what CAGrad's dual and Nash-MTL's
+    bargaining equations are solved from."""
+    g = grads.double()
+    return (g @ g.T).cpu().numpy()
+
+
 class GradientCombination(Objective):
     """An objective whose step combines the exits' gradients on the shared blocks (`combine`) instead of
     backpropagating one scalar loss. It acts only where the blocks train together with the heads (P2): under a
@@ -78,7 +85,8 @@ class GradientCombination(Objective):
         losses = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
         grads = exit_gradients(model, losses)
         direction, weights = self.combine(grads.shared, ctx)
+        weights = weights.to(losses.device)
         optimizer.zero_grad(set_to_none=True)
-        grads.apply(direction, weights.to(losses.device))
+        grads.apply(direction, weights)
         optimizer.step()
-        return {"loss": (weights.to(losses.device) * losses).sum().detach(), "exit_ce": losses.detach()}
+        return {"loss": (weights * losses).sum().detach(), "exit_ce": losses.detach()}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from regimes.base import HParam
-from regimes.exit_gradients import GradientCombination
+from regimes.exit_gradients import GradientCombination, gram_matrix
 from regimes.registry import register_objective
 
 NEWTON_STEPS = 100
@@ -59,8 +59,7 @@ class NashMTL(GradientCombination):
                                   low=0.0)}
 
     def combine(self, shared, ctx):
-        gram = (shared.double() @ shared.double().T).cpu().numpy()
-        alpha = torch.as_tensor(bargaining_weights(gram), dtype=shared.dtype)
+        alpha = torch.as_tensor(bargaining_weights(gram_matrix(shared)), dtype=shared.dtype)
         direction = alpha.to(shared.device) @ shared
         max_norm = self.hp["max_norm"]
         if max_norm > 0:                     # torch.nn.utils.clip_grad_norm_'s rule, as the official code clips
