@@ -15,7 +15,8 @@ import functools
 import zlib
 
 SCHEDULE_ORDER = ("joint", "disjoint", "mixed")
-OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge", "boosted", "pcgrad", "cagrad", "nash")
+OBJECTIVE_ORDER = ("uniform", "sdn", "distill", "cet", "bdl", "l2w", "ge", "boosted", "ztw", "pcgrad", "cagrad", "nash",
+                   "metagf")
 BASELINE = "joint"
 
 OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most distinct hues first
@@ -27,9 +28,11 @@ OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most
     "l2w": "#8c564b",             # brown
     "ge": "#e377c2",              # pink
     "boosted": "#00ced1",         # dark turquoise (beyond tab10: each > 0.3 in RGB from every other colour here)
+    "ztw": "#ff00ff",             # magenta
     "pcgrad": "#bcbd22",          # olive        } the gradient-conflict family: related hues
     "cagrad": "#808000",          # dark olive   }
     "nash": "#4b0082",            # indigo
+    "metagf": "#2f4f4f",          # dark slate grey
 }
 FALLBACK_COLOURS = ("#7f7f7f", "#17becf", "#a6761d")   # grey, cyan, ochre: objectives not listed above
 SCHEDULE_LINESTYLES = {"joint": "-", "disjoint": ":", "mixed": "--"}

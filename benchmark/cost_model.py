@@ -116,9 +116,13 @@ def derive_multipliers(runs_csv: Path = QUICK_RUNS) -> dict[str, float]:
 
 
 def phase_multiplier(trains: str, objective: str) -> tuple[float, bool]:
-    """(m, known) of a phase that trains `trains` ("backbone", "all", "heads") under `objective`; unknown: m = 1."""
+    """(m, known) of a phase that trains `trains` ("backbone", "all", "heads", "combiner") under `objective`;
+    unknown: m = 1. A `combiner` phase (ztw's ensembles: a frozen network's forward, a backward through the
+    combiner alone) is charged P3's ratio, which also backpropagates through the heads: an upper bound."""
     if trains == "backbone":
         return STEP_MULTIPLIERS["backbone"], True
+    if trains == "combiner":
+        return STEP_MULTIPLIERS["heads"], True
     known = objective in STEP_MULTIPLIERS
     m = STEP_MULTIPLIERS.get(objective, 1.0)
     return (STEP_MULTIPLIERS["heads"] * m if trains == "heads" else m), known
@@ -319,7 +323,7 @@ def _phases(spec: RunSpec):
     from regimes.base import Budget
     from regimes.registry import build_regime
     regime = build_regime(spec.regime, spec.hparams)
-    return regime.schedule.phases(Budget(spec.train["epochs"], spec.train["p1_epochs"])), regime.objective.name
+    return regime.phases(Budget(spec.train["epochs"], spec.train["p1_epochs"])), regime.objective.name
 
 
 def _evaluation_passes(epochs: int, eval_every: int) -> int:

@@ -59,7 +59,7 @@ def profile_flops(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsPro
     """
     shadow = copy.deepcopy(model).to("meta").eval()
     head_at = dict(zip(shadow.exit_blocks, shadow.heads))
-    blocks, heads, shapes = [], [], []
+    blocks, heads, shapes, outputs = [], [], [], []
     x = torch.zeros((1, *input_shape), device="meta")
     with torch.no_grad():
         for i, block in enumerate(shadow.blocks):
@@ -67,9 +67,25 @@ def profile_flops(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsPro
             blocks.append(flops)
             shapes.append(hidden_shape(x))
             if i in head_at:
-                heads.append(_counted(head_at[i], x)[1])
-        classifier = _counted(shadow.classifier, x)[1]
+                logits, flops = _counted(head_at[i], x)
+                heads.append(flops)
+                outputs.append(logits)
+        logits, classifier = _counted(shadow.classifier, x)
+        if shadow.combiner is not None:             # its work at exit k is charged to head k (ztw's cascades)
+            combining = _combiner_flops(shadow.combiner, [*outputs, logits])
+            heads = [h + c for h, c in zip(heads, combining)]
+            classifier += combining[-1]
     return FlopsProfile(blocks, heads, classifier, shapes)
+
+
+def _combiner_flops(combiner: torch.nn.Module, head_logits: list[torch.Tensor]) -> list[float]:
+    """FLOPs of an exit combiner's step at each exit, fed the heads' logits in order."""
+    flops, state = [], None
+    for k, logits in enumerate(head_logits):
+        with FlopCounterMode(display=False) as counter:
+            _, state = combiner.step(k, logits, state)
+        flops.append(float(counter.get_total_flops()))
+    return flops
 
 
 def hidden_shape(hidden: torch.Tensor | list[torch.Tensor]) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:

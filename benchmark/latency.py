@@ -87,8 +87,8 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
     >= thresholds[k] leave with that rule's prediction; the rest go on (`index_select`), so no later block or head
     sees a row that left. Rows left after the last block take the rule's prediction with the classifier's logits.
     A closed exit (threshold +inf) costs nothing, unless the rule reads every earlier head (HISTORY_RULES:
-    patience, ensemble) or the model's exits combine every earlier head (`MultiExitNet.combiner`: boosted), which
-    runs them all. With one row this is the batch-size-1 early exit: nothing runs
+    patience, ensemble) or the model's exits combine every earlier head (`MultiExitNet.combiner`: boosted, ztw),
+    which runs them all. With one row this is the batch-size-1 early exit: nothing runs
     after the exit it leaves from. A multi-scale hidden state (a list of feature maps) loses the rows of every
     scale. Call under `evaluating(model)`.
     """
@@ -135,18 +135,19 @@ def early_exit_forward(model, x: torch.Tensor, thresholds: np.ndarray,
         remaining = remaining[stay]
         history[:] = [logits[stay] for logits in history]
         rows = torch.from_numpy(stay).to(device)
-        state = None if state is None else state.index_select(0, rows)
+        state = None if state is None else _rows(state, rows)
         x = _rows(x, rows)
     prediction[remaining] = scored(output(model.num_exits - 1, model.classifier(x)))[1]
     exits[remaining] = model.num_exits - 1
     return prediction, exits
 
 
-def _rows(hidden: torch.Tensor | list[torch.Tensor], index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-    """The rows `index` of a hidden state: a tensor, or each scale of a multi-scale list (MSDNet)."""
+def _rows(hidden, index: torch.Tensor):
+    """The rows `index` of a hidden state or a combiner's state: a tensor, or each tensor of a (nested) list or
+    tuple of them — the scales of a multi-scale hidden state (MSDNet), ztw's (previous exit, log-probabilities)."""
     if isinstance(hidden, torch.Tensor):
         return hidden.index_select(0, index)
-    return [scale.index_select(0, index) for scale in hidden]
+    return type(hidden)(_rows(part, index) for part in hidden)
 
 
 def backbone_forward(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +209,7 @@ def executed_exit_costs(profile: flop_count.FlopsProfile, exit_blocks: list[int]
                         every_head: bool = False) -> np.ndarray:
     """Per-sample FLOPs the early-exit forward runs for a sample leaving at each exit: evaluate's exit costs with
     the heads of closed exits (threshold +inf) left out, since the forward never evaluates them — unless the rule
-    reads every earlier head (`every_head`: patience, ensemble, or a model whose exits combine them: boosted)."""
+    reads every earlier head (`every_head`: patience, ensemble, or a model whose exits combine them: boosted, ztw)."""
     heads = [h if every_head or np.isfinite(t) else 0.0 for h, t in zip(profile.heads, thresholds)]
     return np.asarray(flop_count.exit_costs_of(dataclasses.replace(profile, heads=heads), exit_blocks))
 

@@ -155,7 +155,7 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
             for _ in range(repeats):
                 model = fresh_model(arch, data, device)
                 objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
-                model.combiner = objective.exit_combiner()
+                model.combiner = objective.exit_combiner(model.num_exits, data.num_classes)
                 result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
                                    TRAIN, pairing_seed=0, epoch_offset=0, device=device)
                 samples.append(result.cost.wall_seconds / steps)

@@ -41,7 +41,8 @@ def initial_model(spec: RunSpec, data, device: torch.device):
     seed_everything(spec.pairing_seed)
     model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
                         exits=spec.model["exits"])
-    model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner()
+    model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner(model.num_exits,
+                                                                                      data.num_classes)
     model = model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)
@@ -116,7 +117,7 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
     folder = store.backbone_dir(p1_id)
     with store.backbone_lock(p1_id):
         if store.backbone_inspect(p1_id)[0]:
-            model.load_state_dict(read_torch(folder / "model.pt"))
+            model.load_network_state(read_torch(folder / "model.pt"))
             history = pd.read_csv(folder / "history.csv").to_dict("records")
             snapshot_file = folder / "information_snapshots.csv"
             taken = pd.read_csv(snapshot_file) if snapshot_file.is_file() else pd.DataFrame()
@@ -132,7 +133,7 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
         taken = snapshots.table() if snapshots else pd.DataFrame()
         if not taken.empty:
             write_csv(folder / "information_snapshots.csv", taken)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.network_state().items()}
         write_json(folder / "spec.json", {"p1_id": p1_id, "dataset": spec.dataset, "arch": spec.arch,
                                           "seed": spec.seed, "epochs": phase.epochs, "train": spec.train,
                                           "model": spec.model, **({"fast": True} if spec.fast else {})})
@@ -165,7 +166,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
     snapshots = _EagerSnapshots(model, data, snapshot_every, snapshot_samples) if snapshot_every else None
     p1_snapshots = pd.DataFrame()
-    for phase in regime.schedule.phases(budget):
+    for phase in regime.phases(budget):
         if phase.epochs == 0:
             continue
         seed_everything(derive_seed(spec.pairing_seed, "phase", phase.name))

@@ -5,6 +5,9 @@ paired batch order, and a per-epoch history. Knows schedules only through `Phase
 - `all` (P2): the objective's step over every exit.
 - `heads` (P3): backbone frozen — `requires_grad_(False)` and its modules in eval() so BatchNorm statistics
   stay put too; the objective's step over every exit (the frozen classifier contributes a zero-grad term).
+- `combiner` (an objective's last phase, ztw's ensembles): only the exit combiner's last-phase parameters train,
+  the whole network frozen and in eval(); the objective's step over every exit.
+The combiner's other parameters (ztw's cascades) train wherever the heads do.
 """
 from __future__ import annotations
 
@@ -63,9 +66,11 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
 def set_trainable(model, trains: str) -> list[torch.nn.Parameter]:
     """Turn requires_grad on exactly for the parameters this phase trains; return them."""
     backbone = {id(p) for p in model.backbone_parameters()}
+    last = {id(p) for p in model.last_phase_parameters()}
     trained = []
     for p in model.parameters():
-        on = {"backbone": id(p) in backbone, "all": True, "heads": id(p) not in backbone}[trains]
+        on = {"backbone": id(p) in backbone, "all": id(p) not in last,
+              "heads": id(p) not in backbone and id(p) not in last, "combiner": id(p) in last}[trains]
         p.requires_grad_(on)
         if on:
             trained.append(p)
@@ -73,6 +78,9 @@ def set_trainable(model, trains: str) -> list[torch.nn.Parameter]:
 
 
 def set_train_mode(model, trains: str) -> None:
+    if trains == "combiner":
+        model.eval()
+        return
     model.train()
     if trains == "heads":
         for module in model.backbone_modules():
@@ -184,8 +192,12 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
     phase: batch order and augmentation of global epoch e are seeded by (pairing seed, e), so a mixed run's P2
     epoch 0 sees the same batches as a joint run's epoch E1. Objectives get a generator of their own
     (`ctx.generator`) so their randomness never shifts the batches. `after_epoch(global_epoch)` runs after each
-    epoch's bookkeeping, outside the timed part (information-plane snapshots use it)."""
+    epoch's bookkeeping, outside the timed part (information-plane snapshots use it). The phase's own settings
+    (`Phase.train`) replace those of `train` that they name."""
+    train = {**train, **(phase.train or {})}
     trained = set_trainable(model, phase.trains)
+    if phase.trains == "combiner":
+        model.combiner.begin_last_phase()
     optimizer = make_optimizer(trained, train)
     (x_train, prepare), (x_val, _) = held(data, "train"), held(data, "val")
     n, batch_size = len(x_train), train["batch_size"]

@@ -13,16 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TRAINS = ("backbone", "all", "heads")
+TRAINS = ("backbone", "all", "heads", "combiner")
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One entry of a schedule. P1: backbone alone, P2: backbone and heads, P3: heads on a frozen backbone."""
+    """One entry of a schedule. P1: backbone alone, P2: backbone and heads, P3: heads on a frozen backbone; an
+    objective may add a last phase that fits its exit combiner's own parameters on the frozen network (`combiner`).
+
+    `train` replaces the run's training settings for this phase where it names them (ztw's ensemble stage has its
+    own optimizer, as in the official code); None: the run's."""
 
     name: str
     trains: str
     epochs: int
+    train: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.trains not in TRAINS:
@@ -155,11 +160,17 @@ class Objective:
         """Acts on the hidden state after block i before the head at i reads it (ge rescales there)."""
         return hidden
 
-    def exit_combiner(self) -> torch.nn.Module | None:
+    def exit_combiner(self, num_exits: int, num_classes: int) -> torch.nn.Module | None:
         """How the heads' logits become the exits' outputs, in training and at inference (`MultiExitNet.combiner`,
         installed by `pipeline.initial_model`): None, each exit outputs its head's logits. A combiner has a causal
-        `step(k, head_logits, state) -> (output, state)` (state None before exit 0), so early exit can run it."""
+        `step(k, head_logits, state) -> (output, state)` (state None before exit 0), so early exit can run it. Its
+        parameters train with the heads, except those it returns from `last_phase_parameters()` (if it has that
+        method): only a `combiner` phase trains them (`final_phases`), after calling its `begin_last_phase()`."""
         return None
+
+    def final_phases(self) -> list[Phase]:
+        """Phases this objective adds after the schedule's (ztw fits its exit ensembles on the frozen network)."""
+        return []
 
     def forward(self, model, x: Tensor) -> list[Tensor]:
         """All exits' logits with this objective's hooks in place."""
@@ -199,3 +210,7 @@ class Regime:
     name: str
     schedule: Schedule
     objective: Objective
+
+    def phases(self, budget: Budget) -> list[Phase]:
+        """The schedule's phases, then any the objective adds."""
+        return self.schedule.phases(budget) + self.objective.final_phases()

@@ -45,5 +45,5 @@ class Boosted(GradientEquilibrium):
     hparams = {"shrinkage": HParam(0.5, "weight w of the earlier ensemble in F_k = z_k + w F_{k-1}",
                                    low=0.0, high=1.0, low_open=True)}
 
-    def exit_combiner(self) -> nn.Module:
+    def exit_combiner(self, num_exits: int, num_classes: int) -> nn.Module:
         return BoostedEnsemble(self.hp["shrinkage"])

@@ -121,3 +121,21 @@ class MultiExitNet(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
+
+    def last_phase_parameters(self) -> list[nn.Parameter]:
+        """The combiner's parameters that only a last `combiner` phase trains (ztw's ensembles); none without one."""
+        fitted_last = getattr(self.combiner, "last_phase_parameters", None)
+        return fitted_last() if fitted_last is not None else []
+
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """The state without the combiner's: what a shared P1 backbone stores, so that runs whose regimes combine
+        their exits differently (or not at all) share it."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("combiner.")}
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a `network_state`: every key but the combiner's must match."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("combiner.")]
+        if missing or unexpected:
+            raise RuntimeError(f"stored network state does not fit the model: missing {missing}, "
+                               f"unexpected {unexpected}")

@@ -1,0 +1,118 @@
+"""`metagf`: Meta-GF, meta-learned gradient fusion (Sun et al., "Meta-GF: Training Dynamic-Depth Neural Networks
+Harmoniously", ECCV 2022), at the granularity of one optimisation step.
+
+The official code (SYVAE/MetaGF, M5main_GF.py, tools/DifUpdate.py; its CIFAR scripts' settings) per epoch: (1) for
+each exit k, from the same starting weights, trains one epoch on CE_k + a·Σ_{j≠k} CE_j (a = `auxiliarylr` 0.1)
+giving weights θ_k; (2) fuses them tensor by tensor, θ_t = Σ_k σ(m_kt) θ_kt / Σ_k σ(m_kt), over the exits whose loss
+reaches tensor t (the heads: their own exit only), with one meta-weight m_kt per (exit, tensor), initialised to 1;
+(3) learns m by Adam (lr 0.1) on the SDN-weighted loss of the fused network, differentiating through the fusion;
+(4) keeps an EMA of the meta-weights, m <- 0.1·m_new + 0.9·m_old.
+
+Here one step plays one epoch's part: each exit's task update is the gradient d_k = g_k + a·Σ_{j≠k} g_j of one
+batch (one backward per exit on one forward, `exit_gradients`), the fused update d_t = Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt)
+over the exits reaching block t, and the meta-weights take one Adam step on the SDN-weighted loss (`sdn_weights`,
+the ramp the official meta loss uses) of the same batch at the look-ahead weights θ − lr·d(m), then the EMA. The
+fused update is applied as the gradient of the run's optimizer (momentum, weight decay), as pcgrad, cagrad and nash
+apply theirs; it is the update fused with the meta-weights from before their step, as the official epoch keeps the
+network fused before the last meta step. Heads and the classifier get their own exit's gradient.
+Deviation, stated: per step, not per epoch (an epoch per exit would multiply the run's compute by K + 1); the
+look-ahead is plain SGD at the current lr.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from regimes.base import HParam, StepContext
+from regimes.exit_gradients import GradientCombination, exit_gradients
+from regimes.registry import register_objective
+from regimes.sdn import sdn_weights
+
+
+def block_reach(model, shared_parameters: list[torch.nn.Parameter]) -> Tensor:
+    """(K, T) bool: whether exit k's loss reaches shared tensor t (exit k reads the blocks up to its own)."""
+    block_of = {id(p): b for b, block in enumerate(model.blocks) for p in block.parameters()}
+    last_block = torch.tensor([*model.exit_blocks, len(model.blocks) - 1])
+    blocks = torch.tensor([block_of[id(p)] for p in shared_parameters])
+    return blocks[None, :] <= last_block[:, None]
+
+
+def task_directions(grads: Tensor, auxiliary: float) -> Tensor:
+    """d_k = g_k + a·Σ_{j≠k} g_j for every exit k (K, P): the official inner task's loss CE_k + a·Σ_{j≠k} CE_j."""
+    return (1 - auxiliary) * grads + auxiliary * grads.sum(0, keepdim=True)
+
+
+def fuse(directions: Tensor, meta_weights: Tensor, reach: Tensor, sizes: list[int]) -> Tensor:
+    """Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt) over the exits reaching each tensor t; `directions` (K, P) flattened over
+    tensors of `sizes`, `meta_weights` and `reach` (K, T). Differentiable in `meta_weights`."""
+    weights = torch.sigmoid(meta_weights) * reach
+    weights = weights / weights.sum(0, keepdim=True)
+    per_entry = weights.repeat_interleave(torch.tensor(sizes, device=weights.device), dim=1)
+    return (per_entry * directions).sum(0)
+
+
+@register_objective
+class MetaGF(GradientCombination):
+    name = "metagf"
+    description = ("shared-block update: per-tensor fusion Σ σ(m) d_k / Σ σ(m) of the exits' task updates "
+                   "d_k = g_k + a Σ g_j, meta-weights m learned by Adam on the look-ahead loss, EMA-smoothed")
+    source = "Sun et al., Meta-GF: Training Dynamic-Depth Neural Networks Harmoniously, ECCV 2022 (SYVAE/MetaGF)"
+    hparams = {
+        "auxiliary": HParam(0.1, "weight a of the other exits' losses in each exit's task update", low=0, high=1),
+        "meta_lr": HParam(0.1, "Adam learning rate of the meta-weights", low=0.0, low_open=True),
+        "ema": HParam(0.9, "weight of the previous meta-weights in their EMA", low=0, high=1),
+        "c_min": HParam(0.15, "SDN weight cap of the first internal exit in the meta loss", low=0, high=1),
+        "c_max": HParam(0.90, "SDN weight cap of the last internal exit in the meta loss", low=0, high=1),
+    }
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.meta_weights: Tensor | None = None          # (K, T), created on the first step with its Adam
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+
+    def meta_loss_weights(self, ctx: StepContext) -> Tensor:
+        taus = sdn_weights(ctx.epoch + 1, ctx.epochs, ctx.num_exits - 1, self.hp["c_min"], self.hp["c_max"])
+        return torch.tensor([*taus, 1.0], dtype=torch.float32)
+
+    def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        logits = self.forward(model, x)
+        losses = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
+        grads = exit_gradients(model, losses)
+        sizes = [p.numel() for p in grads.shared_parameters]
+        reach = block_reach(model, grads.shared_parameters).to(losses.device)
+        if self.meta_weights is None:
+            self.meta_weights = torch.ones(reach.shape, device=losses.device, requires_grad=True)
+            self.meta_optimizer = torch.optim.Adam([self.meta_weights], lr=self.hp["meta_lr"])
+        directions = task_directions(grads.shared, self.hp["auxiliary"])
+        fused = fuse(directions, self.meta_weights, reach, sizes)
+        update = fused.detach()
+        self.meta_step(model, x, y, grads, fused, optimizer.param_groups[0]["lr"], ctx)
+        optimizer.zero_grad(set_to_none=True)
+        grads.apply(update, torch.ones(len(losses), device=losses.device))
+        optimizer.step()
+        return {"loss": losses.sum().detach(), "exit_ce": losses.detach()}
+
+    def meta_step(self, model, x, y, grads, fused: Tensor, lr: float, ctx: StepContext) -> None:
+        """One Adam step of the meta-weights on the SDN-weighted loss at θ − lr·fused (heads: their own exit's
+        gradient), then the EMA. The look-ahead forward uses copies of the buffers: BatchNorm's running
+        statistics see each batch once."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        ahead, offset = {}, 0
+        for p, size in zip(grads.shared_parameters, (p.numel() for p in grads.shared_parameters)):
+            ahead[names[id(p)]] = p.detach() - lr * fused[offset:offset + size].view_as(p)
+            offset += size
+        for i, p in enumerate(grads.own_parameters):
+            own = next((g[i] for g in grads.own if g[i] is not None), None)
+            ahead[names[id(p)]] = p.detach() - lr * own if own is not None else p.detach()
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        logits = functional_call(model, {**ahead, **buffers}, (x,))
+        weights = self.meta_loss_weights(ctx).to(fused.device)
+        meta_loss = (weights * torch.stack([F.cross_entropy(z.float(), y) for z in logits])).sum()
+        previous = self.meta_weights.detach().clone()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.meta_weights.grad, = torch.autograd.grad(meta_loss, self.meta_weights)
+        self.meta_optimizer.step()
+        with torch.no_grad():
+            self.meta_weights.mul_(1 - self.hp["ema"]).add_(self.hp["ema"] * previous)

@@ -1,0 +1,95 @@
+"""`ztw`: Zero Time Waste (Wołczyk et al., NeurIPS 2021), recycling each exit's prediction in the later exits.
+
+Follows the official code (gmum/Zero-Time-Waste: ztw_cv/architectures/early_exits/{ztw,heads}.py,
+ztw_cv/methods/early_exit.py and its scripts):
+- **Cascading connections.** Every internal exit but the first also reads the previous internal exit's output,
+  detached and layer-normalised: c_k = z_k + W_k·LN_k(sg(c_{k−1})). The official head concatenates LN(sg(c_{k−1}))
+  to its pooled features before its one linear layer, which is this sum with W_k the layer's extra columns. The
+  backbone's own classifier (the last exit) is neither cascaded nor ensembled. Cascades train with the heads,
+  under the run's loss: the mean of every exit's cross-entropy, as the official training loop.
+- **Geometric ensembles.** After the schedule's phases, a last phase fits, for every internal exit k, the weights
+  of e_k = mean_{j<=k} exp(w_kj)·log_softmax(c_j) + b_k (w ~ N(0, 0.01), b = 0) on the training data, everything
+  else frozen: AdamW, lr 1e-3, no weight decay, 5 epochs, mean cross-entropy of the exits' outputs (official
+  ensembling stage). From then on exit k outputs e_k, at inference too.
+Where the official code trains the heads on a pre-trained backbone (`disjoint+ztw` here), `joint+ztw` and
+`mixed+ztw` train the cascades with the backbone, the composition the issue asks for.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from regimes.base import HParam, Phase
+from regimes.registry import register_objective
+from regimes.uniform import Uniform
+
+
+class GeometricEnsemble(nn.Module):
+    """e = mean_j exp(w_j)·log p_j + b over the log-probabilities of exits 0..k (official init: w ~ N(0, 0.01))."""
+
+    def __init__(self, members: int, num_classes: int):
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.randn(members) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, log_probs: list[Tensor]) -> Tensor:
+        stacked = torch.stack(log_probs, dim=1)                         # (N, members, C)
+        return (stacked * self.log_weight.exp()[None, :, None]).mean(dim=1) + self.bias
+
+
+class ZeroTimeWaste(nn.Module):
+    """The exit combiner of `ztw`: cascading connections between the internal exits, then (once `ensembled`) the
+    geometric ensemble of the cascaded exits so far. State: (previous cascaded output, log-probabilities so far)."""
+
+    def __init__(self, num_exits: int, num_classes: int):
+        super().__init__()
+        internal = num_exits - 1
+        self.final_exit = internal
+        self.norms = nn.ModuleList(nn.LayerNorm(num_classes) for _ in range(max(internal - 1, 0)))
+        self.cascades = nn.ModuleList(nn.Linear(num_classes, num_classes, bias=False)
+                                      for _ in range(max(internal - 1, 0)))
+        self.ensembles = nn.ModuleList(GeometricEnsemble(k + 1, num_classes) for k in range(internal))
+        self.register_buffer("ensembled", torch.tensor(False))    # in model.pt: whether the ensemble phase ran
+        self._ensembled = False                                     # the same as a Python bool: no device sync
+
+    def last_phase_parameters(self) -> list[nn.Parameter]:
+        """The ensembles' weights: only the last (`combiner`) phase trains them."""
+        return list(self.ensembles.parameters())
+
+    def begin_last_phase(self) -> None:
+        """From now on internal exits output their ensembles."""
+        self.ensembled.fill_(True)
+        self._ensembled = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ensembled = bool(self.ensembled)
+
+    def step(self, k: int, head_logits: Tensor, state) -> tuple[Tensor, tuple]:
+        if k == self.final_exit:
+            return head_logits, state
+        previous, log_probs = state if state is not None else (None, [])
+        cascaded = head_logits if k == 0 else head_logits + self.cascades[k - 1](self.norms[k - 1](previous.detach()))
+        log_probs = [*log_probs, torch.log_softmax(cascaded, dim=-1)]
+        out = self.ensembles[k](log_probs) if self._ensembled else cascaded
+        return out, (cascaded, log_probs)
+
+
+@register_objective
+class ZTW(Uniform):
+    name = "ztw"
+    description = ("cascading connections c_k = z_k + W LN(sg(c_{k-1})), L = mean_k CE_k; then a geometric "
+                   "ensemble of exits <= k fitted per exit on the frozen network")
+    source = "Wołczyk et al., Zero Time Waste, NeurIPS 2021 (gmum/Zero-Time-Waste)"
+    hparams = {
+        "ensemble_epochs": HParam(5, "epochs of the last phase that fits the ensembles (0: cascades only)",
+                                  kind=int, low=0),
+        "ensemble_lr": HParam(1e-3, "AdamW learning rate of the ensemble phase", low=0.0, low_open=True),
+    }
+
+    def exit_combiner(self, num_exits: int, num_classes: int) -> nn.Module:
+        return ZeroTimeWaste(num_exits, num_classes)
+
+    def final_phases(self) -> list[Phase]:
+        return [Phase("ensemble", "combiner", self.hp["ensemble_epochs"],
+                      train={"optimizer": "adamw", "lr": self.hp["ensemble_lr"], "weight_decay": 0.0})]
