@@ -1,13 +1,10 @@
 """`boosted`: the exits are an additive ensemble in training and at inference, and exit k's loss never reaches an
-earlier head — checked on a real model and real data, through training, evaluation's forward and early exit."""
-import numpy as np
+earlier head — checked on a real model and real data (early exit through the ensemble: test_latency.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmark.data import load_dataset
-from benchmark.evaluate import ExitOutputs, exit_decisions
-from benchmark.latency import early_exit_forward
 from benchmark.models.eval_mode import evaluating
 from benchmark.pipeline import initial_model
 from benchmark.spec import RunSpec
@@ -65,21 +62,3 @@ def test_exit_k_loss_reaches_no_earlier_head_but_its_own_head_and_the_backbone(d
         assert any(p.grad is not None and p.grad.any() for p in own)
         assert any(p.grad is not None and p.grad.any() for p in model.blocks[0].parameters())
 
-
-def test_early_exit_runs_the_ensemble_and_leaves_where_evaluation_does(digits):
-    model = initial_model(spec_for("joint+boosted"), digits, CPU)
-    x_test, prepare = held(digits, "test")
-    x = prepare(x_test)
-    with evaluating(model):
-        outputs = ExitOutputs.from_logits(torch.stack(model(x)).numpy(), digits.y_test.numpy())
-    thresholds = np.full(model.num_exits - 1, np.inf)
-    thresholds[1] = np.quantile(outputs.score[1], 0.5)            # exit 0 closed: its head still feeds exit 1
-    decided = exit_decisions(outputs.score, thresholds)
-    with evaluating(model):
-        prediction, exits = early_exit_forward(model, x, thresholds)
-    differ = np.flatnonzero(exits != decided)
-    first = np.minimum(exits, decided)[differ]
-    assert (np.abs(outputs.score[first, differ] - thresholds[first]) < 1e-5).all()     # float noise at a threshold
-    assert (decided == 1).any() and (decided == model.num_exits - 1).any()
-    same = exits == decided
-    assert np.array_equal(prediction[same], outputs.prediction[decided, np.arange(len(decided))][same])

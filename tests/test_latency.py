@@ -18,8 +18,10 @@ from benchmark.evaluate import POLICY_RULE, THRESHOLD_GRID, ExitOutputs, exit_de
 from benchmark.latency import (COLUMNS, Point, backbone_forward, curve_thresholds, early_exit_forward,
                                operating_points)
 from benchmark.models.eval_mode import evaluating
+from benchmark.pipeline import initial_model
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, folder_digests, read_json, read_logits, write_json
+from benchmark.train import held
 from conftest import write_grid
 
 DATA_ROOT = Path("/nonexistent")      # digits is embedded: no data root is read
@@ -267,3 +269,35 @@ def test_a_corrupt_model_pt_and_an_unknown_run_are_one_line_each(results):
     result = bench("latency", run_id, "--results", out)
     assert_one_line_error(result, str(model), "--save-models")
     assert not (out / "runs" / run_id / "latency.csv").exists()
+
+
+@pytest.mark.parametrize("regime", ["joint+boosted", "joint+ztw"])
+def test_early_exit_runs_the_exit_combiner_and_leaves_where_evaluation_does(regime):
+    """A model whose exits combine earlier heads (boosted's additive ensemble; ztw's cascades and fitted
+    ensembles) leaves each row where evaluation's full forward would, a closed exit's head still feeding the next."""
+    digits = load_dataset("digits", "/nonexistent")
+    spec = RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=0,
+                   train={"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05,
+                          "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "eval_every": 1},
+                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"})
+    model = initial_model(spec, digits, torch.device("cpu"))
+    if regime == "joint+ztw":                                   # as after its ensemble phase
+        model.combiner.begin_last_phase()
+        with torch.no_grad():
+            for parameter in model.combiner.last_phase_parameters():
+                parameter.normal_(0, 0.5)
+    x_test, prepare = held(digits, "test")
+    x = prepare(x_test)
+    with evaluating(model):
+        outputs = ExitOutputs.from_logits(torch.stack(model(x)).numpy(), digits.y_test.numpy())
+    thresholds = np.full(model.num_exits - 1, np.inf)
+    thresholds[1] = np.quantile(outputs.score[1], 0.5)            # exit 0 closed: its head still feeds exit 1
+    decided = exit_decisions(outputs.score, thresholds)
+    with evaluating(model):
+        prediction, exits = early_exit_forward(model, x, thresholds)
+    differ = np.flatnonzero(exits != decided)
+    first = np.minimum(exits, decided)[differ]
+    assert (np.abs(outputs.score[first, differ] - thresholds[first]) < 1e-5).all()     # float noise at a threshold
+    assert (decided == 1).any() and (decided == model.num_exits - 1).any()
+    same = exits == decided
+    assert np.array_equal(prediction[same], outputs.prediction[decided, np.arange(len(decided))][same])
