@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, fixed threads, tiny grids written to real files."""
+"""Shared fixtures: offline hub, fixed threads, tiny grids written to real files, the digits data and a spec
+and training batch on it for tests that build a model through `initial_model`."""
 import os
 import sys
 from pathlib import Path
@@ -92,3 +93,24 @@ def write_uci_har(root, sizes=(("train", 60), ("test", 12))):
         (folder / f"y_{split}.txt").write_text("".join(f"{k}\n" for k in labels))
         written[split] = windows, labels
     return written
+
+
+def digits_spec(regime: str, train: dict, hparams: dict | None = None, seed: int = 0):
+    """A digits x small_cnn run of `regime` with three pool heads at 25/50/75 % of the FLOPs."""
+    from benchmark.spec import RunSpec
+    return RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=seed, train=dict(train),
+                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"}, hparams=hparams or {})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from benchmark.data import load_dataset
+    return load_dataset("digits", "/nonexistent")
+
+
+@pytest.fixture(scope="module")
+def inputs(digits):
+    """The first 64 training examples of digits, as model inputs, and their labels."""
+    from benchmark.train import held
+    x, prepare = held(digits, "train")
+    return prepare(x[:64]), digits.y_train[:64]

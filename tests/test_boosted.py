@@ -1,16 +1,14 @@
 """`boosted`: the exits are an additive ensemble in training and at inference, and exit k's loss never reaches an
 earlier head — checked on a real model and real data (early exit through the ensemble: test_latency.py)."""
-import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.data import load_dataset
 from benchmark.models.eval_mode import evaluating
 from benchmark.pipeline import initial_model
-from benchmark.spec import RunSpec
-from benchmark.train import held
 from regimes.boosted import BoostedEnsemble
 from regimes.registry import build_regime
+
+from conftest import digits_spec
 
 CPU = torch.device("cpu")
 TRAIN = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
@@ -18,19 +16,7 @@ TRAIN = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "
 
 
 def spec_for(regime, hparams=None):
-    return RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=0, train=dict(TRAIN),
-                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"}, hparams=hparams or {})
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "/nonexistent")
-
-
-@pytest.fixture(scope="module")
-def inputs(digits):
-    x, prepare = held(digits, "train")
-    return prepare(x[:64]), digits.y_train[:64]
+    return digits_spec(regime, TRAIN, hparams)
 
 
 def test_every_exit_outputs_the_shrunken_ensemble_of_the_heads_so_far(digits, inputs):

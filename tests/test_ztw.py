@@ -5,36 +5,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.data import load_dataset
 from benchmark.flops import exit_costs
 from benchmark.models.eval_mode import evaluating
 from benchmark.pipeline import execute_run, initial_model
-from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, read_logits, read_torch
 from benchmark.train import held
 from regimes.base import Budget
 from regimes.registry import build_regime
 from regimes.ztw import ZeroTimeWaste
 
+from conftest import digits_spec
+
 CPU = torch.device("cpu")
 TRAIN = {"epochs": 2, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
          "nesterov": True, "weight_decay": 5e-4, "eval_every": 1}
 
 
-def spec_for(regime, hparams=None, seed=0):
-    return RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=seed, train=dict(TRAIN),
-                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"}, hparams=hparams or {})
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "/nonexistent")
-
-
-@pytest.fixture(scope="module")
-def inputs(digits):
-    x, prepare = held(digits, "train")
-    return prepare(x[:64]), digits.y_train[:64]
+def spec_for(regime, hparams=None):
+    return digits_spec(regime, TRAIN, hparams)
 
 
 def test_ensemble_of_one_exit_is_that_exit():
