@@ -4,6 +4,7 @@ model, data and batch size.
     python -m benchmark.perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
     python -m benchmark.perf --arch resnet18 --dataset synthetic-cifar --device cuda    # the GPU figure
     python -m benchmark.perf --objectives        # cost per step of every objective relative to `uniform`
+    python -m benchmark.perf --objectives ztw metagf    # of these (and `uniform`, the reference) only
 
 Three loops, each step: a batch, crop (+flip) augmentation, forward every exit, mean cross-entropy, backward, SGD
 step, cosine lr step.
@@ -35,7 +36,7 @@ from benchmark.determinism import configure, derive_seed, resolve_device, seed_e
 from benchmark.models import build_model
 from benchmark.train import cosine_schedule, make_optimizer, run_phase
 from regimes.base import Phase
-from regimes.registry import build_regime
+from regimes.registry import build_regime, objective_names
 
 TRAIN = {"batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
          "weight_decay": 5e-4, "eval_every": 10 ** 9}
@@ -142,14 +143,15 @@ def trainer(model, data, epochs: int, device) -> tuple[float, float]:
     return result.cost.wall_seconds, total - result.cost.wall_seconds
 
 
-def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
-    """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for every registered
-    objective, relative to `uniform` on the same model, data and batches. Objectives that act only on the shared
-    blocks' gradients have no P3 (the registry refuses them under disjoint)."""
-    from regimes.registry import OBJECTIVES, objective_names
+def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: list[str]) -> None:
+    """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for the named objectives
+    (every registered one if none) and `uniform`, relative to `uniform` on the same model, data and batches.
+    Objectives that act only on the shared blocks' gradients have no P3 (the registry refuses them under disjoint)."""
+    from regimes.registry import OBJECTIVES
+    names = ["uniform"] + [name for name in (names or objective_names()) if name != "uniform"]
     steps = len(data.y_train) // TRAIN["batch_size"] * epochs
     times = {}
-    for name in objective_names():
+    for name in names:
         for trains in ("all",) if OBJECTIVES[name].requires_shared_training else ("all", "heads"):
             samples = []
             for _ in range(repeats):
@@ -162,7 +164,7 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device) -> None:
             times[name, trains] = statistics.median(samples)
     print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
           f"{steps} steps x {repeats} repeats (median); relative to uniform")
-    for name in objective_names():
+    for name in names:
         p2, p3 = times[name, "all"], times.get((name, "heads"))
         print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{p2 / times['uniform', 'all']:4.2f}    "
               + (f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}" if p3 else "P3  (no P3)"))
@@ -184,15 +186,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader worker processes of the plain loop")
-    parser.add_argument("--objectives", action="store_true",
-                        help="instead: cost per step of every objective relative to uniform")
+    parser.add_argument("--objectives", nargs="*", metavar="NAME",
+                        help="instead: cost per step of the named objectives (all if none named) relative to uniform")
     args = parser.parse_args()
+    unknown = sorted(set(args.objectives or ()) - set(objective_names()))
+    if unknown:
+        parser.error(f"unknown objective(s) {', '.join(unknown)}; registered: {', '.join(objective_names())}")
     device = resolve_device(args.device)
     configure(device, args.threads)
     data = synthetic_cifar() if args.dataset == "synthetic-cifar" else load_dataset(args.dataset, "~/.cache/exitbench")
     data = data.to(device)
-    if args.objectives:
-        objective_costs(args.arch, data, args.epochs, args.repeats, device)
+    if args.objectives is not None:
+        objective_costs(args.arch, data, args.epochs, args.repeats, device, args.objectives)
         return
     steps = len(data.y_train) // TRAIN["batch_size"] * args.epochs
     loader = torch.utils.data.DataLoader(_TransformedSplit(data), batch_size=TRAIN["batch_size"], shuffle=True,

@@ -69,8 +69,13 @@ class MetaGF(GradientCombination):
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
-        self.meta_weights: Tensor | None = None          # (K, T), created on the first step with its Adam
+        # Created on the first step, fixed for the run: the meta-weights (K, T) with their Adam, which exits reach
+        # each shared tensor (K, T), the tensors' sizes and the parameters' names (for the look-ahead call).
+        self.meta_weights: Tensor | None = None
         self.meta_optimizer: torch.optim.Optimizer | None = None
+        self.reach: Tensor | None = None
+        self.sizes: list[int] = []
+        self.names: dict[int, str] = {}
 
     def meta_loss_weights(self, ctx: StepContext) -> Tensor:
         taus = sdn_weights(ctx.epoch + 1, ctx.epochs, ctx.num_exits - 1, self.hp["c_min"], self.hp["c_max"])
@@ -80,13 +85,14 @@ class MetaGF(GradientCombination):
         logits = self.forward(model, x)
         losses = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
         grads = exit_gradients(model, losses)
-        sizes = [p.numel() for p in grads.shared_parameters]
-        reach = block_reach(model, grads.shared_parameters).to(losses.device)
         if self.meta_weights is None:
-            self.meta_weights = torch.ones(reach.shape, device=losses.device, requires_grad=True)
+            self.reach = block_reach(model, grads.shared_parameters).to(losses.device)
+            self.sizes = [p.numel() for p in grads.shared_parameters]
+            self.names = {id(p): n for n, p in model.named_parameters()}
+            self.meta_weights = torch.ones(self.reach.shape, device=losses.device, requires_grad=True)
             self.meta_optimizer = torch.optim.Adam([self.meta_weights], lr=self.hp["meta_lr"])
         directions = task_directions(grads.shared, self.hp["auxiliary"])
-        fused = fuse(directions, self.meta_weights, reach, sizes)
+        fused = fuse(directions, self.meta_weights, self.reach, self.sizes)
         update = fused.detach()
         self.meta_step(model, x, y, grads, fused, optimizer.param_groups[0]["lr"], ctx)
         optimizer.zero_grad(set_to_none=True)
@@ -98,14 +104,13 @@ class MetaGF(GradientCombination):
         """One Adam step of the meta-weights on the SDN-weighted loss at θ − lr·fused (heads: their own exit's
         gradient), then the EMA. The look-ahead forward uses copies of the buffers: BatchNorm's running
         statistics see each batch once."""
-        names = {id(p): n for n, p in model.named_parameters()}
         ahead, offset = {}, 0
-        for p, size in zip(grads.shared_parameters, (p.numel() for p in grads.shared_parameters)):
-            ahead[names[id(p)]] = p.detach() - lr * fused[offset:offset + size].view_as(p)
+        for p, size in zip(grads.shared_parameters, self.sizes):
+            ahead[self.names[id(p)]] = p.detach() - lr * fused[offset:offset + size].view_as(p)
             offset += size
         for i, p in enumerate(grads.own_parameters):
             own = next((g[i] for g in grads.own if g[i] is not None), None)
-            ahead[names[id(p)]] = p.detach() - lr * own if own is not None else p.detach()
+            ahead[self.names[id(p)]] = p.detach() - lr * own if own is not None else p.detach()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         logits = functional_call(model, {**ahead, **buffers}, (x,))
         weights = self.meta_loss_weights(ctx).to(fused.device)

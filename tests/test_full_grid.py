@@ -291,7 +291,7 @@ def dry_run_full(tmp_path, monkeypatch, calibration):
 
 
 def cell_hours(stdout):
-    cells = re.findall(r"^  (cifar10|cifar100|tinyimagenet)\s+(\S+)\s+54\s+27\s+4\s+[\d,.]+\s+([\d.]+)\s+([\d.]+)$",
+    cells = re.findall(r"^  (cifar10|cifar100|tinyimagenet)\s+(\S+)\s+90\s+45\s+4\s+[\d,.]+\s+([\d.]+)\s+([\d.]+)$",
                        stdout, re.M)
     return {(d, a): float(h) for d, a, h, _ in cells}
 
@@ -301,10 +301,10 @@ def test_dry_run_of_full_prints_cpu_hours_per_cell_and_in_total_and_says_gpus_ar
     calibration = tmp_path / "calibration.csv"
     write_calibration_fixture(calibration, "cpu", cost_model.this_device_name("cpu"), 0.01)
     stdout = dry_run_full(tmp_path, monkeypatch, calibration)
-    assert "567 runs (567 tuning)" in stdout and "567 reported runs await" in stdout       # the listing stays
+    assert "945 runs (945 tuning)" in stdout and "945 reported runs await" in stdout       # the listing stays
     hours = cell_hours(stdout)
     assert len(hours) == 21 and all(h > 0 for h in hours.values())
-    total = re.search(r"^total: 1134 runs, ([\d.]+) CPU-hours on (.+) \(([\d.]+) still to run\)$", stdout, re.M)
+    total = re.search(r"^total: 1890 runs, ([\d.]+) CPU-hours on (.+) \(([\d.]+) still to run\)$", stdout, re.M)
     assert total and total.group(2) == cost_model.this_device_name("cpu")
     assert float(total.group(1)) == pytest.approx(sum(hours.values()), rel=0.01)   # cells print rounded
     assert "GPU-hours: not calibrated yet for any CUDA device" in stdout
@@ -316,7 +316,7 @@ def test_dry_run_of_full_uses_a_gpu_calibration_where_one_is_committed(tmp_path,
     write_calibration_fixture(calibration, "cuda", "NVIDIA Fixture GPU", 0.05)
     stdout = dry_run_full(tmp_path, monkeypatch, calibration)
     hours = cell_hours(stdout)
-    total = re.search(r"^total: 1134 runs, ([\d.]+) GPU-hours on NVIDIA Fixture GPU", stdout, re.M)
+    total = re.search(r"^total: 1890 runs, ([\d.]+) GPU-hours on NVIDIA Fixture GPU", stdout, re.M)
     assert total and float(total.group(1)) == pytest.approx(sum(hours.values()), rel=0.01)
     assert "not calibrated" not in stdout
     # every cell is steps x 0.05 s: tinyimagenet's 703 steps per epoch against CIFAR's 351
