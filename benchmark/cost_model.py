@@ -100,18 +100,30 @@ STANDARD_DATASETS: dict[str, tuple[int, int, tuple[int, ...]]] = {
 
 def derive_multipliers(runs_csv: Path = QUICK_RUNS) -> dict[str, float]:
     """`STEP_MULTIPLIERS` recomputed from a runs.csv holding joint, disjoint, mixed and joint+X runs with the P1
-    taking half the budget: per arch, seed-mean FLOPs per example seen relative to joint's, then the mean over archs."""
+    taking half the budget: per arch, seed-mean FLOPs per example seen relative to joint's, then the mean over archs.
+    An objective's last phases (ztw's ensemble epochs) are taken out of joint+X's mean at the ratio `estimate`
+    charges them (`phase_multiplier`), so that the estimate charges the run what it measured."""
     import pandas as pd
+
+    from regimes.registry import build_regime
 
     runs = pd.read_csv(runs_csv)
     runs = runs[runs.status == "done"] if "status" in runs else runs
     per_example = (runs.train_flops / runs.train_examples_seen).groupby([runs.arch, runs.regime]).mean().unstack(0)
+    budget = runs.groupby([runs.arch, runs.regime]).epochs.first().unstack(0)
     joint = per_example.loc["joint"]
     p1 = 2 * per_example.loc["mixed"] - joint                  # mixed: E/2 of P1, E/2 of joint's step
     ratios = {"backbone": p1 / joint, "heads": (2 * per_example.loc["disjoint"] - p1) / joint, "uniform": joint / joint}
     for regime in per_example.index:
         if regime.startswith("joint+"):
-            ratios[regime.removeprefix("joint+")] = per_example.loc[regime] / joint
+            ratio = per_example.loc[regime] / joint
+            objective = build_regime(regime).objective
+            last = objective.final_phases()
+            if last:       # every epoch sees the training set once: the last phases' share of the examples seen
+                share = sum(p.epochs for p in last) / (budget.loc[regime] + sum(p.epochs for p in last))
+                charged = sum(p.epochs * phase_multiplier(p.trains, objective.name)[0] for p in last) / sum(p.epochs for p in last)
+                ratio = (ratio - share * charged) / (1 - share)
+            ratios[regime.removeprefix("joint+")] = ratio
     return {name: round(float(ratio.mean()), 3) for name, ratio in ratios.items()}
 
 
