@@ -22,7 +22,7 @@ plus its evaluation, where
   the committed quick tables (results/quick/tables/runs.csv: train_flops / train_examples_seen per regime, seed-mean,
   averaged over quick's two archs; `derive_multipliers` recomputes them): the P1 step and the P3 (heads only) step
   from the two-phase schedules (mixed = P1 and P2 halves, disjoint = P1 and P3 halves), every objective's P2 step
-  from joint+objective. Objectives quick does not cover count 1 and are named. FLOPs are device independent; wall time
+  from joint+objective (an objective's last phases taken out). Objectives quick does not cover count 1 and are named. FLOPs are device independent; wall time
   need not follow them (on quick's CPU runs l2w took 6.5x joint's wall time for 4.3x its FLOPs);
 - the shared P1 of the disjoint/mixed runs of one (dataset, arch, seed, P1 budget, training settings) is trained
   once (`RunSpec.p1_id`): it is counted once, with the first run that needs it;
@@ -73,6 +73,12 @@ STEP_MULTIPLIERS: dict[str, float] = {
     "bdl": 0.985,
     "cet": 2.0,            # a second forward and backward on the perturbed input
     "l2w": 4.343,          # the meta step: pseudo-step, double backward, two real steps
+    "boosted": 1.0,
+    "ztw": 0.999,          # its P2 step; the ensemble phase is charged as "heads" (`phase_multiplier`)
+    "pcgrad": 2.998,       # one backward per exit through the blocks it reaches
+    "cagrad": 3.005,
+    "nash": 3.005,
+    "metagf": 3.994,       # pcgrad's backwards, plus the look-ahead forward and its backward to the meta-weights
 }
 """Training FLOPs per step relative to a joint (uniform) step, from results/quick/tables/runs.csv
 (`derive_multipliers`; rounded to 3 decimals). A P3 step of objective X counts heads x X."""
