@@ -150,18 +150,18 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: l
     from regimes.registry import OBJECTIVES
     names = ["uniform"] + [name for name in (names or objective_names()) if name != "uniform"]
     steps = len(data.y_train) // TRAIN["batch_size"] * epochs
-    times = {}
-    for name in names:
-        for trains in ("all",) if OBJECTIVES[name].requires_shared_training else ("all", "heads"):
-            samples = []
-            for _ in range(repeats):
-                model = fresh_model(arch, data, device)
-                objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
-                model.combiner = objective.exit_combiner(model.num_exits, data.num_classes)
-                result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
-                                   TRAIN, pairing_seed=0, epoch_offset=0, device=device)
-                samples.append(result.cost.wall_seconds / steps)
-            times[name, trains] = statistics.median(samples)
+    cases = [(name, trains) for name in names
+             for trains in (("all",) if OBJECTIVES[name].requires_shared_training else ("all", "heads"))]
+    samples = {case: [] for case in cases}
+    for _ in range(repeats):                     # interleaved, so the machine's drift hits every objective alike
+        for name, trains in cases:
+            model = fresh_model(arch, data, device)
+            objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
+            model.combiner = objective.exit_combiner(model.num_exits, data.num_classes)
+            result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
+                               TRAIN, pairing_seed=0, epoch_offset=0, device=device)
+            samples[name, trains].append(result.cost.wall_seconds / steps)
+    times = {case: statistics.median(values) for case, values in samples.items()}
     print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
           f"{steps} steps x {repeats} repeats (median); relative to uniform")
     for name in names:
