@@ -280,6 +280,16 @@ def test_machine_errors_keep_a_run_pending_run_errors_fail_it(tmp_path, monkeypa
 
 # --- interruptions, data root, lock --------------------------------------------------------------------------
 
+@pytest.fixture
+def ctrl_c_reaches_children():
+    """A background job (`cmd &`, nohup, some CI runners) starts pytest with Ctrl-C ignored, and an ignored signal
+    stays ignored across exec: the bench processes started here would never see the Ctrl-C under test. A handled
+    one is reset to the default at exec, where Python installs its KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_when(process, ready, timeout=240):
     """Send Ctrl-C to the process group (as a terminal does) once `ready()` holds."""
     deadline = time.time() + timeout
@@ -292,7 +302,7 @@ def interrupt_when(process, ready, timeout=240):
     return process.returncode, stdout, stderr
 
 
-def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, tmp_path):
+def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, tmp_path, ctrl_c_reaches_children):
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank", "landscape"]\n'
                                              'landscape_points_2d = 41\nlandscape_2d_seeds = [0]\n')
     out = tmp_path / "out"
@@ -304,7 +314,8 @@ def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, 
 
 
 @pytest.mark.parametrize("moment", ["workers start", "workers train"])
-def test_ctrl_c_with_process_workers_prints_no_worker_tracebacks_and_stops_them(grid_file, tmp_path, moment):
+def test_ctrl_c_with_process_workers_prints_no_worker_tracebacks_and_stops_them(grid_file, tmp_path, moment,
+                                                                               ctrl_c_reaches_children):
     grid = grid_file(regimes=REGIMES, seeds=(0, 1), epochs=40)      # long enough that Ctrl-C lands mid-grid
     out = tmp_path / "out"
     process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--executor", "process",
