@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ DEFAULT_DATA_ROOT = Path(os.environ.get("EXITBENCH_DATA", "~/.cache/exitbench"))
 class UserErrorsAsMessages(click.Group):
     """Turns a user's mistake into one `error: ...` line and exit code 2, never a traceback; the machine's
     trouble (full disk, unwritable folder) into one line naming the path and the fix; Ctrl-C into exit 130 with
-    how to resume; a closed pipe (`bench ... | head`) into a quiet exit 0."""
+    how to resume (SIGTERM: the same, exit 143); a closed pipe (`bench ... | head`) into a quiet exit 0."""
 
     def invoke(self, ctx):
         try:
@@ -39,10 +40,21 @@ class UserErrorsAsMessages(click.Group):
             ctx.exit(1 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2)
 
 
+_TERMINATED: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a cluster's time limit or preemption, `kill`) takes Ctrl-C's path: the run in flight stays pending,
+    process workers are stopped, and the exit says how to resume. Python's default would die on the spot."""
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 @click.group(cls=UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """exitbench: training regimes of early-exit networks under one protocol."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never hang on a hub lookup; pretrained=True says why it failed
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 @main.command(short_help="Train and evaluate the grid's pending runs, then write the tables.")
@@ -191,8 +203,9 @@ def _report(what: str, outcome, store) -> None:
 
 
 def _interrupted() -> None:
-    click.echo("interrupted: rerun the same command to finish the remaining work (finished runs are kept)", err=True)
-    sys.exit(130)
+    what, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)
+    click.echo(f"{what}: rerun the same command to finish the remaining work (finished runs are kept)", err=True)
+    sys.exit(code)
 
 
 def _analyze(grid, specs, store, data_root, device, threads) -> None:

@@ -290,14 +290,18 @@ def ctrl_c_reaches_children():
     signal.signal(signal.SIGINT, previous)
 
 
-def interrupt_when(process, ready, timeout=240):
-    """Send Ctrl-C to the process group (as a terminal does) once `ready()` holds."""
+def interrupt_when(process, ready, timeout=240, sig=signal.SIGINT):
+    """Send Ctrl-C to the process group (as a terminal does) once `ready()` holds; SIGTERM to the process alone (as
+    `kill` does)."""
     deadline = time.time() + timeout
     while not ready():
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "the moment to interrupt never came"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
+    if sig == signal.SIGINT:
+        os.killpg(process.pid, sig)
+    else:
+        os.kill(process.pid, sig)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout, stderr
 
@@ -313,9 +317,12 @@ def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, 
     assert "Aborted" not in stderr and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("moment", ["workers start", "workers train"])
-def test_ctrl_c_with_process_workers_prints_no_worker_tracebacks_and_stops_them(grid_file, tmp_path, moment,
-                                                                               ctrl_c_reaches_children):
+@pytest.mark.parametrize("moment, sig", [("workers start", signal.SIGINT), ("workers train", signal.SIGINT),
+                                         ("workers train", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_with_process_workers_prints_no_worker_tracebacks_and_stops_them(grid_file, tmp_path,
+                                                                                          moment, sig,
+                                                                                          ctrl_c_reaches_children):
+    """SIGTERM (a cluster's time limit, `kill`) reaches the main process alone and takes Ctrl-C's path."""
     grid = grid_file(regimes=REGIMES, seeds=(0, 1), epochs=40)      # long enough that Ctrl-C lands mid-grid
     out = tmp_path / "out"
     process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--executor", "process",
@@ -324,9 +331,10 @@ def test_ctrl_c_with_process_workers_prints_no_worker_tracebacks_and_stops_them(
     started = time.time()
     ready = {"workers start": lambda: (out / ".lock").exists() and time.time() - started > 1.0,
              "workers train": lambda: any(out.glob("runs/*/spec.json"))}[moment]
-    code, _, stderr = interrupt_when(process, ready)
+    code, _, stderr = interrupt_when(process, ready, sig=sig)
     stopped = time.time()
-    assert code == 130 and "interrupted: rerun the same command" in stderr, stderr
+    expected = (130, "interrupted") if sig == signal.SIGINT else (143, "terminated (SIGTERM)")
+    assert code == expected[0] and f"{expected[1]}: rerun the same command" in stderr, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not any(out.glob("runs/*/error.json")), "an interrupted run is pending, not failed"
     assert not any(out.glob("runs/*/metrics.json")), "the interrupt came before any run finished"
