@@ -22,8 +22,9 @@ plus its evaluation, where
   the committed quick tables (results/quick/tables/runs.csv: train_flops / train_examples_seen per regime, seed-mean,
   averaged over quick's two archs; `derive_multipliers` recomputes them): the P1 step and the P3 (heads only) step
   from the two-phase schedules (mixed = P1 and P2 halves, disjoint = P1 and P3 halves), every objective's P2 step
-  from joint+objective (an objective's last phases taken out). Objectives quick does not cover count 1 and are named. FLOPs are device independent; wall time
-  need not follow them (on quick's CPU runs l2w took 6.5x joint's wall time for 4.3x its FLOPs);
+  from joint+objective (an objective's last phases taken out). Objectives quick does not cover count 1 and are
+  named. FLOPs are device independent; wall time need not follow them (on quick's CPU runs l2w took 6.5x joint's
+  wall time for 4.3x its FLOPs);
 - the shared P1 of the disjoint/mixed runs of one (dataset, arch, seed, P1 budget, training settings) is trained
   once (`RunSpec.p1_id`): it is counted once, with the first run that needs it;
 - evaluation: a forward pass is taken as a third of a training step per example — the validation split every
@@ -126,8 +127,9 @@ def derive_multipliers(runs_csv: Path = QUICK_RUNS) -> dict[str, float]:
             objective = build_regime(regime).objective
             last = objective.final_phases()
             if last:       # every epoch sees the training set once: the last phases' share of the examples seen
-                share = sum(p.epochs for p in last) / (budget.loc[regime] + sum(p.epochs for p in last))
-                charged = sum(p.epochs * phase_multiplier(p.trains, objective.name)[0] for p in last) / sum(p.epochs for p in last)
+                epochs = sum(p.epochs for p in last)
+                share = epochs / (budget.loc[regime] + epochs)
+                charged = sum(p.epochs * phase_multiplier(p.trains, objective.name)[0] for p in last) / epochs
                 ratio = (ratio - share * charged) / (1 - share)
             ratios[regime.removeprefix("joint+")] = ratio
     return {name: round(float(ratio.mean()), 3) for name, ratio in ratios.items()}
