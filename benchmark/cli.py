@@ -121,7 +121,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     for line in damaged(plan.tuning + plan.reported, store, device_type):
         click.echo(f"warning: {line}", err=True)
     if dry_run:
-        _print_plan(plan, store, device_type)
+        _print_plan(plan, store, device_type, grid.analyses["run_after"])
         return
     for name in sorted({s.dataset for s in plan.tuning + plan.reported + plan.awaiting
                         if store.state(s.run_id) != DONE}):
@@ -136,12 +136,15 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     lost = {}                           # Ray tasks that never came back: their runs stay pending
     with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
         if plan.tuning:
-            tuning = run_grid(plan.tuning, store, desc=f"tuning {grid.name}", **common)
-            lost.update(tuning.lost)
-            _report(f"tuning runs of grid {grid.name}", tuning, store)
-            if tuning.interrupted:
-                raise KeyboardInterrupt
-            plan = make_plan(specs, grid.tuning, store)
+            tried = set()              # successive halving: each stage's runs are known once the last stage is done
+            while pending := [s for s in plan.tuning if s.run_id not in tried and store.state(s.run_id) != DONE]:
+                tried.update(s.run_id for s in pending)
+                tuning = run_grid(pending, store, desc=f"tuning {grid.name}", **common)
+                lost.update(tuning.lost)
+                _report(f"tuning runs of grid {grid.name}", tuning, store)
+                if tuning.interrupted:
+                    raise KeyboardInterrupt
+                plan = make_plan(specs, grid.tuning, store)
             if plan.at_edge:
                 click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
                            f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
@@ -288,7 +291,7 @@ def report(grid_name, results, update_benchmark, claims_file):
                                                           else ""))
 
 
-def _print_plan(plan, store, device_type: str) -> None:
+def _print_plan(plan, store, device_type: str, analyses: bool) -> None:
     """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1; then the
     estimated cost per (dataset, arch) cell and in total (benchmark/cost_model.py)."""
     from benchmark import cost_model
@@ -313,13 +316,16 @@ def _print_plan(plan, store, device_type: str) -> None:
     specs = [s for _, s in rows]
     counts = {s: sum(store.state(x.run_id) == s for x in specs) for s in ("done", "failed", "pending")}
     click.echo(f"{len(specs)} runs ({len(plan.tuning)} tuning): " + ", ".join(f"{n} {s}" for s, n in counts.items())
-               + (f"; {len(plan.awaiting)} reported runs await their cell's tuning" if plan.awaiting else ""))
+               + (f"; {len(plan.awaiting)} reported runs await their cell's tuning" if plan.awaiting else "")
+               + (f"; {len(plan.expected)} more tuning runs in later successive-halving stages (which candidates "
+                  f"go on is known once a stage is done)" if plan.expected else ""))
     context = click.get_current_context(silent=True)          # the grid's name, for the calibration command
     grid_name = context.params.get("grid_name") if context else None
     calibration = cost_model.choose_calibration(cost_model.read_calibration(), device_type)
-    costs = cost_model.estimate(rows + [("report", s) for s in plan.awaiting], calibration, device_type=device_type,
+    costs = cost_model.estimate(rows[:len(plan.tuning)] + [("tune", s) for s in plan.expected] + rows[len(plan.tuning):]
+                                + [("report", s) for s in plan.awaiting], calibration, device_type=device_type,
                                 done=lambda s: store.state(s.run_id) == DONE,
-                                p1_done=lambda s: bool(p1_stored(s, store, device_type)))
+                                p1_done=lambda s: bool(p1_stored(s, store, device_type)), analyses=analyses)
     for line in cost_model.format_estimate(costs, grid_name, device_type):
         click.echo(line)
 

@@ -85,6 +85,13 @@ STEP_MULTIPLIERS: dict[str, float] = {
 (`derive_multipliers`; rounded to 3 decimals). A P3 step of objective X counts heads x X."""
 
 EVAL_FRACTION = 1 / 3
+RUN_OVERHEAD_SECONDS = 1.0
+"""Per run, beside its steps and evaluation passes: building the model, counting its FLOPs, evaluating every policy
+from the logits and writing the run's files (measured on the quick grid: BENCHMARK.md, "Tuning")."""
+ANALYSIS_EXAMPLES = 60_000
+"""The per-run analyses (rank, information plane, loss-landscape slices, robustness under corruption) in example
+forwards of the run's model: about what quick's analyses cost per reported run in units of its evaluation forward
+(BENCHMARK.md, "Tuning"), so that a grid's estimate includes them on any calibrated device."""
 """A forward pass per example, as a fraction of a training step per example (forward + backward ~ 3 forwards)."""
 
 # Official (train, test) sizes and input shapes of the standard datasets, for estimating without their files; the
@@ -353,13 +360,16 @@ def _evaluation_passes(epochs: int, eval_every: int) -> int:
 def estimate(runs: Iterable[tuple[str, RunSpec]], calibration: Calibration | None, *,
              done: Callable[[RunSpec], bool] = lambda spec: False,
              p1_done: Callable[[RunSpec], bool] = lambda spec: False,
-             device_type: str | None = None) -> Estimate:
+             device_type: str | None = None, analyses: bool = False) -> Estimate:
     """The cost of `runs` ((role, spec) pairs; role "tune" counts as a tuning run), per (dataset, arch) cell in the
     order first seen. `done(spec)`: the run is done (it costs nothing more); `p1_done(spec)`: its shared P1 backbone is
-    stored (it costs nothing more)."""
+    stored (it costs nothing more). A tuning rung (`stop_after`) is charged the epochs since the previous rung of its
+    trajectory listed before it (it resumes from that rung's checkpoint). `analyses`: each reported run is also
+    charged the grid's analyses (`ANALYSIS_EXAMPLES`)."""
     result = Estimate(calibration)
     cells: dict[tuple[str, str], CellCost] = {}
     seen_p1: set[str] = set()
+    trained_to: dict[str, int] = {}
     geometries: dict[str, Geometry | None] = {}
     device_type = device_type or (calibration.device_type if calibration else "cuda")
     for role, spec in runs:
@@ -383,8 +393,14 @@ def estimate(runs: Iterable[tuple[str, RunSpec]], calibration: Calibration | Non
         phases, objective = _phases(spec)
         run_done = done(spec)
         run_flops, run_seconds, left = 0.0, 0.0, 0.0
+        first = trained_to.get(spec.trajectory.run_id, 0)          # a tuning rung resumes where the last stopped
+        last = spec.stop_after if spec.stop_after is not None else sum(p.epochs for p in phases)
+        trained_to[spec.trajectory.run_id] = last
+        offset = 0
         for phase in phases:
-            if phase.epochs == 0:
+            window = max(0, min(offset + phase.epochs, last) - max(offset, first))
+            offset += phase.epochs
+            if window == 0:
                 continue
             if phase.trains == "backbone":
                 key = spec.p1_id(phase.epochs, device_type)
@@ -398,16 +414,17 @@ def estimate(runs: Iterable[tuple[str, RunSpec]], calibration: Calibration | Non
             m, known = phase_multiplier(phase.trains, objective)
             if not known:
                 result.unknown_objectives.add(objective)
-            steps = phase.epochs * steps_per_epoch
+            steps = window * steps_per_epoch
             run_flops += steps * batch * m * (flops or 0.0)
             own = spec.own_phase_train if phase.trains != "backbone" else spec.train
-            passes = _evaluation_passes(phase.epochs, own["eval_every"])
+            passes = _evaluation_passes(window, own["eval_every"])
             if step_seconds is not None:
                 seconds = steps * step_seconds * m + passes * geometry.n_val * eval_seconds_per_example
                 run_seconds += seconds
                 left += 0.0 if phase_done else seconds
         if step_seconds is not None:
-            final = (geometry.n_val + geometry.n_test) * eval_seconds_per_example      # the stored logits
+            final = (geometry.n_val + geometry.n_test * (spec.stop_after is None)) * eval_seconds_per_example
+            final += RUN_OVERHEAD_SECONDS + (role == "report" and analyses) * ANALYSIS_EXAMPLES * eval_seconds_per_example
             run_seconds += final
             left += 0.0 if run_done else final
         cell.train_flops = None if flops is None or cell.train_flops is None else cell.train_flops + run_flops

@@ -374,6 +374,17 @@ def selected_auc(selected: pd.DataFrame, split: str) -> float:
     return float((steps[f"{split}_accuracy"] * widths).sum())
 
 
+def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.ndarray, backbone_cost: float) -> float:
+    """`evaluate`'s val_auc_normalised from validation logits alone — the score of a successive-halving rung, where
+    no test data may be read. The same curves and selection as `evaluate`: validation stands in for the test columns,
+    which `selected_auc(..., "val")` never reads."""
+    exit_costs = np.asarray(exit_costs, dtype=np.float64)
+    curves = pd.concat([policy_curve(policy, outputs, outputs, exit_costs) for policy, outputs in
+                        ((policy, ExitOutputs.from_logits(val_logits, val_y, rule)) for policy, rule in POLICY_RULE.items())],
+                       ignore_index=True)
+    return selected_auc(selected_points(curves, float(backbone_cost)), "val")
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN), as sklearn's f1_score(average="macro").
 

@@ -17,7 +17,8 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
                                  that would break pairing (batch size, budget)
     [tuning]                     the declared tuning protocol (benchmark/tuning.py): seeds, lr = [...] (or one
                                  list per optimizer: [tuning.lr] sgd = [...] adamw = [...]), and at most one
-                                 knob per objective in [tuning.hparams.<objective>]
+                                 knob per objective in [tuning.hparams.<objective>]; successive halving:
+                                 rungs = [fractions of the tuned epochs], keep = share going on per rung
     [resources]                  what each run declares to the Ray executor: cpus_per_run, gpus_per_run (the
                                  --cpus-per-run / --gpus-per-run flags win); no effect on results
 
@@ -300,10 +301,12 @@ def _check_model(path: Path, dataset: str, arch: str, model: dict[str, Any], ori
 
 def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, objectives: list[str],
             used_optimizers: set[str]) -> dict | None:
-    """Validate [tuning]: seeds (not reported ones), lr candidates, at most one knob per objective."""
+    """Validate [tuning]: seeds (not reported ones), lr candidates, at most one knob per objective, and successive
+    halving's rungs (increasing fractions of the tuned phases, in (0, 1)) with the share `keep` in (0, 1) of the
+    candidates that go on at each rung — both or neither."""
     if table is None:
         return None
-    allowed = {"seeds", "lr", "hparams"}
+    allowed = {"seeds", "lr", "hparams", "rungs", "keep"}
     if not isinstance(table, dict):
         raise _bad(path, "tuning", "must be a table: [tuning] seeds = [...] lr = [...]")
     for key in table:
@@ -348,7 +351,23 @@ def _tuning(path: Path, table: Any, seeds: list[int], regime_overrides: dict, ob
             raise _bad(path, f"tuning.hparams.{objective}.{knob}", "must be a non-empty list of distinct values")
         for value in candidates:
             _check_hparam(path, f"tuning.hparams.{objective}.{knob}", OBJECTIVES[objective], knob, value)
-    return {"seeds": tuning_seeds, "lr": lrs_of, "hparams": knobs}
+    return {"seeds": tuning_seeds, "lr": lrs_of, "hparams": knobs, **_halving(path, table)}
+
+
+def _halving(path: Path, table: dict) -> dict:
+    if ("rungs" in table) != ("keep" in table):
+        raise _bad(path, "tuning.rungs" if "keep" in table else "tuning.keep",
+                   "successive halving needs both `rungs = [fractions]` and `keep = share`; declare both or neither")
+    if "rungs" not in table:
+        return {}
+    rungs, keep = table["rungs"], table["keep"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1  # noqa: E731
+    if not isinstance(rungs, list) or not rungs or not all(map(number, rungs)) or sorted(set(rungs)) != rungs:
+        raise _bad(path, "tuning.rungs", f"must be increasing fractions of the tuned epochs in (0, 1), e.g. "
+                                         f"[0.25, 0.5], got {rungs!r}")
+    if not number(keep):
+        raise _bad(path, "tuning.keep", f"must be the share of candidates kept at each rung, in (0, 1), got {keep!r}")
+    return {"rungs": [float(r) for r in rungs], "keep": float(keep)}
 
 
 def _learning_rates(path: Path, key: str, lrs: Any) -> list[float]:

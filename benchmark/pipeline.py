@@ -19,19 +19,22 @@ import torch
 
 from benchmark import flops as flop_count
 from benchmark.data import load_dataset
-from benchmark.determinism import configure, derive_seed, eval_batch_size, seed_everything
-from benchmark.evaluate import evaluate
+from benchmark.determinism import configure, derive_seed, eval_batch_size, rng_state, seed_everything, set_rng_state
+from benchmark.evaluate import evaluate, validation_area
 from benchmark.models import build_model, exit_placement
 from benchmark.models.eval_mode import evaluating
 from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
-from benchmark.store import (RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
+from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
                              read_torch, write_csv, write_json, write_npz, write_torch)
+from benchmark.tuning import TUNING_METRIC
 from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
 from regimes.base import Budget, Phase
 from regimes.registry import build_regime
 
 EpochCallback = Callable[[str, int, float], None]
+CHECKPOINT = "checkpoint.pt"
+"""A tuning rung's state (weights, optimizer, schedule, objective, random streams, history and cost so far)."""
 
 
 def initial_model(spec: RunSpec, data, device: torch.device):
@@ -166,9 +169,18 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     history, phase_costs, epoch_offset, p1_reused = [], [], 0, False
     snapshots = _EagerSnapshots(model, data, snapshot_every, snapshot_samples) if snapshot_every else None
     p1_snapshots = pd.DataFrame()
+    resumed = None if snapshots else latest_checkpoint(spec, store)
+    start = 0 if resumed is None else resumed["epoch"]
+    if resumed is not None:
+        history, phase_costs, p1_reused = resumed["history"], resumed["phase_costs"], resumed["p1_reused"]
     for phase in regime.phases(budget):
         if phase.epochs == 0:
             continue
+        end = epoch_offset + phase.epochs
+        if end <= start:                       # trained before the checkpoint: its rows and cost are in it
+            epoch_offset = end
+            continue
+        stop = spec.stop_after - epoch_offset if spec.stop_after is not None and spec.stop_after < end else None
         seed_everything(derive_seed(spec.pairing_seed, "phase", phase.name))
         if phase.name == "P1":
             p1_taker = _EagerSnapshots(model, data, snapshot_every, snapshot_samples) if snapshots else None
@@ -177,9 +189,20 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         else:
             if snapshots and epoch_offset == 0:
                 snapshots(0)
+            inside = start > epoch_offset
+            if inside:                        # resume mid-phase: weights, objective, then the random streams
+                model.load_state_dict(resumed["model"])
+                regime.objective.load_state_dict(resumed["objective"], model)
+                set_rng_state(resumed["rng"])
             result = run_phase(model, phase, regime.objective, data, spec.own_phase_train, pairing_seed=spec.pairing_seed,
-                               epoch_offset=epoch_offset, device=device, on_epoch=on_epoch, after_epoch=snapshots)
-            rows, cost = result.history, result.cost
+                               epoch_offset=epoch_offset, device=device, on_epoch=on_epoch, after_epoch=snapshots,
+                               start_epoch=start - epoch_offset if inside else 0, stop_epoch=stop,
+                               resume=resumed["phase"] if inside else None)
+            rows, cost = (resumed["phase_rows"] if inside else []) + result.history, result.cost
+            if stop is not None:
+                return _finish_rung(spec, store, folder, model, regime.objective, data, device, costs, started,
+                                    environment, history=history, phase_costs=phase_costs, p1_reused=p1_reused,
+                                    phase_rows=rows, phase_state=result.state(), resumed=resumed)
         history += rows
         phase_costs.append({"phase": phase.name, "trains": phase.trains, "epochs": phase.epochs, **asdict(cost),
                             "shared_p1_reused": phase.name == "P1" and p1_reused})
@@ -206,19 +229,75 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     if keep_model:
         write_torch(folder / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
-    total = {key: sum(c[key] for c in phase_costs) for key in
-             ("wall_seconds", "optimizer_steps", "examples_seen", "train_flops")}
     metrics = {
         "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
         "summary": evaluation.summary,
         "flops": {"unit": "FLOPs (1 multiply-add = 2 FLOPs), per sample", "backbone": costs["backbone"],
                   "exits": costs["exits"]},
-        "cost": {**total, "phases": phase_costs, "p1_reused": p1_reused,
-                 "run_wall_seconds": time.perf_counter() - started},
+        "cost": _run_cost(phase_costs, p1_reused, started, resumed),
         "num_exits": model.num_exits, "environment": environment,
         "files": folder_digests(folder),
     }
     write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done
+    return metrics
+
+
+def _run_cost(phase_costs: list[dict], p1_reused: bool, started: float, resumed: dict | None) -> dict:
+    """metrics.json's cost: the phases' sums, and wall time of the whole trajectory — a run resumed from a tuning
+    rung's checkpoint is charged what its rungs spent (`resumed_from` names the last), `segment_wall_seconds` is
+    what this process spent."""
+    segment = time.perf_counter() - started
+    total = {key: sum(c[key] for c in phase_costs) for key in
+             ("wall_seconds", "optimizer_steps", "examples_seen", "train_flops")}
+    before = 0.0 if resumed is None else resumed["run_wall_seconds"]
+    return {**total, "phases": phase_costs, "p1_reused": p1_reused, "run_wall_seconds": before + segment,
+            "segment_wall_seconds": segment, "resumed_from": None if resumed is None else resumed["run_id"]}
+
+
+def latest_checkpoint(spec: RunSpec, store: ResultsStore) -> dict | None:
+    """The checkpoint of the latest done rung of `spec`'s trajectory that stops before `spec` does, if one is intact;
+    None: train from the start (the same numbers, only slower). A missing or damaged checkpoint.pt (pruned, or
+    edited) is passed over: it is not one of the files a rung's metrics.json vouches for, so the rung stays done."""
+    last = spec.stop_after if spec.stop_after is not None else spec.train["epochs"] + _final_epochs(spec)
+    for epoch in range(last - 1, 0, -1):
+        rung = spec.trajectory.at_epoch(epoch)
+        folder = store.run_dir(rung.run_id)
+        if not (folder / CHECKPOINT).is_file() or store.state(rung.run_id) != DONE:
+            continue
+        if file_digest(folder / CHECKPOINT) != read_json(folder / "metrics.json").get("checkpoint_sha256"):
+            continue
+        return read_torch(folder / CHECKPOINT)
+    return None
+
+
+def _final_epochs(spec: RunSpec) -> int:
+    return sum(p.epochs for p in build_regime(spec.regime, spec.hparams).objective.final_phases())
+
+
+def _finish_rung(spec: RunSpec, store: ResultsStore, folder: Path, model, objective, data, device, costs, started,
+                 environment, *, history, phase_costs, p1_reused, phase_rows, phase_state, resumed) -> dict:
+    """A tuning rung stops here: its validation area (no test data is read), its history, and checkpoint.pt —
+    everything the next rung or the full run needs to go on bitwise — then metrics.json, last."""
+    val_logits = collect_logits(model, *_split(data, "val", device))
+    val_y = data.y_val.cpu().numpy()
+    area = validation_area(val_logits, val_y, np.asarray(costs["exits"]), costs["backbone"])
+    partial = {"phase": phase_rows[-1]["phase"], "epochs_done": phase_rows[-1]["epoch"], **phase_state["cost"]}
+    cost = _run_cost(phase_costs + [partial], p1_reused, started, resumed)
+    write_csv(folder / "history.csv", _history_frame(history + phase_rows, spec))
+    write_torch(folder / CHECKPOINT, {
+        "run_id": spec.run_id, "epoch": spec.stop_after, "model": model.state_dict(),
+        "objective": objective.state_dict(), "rng": rng_state(), "phase": phase_state, "phase_rows": phase_rows,
+        "history": history, "phase_costs": phase_costs, "p1_reused": p1_reused,
+        "run_wall_seconds": cost["run_wall_seconds"]})
+    metrics = {
+        "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
+        "stop_after": spec.stop_after,
+        "summary": {TUNING_METRIC: area, "val_accuracy": (val_logits.argmax(-1) == val_y).mean(axis=1).tolist()},
+        "cost": cost, "num_exits": model.num_exits, "environment": environment,
+        "checkpoint_sha256": file_digest(folder / CHECKPOINT),
+        "files": {name: digest for name, digest in folder_digests(folder).items() if name != CHECKPOINT},
+    }
+    write_json(folder / "metrics.json", metrics)
     return metrics
 
 

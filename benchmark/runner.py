@@ -87,10 +87,11 @@ def damaged(specs: list[RunSpec], store: ResultsStore, device_type: str) -> list
 
 
 def planned_epochs(spec: RunSpec, store: ResultsStore, device_type: str) -> int:
-    epochs = p1_epochs(spec)
+    """Epochs the run's progress bar counts: to its rung (tuning) or the end, less a stored shared P1."""
+    epochs, last = p1_epochs(spec), spec.stop_after or spec.train["epochs"]
     if p1_stored(spec, store, device_type):
-        return spec.train["epochs"] - epochs
-    return spec.train["epochs"]
+        return last - epochs
+    return last
 
 
 def _worker_init(threads: int) -> None:
@@ -199,8 +200,9 @@ class Progress:
         if status == DONE:
             outcome.done.append(spec.run_id)
             metrics = read_json(self.store.run_dir(spec.run_id) / "metrics.json")
-            result = (f"final accuracy {metrics['summary']['final_accuracy']:.4f}, "
-                      f"{metrics['cost']['run_wall_seconds']:.1f} s")
+            reached = (f"final accuracy {metrics['summary']['final_accuracy']:.4f}" if spec.stop_after is None else
+                       f"rung at epoch {spec.stop_after}, validation area {metrics['summary']['val_auc_normalised']:.4f}")
+            result = f"{reached}, {metrics['cost']['segment_wall_seconds']:.1f} s"
         elif status == LOST:
             outcome.lost[spec.run_id] = message or "unknown error"
             result = f"LOST: {message}; the run stays pending and the next `bench run` retries it"

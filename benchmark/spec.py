@@ -7,12 +7,17 @@ protocol version) — never paths, hosts or devices — so the same spec gets th
 the hashed payload only when set: compiled kernels fuse and reorder floating-point operations on every device, so
 a fast run's numbers may differ from the eager run's and it must not share its id. A spec without it hashes, and
 writes spec.json, byte for byte as before the flag existed, so no existing run id changed.
+
+`stop_after` (a rung of successive-halving tuning, `benchmark.tuning`) likewise enters the payload only when set:
+the run trains the trajectory of the full spec — the same schedule, batches and learning rates — but stops after
+that many epochs and keeps its state (`checkpoint.pt`), so a later rung or the full run resumes from it. The full
+run of a trajectory therefore has exactly the id (and, resumed or not, the numbers) it has without tuning rungs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from benchmark import PROTOCOL_VERSION
@@ -35,13 +40,25 @@ class RunSpec:
     own_phases: dict[str, Any] = field(default_factory=dict)  # train keys overridden in P2/P3, never in shared P1
     protocol: int = PROTOCOL_VERSION
     fast: bool = False             # --fast: compiled model (and on CUDA non-deterministic cuDNN); hashed only if set
+    stop_after: int | None = None  # a tuning rung: stop after this many epochs of the run's budget; hashed only if set
 
     def semantic(self) -> dict[str, Any]:
-        """What the run id hashes: every field, `fast` only when it is set (module docstring)."""
+        """What the run id hashes: every field, `fast` and `stop_after` only when set (module docstring)."""
         payload = asdict(self)
         if not self.fast:
             del payload["fast"]
+        if self.stop_after is None:
+            del payload["stop_after"]
         return payload
+
+    @property
+    def trajectory(self) -> "RunSpec":
+        """The full run this (rung) run is a prefix of: itself when it is not a rung."""
+        return replace(self, stop_after=None) if self.stop_after is not None else self
+
+    def at_epoch(self, epochs: int | None) -> "RunSpec":
+        """The rung of this run's trajectory that stops after `epochs` (None: the full run)."""
+        return replace(self, stop_after=epochs)
 
     @property
     def run_id(self) -> str:

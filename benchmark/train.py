@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -48,6 +48,14 @@ class PhaseCost:
 class PhaseResult:
     history: list[dict] = field(default_factory=list)
     cost: PhaseCost = field(default_factory=PhaseCost)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def state(self) -> dict:
+        """What `run_phase(..., resume=...)` needs to go on after a `stop_epoch`: tensors and plain values only, so
+        it loads with `weights_only=True`."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "cost": asdict(self.cost)}
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: dict) -> torch.optim.Optimizer:
@@ -187,13 +195,19 @@ def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, au
 def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, pairing_seed: int,
               epoch_offset: int, device: torch.device,
               on_epoch: Callable[[str, int, float], None] | None = None,
-              after_epoch: Callable[[int], None] | None = None) -> PhaseResult:
+              after_epoch: Callable[[int], None] | None = None, start_epoch: int = 0,
+              stop_epoch: int | None = None, resume: dict | None = None) -> PhaseResult:
     """Train `model` in place for one phase. `epoch_offset` is the number of epochs the run trained before this
     phase: batch order and augmentation of global epoch e are seeded by (pairing seed, e), so a mixed run's P2
     epoch 0 sees the same batches as a joint run's epoch E1. Objectives get a generator of their own
     (`ctx.generator`) so their randomness never shifts the batches. `after_epoch(global_epoch)` runs after each
     epoch's bookkeeping, outside the timed part (information-plane snapshots use it). The phase's own settings
-    (`Phase.train`) replace those of `train` that they name."""
+    (`Phase.train`) replace those of `train` that they name.
+
+    Successive-halving rungs (`benchmark.tuning`) cut a phase in two: `stop_epoch` ends it after that many of its
+    epochs (the schedule still spans all `phase.epochs`), and the returned `PhaseResult.state()` is what a later
+    call needs to go on; that call passes it as `resume` with `start_epoch` = the epochs done. Everything else an
+    epoch depends on is seeded by the global epoch, so the two halves train bitwise what one call trains."""
     train = {**train, **(phase.train or {})}
     trained = set_trainable(model, phase.trains)
     if phase.trains == "combiner":
@@ -203,12 +217,16 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
     n, batch_size = len(x_train), train["batch_size"]
     steps_per_epoch = max(1, n // batch_size)          # drop the ragged last batch (BatchNorm needs >1 sample)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * phase.epochs)
+    result = PhaseResult(optimizer=optimizer, scheduler=scheduler)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        result.cost = PhaseCost(**resume["cost"])
     step_fn = backbone_step if phase.trains == "backbone" else objective.step
     step_kind = (lambda ctx: "step") if phase.trains == "backbone" else objective.step_kind
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
-    result = PhaseResult()
-    step = 0
-    for epoch in range(phase.epochs):
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, phase.epochs if stop_epoch is None else stop_epoch):
         global_epoch = epoch_offset + epoch
         started = time.perf_counter()
         set_train_mode(model, phase.trains)

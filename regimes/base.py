@@ -186,6 +186,18 @@ class Objective:
         (l2w's meta step every k steps) must name the variants here and branch on this in `step`."""
         return "step"
 
+    def state_dict(self) -> dict:
+        """What this objective carries from one step to the next beyond the model and its optimizer (l2w's weighting
+        net and its Adam): saved with a tuning rung's checkpoint so the run can go on bitwise. Tensors and plain values
+        only (loaded with `weights_only=True`). Stateless objectives keep nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        """Restore `state_dict()`'s output for `model` (the trainer restores the RNG afterwards, so creating modules
+        here may draw random numbers)."""
+        if state:
+            raise ValueError(f"objective '{self.name}' keeps no state between steps, but a checkpoint holds {sorted(state)}")
+
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         """One optimisation step; returns detached tensors (no host sync): `loss` and per-exit `exit_ce`, and
         optionally `optimizer_steps` (a Python int, default 1) if it steps the optimizer more than once."""

@@ -172,6 +172,17 @@ class L2W(Objective):
                                                    weight_decay=self.hp["meta_weight_decay"])
         return self.weight_net
 
+    def state_dict(self) -> dict:
+        if self.weight_net is None:
+            return {}
+        return {"weight_net": self.weight_net.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        if state:
+            self.ensure_weight_net(model.num_exits, next(model.parameters()).device)
+            self.weight_net.load_state_dict(state["weight_net"])
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
     def step_kind(self, ctx):
         """`meta` steps also pseudo-step and update g (every `meta_interval` steps); `plain` steps only update
         the network (a quarter of a meta step's FLOPs on small_cnn), so the trainer counts one of each."""
