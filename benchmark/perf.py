@@ -6,6 +6,12 @@ model, data and batch size.
     python -m benchmark.perf --objectives        # cost per step of every objective relative to `uniform`
     python -m benchmark.perf --objectives ztw metagf    # of these (and `uniform`, the reference) only
 
+`--objectives` prints beside each objective's measured P2 step time relative to `uniform` its arithmetic minimum
+relative to `uniform` (`minimum_step_costs`: the FLOPs its procedure cannot do without, from the model's counted
+forward and backward FLOPs), and the quotient measured / minimum. Above 1: the implementation spends more than the
+FLOPs it needs (extra passes, or work the minimum leaves out). Below 1 is common on a CPU: part of uniform's step
+is not FLOPs (data and augmentation, the optimizer, elementwise ops, Python), and the extra passes do not repeat it.
+
 Three loops, each step: a batch, crop (+flip) augmentation, forward every exit, mean cross-entropy, backward, SGD
 step, cosine lr step.
 - **plain DataLoader loop**: a torchvision `DataLoader` (`--workers` worker processes, pinned memory on cuda,
@@ -23,6 +29,7 @@ as exitbench holds CIFAR: it measures throughput on machines without CIFAR files
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import math
 import statistics
@@ -33,9 +40,14 @@ import torch.nn.functional as F
 
 from benchmark.data import Dataset, load_dataset
 from benchmark.determinism import configure, derive_seed, resolve_device, seed_everything
+from benchmark.flops import counting_flops
 from benchmark.models import build_model
 from benchmark.train import cosine_schedule, make_optimizer, run_phase
-from regimes.base import Phase
+from regimes.base import Objective, Phase
+from regimes.cet import ConsistentExitTraining
+from regimes.exit_gradients import GradientCombination
+from regimes.l2w import L2W
+from regimes.metagf import MetaGF
 from regimes.registry import build_regime, objective_names
 
 TRAIN = {"batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
@@ -143,15 +155,92 @@ def trainer(model, data, epochs: int, device) -> tuple[float, float]:
     return result.cost.wall_seconds, total - result.cost.wall_seconds
 
 
+def pass_flops(model, input_shape: tuple[int, ...], objective: Objective) -> dict[str, float]:
+    """Per-sample FLOPs (`counting_flops`: 2 per multiply-add, conv/linear/attention only) of the passes an
+    objective's step is made of, on a meta-device copy of `model` (carrying the objective's exit combiner, if any)
+    with the objective's hooks; the model itself is not touched: `forward` (all exits), `backward` (of the summed
+    exits, to every parameter), `exit_backward` (K numbers: of exit k alone, to every parameter: its head and the
+    blocks up to its own) and `blocks_backward` (of the summed exits, to the blocks' parameters only: the heads'
+    weight gradients are skipped). The input does not require gradient, so the first layer's backward computes its
+    weight gradient only, as in training."""
+    shadow = copy.deepcopy(model).to("meta").eval()       # eval: BatchNorm takes a batch of 1; FLOPs are the same
+    parameters = [p for p in shadow.parameters() if p.requires_grad]
+    blocks = [p for p in shadow.blocks.parameters() if p.requires_grad]
+    x = torch.zeros((1, *input_shape), device="meta")
+
+    def counted(function) -> float:
+        with counting_flops() as counter:
+            function()
+        return float(counter.get_total_flops())
+
+    def backward(output, inputs) -> float:
+        return counted(lambda: torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True))
+
+    logits = []
+    forward = counted(lambda: logits.extend(objective.forward(shadow, x)))
+    total = torch.stack([z.sum() for z in logits]).sum()
+    return {"forward": forward, "backward": backward(total, parameters),
+            "exit_backward": [backward(z.sum(), parameters) for z in logits],
+            "blocks_backward": backward(total, blocks)}
+
+
+def minimum_flops(model, input_shape: tuple[int, ...], objective: Objective) -> float:
+    """The arithmetic minimum per-sample FLOPs of one training step of `objective` (phase P2: everything trains):
+    - one forward and one backward (its own graph, hooks included: bdl's detached group boundaries skip an input
+      gradient; ztw's cascades add theirs): every objective not named below; `uniform` is this without hooks;
+    - `cet`: two forwards (clean and perturbed) and a backward through both graphs, twice the above;
+    - gradient combination (pcgrad, cagrad, nash): one forward and one backward per exit, exit k's through its head
+      and the blocks up to its own; `metagf` adds its look-ahead forward and the meta loss's backward to the blocks'
+      parameters (the look-ahead heads do not depend on the meta-weights). The K x K combination (Gram matrix,
+      projections: O(K²P) for P shared parameters, independent of the batch) is not counted;
+    - `l2w`, its official procedure per meta step, two halves of the batch: a pseudo forward and backward (with
+      graph), the meta forward, the meta backward to the pseudo-stepped parameters and on through the pseudo
+      backward to the weight net (the latter counted as one backward: per conv or linear layer, the two
+      forward-sized products that carry the cotangent; PyTorch's convolution double backward computes twice that),
+      then the real update's forward and backward: 3 forwards + 4 backwards of the whole batch; a step that is not
+      a meta step (every `meta_interval`-th is) is one forward and one backward; the weight net's own FLOPs (an MLP
+      on K losses per sample) are not counted."""
+    flops = pass_flops(model, input_shape, objective)
+    one_step = flops["forward"] + flops["backward"]
+    if isinstance(objective, ConsistentExitTraining):
+        return 2 * one_step
+    if isinstance(objective, L2W):
+        meta = 3 * flops["forward"] + 4 * flops["backward"]
+        interval = objective.hp["meta_interval"]
+        return (meta + (interval - 1) * one_step) / interval
+    if isinstance(objective, GradientCombination):
+        gradients = flops["forward"] + sum(flops["exit_backward"])
+        if isinstance(objective, MetaGF):
+            return gradients + flops["forward"] + flops["blocks_backward"]
+        return gradients
+    return one_step
+
+
+def minimum_step_costs(model, input_shape: tuple[int, ...], num_classes: int, names: list[str]) -> dict[str, float]:
+    """Each named objective's `minimum_flops` relative to `uniform`'s (1 forward + 1 backward of the plain model),
+    on copies of `model` (built without an exit combiner) that carry each objective's own."""
+    def flops(name: str) -> float:
+        objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
+        shadow = copy.deepcopy(model)
+        shadow.combiner = objective.exit_combiner(shadow.num_exits, num_classes)
+        return minimum_flops(shadow, input_shape, objective)
+
+    reference = flops("uniform")
+    return {name: flops(name) / reference for name in names}
+
+
 def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: list[str]) -> None:
     """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for the named objectives
-    (every registered one if none) and `uniform`, relative to `uniform` on the same model, data and batches.
+    (every registered one if none) and `uniform`, relative to `uniform` on the same model, data and batches, with
+    each objective's arithmetic minimum in P2 relative to `uniform` (`minimum_step_costs`) and measured / minimum.
     Objectives that act only on the shared blocks' gradients have no P3 (the registry refuses them under disjoint)."""
     from regimes.registry import OBJECTIVES
     names = ["uniform"] + [name for name in (names or objective_names()) if name != "uniform"]
     steps = len(data.y_train) // TRAIN["batch_size"] * epochs
     cases = [(name, trains) for name in names
              for trains in (("all",) if OBJECTIVES[name].requires_shared_training else ("all", "heads"))]
+    minimum = minimum_step_costs(fresh_model(arch, data, torch.device("cpu")), data.input_shape, data.num_classes,
+                                 names)
     samples = {case: [] for case in cases}
     for _ in range(repeats):                     # interleaved, so the machine's drift hits every objective alike
         for name, trains in cases:
@@ -163,10 +252,13 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: l
             samples[name, trains].append(result.cost.wall_seconds / steps)
     times = {case: statistics.median(values) for case, values in samples.items()}
     print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
-          f"{steps} steps x {repeats} repeats (median); relative to uniform")
+          f"{steps} steps x {repeats} repeats (median); relative to uniform; minimum: the P2 step's FLOPs the "
+          f"objective needs relative to uniform's")
     for name in names:
         p2, p3 = times[name, "all"], times.get((name, "heads"))
-        print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{p2 / times['uniform', 'all']:4.2f}    "
+        measured = p2 / times["uniform", "all"]
+        print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{measured:4.2f}  minimum x{minimum[name]:4.2f}  "
+              f"measured/minimum {measured / minimum[name]:4.2f}    "
               + (f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}" if p3 else "P3  (no P3)"))
 
 

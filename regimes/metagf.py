@@ -9,12 +9,14 @@ reaches tensor t (the heads: their own exit only), with one meta-weight m_kt per
 (4) keeps an EMA of the meta-weights, m <- 0.1·m_new + 0.9·m_old.
 
 Here one step plays one epoch's part: each exit's task update is the gradient d_k = g_k + a·Σ_{j≠k} g_j of one
-batch (one backward per exit on one forward, `exit_gradients`), the fused update d_t = Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt)
-over the exits reaching block t, and the meta-weights take one Adam step on the SDN-weighted loss (`sdn_weights`,
-the ramp the official meta loss uses) of the same batch at the look-ahead weights θ − lr·d(m), then the EMA. The
-fused update is applied as the gradient of the run's optimizer (momentum, weight decay), as pcgrad, cagrad and nash
-apply theirs; it is the update fused with the meta-weights from before their step, as the official epoch keeps the
-network fused before the last meta step. Heads and the classifier get their own exit's gradient.
+batch (one backward per exit, from its own loss, on one forward: `exit_gradients`), the fused update
+d_t = Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt) over the exits whose loss reaches tensor t (where autograd gives exit k a
+gradient, `ExitGradients.reach`: on MSDNet exit k does not reach the finer scales of its own block), and the
+meta-weights take one Adam step on the SDN-weighted loss (`sdn_weights`, the ramp the official meta loss uses) of
+the same batch at the look-ahead weights θ − lr·d(m), then the EMA. The fused update is applied as the gradient of
+the run's optimizer (momentum, weight decay), as pcgrad, cagrad and nash apply theirs; it is the update fused with
+the meta-weights from before their step, as the official epoch keeps the network fused before the last meta step.
+Heads and the classifier get their own exit's gradient, in the update and in the look-ahead.
 Deviation, stated: per step, not per epoch (an epoch per exit would multiply the run's compute by K + 1); the
 look-ahead is plain SGD at the current lr.
 """
@@ -31,14 +33,6 @@ from regimes.registry import register_objective
 from regimes.sdn import sdn_weights
 
 
-def block_reach(model, shared_parameters: list[torch.nn.Parameter]) -> Tensor:
-    """(K, T) bool: whether exit k's loss reaches shared tensor t (exit k reads the blocks up to its own)."""
-    block_of = {id(p): b for b, block in enumerate(model.blocks) for p in block.parameters()}
-    last_block = torch.tensor([*model.exit_blocks, len(model.blocks) - 1])
-    blocks = torch.tensor([block_of[id(p)] for p in shared_parameters])
-    return blocks[None, :] <= last_block[:, None]
-
-
 def task_directions(grads: Tensor, auxiliary: float) -> Tensor:
     """d_k = g_k + a·Σ_{j≠k} g_j for every exit k (K, P): the official inner task's loss CE_k + a·Σ_{j≠k} CE_j."""
     return (1 - auxiliary) * grads + auxiliary * grads.sum(0, keepdim=True)
@@ -46,9 +40,10 @@ def task_directions(grads: Tensor, auxiliary: float) -> Tensor:
 
 def fuse(directions: Tensor, meta_weights: Tensor, reach: Tensor, sizes: list[int]) -> Tensor:
     """Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt) over the exits reaching each tensor t; `directions` (K, P) flattened over
-    tensors of `sizes`, `meta_weights` and `reach` (K, T). Differentiable in `meta_weights`."""
+    tensors of `sizes`, `meta_weights` and `reach` (K, T); 0 on a tensor no exit reaches. Differentiable in
+    `meta_weights`."""
     weights = torch.sigmoid(meta_weights) * reach
-    weights = weights / weights.sum(0, keepdim=True)
+    weights = weights / weights.sum(0, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     per_entry = weights.repeat_interleave(torch.tensor(sizes, device=weights.device), dim=1)
     return (per_entry * directions).sum(0)
 
@@ -76,6 +71,16 @@ class MetaGF(GradientCombination):
         self.reach: Tensor | None = None
         self.sizes: list[int] = []
         self.names: dict[int, str] = {}
+        self._restore: dict = {}
+
+    def state_dict(self) -> dict:
+        if self.meta_weights is None:
+            return {}
+        return {"meta_weights": self.meta_weights.detach().clone(), "meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        """Kept until the first step builds the meta-weights (their shape needs that step's gradients' reach)."""
+        self._restore = dict(state)
 
     def meta_loss_weights(self, ctx: StepContext) -> Tensor:
         taus = sdn_weights(ctx.epoch + 1, ctx.epochs, ctx.num_exits - 1, self.hp["c_min"], self.hp["c_max"])
@@ -83,14 +88,20 @@ class MetaGF(GradientCombination):
 
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         logits = self.forward(model, x)
-        losses = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
-        grads = exit_gradients(model, losses)
+        exit_losses = [F.cross_entropy(z.float(), y) for z in logits]
+        grads = exit_gradients(model, exit_losses)
+        losses = torch.stack(exit_losses).detach()
         if self.meta_weights is None:
-            self.reach = block_reach(model, grads.shared_parameters).to(losses.device)
+            self.reach = grads.reach.to(losses.device)
             self.sizes = [p.numel() for p in grads.shared_parameters]
             self.names = {id(p): n for n, p in model.named_parameters()}
             self.meta_weights = torch.ones(self.reach.shape, device=losses.device, requires_grad=True)
             self.meta_optimizer = torch.optim.Adam([self.meta_weights], lr=self.hp["meta_lr"])
+            if self._restore:                          # resumed from a tuning rung (`load_state_dict`)
+                with torch.no_grad():
+                    self.meta_weights.copy_(self._restore["meta_weights"])
+                self.meta_optimizer.load_state_dict(self._restore["meta_optimizer"])
+                self._restore = {}
         directions = task_directions(grads.shared, self.hp["auxiliary"])
         fused = fuse(directions, self.meta_weights, self.reach, self.sizes)
         update = fused.detach()
@@ -98,7 +109,7 @@ class MetaGF(GradientCombination):
         optimizer.zero_grad(set_to_none=True)
         grads.apply(update, torch.ones(len(losses), device=losses.device))
         optimizer.step()
-        return {"loss": losses.sum().detach(), "exit_ce": losses.detach()}
+        return {"loss": losses.sum(), "exit_ce": losses}
 
     def meta_step(self, model, x, y, grads, fused: Tensor, lr: float, ctx: StepContext) -> None:
         """One Adam step of the meta-weights on the SDN-weighted loss at θ − lr·fused (heads: their own exit's

@@ -1,5 +1,7 @@
 """The gradient-combination objectives (pcgrad, cagrad, nash): each against the property that defines it, on
-constructed gradients with known answers, and the per-exit gradient machinery on a real model and real data."""
+constructed gradients with known answers, and the per-exit gradient machinery on real models and real data."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from benchmark.data import load_dataset
 from benchmark.errors import UserError
 from benchmark.pipeline import initial_model
 from benchmark.spec import RunSpec
-from benchmark.train import held
+from benchmark.train import held, make_optimizer
 from regimes.base import StepContext
 from regimes.cagrad import cagrad_direction, simplex_weights
 from regimes.exit_gradients import exit_gradients
@@ -107,39 +109,158 @@ def test_gradient_objectives_compose_with_joint_and_mixed_only():
             build_regime(f"disjoint+{objective}")
 
 
+TRAIN = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+         "nesterov": True, "weight_decay": 5e-4, "eval_every": 1}
+# Each architecture as the grids build it: pool heads at 25/50/75 % of the FLOPs; MSDNet its own classifier after each
+# of its 7 blocks, with a list of multi-scale feature maps between blocks (the full grid's override).
+MODELS = {"small_cnn": {"head": "pool", "exits": "flops:0.25,0.5,0.75"},
+          "cifar_resnet32": {"head": "pool", "exits": "flops:0.25,0.5,0.75"},
+          "msdnet": {"head": "msdnet", "exits": "all"}}
+
+
+def build(arch: str, data, regime: str = "joint"):
+    spec = RunSpec(dataset="digits", arch=arch, regime=regime, seed=0, train=dict(TRAIN), model=MODELS[arch])
+    return initial_model(spec, data, torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
-def batch():
-    data = load_dataset("digits", "/nonexistent")
-    spec = RunSpec(dataset="digits", arch="small_cnn", regime="joint", seed=0,
-                   train={"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05,
-                          "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "eval_every": 1},
-                   model={"head": "pool", "exits": "flops:0.25,0.5,0.75"})
-    model = initial_model(spec, data, torch.device("cpu"))
+def data():
+    return load_dataset("digits", "/nonexistent")
+
+
+@pytest.fixture(scope="module")
+def batch(data):
     x_train, prepare = held(data, "train")
-    return model, prepare(x_train[:64]), data.y_train[:64]
+    return build("small_cnn", data), prepare(x_train[:64]), data.y_train[:64]
 
 
-def test_exit_gradients_are_each_exits_own_backward(batch):
+def split_parameters(model):
+    shared = [p for p in model.blocks.parameters() if p.requires_grad]
+    return shared, [p for p in model.parameters() if p.requires_grad and all(p is not q for q in shared)]
+
+
+def k_pass_reference(model, x, y):
+    """The per-exit gradients the K-pass way, independently of `exit_gradients`: for each exit k its own forward and
+    one backward of CE_k alone, so that autograd's None marks exactly the parameters exit k does not reach.
+    Returns (per exit, the gradients on the shared parameters) and (per exit, on the others); BatchNorm's buffers
+    are put back afterwards (train mode normalises with the batch's statistics: the K forwards compute the same)."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shared, own = split_parameters(model)
+    shared_rows, own_rows = [], []
+    for k in range(model.num_exits):
+        grads = torch.autograd.grad(F.cross_entropy(model(x)[k], y), shared + own, allow_unused=True)
+        shared_rows.append(grads[:len(shared)])
+        own_rows.append(grads[len(shared):])
+    model.load_state_dict(buffers, strict=False)
+    return shared_rows, own_rows
+
+
+def batched_reference(model, x, y):
+    """The same gradients from one backward batched over the K exits (`is_grads_batched`, vmap over the backward):
+    the formulation `exit_gradients` measured slower on CPU (its docstring). Rows of every gradient, (K, ...)."""
+    shared, own = split_parameters(model)
+    losses = torch.stack([F.cross_entropy(z, y) for z in model(x)])
+    return torch.autograd.grad(losses, shared + own, grad_outputs=torch.eye(len(losses)), is_grads_batched=True,
+                               allow_unused=True)
+
+
+# The reference runs the same kernels on the same inputs (its own forward per exit, each exit's backward alone, as
+# `exit_gradients`): on CPU the gradients are equal bit for bit, and are asserted so. The batched backward is also
+# bit-equal on CPU today (torch 2.14's legacy vmap has no batching rule for convolution, batch-norm, pooling or
+# cross-entropy backward and loops over the rows, same kernels), but a batching rule or another device may sum in
+# another order: float32 rounding, bounded by rtol 1e-5 / atol 1e-6 (gradients here reach ~4 in size); a wrong exit,
+# a missing term or the summed loss's gradient differ by orders more.
+EXACT = {"rtol": 0.0, "atol": 0.0}
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_exit_gradients_equal_each_exits_own_backward_and_reach_what_it_reaches(arch, data):
+    model = build(arch, data)
+    model.train()
+    x_train, prepare = held(data, "train")
+    x, y = prepare(x_train[:32]), data.y_train[:32]
+    expected_shared, expected_own = k_pass_reference(model, x, y)
+    grads = exit_gradients(model, [F.cross_entropy(z, y) for z in model(x)])
+    assert grads.shared.shape == (model.num_exits, sum(p.numel() for p in model.blocks.parameters()))
+    owner = {id(p): k for k, module in enumerate([*model.heads, model.classifier]) for p in module.parameters()}
+    for k in range(model.num_exits):
+        offset = 0
+        for p, expected in zip(grads.shared_parameters, expected_shared[k]):
+            row = grads.shared[k, offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if expected is None:                           # exit k does not reach p: exact zeros
+                assert torch.equal(row, torch.zeros_like(row))
+            else:
+                torch.testing.assert_close(row, expected, **EXACT)
+        # None exactly where exit k does not reach: on a head or the classifier, every exit but its owner
+        assert [g is None for g in grads.own[k]] == [g is None for g in expected_own[k]] \
+            == [owner[id(p)] != k for p in grads.own_parameters]
+        for g, expected in zip(grads.own[k], expected_own[k]):
+            if g is not None:
+                torch.testing.assert_close(g, expected, **EXACT)
+    # `reach` is where autograd gives exit k a gradient: the blocks up to its own and no further; on MSDNet not all
+    # of those (exit k reads the coarsest scale: the finer scales of its own block feed later blocks only)
+    assert torch.equal(grads.reach, torch.tensor([[g is not None for g in row] for row in expected_shared]))
+    last_block = [*model.exit_blocks, len(model.blocks) - 1]
+    block_of = {id(p): b for b, block in enumerate(model.blocks) for p in block.parameters()}
+    structural = torch.tensor([[block_of[id(p)] <= last_block[k] for p in grads.shared_parameters]
+                               for k in range(model.num_exits)])
+    if arch == "msdnet":
+        assert (grads.reach <= structural).all() and not torch.equal(grads.reach, structural)
+    else:
+        assert torch.equal(grads.reach, structural)
+    # the batched formulation gives the same numbers (zeros, not None, where exit k does not reach)
+    batched = batched_reference(model, x, y)
+    shared_count = len(grads.shared_parameters)
+    flat = torch.cat([g.reshape(model.num_exits, -1) for g in batched[:shared_count]], 1)
+    torch.testing.assert_close(flat, grads.shared, **TOLERANCE)
+    for i, rows in enumerate(batched[shared_count:]):
+        for k in range(model.num_exits):
+            own = grads.own[k][i]
+            torch.testing.assert_close(rows[k], own if own is not None else torch.zeros_like(rows[k]), **TOLERANCE)
+
+
+def test_exit_gradients_refuse_a_stacked_loss_vector(batch):
+    """A row of a stacked vector backpropagates through the stack into every exit's graph (the whole network, each
+    time) and gives zeros, not None, where exit k does not reach: the losses must come as separate scalars."""
+    model, x, y = batch
+    with pytest.raises(TypeError, match="separate scalars"):
+        exit_gradients(model, torch.stack([F.cross_entropy(z, y) for z in model(x)]))
+
+
+def test_applying_the_plain_sum_gives_the_summed_loss_gradient(batch):
     model, x, y = batch
     model.train()
-    logits = model(x)
-    losses = torch.stack([F.cross_entropy(z, y) for z in logits])
-    grads = exit_gradients(model, losses)
-    assert grads.shared.shape == (model.num_exits, sum(p.numel() for p in model.blocks.parameters()))
-    for k in range(model.num_exits):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x)[k], y).backward()
-        expected = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in model.blocks.parameters()])
-        assert torch.allclose(grads.shared[k], expected, atol=1e-6)
-    # the plain sum, written back through `apply`, is the summed loss's gradient on every parameter
+    grads = exit_gradients(model, [F.cross_entropy(z, y) for z in model(x)])
     model.zero_grad(set_to_none=True)
     grads.apply(grads.shared.sum(0), torch.ones(model.num_exits))
     applied = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     torch.stack([F.cross_entropy(z, y) for z in model(x)]).sum().backward()
     for n, p in model.named_parameters():
-        assert torch.allclose(applied[n], p.grad, atol=1e-6), n
+        torch.testing.assert_close(applied[n], p.grad, **TOLERANCE)
+
+
+@pytest.mark.parametrize("objective", [*GRADIENT_OBJECTIVES, "metagf"])
+def test_a_step_moves_batchnorm_statistics_exactly_as_one_forward(objective, data):
+    """The K backward passes run on one forward's graph and re-run nothing: after a step, BatchNorm's running
+    statistics (and its batch counter) are those of one training forward of the batch, bit for bit."""
+    model = build("small_cnn", data, f"joint+{objective}")
+    x_train, prepare = held(data, "train")
+    x, y = prepare(x_train[:64]), data.y_train[:64]
+    once = copy.deepcopy(model).train()
+    with torch.no_grad():
+        once(x)
+    model.train()
+    built = build_regime(f"joint+{objective}").objective
+    ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=model.num_exits,
+                      generator=torch.Generator().manual_seed(0))
+    built.step(model, x, y, make_optimizer(list(model.parameters()), TRAIN), ctx)
+    buffers = dict(once.named_buffers())
+    assert any("num_batches_tracked" in n for n in buffers)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
 
 
 @pytest.mark.parametrize("objective", GRADIENT_OBJECTIVES)
@@ -151,14 +272,13 @@ def test_heads_get_their_own_exits_gradient_weighted(objective, batch):
     built = build_regime(f"joint+{objective}").objective
     ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=model.num_exits,
                       generator=torch.Generator().manual_seed(0))
-    losses = torch.stack([F.cross_entropy(z, y) for z in model(x)])
-    grads = exit_gradients(model, losses)
+    grads = exit_gradients(model, [F.cross_entropy(z, y) for z in model(x)])
     direction, weights = built.combine(grads.shared, ctx)
     grads.apply(direction, weights)
     head = model.heads[0].linear.weight
     own = head.grad.clone()
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x)[0], y).backward()
-    assert torch.allclose(own, weights[0] * head.grad, atol=1e-6)
+    torch.testing.assert_close(own, weights[0] * head.grad, **TOLERANCE)
     if objective == "nash":
         assert float(direction.norm()) <= built.hp["max_norm"] + 1e-5

@@ -11,7 +11,7 @@ from benchmark.spec import RunSpec
 from benchmark.train import held, make_optimizer
 from regimes.base import StepContext
 from regimes.exit_gradients import exit_gradients
-from regimes.metagf import block_reach, fuse, task_directions
+from regimes.metagf import fuse, task_directions
 from regimes.registry import build_regime
 
 TRAIN = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.0,
@@ -44,20 +44,27 @@ def test_fusion_averages_the_exits_that_reach_each_tensor():
     s = torch.sigmoid(torch.tensor([5.0, -5.0, -5.0]))
     assert torch.allclose(fused[:2], (s @ directions[:, :2]) / s.sum())
     assert fused[2] == 9.0                                                              # the unreached exits weigh 0
+    unreached = torch.tensor([[True, False]] * 3)                                       # tensor 1: no exit reaches it
+    assert fuse(directions, equal, unreached, [2, 1])[2] == 0.0                         # 0, not 0/0
 
 
-def test_exits_reach_the_blocks_up_to_their_own(batch):
+def test_exits_reach_the_blocks_up_to_their_own_and_heads_only_their_own_exit(batch):
     spec, data, x, y = batch
     model = initial_model(spec, data, torch.device("cpu"))
     model.train()
-    losses = torch.stack([F.cross_entropy(z, y) for z in model(x)])
-    grads = exit_gradients(model, losses)
-    reach = block_reach(model, grads.shared_parameters)
+    grads = exit_gradients(model, [F.cross_entropy(z, y) for z in model(x)])
+    last_block = [*model.exit_blocks, len(model.blocks) - 1]
+    block_of = {id(p): b for b, block in enumerate(model.blocks) for p in block.parameters()}
     offset = 0
     for t, p in enumerate(grads.shared_parameters):
         reached = grads.shared[:, offset:offset + p.numel()].abs().sum(1) > 0
         offset += p.numel()
-        assert torch.equal(reach[:, t], reached), t                 # structural reach = where gradients arrive
+        assert torch.equal(grads.reach[:, t], reached), t                   # reach = where gradients arrive
+        assert grads.reach[:, t].tolist() == [block_of[id(p)] <= b for b in last_block], t   # = the blocks before
+    # a head's (or the classifier's) gradient comes from its own exit only: what the look-ahead moves it by
+    owner = {id(p): k for k, module in enumerate([*model.heads, model.classifier]) for p in module.parameters()}
+    for i, p in enumerate(grads.own_parameters):
+        assert [k for k in range(model.num_exits) if grads.own[k][i] is not None] == [owner[id(p)]]
 
 
 def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahead_loss(batch):
@@ -77,9 +84,8 @@ def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahe
     replay = initial_model(spec, data, torch.device("cpu"))
     replay.load_state_dict({**before, **buffers})
     replay.train()
-    losses = torch.stack([F.cross_entropy(z, y) for z in replay(x)])
-    grads = exit_gradients(replay, losses)
-    reach = block_reach(replay, grads.shared_parameters)
+    grads = exit_gradients(replay, [F.cross_entropy(z, y) for z in replay(x)])
+    reach = grads.reach
     sizes = [p.numel() for p in grads.shared_parameters]
     fused = fuse(task_directions(grads.shared, 0.1), torch.ones(reach.shape), reach, sizes)
     names = {id(p): n for n, p in replay.named_parameters()}

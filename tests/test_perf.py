@@ -1,9 +1,15 @@
-"""The performance script runs its three loops on real data and prints each one's throughput."""
+"""The performance script runs its three loops on real data and prints each one's throughput; its objective table
+prints each objective's arithmetic minimum per step beside the measured cost."""
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from benchmark.models.multi_exit import MultiExitNet
+from benchmark.perf import minimum_step_costs, pass_flops
+from regimes.registry import build_regime
 
 
 @pytest.mark.slow
@@ -28,6 +34,12 @@ def test_objective_costs_of_named_objectives_are_relative_to_uniform():
     rows = dict(re.findall(r"^\s+(\w+)\s+P2\s+[\d.]+ ms\s+x([\d.]+)", result.stdout, flags=re.M))
     assert set(rows) == {"uniform", "boosted", "pcgrad"}
     assert rows["uniform"] == "1.00"
+    minimum = {name: (float(low), float(quotient)) for name, low, quotient in
+               re.findall(r"^\s+(\w+)\s+P2 .*minimum x([\d.]+)\s+measured/minimum ([\d.]+)", result.stdout,
+                          flags=re.M)}
+    assert minimum["uniform"] == (1.0, 1.0) and minimum["boosted"][0] == 1.0
+    assert minimum["pcgrad"][0] > 1.5                           # a forward and K backwards, most of them partial
+    assert minimum["pcgrad"][1] == pytest.approx(float(rows["pcgrad"]) / minimum["pcgrad"][0], abs=0.01)
     assert re.search(r"^\s+pcgrad\s+P2 .*\(no P3\)", result.stdout, flags=re.M)      # refused under disjoint
 
 
@@ -36,3 +48,31 @@ def test_perf_names_an_unknown_objective_and_the_registered_ones():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "unknown objective(s) pcgard" in result.stderr and "pcgrad" in result.stderr
+
+
+def test_minimum_step_costs_of_a_linear_network_are_counted_by_hand():
+    """Three linear blocks of width d, heads after blocks 0 and 1 and the classifier, linear to c classes. Per sample
+    (2 FLOPs per multiply-add): a forward costs 2d² per block and 2dc per head; a backward twice that (input and
+    weight gradients), except block 0, whose input needs none (2d²), and the heads' weight gradients where only the
+    blocks' are asked for. So F = 6d² + 6dc and B = 10d² + 12dc: uniform F + B; exits' own backwards 2d² + 4dc,
+    6d² + 4dc, 10d² + 4dc."""
+    d, c = 10, 5
+    net = MultiExitNet([torch.nn.Linear(d, d) for _ in range(3)], torch.nn.Linear(d, c),
+                       [torch.nn.Linear(d, c) for _ in range(2)], [0, 1])
+    D, C = d * d, d * c
+    assert pass_flops(net, (d,), build_regime("joint").objective) == {
+        "forward": 6 * D + 6 * C, "backward": 10 * D + 12 * C,
+        "exit_backward": [2 * D + 4 * C, 6 * D + 4 * C, 10 * D + 4 * C], "blocks_backward": 10 * D + 6 * C}
+    uniform = 16 * D + 18 * C
+    expected = {
+        "uniform": 1.0, "sdn": 1.0, "distill": 1.0, "ge": 1.0,
+        "cet": 2.0,                                                       # two forwards, a backward through both
+        "bdl": (14 * D + 18 * C) / uniform,        # 2 groups: block 2's input detached, no input gradient there
+        "pcgrad": (24 * D + 18 * C) / uniform,                              # F + the three exits' own backwards
+        "nash": (24 * D + 18 * C) / uniform,
+        "metagf": (40 * D + 30 * C) / uniform,          # + the look-ahead forward + the backward to the blocks
+        "l2w": (58 * D + 66 * C) / uniform,                                 # 3 F + 4 B per meta step
+    }
+    costs = minimum_step_costs(net, (d,), c, list(expected))
+    assert costs["uniform"] == 1.0
+    assert costs == pytest.approx(expected, rel=1e-12)
