@@ -389,9 +389,12 @@ def show(run_id, results):
             click.echo(f"error: {store.error(run_id)}")
         if state == DONE:
             metrics = read_json(folder / "metrics.json")
-            with pd.option_context("display.width", 120, "display.max_columns", 20):
-                click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(
-                    index=False, float_format=_rounded))
+            if metrics.get("stop_after") is not None:
+                click.echo(f"a tuning rung: stopped after epoch {metrics['stop_after']} (checkpoint.pt), validation only")
+            else:
+                with pd.option_context("display.width", 120, "display.max_columns", 20):
+                    click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(
+                        index=False, float_format=_rounded))
             for key, value in metrics["summary"].items():
                 click.echo(f"  {key:22} {_rounded(value)}")
             click.echo(f"  {'train_wall_seconds':22} {metrics['cost']['wall_seconds']:.2f}")

@@ -69,6 +69,8 @@ def build_tables(store: ResultsStore, run_ids: set[str] | None = None,
                          **(provenance or {}).get(run_id, {})})
             continue
         metrics = read_json(folder / "metrics.json")
+        if metrics.get("stop_after") is not None:      # a tuning rung: in tuning.csv, never a result row
+            continue
         row = run_row(metrics, read_json(folder / "spec.json"))
         rows.append({**row, **(provenance or {}).get(run_id, {})})
         spec = {key: metrics[key] for key in SPEC_COLUMNS}
