@@ -178,3 +178,12 @@ def test_agreement_counts_choices_regret_and_epochs():
     assert table.loc["B", "regret_val_auc"] == pytest.approx(0.02) and table.loc["A", "regret_val_auc"] == 0
     # epochs after the shared P1 (10): exhaustive 2 x 20 = 40; halving A 2 x 5 = 10, B 2 x 5 + 2 x 5 = 20
     assert table["exhaustive_epochs"].tolist() == [40, 40] and table["halving_epochs"].to_dict() == {"A": 10, "B": 20}
+
+
+def test_a_rung_has_its_own_id_and_the_full_run_keeps_the_id_it_had():
+    from benchmark.spec import RunSpec
+    spec = digits_spec("joint", TRAIN)
+    rung = spec.at_epoch(2)
+    assert "stop_after" not in spec.to_json() and spec.at_epoch(None).run_id == spec.run_id
+    assert rung.run_id != spec.run_id and rung.trajectory == spec
+    assert RunSpec.from_json(rung.to_json()) == rung and RunSpec.from_json(rung.to_json()).run_id == rung.run_id
