@@ -1,6 +1,8 @@
-"""Shared fixtures: offline hub, fixed threads, tiny grids written to real files, the digits data and a spec
-and training batch on it for tests that build a model through `initial_model`."""
+"""Shared fixtures: offline hub, fixed threads, tiny grids written to real files, folders built once per session
+(across pytest-xdist workers), the digits data and a spec and training batch on it for tests that build a model
+through `initial_model`."""
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,10 +14,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-torch.set_num_threads(2)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+"""Torch threads of this test process and of what it trains (in-process or in a `bench` subprocess: pass
+`"--threads", THREADS` to every `bench run` that trains): its share of the cores, at most 2. Two xdist workers on 2
+cores get 1 each; two processes with 2 threads each on 2 cores slow each other 10-20x (OpenMP spin-waits)."""
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = [sys.executable, "-m", "benchmark.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _own_thread_count():
+    """In-process `bench` commands and `execute_run` set torch's thread count (in a test or a fixture): every test
+    starts with THREADS, and leaves THREADS to the fixtures after it."""
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="session")
+def shared_folder(tmp_path_factory):
+    """`shared_folder(name, build)`: a folder that `build(folder)` fills once per test session, even across
+    pytest-xdist workers (they share the parent of their base temporary folders; a file lock makes the others wait
+    for the first). Tests must treat it as read-only: copy it (shutil.copytree) before changing anything in it."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    def get(name: str, build) -> Path:
+        folder = root / "shared" / name
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not (folder.parent / f"{name}.built").exists():
+                shutil.rmtree(folder, ignore_errors=True)          # what a failed build left
+                folder.mkdir()
+                build(folder)
+                (folder.parent / f"{name}.built").touch()
+        return folder
+    return get
 
 
 def write_grid(path: Path, *, datasets=("digits",), archs=("small_cnn",), regimes=("joint", "disjoint", "mixed"),
@@ -34,6 +74,42 @@ def write_grid(path: Path, *, datasets=("digits",), archs=("small_cnn",), regime
 @pytest.fixture
 def grid_file(tmp_path):
     return lambda name="grid.toml", **kw: write_grid(tmp_path / name, **kw)
+
+
+def bench_subprocess(*args, timeout=300):
+    """`bench ARGS` through the real entry point in a fresh interpreter, from the repository root."""
+    import subprocess
+    return subprocess.run([*BENCH, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_results(shared_folder):
+    """(grid, results folder, stdout of the `bench run` that trained it): joint, disjoint, mixed on digits x
+    small_cnn, 2 epochs, no models kept, trained once per session by `bench run` in a subprocess. Read-only:
+    tests that run more commands on it use a copy."""
+    def build(folder):
+        grid = write_grid(folder / "grid.toml", epochs=2)
+        result = bench_subprocess("run", "--grid", grid, "--results", folder / "out", "--threads", THREADS)
+        assert result.returncode == 0, result.stderr
+        (folder / "stdout.txt").write_text(result.stdout)
+    folder = shared_folder("smoke", build)
+    return folder / "grid.toml", folder / "out", (folder / "stdout.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def smoke_analyzed(shared_folder, smoke_results):
+    """(grid, results folder, exit code, stderr) of `bench analyze` (a subprocess) on a copy of `smoke_results`,
+    once per session; read-only. Its runs have no model.pt: only the analyses of stored logits and the tables run."""
+    grid, results, _ = smoke_results
+
+    def build(folder):
+        shutil.copytree(results, folder / "out")
+        result = bench_subprocess("analyze", "--grid", grid, "--results", folder / "out")
+        (folder / "returncode.txt").write_text(str(result.returncode))
+        (folder / "stderr.txt").write_text(result.stderr)
+    folder = shared_folder("smoke_analyzed", build)
+    return (grid, folder / "out", int((folder / "returncode.txt").read_text()),
+            (folder / "stderr.txt").read_text())
 
 
 class TorchCallCounter(TorchFunctionMode):

@@ -1,7 +1,7 @@
 """`bench check`: a real rerun of a tiny grid against a golden table written by `bench check --update`.
 
-The table is written once per module (one run: digits x small_cnn x joint, 2 epochs; tolerances measured from two
-perturbed reruns instead of the default six, to keep the module under a minute); each test then edits a copy.
+The table is written once per test session (one run: digits x small_cnn x joint, 2 epochs; tolerances measured from
+two perturbed reruns instead of the default six, to keep the module under a minute); each test then edits a copy.
 """
 import math
 import re
@@ -18,6 +18,8 @@ from benchmark.check import (GOLDEN_COLUMNS, Difference, compare, measured_toler
 from benchmark.cli import main
 from conftest import write_grid
 
+pytestmark = pytest.mark.xdist_group("check")   # one xdist worker: the other would wait for `written` doing nothing
+
 FEW_PERTURBATIONS = (("2 threads", 2, {}), ("ATen AVX2", 1, {"ATEN_CPU_CAPABILITY": "avx2"}))
 
 
@@ -32,17 +34,19 @@ def bench(*args):
     return result
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    """(grid file, golden table written by --update, the command's output)."""
-    folder = tmp_path_factory.mktemp("check")
-    grid = write_grid(folder / "tiny.toml", regimes=("joint",), epochs=2)
-    golden = folder / "golden.csv"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "PERTURBATIONS", FEW_PERTURBATIONS)
-        result = bench("check", "--grid", grid, "--golden", golden, "--update")
-    assert result.exit_code == 0, result.output
-    return grid, golden, result.output
+@pytest.fixture(scope="session")
+def written(shared_folder):
+    """(grid file, golden table written by --update, the command's output), once per session; read-only (tests
+    that edit the table use `golden_copy`)."""
+    def build(folder):
+        grid = write_grid(folder / "tiny.toml", regimes=("joint",), epochs=2)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(check_module, "PERTURBATIONS", FEW_PERTURBATIONS)
+            result = bench("check", "--grid", grid, "--golden", folder / "golden.csv", "--update")
+        assert result.exit_code == 0, result.output
+        (folder / "output.txt").write_text(result.output)
+    folder = shared_folder("check", build)
+    return folder / "tiny.toml", folder / "golden.csv", (folder / "output.txt").read_text()
 
 
 @pytest.fixture

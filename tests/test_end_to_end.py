@@ -1,5 +1,6 @@
 """`bench run` on real data through the real entry point: files, tables, resume, determinism, failures, kill."""
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BENCH, REPO
+from conftest import BENCH, REPO, THREADS
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +23,18 @@ def run_dirs(results):
     return sorted((results / "runs").iterdir())
 
 
-@pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory):
-    from conftest import write_grid
-    tmp = tmp_path_factory.mktemp("e2e")
-    grid = write_grid(tmp / "grid.toml", epochs=2)
-    result = bench_run(grid, tmp / "out", "--threads", "2")
-    assert result.returncode == 0, result.stderr
-    return grid, tmp / "out", result
+# smoke_results and smoke_analyzed (joint, disjoint, mixed; trained and analysed once per session) are in conftest.py:
+# tests/test_calibration.py reads them too.
+
+
+def copy_of(results, tmp_path):
+    shutil.copytree(results, tmp_path / "copy")
+    return tmp_path / "copy"
 
 
 def test_every_run_writes_its_files_and_the_tables(smoke_results):
-    _, results, output = smoke_results
-    assert "3 trained" in output.stdout
+    _, results, stdout = smoke_results
+    assert "3 trained" in stdout
     for folder in run_dirs(results):
         assert {p.name for p in folder.iterdir()} == {"spec.json", "history.csv", "logits.npz", "exits.csv",
                                                      "curves.csv", "selected.csv", "metrics.json"}
@@ -62,8 +62,9 @@ def test_p1_is_trained_once_and_charged_to_both_users(smoke_results):
     assert p1_steps["disjoint"] == p1_steps["mixed"] > 0
 
 
-def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results):
+def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results, tmp_path):
     grid, results, _ = smoke_results
+    results = copy_of(results, tmp_path)
     before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
     again = bench_run(grid, results)
     assert again.returncode == 0 and "0 trained, 3 already done" in again.stdout
@@ -74,7 +75,7 @@ def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results):
 def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
     grid, first, _ = smoke_results
     second = tmp_path / "second"
-    assert bench_run(grid, second, "--threads", "2").returncode == 0
+    assert bench_run(grid, second, "--threads", THREADS).returncode == 0      # the thread count of the first
     for folder in run_dirs(first):
         a = json.loads((folder / "metrics.json").read_text())
         b = json.loads((second / "runs" / folder.name / "metrics.json").read_text())
@@ -88,7 +89,7 @@ def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
 def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     grid = grid_file(archs=("small_cnn", "cifar_resnet8"), regimes=("joint", "mixed"),
                      extra="[arch_overrides.small_cnn]\nlr = 1e30\n")
-    result = bench_run(grid, tmp_path / "out")
+    result = bench_run(grid, tmp_path / "out", "--threads", THREADS)
     assert result.returncode == 1, result.stderr
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     done, failed = runs[runs.status == "done"], runs[runs.status == "failed"]
@@ -105,7 +106,8 @@ def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
 def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1, 2), epochs=2)
     results = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(results)], cwd=REPO,
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(results), "--threads",
+                                str(THREADS)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(results.glob("runs/*/metrics.json"))) < 2:
@@ -116,7 +118,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert 2 <= len(done_before) < 9, "the kill must land mid-grid"
     for path in results.glob("runs/*/metrics.json"):
         json.loads(path.read_text())                    # every metrics.json present is complete
-    resumed = bench_run(grid, results)
+    resumed = bench_run(grid, results, "--threads", THREADS)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{9 - len(done_before)} trained, {len(done_before)} already done" in resumed.stdout
     runs = pd.read_csv(results / "tables" / "runs.csv")
@@ -144,13 +146,17 @@ landscape_samples = 64
 landscape_points_1d = 5
 landscape_points_2d = 3
 interpolation_points = 5
+corruptions = ["gaussian_noise", "contrast"]
+severities = [1, 5]
 """
+# Two corruptions at two severities: robustness still runs and writes its tables (whose rows tests/test_robustness.py
+# checks); all of them at five severities took half of these analyses' time and no assertion here reads them.
 
 
 def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1), epochs=4, extra=ANALYSES)
     results = tmp_path / "out"
-    result = bench_run(grid, results)
+    result = bench_run(grid, results, "--threads", THREADS)
     assert result.returncode == 0, result.stderr
     tables = results / "tables"
     for name in ("rank", "information", "landscape", "sharpness", "pareto", "hypervolume", "summary", "leaderboard"):
@@ -173,10 +179,8 @@ def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
     assert cached == {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}, "per-run analyses are cached"
 
 
-def test_analyze_without_stored_models_says_how_to_get_them(smoke_results):
-    grid, results, _ = smoke_results
-    result = subprocess.run([*BENCH, "analyze", "--grid", str(grid), "--results", str(results)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "3 runs have no model.pt" in result.stderr
-    assert "--save-models" in result.stderr and "run_after = true" in result.stderr
+def test_analyze_without_stored_models_says_how_to_get_them(smoke_analyzed):
+    _, _, returncode, stderr = smoke_analyzed          # `bench analyze` on a copy of smoke_results (conftest.py)
+    assert returncode == 0, stderr
+    assert "3 runs have no model.pt" in stderr
+    assert "--save-models" in stderr and "run_after = true" in stderr

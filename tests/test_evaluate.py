@@ -258,9 +258,24 @@ def test_validation_ties_are_broken_by_cost_then_listing_order_never_by_test():
 
 
 def brute_force_selected_area(curves, backbone_cost, resolution=20_000):
-    """The validation-selected staircase integrated on a fine grid of budgets, by select_at_budget alone."""
-    budgets = (np.arange(resolution) + 0.5) / resolution
-    heights = [accuracy_at_budget(curves, b * backbone_cost) for b in budgets]
+    """The validation-selected staircase integrated on a fine grid of budgets, by select_at_budget alone.
+
+    What validation picks at a budget depends only on which points fit it (validation FLOPs <= budget): consecutive
+    budgets that the same points fit get the height of one accuracy_at_budget call, the same height one call per
+    budget gives, in a few dozen calls instead of 20,000 (7 s of CPU per case). A budget within 1e-6 of a point's
+    cost, where the selector's float tolerance could decide, gets its own call."""
+    budgets = (np.arange(resolution) + 0.5) / resolution * backbone_cost
+    val_flops = curves["val_flops"].to_numpy(dtype=np.float64)
+    fitting = (val_flops[None, :] <= budgets[:, None]).sum(axis=1)        # nested sets: the count names the set
+    on_edge = np.isclose(budgets[:, None], val_flops[None, :], rtol=1e-6, atol=0).any(axis=1)
+    heights, memo = [], {}
+    for budget, count, edge in zip(budgets, fitting, on_edge):
+        if edge:
+            heights.append(accuracy_at_budget(curves, budget))
+        else:
+            if count not in memo:
+                memo[count] = accuracy_at_budget(curves, budget)
+            heights.append(memo[count])
     return float(np.nansum(heights) / resolution)
 
 

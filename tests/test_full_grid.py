@@ -17,6 +17,10 @@ from benchmark.grid import GRIDS_DIR, load_grid
 from benchmark.models import build_model
 from conftest import write_grid
 
+# One xdist worker runs this module: the dry runs' FLOP counts of the 21 full cells on meta-device models (~25 s of
+# CPU, cost_model.step_flops_per_example) and the `full` fixture are cached per process, so they are counted once.
+pytestmark = pytest.mark.xdist_group("full_grid")
+
 FULL_ARCHS = ["resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "vit_tiny", "msdnet"]
 
 
@@ -203,7 +207,8 @@ def test_cost_of_a_tiny_grid_is_steps_times_seconds_per_step_with_the_shared_p1_
     # digits: 1 797 images, 360 test, 144 validation, 1 293 training: 20 steps of 64 per epoch
     assert cost_model.dataset_geometry("digits") == cost_model.Geometry(1293, 144, 360, (1, 8, 8), 10)
     steps, eval_second = 20, 1 / 64 / 3                # a forward pass per example: a third of a step's
-    val_pass, final = 144 * eval_second, (144 + 360) * eval_second
+    overhead = cost_model.RUN_OVERHEAD_SECONDS          # building, evaluating from logits, writing: per run
+    val_pass, final = 144 * eval_second, (144 + 360) * eval_second + overhead
     joint = 4 * steps * 1.0 + 4 * val_pass + final     # validation every epoch (eval_every 1)
     p1 = 2 * steps * 0.5 + 2 * val_pass
     mixed_own, disjoint_own = 2 * steps * 1.0 + 2 * val_pass + final, 2 * steps * 0.25 + 2 * val_pass + final
@@ -212,13 +217,16 @@ def test_cost_of_a_tiny_grid_is_steps_times_seconds_per_step_with_the_shared_p1_
     (cell,) = estimate.cells
     assert (cell.runs, cell.tuning_runs, cell.shared_p1) == (6, 0, 2)
     assert cell.seconds == pytest.approx(2 * per_seed) and cell.seconds_left == pytest.approx(2 * per_seed)
-    assert per_seed == pytest.approx(80 + 20 + 40 + 10 + 10 * 144 / 192 + 3 * 504 / 192)   # 10 validation passes
+    assert per_seed == pytest.approx(80 + 20 + 40 + 10 + 10 * 144 / 192 + 3 * 504 / 192 + 3 * overhead)  # 10 val passes
 
     done = {s.run_id for s in grid.specs if s.seed == 0}
     partly = cost_model.estimate([("report", s) for s in grid.specs], one_second_per_step(),
                                  done=lambda s: s.run_id in done, p1_done=lambda s: s.seed == 0)
     assert partly.cells[0].seconds == pytest.approx(2 * per_seed)
     assert partly.cells[0].seconds_left == pytest.approx(per_seed)
+
+    with_analyses = cost_model.estimate([("report", s) for s in grid.specs], one_second_per_step(), analyses=True)
+    assert with_analyses.cells[0].seconds == pytest.approx(2 * per_seed + 6 * cost_model.ANALYSIS_EXAMPLES * eval_second)
 
     flops = cost_model.step_flops_per_example("small_cnn", 10, (1, 8, 8), "pool", "flops:0.25,0.5,0.75")
     examples = 64 * steps * (4 + 2 * 0.5 + 2 * 1.0 + 2 * 0.25)
@@ -291,7 +299,7 @@ def dry_run_full(tmp_path, monkeypatch, calibration):
 
 
 def cell_hours(stdout):
-    cells = re.findall(r"^  (cifar10|cifar100|tinyimagenet)\s+(\S+)\s+90\s+45\s+4\s+[\d,.]+\s+([\d.]+)\s+([\d.]+)$",
+    cells = re.findall(r"^  (cifar10|cifar100|tinyimagenet)\s+(\S+)\s+120\s+75\s+4\s+[\d,.]+\s+([\d.]+)\s+([\d.]+)$",
                        stdout, re.M)
     return {(d, a): float(h) for d, a, h, _ in cells}
 
@@ -304,7 +312,7 @@ def test_dry_run_of_full_prints_cpu_hours_per_cell_and_in_total_and_says_gpus_ar
     assert "945 runs (945 tuning)" in stdout and "945 reported runs await" in stdout       # the listing stays
     hours = cell_hours(stdout)
     assert len(hours) == 21 and all(h > 0 for h in hours.values())
-    total = re.search(r"^total: 1890 runs, ([\d.]+) CPU-hours on (.+) \(([\d.]+) still to run\)$", stdout, re.M)
+    total = re.search(r"^total: 2520 runs, ([\d.]+) CPU-hours on (.+) \(([\d.]+) still to run\)$", stdout, re.M)
     assert total and total.group(2) == cost_model.this_device_name("cpu")
     assert float(total.group(1)) == pytest.approx(sum(hours.values()), rel=0.01)   # cells print rounded
     assert "GPU-hours: not calibrated yet for any CUDA device" in stdout
@@ -316,7 +324,7 @@ def test_dry_run_of_full_uses_a_gpu_calibration_where_one_is_committed(tmp_path,
     write_calibration_fixture(calibration, "cuda", "NVIDIA Fixture GPU", 0.05)
     stdout = dry_run_full(tmp_path, monkeypatch, calibration)
     hours = cell_hours(stdout)
-    total = re.search(r"^total: 1890 runs, ([\d.]+) GPU-hours on NVIDIA Fixture GPU", stdout, re.M)
+    total = re.search(r"^total: 2520 runs, ([\d.]+) GPU-hours on NVIDIA Fixture GPU", stdout, re.M)
     assert total and float(total.group(1)) == pytest.approx(sum(hours.values()), rel=0.01)
     assert "not calibrated" not in stdout
     # every cell is steps x 0.05 s: tinyimagenet's 703 steps per epoch against CIFAR's 351

@@ -5,7 +5,8 @@ from benchmark.errors import UserError
 from benchmark.grid import grid_names, load_grid, parse_filters, select
 
 
-@pytest.mark.parametrize("name", grid_names())
+@pytest.mark.xdist_group("full_grid")   # beside tests/test_full_grid.py: the full grid's meta-device profiles are
+@pytest.mark.parametrize("name", grid_names())   # cached per process (~4 s of CPU), so one worker builds them once
 def test_shipped_grids_parse(name):
     grid = load_grid(name)
     assert grid.specs and len({s.run_id for s in grid.specs}) == len(grid.specs)

@@ -22,8 +22,9 @@ from benchmark.pipeline import initial_model
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, folder_digests, read_json, read_logits, write_json
 from benchmark.train import held
-from conftest import write_grid
+from conftest import THREADS, write_grid
 
+pytestmark = pytest.mark.xdist_group("latency")   # one xdist worker trains `trained` and loads `loaded` once
 DATA_ROOT = Path("/nonexistent")      # digits is embedded: no data root is read
 
 
@@ -51,17 +52,16 @@ def keep_thread_count():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(grid file, results folder, run id) of one joint run trained with --save-models."""
-    root = tmp_path_factory.mktemp("latency")
-    grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2)
-    threads = torch.get_num_threads()
-    result = bench("run", "--grid", grid, "--results", root / "out", "--save-models")
-    torch.set_num_threads(threads)
-    assert result.exit_code == 0, result.output
+@pytest.fixture(scope="session")
+def trained(shared_folder):
+    """(grid file, results folder, run id) of one joint run trained with --save-models, once per session."""
+    def build(root):
+        grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2)
+        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", "--threads", THREADS)
+        assert result.exit_code == 0, result.output
+    root = shared_folder("latency", build)
     (run_id,) = ResultsStore(root / "out").done_run_ids()
-    return grid, root / "out", run_id
+    return root / "grid.toml", root / "out", run_id
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from benchmark.store import DONE, PENDING, ResultsStore, pack_folder, read_json
 from benchmark.ray_executor import MAX_RETRIES
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]   # one local Ray at a time: all in one worker
 TASK_TITLE = "ray::exitbench.train_run"   # the process title Ray gives a worker while it runs the task
 
 
@@ -39,15 +39,30 @@ def train(specs, root: Path, executor: str, **kwargs):
                     device="cpu", **kwargs)
 
 
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])     # after "pid (comm) state": the parent's pid
+
+
+def ours(pid: int) -> bool:
+    """Whether the process descends from this test process (its Ray's raylet starts the workers), not from another
+    test session's Ray on the same machine."""
+    while pid > 1:
+        pid = parent_pid(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def task_processes() -> list[int]:
-    """Pids of Ray workers running a training task right now (the title is set while the task runs)."""
+    """Pids of this cluster's Ray workers running a training task right now (the title is set while the task runs)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().startswith(TASK_TITLE.encode()):
+                if (entry / "cmdline").read_bytes().startswith(TASK_TITLE.encode()) and ours(int(entry.name)):
                     pids.append(int(entry.name))
-            except OSError:
+            except (OSError, ValueError):
                 continue
     return pids
 

@@ -2,6 +2,11 @@
 Ctrl-C answered with one line. Every case builds the situation for real: real run folders trained by `bench run`
 in a subprocess, files truncated or replaced on disk, a small tmpfs for a full or read-only disk (skipped with the
 reason where this machine cannot mount one), signals sent to the process group as a terminal's Ctrl-C is.
+
+What is about the process itself (signals, the lock held while it runs, a log file, a terminal, a closed pipe) runs
+`bench` in a real subprocess; the commands that look at or recompute a damaged folder (`cli`) call the same click
+command in-process, as tests/test_cli.py does, without the 3-5 s of interpreter and library start-up each (27 of
+them here), their warnings written to the stderr they return as a subprocess would.
 """
 import errno
 import fcntl
@@ -13,14 +18,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from benchmark.cli import main
 from benchmark.store import CorruptFile, ResultsStore, read_json, read_logits, read_torch, write_json
-from conftest import BENCH, REPO, write_grid
+from conftest import BENCH, REPO, THREADS, write_grid
 
 REGIMES = ("joint", "mixed")
 ANALYSES = '[analyses]\nmodel = ["rank"]\nsamples = 100\n'
@@ -31,6 +40,25 @@ def bench(*args, timeout=300, **kwargs):
                           **kwargs)
 
 
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args):
+    """`bench ARGS` in-process: exit code, stdout, and stderr with every warning raised, as a subprocess prints them
+    (an exception other than SystemExit is raised: a traceback fails the test)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return Result(result.exit_code, result.stdout, result.stderr + printed)
+
+
 def assert_one_line(result, code, *fragments):
     """Exit `code`, no traceback, and the problem said on one stderr line holding every fragment."""
     assert result.returncode == code, (result.returncode, result.stderr)
@@ -39,14 +67,15 @@ def assert_one_line(result, code, *fragments):
     assert lines, result.stderr
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One grid (joint, mixed; digits/small_cnn; 2 epochs) trained once with its models; tests work on copies."""
-    root = tmp_path_factory.mktemp("trained")
-    grid = write_grid(root / "grid.toml", regimes=REGIMES, extra=ANALYSES)
-    result = bench("run", "--grid", grid, "--results", root / "out", "--save-models")
-    assert result.returncode == 0, result.stderr
-    return root
+@pytest.fixture(scope="session")
+def trained(shared_folder):
+    """One grid (joint, mixed; digits/small_cnn; 2 epochs) trained once per session with its models by `bench run`
+    in a subprocess; tests work on copies."""
+    def build(root):
+        grid = write_grid(root / "grid.toml", regimes=REGIMES, extra=ANALYSES)
+        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", "--threads", THREADS)
+        assert result.returncode == 0, result.stderr
+    return shared_folder("reliability", build)
 
 
 @pytest.fixture
@@ -60,7 +89,7 @@ def results(trained, tmp_path):
 
 def recomputed(grid, out, run_id, *extra):
     """`bench run` recomputes exactly `run_id` and the tables list it as done again."""
-    result = bench("run", "--grid", grid, "--results", out, *extra)
+    result = cli("run", "--grid", grid, "--results", out, *extra, "--threads", THREADS)
     assert result.returncode == 0, result.stderr
     assert f"1 trained, {len(REGIMES) - 1} already done" in result.stdout, result.stdout
     runs = pd.read_csv(out / "tables" / "runs.csv")
@@ -74,13 +103,13 @@ def test_a_truncated_metrics_json_is_named_and_the_run_recomputed(results):
     grid, out, store, ids = results
     metrics = store.run_dir(ids["joint"]) / "metrics.json"
     metrics.write_text(metrics.read_text()[:40])
-    dry = bench("run", "--grid", grid, "--results", out, "--dry-run")
+    dry = cli("run", "--grid", grid, "--results", out, "--dry-run")
     assert dry.returncode == 0 and "Traceback" not in dry.stderr
     assert re.search(rf"{ids['joint']}\s+pending", dry.stdout), dry.stdout
     assert_one_line(dry, 0, str(metrics), "not valid JSON")
-    shown = bench("show", ids["joint"], "--results", out)
+    shown = cli("show", ids["joint"], "--results", out)
     assert shown.returncode == 0 and "pending" in shown.stdout and str(metrics) in shown.stdout
-    analyzed = bench("analyze", "--grid", grid, "--results", out)
+    analyzed = cli("analyze", "--grid", grid, "--results", out)
     assert_one_line(analyzed, 0, str(metrics))
     assert ids["joint"] not in set(pd.read_csv(out / "tables" / "runs.csv").run_id), "tables never keep it"
     assert "recomputes it" in recomputed(grid, out, ids["joint"]).stderr
@@ -91,9 +120,9 @@ def test_a_truncated_error_json_is_named_and_the_run_retried(results):
     folder = store.run_dir(ids["mixed"])
     (folder / "metrics.json").unlink()
     (folder / "error.json").write_text('{"error": "non-fin')
-    dry = bench("run", "--grid", grid, "--results", out, "--dry-run")
+    dry = cli("run", "--grid", grid, "--results", out, "--dry-run")
     assert_one_line(dry, 0, str(folder / "error.json"), "not valid JSON")
-    assert bench("show", ids["mixed"], "--results", out).returncode == 0
+    assert cli("show", ids["mixed"], "--results", out).returncode == 0
     recomputed(grid, out, ids["mixed"])
 
 
@@ -110,7 +139,7 @@ def test_damaged_logits_are_noticed_and_recomputed(results, damage):
         arrays["test"] = arrays["test"][:, :-1]
         np.savez_compressed(logits, **arrays)
     assert store.state(ids["joint"]) == "pending"
-    dry = bench("run", "--grid", grid, "--results", out, "--dry-run")
+    dry = cli("run", "--grid", grid, "--results", out, "--dry-run")
     assert_one_line(dry, 0, str(logits), "checksum")
     recomputed(grid, out, ids["joint"])
 
@@ -137,7 +166,7 @@ def test_a_corrupt_model_is_named_never_loaded_unsafely_and_recomputed(results):
     with pytest.raises(CorruptFile) as caught:
         read_torch(model)
     assert str(model) in str(caught.value) and "weights_only" not in str(caught.value)
-    analyzed = bench("analyze", "--grid", grid, "--results", out)
+    analyzed = cli("analyze", "--grid", grid, "--results", out)
     assert_one_line(analyzed, 0, str(model), "checksum")
     recomputed(grid, out, ids["mixed"], "--save-models")
     assert ResultsStore(out).state(ids["mixed"]) == "done"
@@ -149,7 +178,7 @@ def test_a_corrupt_shared_backbone_is_retrained_by_the_next_run_that_needs_it(re
     before = read_json(backbone / "cost.json")
     (backbone / "model.pt").write_bytes(b"\x80\x02not a checkpoint")
     shutil.rmtree(store.run_dir(ids["mixed"]))                        # the run that needs it is to be trained
-    dry = bench("run", "--grid", grid, "--results", out, "--dry-run")
+    dry = cli("run", "--grid", grid, "--results", out, "--dry-run")
     assert_one_line(dry, 0, str(backbone / "model.pt"), "retrained")
     assert re.search(rf"{ids['mixed']}\s+pending .* to train", dry.stdout), dry.stdout
     result = recomputed(grid, out, ids["mixed"])
@@ -167,7 +196,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_run(result
     for path in stale:
         path.write_bytes(b"")
     assert ResultsStore(out).state(ids["joint"]) == "done", "a temporary is never part of a run"
-    result = bench("run", "--grid", grid, "--results", out)
+    result = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
     assert result.returncode == 0 and "2 already done" in result.stdout
     assert not [p for p in stale if p.exists()] and not list(out.rglob("*.tmp"))
 
@@ -188,7 +217,7 @@ def test_p1_cost_goes_to_the_run_that_trained_it_whenever_the_kill_came(results)
 
 def test_when_every_run_failed_the_tables_are_valid_csv_with_a_header(grid_file, tmp_path):
     grid = grid_file(regimes=REGIMES, extra="[arch_overrides.small_cnn]\nlr = 1e30\n")
-    result = bench("run", "--grid", grid, "--results", tmp_path / "out")
+    result = cli("run", "--grid", grid, "--results", tmp_path / "out", "--threads", THREADS)
     assert result.returncode == 1 and "2 reported runs of grid" in result.stderr
     tables = {p.stem: pd.read_csv(p) for p in (tmp_path / "out" / "tables").glob("*.csv")}
     assert set(tables) >= {"runs", "exits", "curves", "selected"}
@@ -223,18 +252,18 @@ def test_a_full_disk_leaves_the_run_pending_and_the_rerun_trains_it(grid_file, s
     disk = small_tmpfs(4 << 20)
     out, filler = disk / "out", disk / "filler"
     filler.write_bytes(b"\0" * ((4 << 20) - (96 << 10)))          # leave less than one run's files need
-    full = bench("run", "--grid", grid, "--results", out)
+    full = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
     assert_one_line(full, 1, "full disk", "free space")
     run_dir, = (out / "runs").iterdir()
     assert not (run_dir / "error.json").exists(), "a full disk is not the run's failure"
     filler.unlink()
-    again = bench("run", "--grid", grid, "--results", out)
+    again = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
     assert again.returncode == 0 and "1 trained, 0 already done" in again.stdout, again.stdout + again.stderr
 
 
 def test_a_read_only_results_folder_is_one_line_exit_2(grid_file, small_tmpfs):
     disk = small_tmpfs(1 << 20, "ro")
-    result = bench("run", "--grid", grid_file(regimes=("joint",)), "--results", disk / "out")
+    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", disk / "out")
     assert_one_line(result, 2, str(disk / "out"), "read-only file system", "--results")
 
 
@@ -244,7 +273,7 @@ def test_an_immutable_results_folder_is_one_line_exit_2(grid_file, small_tmpfs):
     if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not supported here (needs root and a file system with immutable flags)")
     try:
-        result = bench("run", "--grid", grid_file(regimes=("joint",)), "--results", out)
+        result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", out)
         assert_one_line(result, 2, str(out), "not writable", "--results")
     finally:
         subprocess.run(["chattr", "-i", str(out)], capture_output=True)
@@ -252,7 +281,7 @@ def test_an_immutable_results_folder_is_one_line_exit_2(grid_file, small_tmpfs):
 
 def test_results_under_a_regular_file_is_one_line_exit_2(grid_file, tmp_path):
     (tmp_path / "file").write_text("x")
-    result = bench("run", "--grid", grid_file(regimes=("joint",)), "--results", tmp_path / "file" / "out")
+    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", tmp_path / "file" / "out")
     assert_one_line(result, 2, str(tmp_path / "file" / "out"), "regular file", "--results")
 
 
@@ -310,8 +339,9 @@ def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, 
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank", "landscape"]\n'
                                              'landscape_points_2d = 41\nlandscape_2d_seeds = [0]\n')
     out = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--threads", str(THREADS)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     code, _, stderr = interrupt_when(process, lambda: any(out.glob("runs/*/rank.csv")))
     assert code == 130 and "interrupted: rerun the same command" in stderr, stderr
     assert "Aborted" not in stderr and "Traceback" not in stderr
@@ -347,7 +377,7 @@ def test_ctrl_c_or_sigterm_with_process_workers_prints_no_worker_tracebacks_and_
 
 def test_a_bad_data_root_leaves_no_results_folder(grid_file, tmp_path):
     grid = grid_file(datasets=("mnist",), regimes=("joint",))
-    result = bench("run", "--grid", grid, "--results", tmp_path / "out", "--data-root", tmp_path / "nothing")
+    result = cli("run", "--grid", grid, "--results", tmp_path / "out", "--data-root", tmp_path / "nothing")
     assert_one_line(result, 2, "MNIST", str(tmp_path / "nothing"), "--download")
     assert not (tmp_path / "out").exists()
 
@@ -362,7 +392,7 @@ def test_a_failed_download_says_the_machine_seems_offline(tmp_path):
 def test_analyze_regenerates_missing_run_tables(results):
     grid, out, _, ids = results
     (out / "tables" / "runs.csv").unlink()
-    analyzed = bench("analyze", "--grid", grid, "--results", out)
+    analyzed = cli("analyze", "--grid", grid, "--results", out)
     assert analyzed.returncode == 0, analyzed.stderr
     assert set(pd.read_csv(out / "tables" / "runs.csv").run_id) == set(ids.values())
     assert (out / "tables" / "leaderboard.csv").is_file()
@@ -371,8 +401,8 @@ def test_analyze_regenerates_missing_run_tables(results):
 def test_the_lock_is_held_from_training_to_the_end_of_the_analyses(grid_file, tmp_path):
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank"]\n')
     out = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--threads", str(THREADS)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held_once, free_after = False, []
     while process.poll() is None:
         if (out / ".lock").exists():
@@ -406,7 +436,8 @@ def test_a_log_file_gets_one_plain_line_per_run(grid_file, tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as handle:
         done = subprocess.run([*BENCH, "run", "--grid", str(grid_file(regimes=REGIMES)), "--results",
-                               str(tmp_path / "out")], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+                               str(tmp_path / "out"), "--threads", str(THREADS)], cwd=REPO, stdout=handle,
+                              stderr=subprocess.STDOUT, timeout=300)
     text = log.read_text()
     assert done.returncode == 0, text
     assert "\r" not in text and "\x1b[" not in text, "no carriage returns or cursor codes in a log file"
@@ -419,7 +450,8 @@ def test_a_log_file_gets_one_plain_line_per_run(grid_file, tmp_path):
 def test_a_terminal_also_gets_one_line_per_finished_run(grid_file, tmp_path):
     leader, follower = pty.openpty()
     process = subprocess.Popen([*BENCH, "run", "--grid", str(grid_file(regimes=("joint",))), "--results",
-                                str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE, stderr=follower)
+                                str(tmp_path / "out"), "--threads", str(THREADS)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=follower)
     os.close(follower)
     received = b""
     while True:
@@ -438,7 +470,7 @@ def test_a_terminal_also_gets_one_line_per_finished_run(grid_file, tmp_path):
 
 def test_show_rounds_for_display(results):
     _, out, _, ids = results
-    shown = bench("show", ids["joint"], "--results", out)
+    shown = cli("show", ids["joint"], "--results", out)
     assert shown.returncode == 0
     summary = shown.stdout.split("\n}\n", 1)[1]                     # after the spec's JSON
     assert "final_accuracy" in summary and not re.search(r"\d\.\d{5,}", summary), summary

@@ -187,3 +187,16 @@ def test_a_rung_has_its_own_id_and_the_full_run_keeps_the_id_it_had():
     assert "stop_after" not in spec.to_json() and spec.at_epoch(None).run_id == spec.run_id
     assert rung.run_id != spec.run_id and rung.trajectory == spec
     assert RunSpec.from_json(rung.to_json()) == rung and RunSpec.from_json(rung.to_json()).run_id == rung.run_id
+
+
+def test_the_estimate_charges_a_rung_the_epochs_since_the_last_one():
+    """A chain of rungs costs the full run's steps once, plus each rung's validation logits and per-run overhead."""
+    from benchmark import cost_model
+    spec = digits_spec("joint", {**TRAIN, "epochs": 40, "batch_size": 64})
+    row = {"device_type": "cpu", "device_name": "test cpu", "arch": "small_cnn", "input_shape": "1x8x8",
+           "batch_size": 64, "optimizer": "sgd", "seconds_per_step": 1.0, "threads": 1, "torch": "x", "date": "x"}
+    calibration = cost_model.Calibration("cpu", "test cpu", (row,))
+    whole = cost_model.estimate([("tune", spec)], calibration).cells[0].seconds
+    chain = cost_model.estimate([("tune", spec.at_epoch(e)) for e in (10, 20, None)], calibration).cells[0].seconds
+    rung_extra = 144 / 64 / 3 + cost_model.RUN_OVERHEAD_SECONDS        # validation logits and overhead per rung
+    assert whole > 40 * 20 and chain == pytest.approx(whole + 2 * rung_extra)
