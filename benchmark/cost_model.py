@@ -288,8 +288,14 @@ class Calibration:
                          optimizer: str) -> float | None:
         matches = [r for r in self.rows if r["arch"] == arch and r["input_shape"] == shape_text(input_shape)
                    and r["batch_size"] == batch_size]
-        same_optimizer = [r for r in matches if r["optimizer"] == optimizer]
-        return (same_optimizer or matches or [{"seconds_per_step": None}])[0]["seconds_per_step"]
+        matches.sort(key=lambda r: (r["optimizer"] != optimizer, str(r["threads"]) != str(self.run_threads)))
+        return (matches or [{"seconds_per_step": None}])[0]["seconds_per_step"]
+
+    @property
+    def run_threads(self) -> int | None:
+        """The torch threads `bench run` gives a run on this machine (all cores) — on a CPU, rows measured with that
+        many threads are preferred, so the hours are this machine's wall-clock hours."""
+        return os.cpu_count() if self.device_type == "cpu" else None
 
     def describe(self) -> str:
         first = self.rows[0]
@@ -441,6 +447,11 @@ def _number(value: float, thousands: str = "") -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
+def _clock(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str) -> list[str]:
     """The lines `bench run --dry-run` prints under its run listing."""
     grid = grid_name or "GRID"
@@ -478,6 +489,11 @@ def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str)
     if calibration is not None:
         lines.append(f"total: {runs} runs, {total_text} {unit} on {calibration.device_name} "
                      f"({left_text} still to run)")
+    if calibration is not None and calibration.device_type == device_type == "cpu" and left is not None:
+        used = sorted({str(r["threads"]) for r in calibration.rows})
+        lines.append(f"estimated wall time on this machine: {_clock(left)} still to run ({_clock(total)} from empty), "
+                     f"training, evaluation and the per-run analyses, {calibration.run_threads} threads per run as "
+                     f"`bench run` uses here (calibrated with {'/'.join(used)} thread(s))")
     missing = estimate.uncalibrated_cells
     if calibration is not None and missing:
         lines.append(f"n/c: {len(missing)} cells have no calibration row on {calibration.device_name} "
