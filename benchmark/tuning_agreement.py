@@ -1,6 +1,11 @@
 """Does successive halving choose what exhaustive tuning chose, and at what cost? (BENCHMARK.md, "Tuning").
 
     python -m benchmark.tuning_agreement --grid quick EXHAUSTIVE_TUNING_CSV HALVING_TUNING_CSV [--output FILE]
+    python -m benchmark.tuning_agreement --grid quick --store DIR --only arch=small_cnn --config 0.5:0.4 ...
+
+The second form scores halving configurations (rungs:keep, rungs joined by "+") against exhaustive tuning read from
+one store where every candidate has run to every rung and to the end: `make_plan` without and with each
+configuration on the same runs, nothing trained (BENCHMARK.md's table of configurations).
 
 Both files are `tuning.csv` tables of the same grid's cells: one from exhaustive tuning (every candidate trained the
 whole budget; e.g. a committed protocol-3 table), one from successive halving. Per cell (dataset, arch, regime):
@@ -71,13 +76,45 @@ def cell_budgets(grid_name: str) -> dict[tuple, tuple[int, int]]:
     return budgets
 
 
+def configurations(grid_name: str, store_root: Path, only: list[str], configs: list[str]) -> pd.DataFrame:
+    """One row per configuration: agreement, regret and cost against exhaustive tuning on the same store's runs."""
+    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.store import ResultsStore
+    from benchmark.tuning import make_plan
+    grid = load_grid(grid_name, Path("/nonexistent"))
+    specs, store = select(grid.specs, parse_filters(only)), ResultsStore(store_root)
+    base = {k: v for k, v in grid.tuning.items() if k not in ("rungs", "keep")}
+    exhaustive = make_plan(specs, base, store)
+    if not exhaustive.complete:
+        raise SystemExit(f"{store_root}: not every candidate has run to the end; train them first")
+    rows = []
+    for config in configs:
+        rungs, keep = config.split(":")
+        plan = make_plan(specs, {**base, "rungs": [float(r) for r in rungs.split("+")], "keep": float(keep)}, store)
+        table = compare(exhaustive.choices, plan.choices, cell_budgets(grid_name))
+        rows.append({"rungs": rungs, "keep": float(keep), "cells": len(table), "agree": int(table["agree"].sum()),
+                     "regret_median": table["regret_val_auc"].median(), "regret_max": table["regret_val_auc"].max(),
+                     "halving_epochs": int(table["halving_epochs"].sum()),
+                     "exhaustive_epochs": int(table["exhaustive_epochs"].sum())})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="the grid both tables tuned (for the cells' budgets)")
-    parser.add_argument("exhaustive", type=Path)
-    parser.add_argument("halving", type=Path)
+    parser.add_argument("exhaustive", type=Path, nargs="?")
+    parser.add_argument("halving", type=Path, nargs="?")
+    parser.add_argument("--store", type=Path, help="score --config configurations on this store's runs instead")
+    parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--config", action="append", default=[], help="rungs:keep, e.g. 0.25+0.5:0.4")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    if args.store:
+        table = configurations(args.grid, args.store, args.only, args.config)
+        if args.output:
+            table.to_csv(args.output, index=False)
+        print(table.to_string(index=False))
+        return 0
     table = compare(pd.read_csv(args.exhaustive), pd.read_csv(args.halving), cell_budgets(args.grid))
     if args.output:
         table.to_csv(args.output, index=False)
