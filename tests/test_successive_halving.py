@@ -200,3 +200,22 @@ def test_the_estimate_charges_a_rung_the_epochs_since_the_last_one():
     chain = cost_model.estimate([("tune", spec.at_epoch(e)) for e in (10, 20, None)], calibration).cells[0].seconds
     rung_extra = 144 / 64 / 3 + cost_model.RUN_OVERHEAD_SECONDS        # validation logits and overhead per rung
     assert whole > 40 * 20 and chain == pytest.approx(whole + 2 * rung_extra)
+
+
+def test_configurations_are_scored_on_one_stores_runs(grid_file, tmp_path):
+    """Known answer: lr 0.1 leads at half the budget, lr 0.2 wins at the end. A rung at 1/2 keeping 2 of 3 still
+    reaches the end with both and agrees with exhaustive tuning; keeping 1 of 3 stops with 0.1 and disagrees."""
+    from benchmark.grid import load_grid
+    from benchmark.tuning import make_plan
+    from benchmark.tuning_agreement import configurations
+    path = grid_file(regimes=("joint",), epochs=10,
+                     extra='[tuning]\nseeds = [7]\nlr = [0.2, 0.1, 0.05]\nrungs = [0.5]\nkeep = 0.4\n')
+    grid, store = load_grid(str(path)), ResultsStore(tmp_path / "out")
+    for spec in make_plan(grid.specs, grid.tuning, store).tuning:
+        lr = spec.own_phases["lr"]
+        _finish(store, spec, {0.2: 0.7, 0.1: 0.8, 0.05: 0.6}[lr])             # the rung at epoch 5
+        _finish(store, spec.trajectory, {0.2: 0.95, 0.1: 0.9, 0.05: 0.85}[lr])  # the end
+    table = configurations(str(path), tmp_path / "out", [], ["0.5:0.6", "0.5:0.3"]).set_index("keep")
+    assert table.loc[0.6, "agree"] == 1 and table.loc[0.3, "agree"] == 0
+    assert table.loc[0.3, "regret_max"] == pytest.approx(0.05)
+    assert table["exhaustive_epochs"].tolist() == [30, 30] and table.loc[0.3, "halving_epochs"] == 15
