@@ -378,11 +378,16 @@ def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.nd
     """`evaluate`'s val_auc_normalised from validation logits alone — the score of a successive-halving rung, where
     no test data may be read. The same curves and selection as `evaluate`: validation stands in for the test columns,
     which `selected_auc(..., "val")` never reads."""
-    exit_costs = np.asarray(exit_costs, dtype=np.float64)
-    curves = pd.concat([policy_curve(policy, outputs, outputs, exit_costs) for policy, outputs in
-                        ((policy, ExitOutputs.from_logits(val_logits, val_y, rule)) for policy, rule in POLICY_RULE.items())],
-                       ignore_index=True)
+    outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule),) * 2
+               for rule in dict.fromkeys(POLICY_RULE.values())}
+    curves = policy_curves(outputs, np.asarray(exit_costs, dtype=np.float64))
     return selected_auc(selected_points(curves, float(backbone_cost)), "val")
+
+
+def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray) -> pd.DataFrame:
+    """curves.csv's rows of every policy in POLICY_ORDER, from each rule's (validation, test) outputs."""
+    return pd.concat([policy_curve(policy, *outputs[rule], exit_costs) for policy, rule in POLICY_RULE.items()],
+                     ignore_index=True)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -438,8 +443,7 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
         "test_macro_f1": [macro_f1(test_y, prediction) for prediction in test.prediction],
     })
 
-    curves = pd.concat([policy_curve(policy, *outputs[rule], exit_costs) for policy, rule in POLICY_RULE.items()],
-                       ignore_index=True)
+    curves = policy_curves(outputs, exit_costs)
     curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
     selected = selected_points(curves, backbone_cost)
     at_budget = selected.set_index("selection")["test_accuracy"]      # the points chosen once, read here

@@ -129,11 +129,11 @@ def make_plan(specs: list[RunSpec], tuning: dict[str, Any] | None, store: Result
             survivors = [i for i in ranked if scores[i] > -math.inf]
             if not survivors:
                 break
-            if stop is None or len(survivors) == 1:
+            if stop is None:
                 best = survivors[0]
                 break
             alive = sorted(survivors[:max(1, math.ceil(tuning["keep"] * len(alive)))])
-            if len(alive) == 1:
+            if len(alive) == 1:                                             # decided at this rung
                 best = alive[0]
                 break
             for row in cell_rows:
