@@ -222,7 +222,7 @@ def minimum_step_costs(model, input_shape: tuple[int, ...], num_classes: int, na
     def flops(name: str) -> float:
         objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
         shadow = copy.deepcopy(model)
-        shadow.combiner = objective.exit_combiner(shadow.num_exits, num_classes)
+        shadow.combiner = objective.exit_combiner(shadow, num_classes)
         return minimum_flops(shadow, input_shape, objective)
 
     reference = flops("uniform")
@@ -246,7 +246,7 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: l
         for name, trains in cases:
             model = fresh_model(arch, data, device)
             objective = build_regime("joint" if name == "uniform" else f"joint+{name}").objective
-            model.combiner = objective.exit_combiner(model.num_exits, data.num_classes)
+            model.combiner = objective.exit_combiner(model, data.num_classes)
             result = run_phase(model, Phase("P2" if trains == "all" else "P3", trains, epochs), objective, data,
                                TRAIN, pairing_seed=0, epoch_offset=0, device=device)
             samples[name, trains].append(result.cost.wall_seconds / steps)

@@ -44,8 +44,7 @@ def initial_model(spec: RunSpec, data, device: torch.device):
     seed_everything(spec.pairing_seed)
     model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
                         exits=spec.model["exits"])
-    model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner(model.num_exits,
-                                                                                      data.num_classes)
+    model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner(model, data.num_classes)
     model = model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from benchmark.models.multi_exit import Hidden
 
 TRAINS = ("backbone", "all", "heads", "combiner")
 
@@ -152,17 +153,19 @@ class Objective:
             check_hparam(self, key, value)
         self.hp = {k: overrides.get(k, declared.default) for k, declared in self.hparams.items()}
 
-    def between(self, i: int, hidden: Tensor) -> Tensor:
-        """Acts on the hidden state after block i on its way into block i+1 only (bdl detaches there)."""
+    def between(self, i: int, hidden: Hidden) -> Hidden:
+        """Acts on the hidden state after block i on its way into block i+1 only (bdl detaches there). `hidden` is a
+        tensor or a multi-scale list (MSDNet): the objective chooses the scales (`every_scale`, `on_coarsest_scale`)."""
         return hidden
 
-    def after_block(self, i: int, hidden: Tensor) -> Tensor:
+    def after_block(self, i: int, hidden: Hidden) -> Hidden:
         """Acts on the hidden state after block i before the head at i reads it (ge rescales there)."""
         return hidden
 
-    def exit_combiner(self, num_exits: int, num_classes: int) -> torch.nn.Module | None:
+    def exit_combiner(self, model, num_classes: int) -> torch.nn.Module | None:
         """How the heads' logits become the exits' outputs, in training and at inference (`MultiExitNet.combiner`,
-        installed by `pipeline.initial_model`): None, each exit outputs its head's logits. A combiner has a causal
+        installed by `pipeline.initial_model` on the freshly built `model`, whose heads it may read): None, each exit
+        outputs its head's logits. A combiner has a causal
         `step(k, head_logits, state) -> (output, state)` (state None before exit 0), so early exit can run it. Its
         parameters train with the heads, except those it returns from `last_phase_parameters()` (if it has that
         method): only a `combiner` phase trains them (`final_phases`), after calling its `begin_last_phase()`."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from benchmark.models.multi_exit import every_scale
 from regimes.base import HParam, Objective
 from regimes.registry import register_objective
 
@@ -75,7 +76,7 @@ class BlockDependentLoss(Objective):
     def between(self, i, hidden):
         if i in self._boundaries:
             self._hidden_at[i] = hidden
-            return hidden.detach()
+            return every_scale(torch.Tensor.detach, hidden)
         return hidden
 
     def loss(self, logits, y, ctx):

@@ -11,7 +11,7 @@ models/msdnet_ge.py):
 - Loss Σ_k CE(F_k, y), summed as in the official code.
 - The backbone's gradients are rescaled as the official code's `msdnet_ge` (the architecture of all its CIFAR
   and ImageNet scripts) rescales them: gradient equilibrium (`ge`'s hooks), so each block receives the mean of
-  its downstream exits' gradients.
+  its downstream exits' gradients; on MSDNet on the coarsest scale only, `x[-1]`, as `msdnet_ge` does.
 Not followed: per-block weight decay (a linspace of the official `--weight-decay` list, one value in its
 scripts) — the grid's single weight decay applies.
 """
@@ -45,5 +45,5 @@ class Boosted(GradientEquilibrium):
     hparams = {"shrinkage": HParam(0.5, "weight w of the earlier ensemble in F_k = z_k + w F_{k-1}",
                                    low=0.0, high=1.0, low_open=True)}
 
-    def exit_combiner(self, num_exits: int, num_classes: int) -> nn.Module:
+    def exit_combiner(self, model, num_classes: int) -> nn.Module:
         return BoostedEnsemble(self.hp["shrinkage"])

@@ -11,6 +11,7 @@ gradients through unchanged.
 """
 import torch
 
+from benchmark.models.multi_exit import on_coarsest_scale
 from regimes.base import Objective
 from regimes.registry import register_objective
 
@@ -46,10 +47,10 @@ class GradientEquilibrium(Objective):
         return super().forward(model, x)
 
     def after_block(self, i, hidden):
-        return ScaleGradient.apply(hidden, 1.0 / self._n[i])
+        return on_coarsest_scale(lambda h: ScaleGradient.apply(h, 1.0 / self._n[i]), hidden)
 
     def between(self, i, hidden):
-        return ScaleGradient.apply(hidden, float(self._n[i + 1]))
+        return on_coarsest_scale(lambda h: ScaleGradient.apply(h, float(self._n[i + 1])), hidden)
 
     def loss(self, logits, y, ctx):
         return torch.stack([torch.nn.functional.cross_entropy(z, y) for z in logits]).sum()

@@ -147,28 +147,72 @@ def test_without_bdl_the_last_exit_reaches_the_first_block(net):
     assert reached[-1] == [True] * 7 and reached[0] == [True] + [False] * 6
 
 
-def test_bdl_overlap_cannot_replay_an_msdnet_block_and_says_so(net):
-    with pytest.raises(TypeError, match="MSDNet block 4 reads the list of multi-scale feature maps"):
-        build_regime("joint+bdl", {"groups": 2, "overlap": 1}).objective.forward(net, batch()[0])
+def test_bdl_overlap_replays_every_scale_of_an_msdnet_block(net):
+    """bdl's overlap on MSDNet (groups [[0..3], [4..6]], overlap 1): exit 4 also sends its gradient into the first
+    group through a replay of block 4 on every scale of the attached boundary; the other exits stay in their group;
+    the predictions are the model's own."""
+    objective = build_regime("joint+bdl", {"groups": 2, "overlap": 1}).objective
+    x, y = batch()
+    net.train()
+    state = copy.deepcopy(net.state_dict())
+    logits = objective.forward(net, x)
+    net.load_state_dict(state)
+    for a, b in zip(logits, net(x)):
+        torch.testing.assert_close(a, b)
+    net.load_state_dict(state)
+    reached = blocks_reached(net, objective.forward(net, x), y)
+    group = [0] * 4 + [1] * 3
+    for k, row in enumerate(reached):
+        assert row == [i <= k and (group[i] == group[k] or k == 4) for i in range(7)], (k, row)
 
 
-def test_ge_gives_every_block_the_mean_of_its_exits_gradients(net):
-    """Gradient equilibrium rescales each scale of the list: block i (with n_i = 7 - i exits at or after it) gets
-    1 / n_i times the gradient of sum_k CE_k. In float64, so that summation order does not blur the comparison."""
+def scaled_backward(h, scale):
+    """Identity forward, gradient times `scale` backward: written here apart from `ge`'s ScaleGradient."""
+    return h * scale + h.detach() * (1 - scale)
+
+
+def official_ge_forward(model, x, every_scale=False):
+    """The official `msdnet_ge` forward (kalviny/IMTA, models/msdnet_ge.py) on exitbench's blocks and heads: after
+    block i, x[-1] gets 1/(n - i) before the classifier reads it and n - i - 1 on its way on; with `every_scale`
+    every scale instead (exitbench before protocol 5)."""
+    n = len(model.blocks)
+    scales = (lambda h: range(len(h))) if every_scale else (lambda h: [len(h) - 1])
+    logits = []
+    for i, block in enumerate(model.blocks):
+        h = list(block(x))
+        for s in scales(h):
+            h[s] = scaled_backward(h[s], 1.0 / (n - i))
+        logits.append((model.heads[i] if i < n - 1 else model.classifier)(h))
+        for s in scales(h):
+            h[s] = scaled_backward(h[s], float(n - i - 1))
+        x = h
+    return logits
+
+
+@pytest.mark.parametrize("regime", ["joint+ge", "joint+boosted"])
+def test_ge_rescales_only_the_coarsest_scale_as_the_official_msdnet_ge(net, regime):
+    """Gradient equilibrium on MSDNet: the gradients of every block equal those of the official forward, which
+    rescales x[-1] only (boosted inherits the rule: the official forward's logits go through the same ensemble). The
+    every-scale rule is far from it (at block 0 the finest path compounds to about 1/K). Float64, so summation order
+    does not blur the comparison."""
     x, y = batch()
     model = copy.deepcopy(net).double().eval()
-    params = [list(b.parameters()) for b in model.blocks]
+    objective = build_regime(regime).objective
+    model.combiner = objective.exit_combiner(model, CLASSES)
+    params = [p for b in model.blocks for p in b.parameters()]
 
-    def block_grads(objective):
-        loss = sum(F.cross_entropy(z, y) for z in objective.forward(model, x.double()))
-        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
-        bounds = [0, *accumulate(len(ps) for ps in params)]
-        return [grads[a:b] for a, b in zip(bounds, bounds[1:])]
+    def grads(logits):
+        return torch.autograd.grad(sum(F.cross_entropy(z, y) for z in logits), params)
 
-    plain, ge = block_grads(build_regime("joint").objective), block_grads(build_regime("joint+ge").objective)
-    for i, (g_plain, g_ge) in enumerate(zip(plain, ge)):
-        for a, b in zip(g_plain, g_ge):
-            torch.testing.assert_close(b, a / (7 - i), rtol=1e-9, atol=1e-12)
+    combine = model.combined if model.combiner is not None else (lambda logits: logits)
+    ours = grads(objective.forward(model, x.double()))
+    official = grads(combine(official_ge_forward(model, x.double())))
+    every = grads(combine(official_ge_forward(model, x.double(), every_scale=True)))
+    for a, b in zip(ours, official):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    first_block = len(list(model.blocks[0].parameters()))
+    relative = [float((a - b).norm() / b.norm()) for a, b in zip(every[:first_block], official[:first_block])]
+    assert max(relative) > 0.1, relative
 
 
 # ---------------------------------------------------------------- registration, heads, analyses

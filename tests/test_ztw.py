@@ -25,9 +25,19 @@ def spec_for(regime, hparams=None):
     return digits_spec(regime, TRAIN, hparams)
 
 
+def model_for(regime, arch, digits):
+    """A digits model of `arch`: small_cnn with pool heads, or MSDNet with its own classifier after every block."""
+    if arch == "small_cnn":
+        return initial_model(spec_for(regime), digits, CPU)
+    from benchmark.spec import RunSpec
+    spec = RunSpec(dataset="digits", arch=arch, regime=regime, seed=0, train=dict(TRAIN),
+                   model={"head": "msdnet", "exits": "all"})
+    return initial_model(spec, digits, CPU)
+
+
 def test_ensemble_of_one_exit_is_that_exit():
     torch.manual_seed(0)
-    combiner = ZeroTimeWaste(num_exits=4, num_classes=10)
+    combiner = ZeroTimeWaste(num_exits=4, num_classes=10, feature_dims=[16, 16, 16])
     combiner.begin_last_phase()
     z = torch.randn(32, 10) * 3
     out, _ = combiner.step(0, z, None)
@@ -40,7 +50,7 @@ def test_ensemble_of_one_exit_is_that_exit():
 
 def test_ensemble_is_the_weighted_mean_of_the_cascaded_log_probabilities():
     torch.manual_seed(1)
-    combiner = ZeroTimeWaste(num_exits=4, num_classes=6)
+    combiner = ZeroTimeWaste(num_exits=4, num_classes=6, feature_dims=[16, 16, 16])
     with torch.no_grad():
         for ensemble in combiner.ensembles:
             ensemble.log_weight.normal_(0, 0.5)
@@ -64,10 +74,11 @@ def test_ensemble_is_the_weighted_mean_of_the_cascaded_log_probabilities():
         np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-5)
 
 
-def test_cascade_reads_the_previous_exit_detached(digits, inputs):
+@pytest.mark.parametrize("arch", ["small_cnn", "msdnet"])
+def test_cascade_reads_the_previous_exit_detached(arch, digits, inputs):
     x, y = inputs
-    model = initial_model(spec_for("joint+ztw"), digits, CPU)
-    plain = initial_model(spec_for("joint"), digits, CPU)   # same initial weights: the same head logits
+    model = model_for("joint+ztw", arch, digits)
+    plain = model_for("joint", arch, digits)                # same initial weights: the same head logits
     with evaluating(model), evaluating(plain):
         cascaded, heads = model(x), plain(x)
     assert torch.equal(cascaded[0], heads[0]) and torch.equal(cascaded[-1], heads[-1])
@@ -138,8 +149,23 @@ def test_a_run_fits_the_ensembles_last_on_the_frozen_network(regime, digits, tmp
     assert not np.allclose(plain["test"][0], stored["test"][0])
 
 
-def test_ztw_adds_its_ensemble_phase_to_every_schedule():
+def test_ztw_adds_the_official_image_scripts_ensemble_phase_to_every_schedule():
+    """2 epochs of Adam at lr 1e-3 without weight decay (ztw_cv/scripts: `ensembling_model_args`)."""
     for schedule in ("joint", "mixed", "disjoint"):
         phases = build_regime(f"{schedule}+ztw").phases(Budget(10))
-        assert phases[-1].name == "ensemble" and phases[-1].trains == "combiner" and phases[-1].epochs == 5
+        assert phases[-1].name == "ensemble" and phases[-1].trains == "combiner" and phases[-1].epochs == 2
         assert phases[-1].train == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "msdnet"])
+def test_cascades_start_as_the_extra_columns_of_the_official_concatenated_layer(arch, digits):
+    """Cascade k reads exit k-1's output into head k: its weights are U(+-1/sqrt(D_k + C)), D_k the features of head
+    k's last linear layer, as the columns of the official Linear(D + C, C) — not the fan-in C of a Linear(C, C)."""
+    model = model_for("joint+ztw", arch, digits)
+    classes = digits.num_classes
+    for k, cascade in enumerate(model.combiner.cascades, start=1):
+        features = model.heads[k].linear.in_features
+        bound = 1 / np.sqrt(features + classes)
+        weight = cascade.weight.detach().abs()
+        assert float(weight.max()) <= bound and float(weight.max()) > 0.9 * bound, (k, float(weight.max()), bound)
+        assert bound < 0.5 / np.sqrt(classes)                          # far below Linear(C, C)'s own bound

@@ -12,18 +12,25 @@ import torch
 from torch import nn
 
 Hidden = Union[torch.Tensor, list[torch.Tensor]]
-Between = Callable[[int, torch.Tensor], torch.Tensor]
+Between = Callable[[int, Hidden], Hidden]
 Observe = Callable[[int, Hidden], None]
 
 
-def map_hidden(hook: Between, i: int, hidden: Hidden) -> Hidden:
-    """``hook(i, hidden)`` for a tensor; for a list of scales, ``hook(i, scale)`` on each scale in list order.
-
-    The regimes' hooks (detach, gradient rescaling) act on each tensor alone, so they need not know about lists.
-    """
+def every_scale(fn: Callable[[torch.Tensor], torch.Tensor], hidden: Hidden) -> Hidden:
+    """``fn`` on the tensor, or on each scale of a multi-scale list: for what must hold on every path into the next
+    block (bdl's detach: one scale left attached would carry the gradient)."""
     if isinstance(hidden, torch.Tensor):
-        return hook(i, hidden)
-    return [hook(i, scale) for scale in hidden]
+        return fn(hidden)
+    return [fn(scale) for scale in hidden]
+
+
+def on_coarsest_scale(fn: Callable[[torch.Tensor], torch.Tensor], hidden: Hidden) -> Hidden:
+    """``fn`` on the tensor, or on the last (coarsest) scale of a multi-scale list only, the finer scales untouched:
+    for what acts on the state the exits read (gradient equilibrium rescales only ``x[-1]`` in the official
+    ``msdnet_ge``)."""
+    if isinstance(hidden, torch.Tensor):
+        return fn(hidden)
+    return [*hidden[:-1], fn(hidden[-1])]
 
 
 def coarsest_scale(hidden: Hidden) -> torch.Tensor:
@@ -45,6 +52,7 @@ class MultiExitNet(nn.Module):
         classifier: nn.Module,
         heads: Sequence[nn.Module] = (),
         exit_blocks: Sequence[int] = (),
+        multi_scale: bool = False,
     ):
         super().__init__()
         exit_blocks = [int(b) for b in exit_blocks]
@@ -59,6 +67,7 @@ class MultiExitNet(nn.Module):
         self.classifier = classifier
         self.heads = nn.ModuleList(heads)
         self.exit_blocks = exit_blocks
+        self.multi_scale = multi_scale            # blocks pass a list of scales (MSDNet); what objectives may read
         self._head_after_block = {block: k for k, block in enumerate(exit_blocks)}
         self.combiner: nn.Module | None = None      # set by a regime whose exits output more than their head's logits
 
@@ -75,7 +84,8 @@ class MultiExitNet(nn.Module):
         regime can detach or rescale the path into later blocks without touching that head's own gradient.
         ``after_block(i, hidden)`` is called on the output of every block first, and both the head (or the
         classifier) and ``between`` see what it returns (gradient equilibrium rescales there).
-        Where the hidden state is a list of scales, both hooks are called on each scale in turn (``map_hidden``).
+        Both hooks receive the whole hidden state (a tensor, or MSDNet's list of scales) and decide which scales they
+        act on (``every_scale``, ``on_coarsest_scale``).
         ``observe(i, hidden)`` is then called with every block's whole hidden state (a tensor or the list), as
         the head reads it; it returns nothing and changes nothing (analyses read activations there).
         With a ``combiner`` (the regime's `Objective.exit_combiner`, e.g. boosted's additive ensemble), exit k
@@ -86,7 +96,7 @@ class MultiExitNet(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if after_block is not None:
-                x = map_hidden(after_block, i, x)
+                x = after_block(i, x)
             if observe is not None:
                 observe(i, x)
             if i == last:
@@ -94,7 +104,7 @@ class MultiExitNet(nn.Module):
             if i in self._head_after_block:
                 logits.append(self.heads[self._head_after_block[i]](x))
             if between is not None:
-                x = map_hidden(between, i, x)
+                x = between(i, x)
         logits.append(self.classifier(x))
         return logits if self.combiner is None else self.combined(logits)
 

@@ -126,7 +126,7 @@ def build_model(
     profile = _profile_backbone(spec, backbone, input_shape)
     exit_blocks = place_exits(exits, profile.blocks, profile.classifier)
     heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes) for b in exit_blocks]
-    return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks)
+    return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks, multi_scale=spec.multi_scale)
 
 
 def _checked_spec(arch: str, input_shape: Sequence[int]) -> tuple[ArchSpec, tuple[int, ...]]:
