@@ -56,16 +56,24 @@ class ExitGradients:
     reach: Tensor
     own: list[tuple[Tensor | None, ...]]
 
+    def own_update(self, weights: Tensor) -> list[Tensor | None]:
+        """Per parameter that is not shared: the sum over exits of weights[k] times exit k's gradient (None where no
+        exit reaches it)."""
+        updates = []
+        for i in range(len(self.own_parameters)):
+            parts = [w * grads[i] for w, grads in zip(weights, self.own) if grads[i] is not None]
+            updates.append(torch.stack(parts).sum(0) if parts else None)
+        return updates
+
     def apply(self, direction: Tensor, weights: Tensor) -> None:
-        """Write the update into `.grad`: `direction` (P,) on the shared parameters, and on every other parameter
-        the sum over exits of weights[k] times exit k's gradient."""
+        """Write the update into `.grad`: `direction` (P,) on the shared parameters, `own_update(weights)` on the
+        others."""
         offset = 0
         for p in self.shared_parameters:
             p.grad = direction[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-        for i, p in enumerate(self.own_parameters):
-            parts = [w * grads[i] for w, grads in zip(weights, self.own) if grads[i] is not None]
-            p.grad = torch.stack(parts).sum(0).to(p.dtype) if parts else None
+        for p, update in zip(self.own_parameters, self.own_update(weights)):
+            p.grad = update.to(p.dtype) if update is not None else None
 
 
 def exit_gradients(model, losses: Sequence[Tensor]) -> ExitGradients:

@@ -2,23 +2,29 @@
 Harmoniously", ECCV 2022), at the granularity of one optimisation step.
 
 The official code (SYVAE/MetaGF, M5main_GF.py, tools/DifUpdate.py; its CIFAR scripts' settings) per epoch: (1) for
-each exit k, from the same starting weights, trains one epoch on CE_k + a·Σ_{j≠k} CE_j (a = `auxiliarylr` 0.1)
-giving weights θ_k; (2) fuses them tensor by tensor, θ_t = Σ_k σ(m_kt) θ_kt / Σ_k σ(m_kt), over the exits whose loss
-reaches tensor t (the heads: their own exit only), with one meta-weight m_kt per (exit, tensor), initialised to 1;
-(3) learns m by Adam (lr 0.1) on the SDN-weighted loss of the fused network, differentiating through the fusion;
-(4) keeps an EMA of the meta-weights, m <- 0.1·m_new + 0.9·m_old.
+each exit k, from the same starting weights, trains one epoch on s_k·(CE_k + a·Σ_{j≠k} w_j·CE_j) giving weights θ_k
+(a = `auxiliarylr` 0.1; w = [1, 1, 0.6, 0.6, 0.75, 0.9, 1], fixed per exit j in `train_minibatch`; s_k the SDN ramp
+τ_k of the current epoch for an internal exit and 1 for the last when `usingsdn` is 1 — its ResNet and VGG scripts
+—, 1 when it is 0 — its MSDNet script); (2) fuses them tensor by tensor, θ_t = Σ_k σ(m_kt) θ_kt / Σ_k σ(m_kt), over
+the exits whose loss reaches tensor t (`p.grad is not None` for exit k's output; the heads: their own exit only),
+with one meta-weight m_kt per (exit, tensor), initialised to 1; (3) learns m by Adam (lr 0.1) on the SDN-weighted
+loss of the fused network, differentiating through the fusion; (4) keeps an EMA of the meta-weights,
+m <- 0.1·m_new + 0.9·m_old. Both ramps read the 0-based epoch: τ_k = min(C_k, 0.01 + e·C_k / E), e = 0, ..., E − 1.
 
-Here one step plays one epoch's part: each exit's task update is the gradient d_k = g_k + a·Σ_{j≠k} g_j of one
-batch (one backward per exit, from its own loss, on one forward: `exit_gradients`), the fused update
+Here one step plays one epoch's part: each exit's task update is the gradient d_k = s_k·(g_k + a·Σ_{j≠k} w_j·g_j)
+of one batch (one backward per exit, from its own loss, on one forward: `exit_gradients`), the fused update
 d_t = Σ_k σ(m_kt) d_kt / Σ_k σ(m_kt) over the exits whose loss reaches tensor t (where autograd gives exit k a
 gradient, `ExitGradients.reach`: on MSDNet exit k does not reach the finer scales of its own block), and the
 meta-weights take one Adam step on the SDN-weighted loss (`sdn_weights`, the ramp the official meta loss uses) of
 the same batch at the look-ahead weights θ − lr·d(m), then the EMA. The fused update is applied as the gradient of
 the run's optimizer (momentum, weight decay), as pcgrad, cagrad and nash apply theirs; it is the update fused with
 the meta-weights from before their step, as the official epoch keeps the network fused before the last meta step.
-Heads and the classifier get their own exit's gradient, in the update and in the look-ahead.
-Deviation, stated: per step, not per epoch (an epoch per exit would multiply the run's compute by K + 1); the
-look-ahead is plain SGD at the current lr.
+Heads and the classifier get their own exit's task gradient s_k·g_k (the only θ_k the fusion reads for them), in
+the update and in the look-ahead. `task_ramp = "auto"` follows the official scripts per architecture (the ramp on
+single-scale backbones, none on MSDNet).
+Deviations, stated: per step, not per epoch (an epoch per exit would multiply the run's compute by K + 1); the
+look-ahead is plain SGD at the current lr; on a network with more than 7 exits, exits past the seventh weigh 1 in
+the auxiliary terms (the official list ends there, with 1).
 """
 from __future__ import annotations
 
@@ -33,9 +39,21 @@ from regimes.registry import register_objective
 from regimes.sdn import sdn_weights
 
 
-def task_directions(grads: Tensor, auxiliary: float) -> Tensor:
-    """d_k = g_k + a·Σ_{j≠k} g_j for every exit k (K, P): the official inner task's loss CE_k + a·Σ_{j≠k} CE_j."""
-    return (1 - auxiliary) * grads + auxiliary * grads.sum(0, keepdim=True)
+AUXILIARY_EXIT_WEIGHTS = (1.0, 1.0, 0.6, 0.6, 0.75, 0.9, 1.0)
+"""w_j: the official weights of exit j's loss in another exit's task (`train_minibatch`), times `auxiliary`."""
+
+
+def auxiliary_exit_weights(num_exits: int) -> Tensor:
+    """w_j for exits 0..K−1: the official list, 1 past its seventh entry."""
+    return torch.tensor([AUXILIARY_EXIT_WEIGHTS[j] if j < len(AUXILIARY_EXIT_WEIGHTS) else 1.0
+                         for j in range(num_exits)])
+
+
+def task_directions(grads: Tensor, auxiliary: float, exit_weights: Tensor, task_scales: Tensor) -> Tensor:
+    """d_k = s_k·(g_k + a·Σ_{j≠k} w_j·g_j) for every exit k (K, P): the gradient of the official inner task's loss
+    s_k·(CE_k + a·Σ_{j≠k} w_j·CE_j)."""
+    weighted = (auxiliary * exit_weights.to(grads))[:, None] * grads
+    return task_scales.to(grads)[:, None] * (grads + weighted.sum(0, keepdim=True) - weighted)
 
 
 def fuse(directions: Tensor, meta_weights: Tensor, reach: Tensor, sizes: list[int]) -> Tensor:
@@ -60,6 +78,9 @@ class MetaGF(GradientCombination):
         "ema": HParam(0.9, "weight of the previous meta-weights in their EMA", low=0, high=1),
         "c_min": HParam(0.15, "SDN weight cap of the first internal exit in the meta loss", low=0, high=1),
         "c_max": HParam(0.90, "SDN weight cap of the last internal exit in the meta loss", low=0, high=1),
+        "task_ramp": HParam("auto", "SDN ramp s_k on exit k's task loss (official `usingsdn`): sdn, none, or auto "
+                                    "(sdn on single-scale backbones, none on multi-scale ones, as the official "
+                                    "scripts)", choices=("auto", "sdn", "none")),
     }
 
     def __init__(self, **overrides):
@@ -83,8 +104,14 @@ class MetaGF(GradientCombination):
         self._restore = dict(state)
 
     def meta_loss_weights(self, ctx: StepContext) -> Tensor:
-        taus = sdn_weights(ctx.epoch + 1, ctx.epochs, ctx.num_exits - 1, self.hp["c_min"], self.hp["c_max"])
+        """The SDN ramp at the 0-based epoch for the internal exits, 1 for the last (official `eval_validate`)."""
+        taus = sdn_weights(ctx.epoch, ctx.epochs, ctx.num_exits - 1, self.hp["c_min"], self.hp["c_max"])
         return torch.tensor([*taus, 1.0], dtype=torch.float32)
+
+    def task_scales(self, model, ctx: StepContext) -> Tensor:
+        """s_k: the SDN ramp (the meta loss's weights) or 1 for every exit, per `task_ramp`."""
+        ramp = self.hp["task_ramp"] == "sdn" or (self.hp["task_ramp"] == "auto" and not model.multi_scale)
+        return self.meta_loss_weights(ctx) if ramp else torch.ones(ctx.num_exits)
 
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         logits = self.forward(model, x)
@@ -102,25 +129,25 @@ class MetaGF(GradientCombination):
                     self.meta_weights.copy_(self._restore["meta_weights"])
                 self.meta_optimizer.load_state_dict(self._restore["meta_optimizer"])
                 self._restore = {}
-        directions = task_directions(grads.shared, self.hp["auxiliary"])
+        scales = self.task_scales(model, ctx).to(losses.device)
+        directions = task_directions(grads.shared, self.hp["auxiliary"], auxiliary_exit_weights(len(losses)), scales)
         fused = fuse(directions, self.meta_weights, self.reach, self.sizes)
         update = fused.detach()
-        self.meta_step(model, x, y, grads, fused, optimizer.param_groups[0]["lr"], ctx)
+        self.meta_step(model, x, y, grads, fused, scales, optimizer.param_groups[0]["lr"], ctx)
         optimizer.zero_grad(set_to_none=True)
-        grads.apply(update, torch.ones(len(losses), device=losses.device))
+        grads.apply(update, scales)
         optimizer.step()
         return {"loss": losses.sum(), "exit_ce": losses}
 
-    def meta_step(self, model, x, y, grads, fused: Tensor, lr: float, ctx: StepContext) -> None:
+    def meta_step(self, model, x, y, grads, fused: Tensor, scales: Tensor, lr: float, ctx: StepContext) -> None:
         """One Adam step of the meta-weights on the SDN-weighted loss at θ − lr·fused (heads: their own exit's
-        gradient), then the EMA. The look-ahead forward uses copies of the buffers: BatchNorm's running
+        task gradient), then the EMA. The look-ahead forward uses copies of the buffers: BatchNorm's running
         statistics see each batch once."""
         ahead, offset = {}, 0
         for p, size in zip(grads.shared_parameters, self.sizes):
             ahead[self.names[id(p)]] = p.detach() - lr * fused[offset:offset + size].view_as(p)
             offset += size
-        for i, p in enumerate(grads.own_parameters):
-            own = next((g[i] for g in grads.own if g[i] is not None), None)
+        for p, own in zip(grads.own_parameters, grads.own_update(scales)):
             ahead[self.names[id(p)]] = p.detach() - lr * own if own is not None else p.detach()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         logits = functional_call(model, {**ahead, **buffers}, (x,))

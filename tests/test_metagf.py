@@ -11,7 +11,7 @@ from benchmark.spec import RunSpec
 from benchmark.train import held, make_optimizer
 from regimes.base import StepContext
 from regimes.exit_gradients import exit_gradients
-from regimes.metagf import fuse, task_directions
+from regimes.metagf import AUXILIARY_EXIT_WEIGHTS, auxiliary_exit_weights, fuse, task_directions
 from regimes.registry import build_regime
 
 TRAIN = {"epochs": 1, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.0,
@@ -27,11 +27,39 @@ def batch():
     return spec, data, prepare(x_train[:64]), data.y_train[:64]
 
 
-def test_task_directions_add_the_other_exits_gradients_scaled():
-    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
-    expected = torch.stack([g[k] + 0.1 * (g.sum(0) - g[k]) for k in range(3)])
-    assert torch.allclose(task_directions(g, 0.1), expected)
-    assert torch.equal(task_directions(g, 0.0), g)
+def test_task_directions_are_the_gradients_of_the_official_task_losses():
+    """d_k = s_k (g_k + a sum_{j != k} w_j g_j), written as loops over the official task loss's terms."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 4.0]])
+    w = auxiliary_exit_weights(4)
+    s = torch.tensor([0.2, 0.5, 0.7, 1.0])
+    expected = torch.stack([s[k] * (g[k] + sum(0.1 * w[j] * g[j] for j in range(4) if j != k)) for k in range(4)])
+    torch.testing.assert_close(task_directions(g, 0.1, w, s), expected)
+    assert torch.equal(task_directions(g, 0.0, w, torch.ones(4)), g)
+
+
+def test_auxiliary_weights_are_the_official_list_then_one():
+    assert auxiliary_exit_weights(4).tolist() == pytest.approx([1.0, 1.0, 0.6, 0.6])
+    assert auxiliary_exit_weights(7).tolist() == pytest.approx(list(AUXILIARY_EXIT_WEIGHTS))
+    assert auxiliary_exit_weights(9).tolist()[7:] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("arch, ramp", [("small_cnn", True), ("msdnet", False)])
+def test_task_ramp_auto_follows_the_official_scripts_and_reads_the_zero_based_epoch(arch, ramp):
+    """usingsdn 1 (ResNet/VGG scripts) on single-scale backbones, 0 (MSDNet script) on multi-scale ones; the ramp
+    at the official 0-based epoch e is min(C_k, 0.01 + e C_k / E)."""
+    from benchmark.models import build_model
+    model = build_model(arch, 10, (3, 32, 32), exits="all" if arch == "msdnet" else "flops:0.25,0.5,0.75")
+    objective = build_regime("joint+metagf").objective
+    k = model.num_exits
+    caps = torch.linspace(0.15, 0.9, k - 1)
+    for epoch in (0, 3):
+        ctx = StepContext(phase="P2", epoch=epoch, epochs=10, step=0, num_exits=k)
+        tau = torch.minimum(caps, 0.01 + epoch * caps / 10)
+        torch.testing.assert_close(objective.meta_loss_weights(ctx), torch.cat([tau, torch.ones(1)]))
+        expected = objective.meta_loss_weights(ctx) if ramp else torch.ones(k)
+        torch.testing.assert_close(objective.task_scales(model, ctx), expected)
+    forced = build_regime("joint+metagf", {"task_ramp": "sdn" if not ramp else "none"}).objective
+    assert not torch.equal(forced.task_scales(model, ctx), objective.task_scales(model, ctx))
 
 
 def test_fusion_averages_the_exits_that_reach_each_tensor():
@@ -67,13 +95,19 @@ def test_exits_reach_the_blocks_up_to_their_own_and_heads_only_their_own_exit(ba
         assert [k for k in range(model.num_exits) if grads.own[k][i] is not None] == [owner[id(p)]]
 
 
-def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahead_loss(batch):
+@pytest.mark.parametrize("arch", ["small_cnn", "msdnet"])
+def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahead_loss(arch, batch):
+    """On a single-scale backbone (the tasks carry the SDN ramp) and on MSDNet (no ramp; exits reach only part of
+    their own block): the update is the fusion of the official task updates over the exits that reach each tensor."""
     spec, data, x, y = batch
+    if arch == "msdnet":
+        spec = RunSpec(dataset="digits", arch="msdnet", regime="joint+metagf", seed=0, train=dict(TRAIN),
+                       model={"head": "msdnet", "exits": "all"})
     model = initial_model(spec, data, torch.device("cpu"))
     model.train()
     objective = build_regime("joint+metagf", {"ema": 0.0}).objective
     optimizer = make_optimizer(list(model.parameters()), TRAIN)
-    ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=model.num_exits)
+    ctx = StepContext(phase="P2", epoch=2, epochs=4, step=0, num_exits=model.num_exits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     objective.step(model, x, y, optimizer, ctx)
@@ -86,8 +120,11 @@ def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahe
     replay.train()
     grads = exit_gradients(replay, [F.cross_entropy(z, y) for z in replay(x)])
     reach = grads.reach
+    assert torch.equal(objective.reach, reach)
     sizes = [p.numel() for p in grads.shared_parameters]
-    fused = fuse(task_directions(grads.shared, 0.1), torch.ones(reach.shape), reach, sizes)
+    scales = objective.meta_loss_weights(ctx) if arch == "small_cnn" else torch.ones(model.num_exits)
+    directions = task_directions(grads.shared, 0.1, auxiliary_exit_weights(model.num_exits), scales)
+    fused = fuse(directions, torch.ones(reach.shape), reach, sizes)
     names = {id(p): n for n, p in replay.named_parameters()}
     offset = 0
     after = dict(model.named_parameters())
@@ -95,20 +132,20 @@ def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahe
         expected = before[names[id(p)]] - TRAIN["lr"] * fused[offset:offset + size].view_as(p)
         offset += size
         assert torch.allclose(after[names[id(p)]], expected, atol=1e-6), names[id(p)]
-    head = model.heads[0].linear.weight
+    head = model.heads[0].linear.weight                               # exit 0's task gradient s_0 g_0
     head_grad = torch.autograd.grad(F.cross_entropy(replay(x)[0], y), replay.heads[0].linear.weight)[0]
-    assert torch.allclose(head, before["heads.0.linear.weight"] - TRAIN["lr"] * head_grad, atol=1e-6)
+    assert torch.allclose(head, before["heads.0.linear.weight"] - TRAIN["lr"] * scales[0] * head_grad, atol=1e-6)
 
     # the meta step moved the weights downhill on the look-ahead loss (a small step of its own direction)
     def look_ahead_loss(meta):
-        update = fuse(task_directions(grads.shared, 0.1), meta, reach, sizes)
+        update = fuse(directions, meta, reach, sizes)
         state, offset = {}, 0
         for p, size in zip(grads.shared_parameters, sizes):
             state[names[id(p)]] = p.detach() - TRAIN["lr"] * update[offset:offset + size].view_as(p)
             offset += size
-        for i, p in enumerate(grads.own_parameters):                # heads: their own exit's gradient
-            own = next(g[i] for g in grads.own if g[i] is not None)
-            state[names[id(p)]] = p.detach() - TRAIN["lr"] * own
+        for i, p in enumerate(grads.own_parameters):                # heads: their own exit's task gradient
+            k, own = next((k, g[i]) for k, g in enumerate(grads.own) if g[i] is not None)
+            state[names[id(p)]] = p.detach() - TRAIN["lr"] * scales[k] * own
         logits = torch.func.functional_call(replay, {**state, **{n: b.clone() for n, b in replay.named_buffers()}},
                                             (x,))
         weights = objective.meta_loss_weights(ctx)
@@ -118,6 +155,21 @@ def test_one_step_applies_the_fused_update_and_the_meta_step_lowers_the_look_ahe
     moved = objective.meta_weights.detach()
     small = start + 0.05 * (moved - start) / (moved - start).abs().max()
     assert look_ahead_loss(small) < look_ahead_loss(start)
+
+
+def test_meta_weights_keep_an_ema_of_their_adam_steps(batch):
+    """With ema = 0.9 the meta-weights after a step are 0.1 m_new + 0.9 m_old, m_new those of the ema = 0 run."""
+    spec, data, x, y = batch
+    ctx = StepContext(phase="P2", epoch=1, epochs=4, step=0, num_exits=4)
+    meta = {}
+    for ema in (0.0, 0.9):
+        model = initial_model(spec, data, torch.device("cpu"))
+        model.train()
+        objective = build_regime("joint+metagf", {"ema": ema}).objective
+        objective.step(model, x, y, make_optimizer(list(model.parameters()), TRAIN), ctx)
+        meta[ema] = objective.meta_weights.detach()
+    torch.testing.assert_close(meta[0.9], 0.1 * meta[0.0] + 0.9 * torch.ones_like(meta[0.0]))
+    assert not torch.allclose(meta[0.9], meta[0.0])
 
 
 def test_metagf_composes_with_joint_and_mixed_only():
