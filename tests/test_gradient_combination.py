@@ -22,14 +22,15 @@ from regimes.registry import build_regime, regime_names
 GRADIENT_OBJECTIVES = ("pcgrad", "cagrad", "nash")
 
 
-def official_pcgrad(grads, orders):
+def official_pcgrad(grads, orders, skip_own=False):
     """A transcription of the PyTorch port's loop (Pytorch-PCGrad `_project_conflicting`, one task at a time,
-    projected against the other tasks' original gradients in the given order), summed."""
+    projected against every task's original gradient, its own included, in the given order); `skip_own`: exitbench's
+    rule before protocol 5."""
     projected = []
     for i, g_i in enumerate(grads):
         g = g_i.clone()
         for j in orders[i].tolist():
-            if j == i:
+            if j == i and skip_own:
                 continue
             inner = torch.dot(g, grads[j])
             if inner < 0:
@@ -57,6 +58,26 @@ def test_pcgrad_matches_the_official_loop_and_leaves_agreeing_gradients_alone():
     assert torch.allclose(project_conflicting(grads, orders), official_pcgrad(grads, orders), atol=1e-12)
     agreeing = torch.rand(4, 30, generator=generator, dtype=torch.float64)       # all inner products > 0
     assert torch.equal(project_conflicting(agreeing, orders[:4, :4].argsort(1)), agreeing)
+
+
+def test_pcgrad_projects_a_gradient_that_turned_against_its_own_original():
+    """With three or more exits, projections can turn g_i against its own original g_i; the official loops then
+    project it off g_i too. Search small random cases (own gradient last in the order) for one where that happens:
+    the result is the official loop's, not the one that skips its own gradient."""
+    for seed in range(200):
+        generator = torch.Generator().manual_seed(seed)
+        grads = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        orders = torch.stack([torch.tensor([*(j for j in torch.randperm(5, generator=generator).tolist() if j != i), i])
+                              for i in range(5)])
+        skipping = official_pcgrad(grads, orders, skip_own=True)
+        if not torch.allclose(skipping, official_pcgrad(grads, orders)):
+            break
+    else:
+        pytest.fail("no case among 200 where the own projection matters")
+    projected = project_conflicting(grads, orders)
+    torch.testing.assert_close(projected, official_pcgrad(grads, orders), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(projected, skipping)
+    assert ((projected * grads).sum(1) >= -1e-12).all()           # no exit's update opposes its own gradient
 
 
 def test_cagrad_with_c_zero_is_the_mean_gradient():
@@ -282,3 +303,85 @@ def test_heads_get_their_own_exits_gradient_weighted(objective, batch):
     torch.testing.assert_close(own, weights[0] * head.grad, **TOLERANCE)
     if objective == "nash":
         assert float(direction.norm()) <= built.hp["max_norm"] + 1e-5
+
+
+def reference_update(objective, shared, generator):
+    """Each method's shared-block update and head weights written from its definition, on gradients `shared` (K, P):
+    pcgrad the official loop summed (orders drawn as the step draws them; in float64), cagrad K times the official formula
+    (test_cagrad_weights_minimise_the_dual checks its weights), nash Σ α_k g_k clipped to max_norm."""
+    k = len(shared)
+    if objective == "pcgrad":
+        orders = torch.rand(k, k, generator=generator).argsort(1)
+        return official_pcgrad(shared.double(), orders).sum(0).to(shared.dtype), torch.ones(k)   # float64: the
+        # loop's float32 dot products over ~1e5 entries drift ~1e-5 (MSDNet), ours are closer to exact
+    if objective == "cagrad":
+        return k * cagrad_direction(shared, 0.4), torch.ones(k)
+    alpha = torch.as_tensor(bargaining_weights((shared.double() @ shared.double().T).numpy()), dtype=shared.dtype)
+    direction = alpha @ shared
+    return direction * min(1.0, 1.0 / (float(direction.norm()) + 1e-6)), alpha
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "msdnet"])
+@pytest.mark.parametrize("objective", GRADIENT_OBJECTIVES)
+def test_a_whole_step_through_the_optimizer_applies_the_methods_update(objective, arch, data):
+    """`step` end to end — one forward, the K backward passes, the combination, `.grad`, SGD with momentum, Nesterov
+    and weight decay — against a replay on a copy: the per-exit gradients of K separate forwards and backwards, the
+    method's update from its definition, each head's own exit's gradient times the method's weight, torch's SGD."""
+    model = build(arch, data, f"joint+{objective}")
+    replay = copy.deepcopy(model)
+    x_train, prepare = held(data, "train")
+    x, y = prepare(x_train[:32]), data.y_train[:32]
+    model.train()
+    replay.train()
+    ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=model.num_exits,
+                      generator=torch.Generator().manual_seed(7))
+    build_regime(f"joint+{objective}").objective.step(model, x, y, make_optimizer(list(model.parameters()), TRAIN),
+                                                       ctx)
+
+    shared_rows, own_rows = k_pass_reference(replay, x, y)
+    shared, own = split_parameters(replay)
+    grads = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                    for g, p in zip(row, shared)]) for row in shared_rows])
+    direction, weights = reference_update(objective, grads, torch.Generator().manual_seed(7))
+    offset = 0
+    for p in shared:
+        p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    for i, p in enumerate(own):
+        [(k, g)] = [(k, row[i]) for k, row in enumerate(own_rows) if row[i] is not None]
+        p.grad = weights[k] * g
+    make_optimizer(list(replay.parameters()), TRAIN).step()
+    for (name, a), b in zip(model.named_parameters(), replay.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def cagrad_dual(w, gram, c):
+    """The official CAGrad dual: wᵀ(GGᵀ)1/K + c·sqrt(mean(GGᵀ))·sqrt(wᵀ(GGᵀ)w)."""
+    k = len(gram)
+    return w @ gram @ np.full(k, 1 / k) + c * np.sqrt(gram.mean() + 1e-8) * np.sqrt(w @ gram @ w + 1e-8)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_cagrad_weights_minimise_the_dual_and_the_step_is_k_times_the_official_update(seed):
+    """On three conflicting exits the solver's weights reach the dual's minimum over a grid of the simplex (steps of
+    1/300); the combined update is K times the official `cagrad(..., rescale=1)` built from those weights, so c = 0
+    gives the summed loss's gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = torch.randn(3, 12, generator=generator, dtype=torch.float64)
+    grads[2] = -0.7 * grads[0] + 0.4 * torch.randn(12, generator=generator, dtype=torch.float64)
+    gram = (grads @ grads.T).numpy()
+    c = 0.4
+    w = simplex_weights(gram, c)
+    steps = np.arange(301) / 300
+    grid = np.array([(a, b, 1 - a - b) for a in steps for b in steps if a + b <= 1 + 1e-12])
+    values = np.array([cagrad_dual(v, gram, c) for v in grid])
+    assert cagrad_dual(w, gram, c) <= values.min() + 1e-6 * abs(values.min())
+    assert cagrad_dual(w, gram, c) < cagrad_dual(np.full(3, 1 / 3), gram, c)
+    g_w = torch.as_tensor(w) @ grads
+    official = (grads.mean(0) + c * np.sqrt(gram.mean() + 1e-8) / (float(g_w.norm()) + 1e-8) * g_w) / (1 + c ** 2)
+    ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=3)
+    direction, weights = build_regime("joint+cagrad").objective.combine(grads, ctx)
+    torch.testing.assert_close(direction, 3 * official)
+    assert torch.equal(weights, torch.ones(3))
+    plain, _ = build_regime("joint+cagrad", {"c": 0.0}).objective.combine(grads, ctx)
+    torch.testing.assert_close(plain, grads.sum(0))
