@@ -11,10 +11,15 @@ thresholds still fit on clean validation: a deployed model does not know the shi
 - **In the data's own units.** Model inputs are de-normalised with the training statistics (images to the [0, 1]
   pixel scale, where they are clipped after corruption; series to their recorded units), corrupted, and normalised
   again by the same float32 rule as the clean split. Severity 0 is the clean split as held, untouched.
-- **Images** follow CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019), its parameters for 32 px: gaussian_noise,
-  shot_noise, gaussian_blur, contrast, pixelate. Spatial parameters (the blur's sigma) scale with the side for
-  images larger than 32 px (TinyImageNet: x2) and keep CIFAR's pixel values for smaller ones, where a pixel is a
-  larger share of the object; pixelate's factor is a share of the side at every size.
+- **Images** follow CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019; hendrycks/robustness, make_cifar_c.py), its
+  parameters for 32 px: gaussian_noise, shot_noise, gaussian_blur (scikit-image's `gaussian`: edge padding,
+  kernel cut at 4 sigma), contrast (each channel's own mean), pixelate (PIL's BOX resize down and back up). Like the
+  CIFAR-10-C files, the results are stored as 8-bit pixels: clipped to [0, 1], then truncated to a multiple of
+  1/255 (`np.uint8` of the 0-255 value). Spatial parameters (the blur's sigma) scale with the side for images larger
+  than 32 px (TinyImageNet: x2) and keep CIFAR's pixel values for smaller ones, where a pixel is a larger share of
+  the object; pixelate's factor is a share of the side at every size. Deviation, stated: pixelate resizes in float
+  and truncates once at the end, where PIL on 8-bit images rounds after each of its two resizes (at most 1/255
+  apart).
 - **Series** follow the sensor-data augmentations of Um et al. (ICMI 2017): jitter (additive Gaussian noise, a
   share of each channel's training std), scaling (one random gain per sample and channel), time_warp (a smooth
   random change of speed through 4 interior knots) and channel_dropout (a share of the channels of each sample
@@ -56,26 +61,52 @@ def _shot_noise(x, c, g, data):
 
 
 def _gaussian_blur(x, sigma, g, data):
+    """scipy.ndimage.gaussian_filter as scikit-image calls it (mode 'nearest', truncate 4.0) on each channel."""
     sigma *= max(1.0, x.shape[-1] / 32)
-    radius = min(math.ceil(3 * sigma), x.shape[-1] - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel /= kernel.sum()
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * offsets ** 2 / sigma ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
     channels = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
 def _contrast(x, c, g, data):
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=(2, 3), keepdim=True)          # per image and channel, as make_cifar_c.py
     return (x - mean) * c + mean
 
 
+def box_resampling(in_size: int, out_size: int) -> torch.Tensor:
+    """(out, in) weights of PIL's BOX resize along one axis (Pillow's `precompute_coeffs` with its box filter): output
+    pixel i averages, with equal weights, the input pixels whose centres lie in (centre_i − s/2, centre_i + s/2],
+    s = max(in/out, 1) input pixels."""
+    scale = in_size / out_size
+    width = max(scale, 1.0)
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        for j in range(max(int(centre - width / 2 + 0.5), 0), min(int(centre + width / 2 + 0.5), in_size)):
+            if -0.5 < (j + 0.5 - centre) / width <= 0.5:
+                weights[i, j] = 1.0
+        weights[i] /= weights[i].sum()
+    return weights
+
+
 def _pixelate(x, c, g, data):
-    side = x.shape[-2:]
-    coarse = F.adaptive_avg_pool2d(x, [max(1, int(s * c)) for s in side])
-    return F.interpolate(coarse, size=side, mode="nearest")
+    (height, width), dtype = x.shape[-2:], x.dtype
+    coarse = [max(1, int(s * c)) for s in (height, width)]
+    down_h, down_w = box_resampling(height, coarse[0]), box_resampling(width, coarse[1])
+    up_h, up_w = box_resampling(coarse[0], height), box_resampling(coarse[1], width)
+    rows, columns = (up_h @ down_h).to(dtype), (up_w @ down_w).to(dtype)
+    return rows @ x @ columns.T
+
+
+def _to_8_bit(x: torch.Tensor) -> torch.Tensor:
+    """Clip to [0, 1] and truncate to a multiple of 1/255, as CIFAR-10-C's uint8 files store a corrupted image. The
+    1e-3 (in 0-255 units) keeps a pixel that float32 de-normalisation left a hair below its 8-bit level on it."""
+    return torch.floor(x.clamp(0.0, 1.0) * 255 + 1e-3).clamp(max=255) / 255
 
 
 def _jitter(x, c, g, data):
@@ -145,7 +176,7 @@ def corrupted_inputs(data, split: str, corruption: str, severity: int) -> torch.
     raw = clean * std + mean
     corrupted = _FUNCTIONS[corruption](raw, _PARAMETERS[corruption][severity - 1], generator, data)
     if kind == "image":
-        corrupted = corrupted.clamp(0.0, 1.0)
+        corrupted = _to_8_bit(corrupted)
     return ((corrupted - mean) / std).to(torch.float32).contiguous()
 
 
