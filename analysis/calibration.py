@@ -7,7 +7,10 @@ Per exit, on the clean test split:
 - KS: the Kolmogorov-Smirnov calibration error (Gupta et al., ICLR 2021), binning-free: the samples sorted by
   confidence, the largest absolute gap between the cumulative sums of confidence and of correctness, divided by N.
 - NLL: mean negative log-likelihood of the true class (log-softmax in float64).
-- Brier: mean over samples of sum over classes of (p - one-hot)^2 (range [0, 2]).
+- Brier: mean over samples of sum over classes of (p - one-hot)^2 (range [0, 2]): Brier's own multi-class score
+  (Brier 1950), 0 for a certain right answer and 2 for a certain wrong one whatever the number of classes. The
+  calibration literature's reference code (Gupta et al., spline calibration) averages over classes instead: divide
+  by C to compare.
 The confidence is `benchmark.evaluate.max_softmax` (float64 from the stored float32 logits), the one rule the
 exit policies use, so "confidence" means the same thing everywhere.
 """

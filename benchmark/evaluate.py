@@ -41,7 +41,8 @@ POLICY_RULE = {"exit": "max_softmax", "threshold": "max_softmax", "budgeted": "m
 """Each policy's exit rule (`exit_scores`). `exit`: everyone leaves at exit k (param k); `threshold`: one global tau
 on the max softmax (param tau); `budgeted`: MSDNet/L2W budgeted batch, per-exit thresholds fit on validation
 (param q); `entropy`: one global tau on 1 - H/log C; `patience`: leave once p consecutive exits agree (param p,
-1..K-1; PBEE); `ensemble`: one global tau on the geometric-mean ensemble's max probability (ZTW, unweighted)."""
+1..K-1; PBEE: PABEE's `patience` t is p = t + 1, its t = 0 is no early exit); `ensemble`: one global tau on the
+geometric-mean ensemble's max probability (ZTW, unweighted)."""
 
 POLICY_ORDER = tuple(POLICY_RULE)
 """The order of the policies in curves.csv; with the point index it breaks the last ties of validation selection.
@@ -120,7 +121,8 @@ def exit_scores(rule: str, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     - entropy: 1 - H(p) / log C in [0, 1] (1 = one-hot, 0 = uniform) and the exit's argmax; the normalisation puts
       its thresholds on the same [0, 1] grid as the max softmax's, whatever the number of classes.
     - patience: how many consecutive exits up to and including k predict exit k's argmax (1 at exit 0, +1 while
-      the argmax stays, back to 1 when it changes), and exit k's argmax; threshold p = PBEE's "p exits agree".
+      the argmax stays, back to 1 when it changes), and exit k's argmax; threshold p = PBEE's "p exits agree" (the official
+      PABEE counter starts at 0 and leaves when it reaches `patience` t: p = t + 1).
     - ensemble: the max probability and argmax of the normalised geometric mean of the softmax of exits 0..k, i.e.
       the softmax of the mean log-probability (ZTW's geometric ensemble with equal weights); exit 0 alone is itself.
     Every rule is causal (exit k reads exits 0..k only), so the early-exit forward of bench latency computes the

@@ -224,7 +224,8 @@ def calibration_section(path: Path, runs: pd.DataFrame, grid_name: str) -> list[
                       f"the runs' stored test logits (no model needed).", ""]
     out += ["Test split, max-softmax confidence. ECE: expected calibration error with 15 equal-width bins (%); "
             "NLL: mean negative log-likelihood (nats); mean ± std over seeds. KS error and Brier score of every "
-            "exit are in `tables/calibration.csv`.", ""]
+            "exit are in `tables/calibration.csv` (Brier summed over classes, range [0, 2], as Brier's 1950 "
+            "score; divide by the number of classes for the per-class mean some calibration code reports).", ""]
     for (dataset, arch), cell in calib.groupby(["dataset", "arch"], sort=True):
         first, last = cell.exit.min(), cell.exit.max()
         rows = []
@@ -246,7 +247,8 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
     pareto.csv): consecutive front points with the same owners merge into one segment."""
     out = ["## Exit policies", "",
            "Every policy's points compete in one validation selection (`evaluate.preference_order`): `exit` (each "
-           "exit alone), `threshold` (max softmax), `budgeted` (MSDNet/L2W), `entropy`, `patience` (PBEE) and "
+           "exit alone), `threshold` (max softmax), `budgeted` (MSDNet/L2W), `entropy`, `patience` (PBEE; its point p "
+           "leaves once p consecutive exits agree, PABEE's patience p − 1) and "
            "`ensemble` (geometric mean of the exits so far, ZTW-style, equal weights).", ""]
     if not (tables / "selected.csv").is_file():
         return out + [f"Not computed yet: `selected.csv` — `bench run --grid {grid_name}` regenerates the tables.", ""]

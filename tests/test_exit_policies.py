@@ -22,14 +22,17 @@ def random_logits(seed, n_exits=4, n_samples=60, n_classes=5, scale=2.0):
     return logits, labels
 
 
-def loop_patience_exit(predictions, patience):
-    """PBEE's inference loop for one sample: count how many consecutive exits gave the same class; leave when the
-    count reaches `patience` (an internal exit), else at the last exit."""
-    count, last = 0, None
-    for k, predicted in enumerate(predictions[:-1]):
-        count = count + 1 if predicted == last else 1
-        last = predicted
-        if count >= patience:
+def pabee_exit(predictions, patience):
+    """PABEE's inference loop for one sample (JetRunner/PABEE, the `patience > 0` branch of its forward): a counter
+    starts at 0, grows by 1 when a layer's argmax equals the previous layer's and falls back to 0 otherwise; the
+    loop breaks when it equals `patience`, else the last layer answers. patience 0 runs every layer (no early exit)."""
+    if patience == 0:
+        return len(predictions) - 1
+    counter, previous = 0, None
+    for k, predicted in enumerate(predictions):
+        counter = counter + 1 if previous is not None and predicted == previous else 0
+        previous = predicted
+        if counter == patience:
             return k
     return len(predictions) - 1
 
@@ -62,15 +65,17 @@ def test_patience_streak_counts_consecutive_agreeing_exits():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("patience", [1, 2, 3])
-def test_patience_policy_matches_pbee_loop(seed, patience):
+@pytest.mark.parametrize("pabee_patience", [1, 2, 3])
+def test_patience_point_p_is_pabees_patience_p_minus_one(seed, pabee_patience):
     logits, _ = random_logits(seed, n_exits=5, n_classes=2)          # 2 classes: agreement is common
     streak, prediction = exit_scores("patience", logits)
-    thresholds = policy_thresholds("patience", [patience], streak)[0]
+    thresholds = policy_thresholds("patience", [pabee_patience + 1], streak)[0]
     decided = exit_decisions(streak, thresholds)
-    expected = [loop_patience_exit(prediction[:, i], patience) for i in range(logits.shape[1])]
+    expected = [pabee_exit(prediction[:, i], pabee_patience) for i in range(logits.shape[1])]
     assert decided.tolist() == expected
-    assert len(set(expected)) > 1 or patience == 1      # p = 1: everyone leaves at exit 0
+    assert len(set(expected)) > 1
+    off_by_one = exit_decisions(streak, policy_thresholds("patience", [pabee_patience], streak)[0])
+    assert off_by_one.tolist() != expected                           # p = t would leave a layer early
 
 
 def test_patience_one_is_leaving_at_the_first_exit():
