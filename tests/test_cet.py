@@ -34,10 +34,12 @@ def digits():
     return load_dataset("digits", "/nonexistent")
 
 
-@pytest.fixture
-def model_and_batch(digits):
+@pytest.fixture(params=["small_cnn", "msdnet"])
+def model_and_batch(digits, request):
+    """A single-scale backbone with pool heads, and MSDNet (a list of scales between blocks, its own classifiers)."""
     torch.manual_seed(0)
-    model = build_model("small_cnn", 10, (1, 8, 8), head="pool", exits="flops:0.25,0.5,0.75").train()
+    head, exits = ("pool", "flops:0.25,0.5,0.75") if request.param == "small_cnn" else ("msdnet", "all")
+    model = build_model(request.param, 10, (1, 8, 8), head=head, exits=exits).train()
     return model, digits.x_train[:64], digits.y_train[:64]
 
 

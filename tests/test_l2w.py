@@ -24,10 +24,11 @@ def digits():
     return load_dataset("digits", "/tmp")
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=["small_cnn", "msdnet"])
+def model(request):
+    """A single-scale backbone, and MSDNet (a list of scales between blocks, its own classifier after each)."""
     torch.manual_seed(0)
-    net = build_model("small_cnn", 10, (1, 8, 8))
+    net = build_model(request.param, 10, (1, 8, 8), **({"exits": "all"} if request.param == "msdnet" else {}))
     net.train()
     return net
 
@@ -182,7 +183,8 @@ def test_step_trains_the_network_twice_and_g_every_meta_interval(digits, model):
     out = objective.step(model, *batch(digits), optimizer, context(model, step=0))
     assert out["optimizer_steps"] == 2 and out["exit_ce"].shape == (model.num_exits,)
     assert changed(model_before, model) == set(model_before)          # every weight and BN statistic moved
-    assert int(model.blocks[0][1].num_batches_tracked) == 2           # two real forwards, no pseudo ones
+    first_norm = next(m for m in model.blocks[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(first_norm.num_batches_tracked) == 2                   # two real forwards, no pseudo ones
     g_before = snapshot(objective.weight_net)
     objective.step(model, *batch(digits, 64), optimizer, context(model, step=1))
     assert changed(g_before, objective.weight_net) == set(), "step 1 is off the meta interval"

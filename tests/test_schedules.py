@@ -20,6 +20,7 @@ CPU = torch.device("cpu")
 TRAIN = {"epochs": 2, "p1_epochs": None, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
          "nesterov": True, "weight_decay": 5e-4, "eval_every": 1}
 MODEL = {"head": "pool", "exits": "flops:0.25,0.5,0.75"}
+MODELS = {"small_cnn": MODEL, "msdnet": {"head": "msdnet", "exits": "all"}}
 
 
 class Subset:
@@ -39,8 +40,8 @@ def digits():
     return Subset(load_dataset("digits", "/nonexistent"))
 
 
-def spec_for(regime, seed=0):
-    return RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=seed, train=dict(TRAIN), model=dict(MODEL))
+def spec_for(regime, seed=0, arch="small_cnn"):
+    return RunSpec(dataset="digits", arch=arch, regime=regime, seed=seed, train=dict(TRAIN), model=dict(MODELS[arch]))
 
 
 def snapshot(tensors):
@@ -74,8 +75,9 @@ def test_every_regime_starts_from_identical_weights(digits):
     assert any(not torch.equal(other_seed[k], states[0][k]) for k in other_seed if other_seed[k].is_floating_point())
 
 
-def test_disjoint_p3_never_moves_the_backbone_or_its_batchnorm_statistics(digits):
-    model = initial_model(spec_for("disjoint"), digits, CPU)
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_disjoint_p3_never_moves_the_backbone_or_its_batchnorm_statistics(arch, digits):
+    model = initial_model(spec_for("disjoint", arch=arch), digits, CPU)
     regime = build_regime("disjoint")
     run_phase(model, Phase("P1", "backbone", 1), regime.objective, digits, TRAIN, pairing_seed=1, epoch_offset=0,
               device=CPU)
@@ -159,8 +161,9 @@ def test_p3_information_snapshots_keep_the_backbone_frozen_for_every_objective(r
         assert s["unchanged"], f"epoch {s['epoch']}: the frozen backbone changed"
 
 
-def test_mixed_p1_updates_only_the_backbone_and_its_classifier(digits):
-    model = initial_model(spec_for("mixed"), digits, CPU)
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_mixed_p1_updates_only_the_backbone_and_its_classifier(arch, digits):
+    model = initial_model(spec_for("mixed", arch=arch), digits, CPU)
     backbone_names, head_names = split_state(model)
     assert any(n.startswith("classifier") for n in backbone_names) and head_names
     before = snapshot(model.named_parameters())
