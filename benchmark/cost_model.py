@@ -75,11 +75,11 @@ STEP_MULTIPLIERS: dict[str, float] = {
     "cet": 2.0,            # a second forward and backward on the perturbed input
     "l2w": 4.343,          # the meta step: pseudo-step, double backward, two real steps
     "boosted": 1.0,
-    "ztw": 0.999,          # its P2 step; the ensemble phase is charged as "heads" (`phase_multiplier`)
-    "pcgrad": 2.998,       # one backward per exit through the blocks it reaches
-    "cagrad": 3.005,
-    "nash": 3.005,
-    "metagf": 3.994,       # pcgrad's backwards, plus the look-ahead forward and its backward to the meta-weights
+    "ztw": 1.0,            # its P2 step; the ensemble phase is charged as "heads" (`phase_multiplier`)
+    "pcgrad": 1.945,       # one backward per exit, through that exit's head and the blocks before it
+    "cagrad": 1.951,
+    "nash": 1.951,
+    "metagf": 2.94,        # pcgrad's backwards, plus the look-ahead forward and its backward to the meta-weights
 }
 """Training FLOPs per step relative to a joint (uniform) step, from results/quick/tables/runs.csv
 (`derive_multipliers`; rounded to 3 decimals). A P3 step of objective X counts heads x X."""
