@@ -176,19 +176,22 @@ def dataset_geometry(name: str) -> Geometry | None:
     """Split sizes and input shape of a dataset: from its loaded copy if one is loaded (or it is embedded and loads
     without files), else from its official sizes (`STANDARD_DATASETS`); None if neither is known."""
     from benchmark import data
+    from benchmark.data import registry
+    from benchmark.data.build import VALIDATION_FRACTION
+    from benchmark.errors import DataUnavailable
 
-    loaded = next((d for key, d in data._CACHE.items() if key[0] == name), None)
+    loaded = next((d for key, d in registry._CACHE.items() if key[0] == name), None)
     if loaded is not None:
         return geometry_of(loaded)
     classes = {row["name"]: row["classes"] for row in data.dataset_table()}
     if name in STANDARD_DATASETS:
         train, test, shape = STANDARD_DATASETS[name]
-        val = math.ceil(train * data.VALIDATION_FRACTION)
+        val = math.ceil(train * VALIDATION_FRACTION)
         return Geometry(train - val, val, test, shape, classes[name])
-    if name in classes and data._REGISTRY[name].embedded:
+    if name in classes and registry._REGISTRY[name].embedded:
         try:
             return geometry_of(data.load_dataset(name, "."))
-        except data.DataUnavailable:
+        except DataUnavailable:
             return None
     return None
 

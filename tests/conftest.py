@@ -155,7 +155,7 @@ def uci_har_number(value):
 
 def write_uci_har(root, sizes=(("train", 60), ("test", 12))):
     """A tiny UCI HAR folder in the original layout and number format; returns what each split holds."""
-    from benchmark.data import UCI_HAR_SIGNALS
+    from benchmark.data.uci_har import UCI_HAR_SIGNALS
     rng = np.random.default_rng(0)
     written = {}
     for split, n in sizes:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmark import data as data_module
+from benchmark.data import build as data_build
+from benchmark.data import registry as data_registry
 from benchmark import train as train_module
 from benchmark.cli import main
 from benchmark.data import channel_statistics, load_dataset, pixel_lookup
@@ -39,17 +40,17 @@ MODEL = {"head": "pool", "exits": "flops:0.25,0.5,0.75"}
 def old_normalisation(pixels: np.ndarray, train_pixels: np.ndarray) -> torch.Tensor:
     """What `_build` did to every image before uint8 storage: scale to [0, 1] in float32, then (x - mean) / std
     with the training split's statistics."""
-    mean, std = channel_statistics(data_module._unit_scale(train_pixels, 255))
-    return torch.from_numpy(np.ascontiguousarray((data_module._unit_scale(pixels, 255) - mean) / std,
+    mean, std = channel_statistics(data_build._unit_scale(train_pixels, 255))
+    return torch.from_numpy(np.ascontiguousarray((data_build._unit_scale(pixels, 255) - mean) / std,
                                                  dtype=np.float32))
 
 
 def synthetic_entry(pixels: np.ndarray, labels: np.ndarray, augmentation="crop+flip", padding=4):
     """A registry entry whose reader returns the given 8-bit pixels scaled as every torchvision reader does."""
     def read(root, download):
-        return data_module._unit_scale(pixels, 255), labels, None, None
+        return data_build._unit_scale(pixels, 255), labels, None, None
 
-    return data_module._Entry("image", "synthetic", 10, augmentation, padding, "synthetic", read, embedded=True)
+    return data_registry._Entry("image", "synthetic", 10, augmentation, padding, "synthetic", read, embedded=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def synthetic():
     pixels = rng.integers(0, 256, size=(400, 3, 8, 8), dtype=np.uint8)
     pixels[1:3].reshape(-1)[:256] = np.arange(256)
     labels = np.arange(400) % 10
-    dataset = data_module._build("synthetic", synthetic_entry(pixels, labels), Path("/nonexistent"), False)
+    dataset = data_build._build("synthetic", synthetic_entry(pixels, labels), Path("/nonexistent"), False)
     return pixels, labels, dataset
 
 
@@ -69,8 +70,8 @@ def synthetic():
 def test_8bit_images_are_held_as_uint8_and_read_bitwise_as_upfront_normalisation(synthetic):
     pixels, labels, dataset = synthetic
     assert dataset.storage == "uint8"
-    train_index, test_index = data_module.stratified_split(labels, data_module.TEST_FRACTION)
-    kept, val_index = data_module.stratified_split(labels[train_index], data_module.VALIDATION_FRACTION)
+    train_index, test_index = data_build.stratified_split(labels, data_build.TEST_FRACTION)
+    kept, val_index = data_build.stratified_split(labels[train_index], data_build.VALIDATION_FRACTION)
     expected = {"train": train_index[kept], "val": train_index[val_index], "test": test_index}
     for split, rows in expected.items():
         assert dataset.stored(split).dtype == torch.uint8
@@ -95,8 +96,8 @@ def test_pixel_lookup_is_the_float_arithmetic_for_every_level():
 
 def test_images_that_are_not_8bit_and_series_stay_float():
     assert load_dataset("digits", "/nonexistent").storage == "float32"      # 0..16 scaled: not k / 255
-    assert data_module.eight_bit_pixels(np.full((2, 1, 2, 2), 1 / 16, dtype=np.float32)) is None
-    assert data_module.eight_bit_pixels(np.full((2, 1, 2, 2), 1.5, dtype=np.float32)) is None
+    assert data_build.eight_bit_pixels(np.full((2, 1, 2, 2), 1 / 16, dtype=np.float32)) is None
+    assert data_build.eight_bit_pixels(np.full((2, 1, 2, 2), 1.5, dtype=np.float32)) is None
     assert load_dataset("mnist5k", "/nonexistent").storage == "uint8"
 
 
@@ -264,10 +265,10 @@ def test_a_reader_returning_uint8_pixels_builds_the_same_dataset_as_one_returnin
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, size=(300, 3, 8, 8), dtype=np.uint8)
     labels = np.arange(300) % 10
-    as_floats = data_module._build("f", synthetic_entry(pixels, labels), Path("."), False)
-    raw = data_module._Entry("image", "synthetic", 10, "crop+flip", 4, "synthetic",
+    as_floats = data_build._build("f", synthetic_entry(pixels, labels), Path("."), False)
+    raw = data_registry._Entry("image", "synthetic", 10, "crop+flip", 4, "synthetic",
                              lambda root, download: (pixels, labels, None, None), embedded=True)
-    as_pixels = data_module._build("p", raw, Path("."), False)
+    as_pixels = data_build._build("p", raw, Path("."), False)
     assert as_pixels.storage == as_floats.storage == "uint8"
     assert as_pixels.mean == as_floats.mean and as_pixels.std == as_floats.std
     for split in ("train", "val", "test"):
@@ -288,4 +289,4 @@ def test_channel_statistics_in_chunks_equal_the_whole_array_ones():
     np.testing.assert_allclose(chunked[1], std, rtol=1e-6)
     pixels = rng.integers(0, 256, size=(200, 3, 4, 4), dtype=np.uint8)
     assert all(np.array_equal(a, b) for a, b in zip(channel_statistics(pixels),
-                                                    channel_statistics(data_module._unit_scale(pixels, 255))))
+                                                    channel_statistics(data_build._unit_scale(pixels, 255))))

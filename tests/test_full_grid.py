@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from benchmark import cost_model, data
+from benchmark.data import tinyimagenet
 from benchmark.cli import main
 from benchmark.data import clear_cache, load_dataset
 from benchmark.errors import DataUnavailable
@@ -90,7 +91,7 @@ def write_tiny_imagenet(root, per_class=10, val=6):
 
 @pytest.fixture
 def three_classes(monkeypatch):
-    monkeypatch.setattr(data, "TINY_IMAGENET_CLASSES", 3)
+    monkeypatch.setattr(tinyimagenet, "TINY_IMAGENET_CLASSES", 3)
 
 
 def grey_levels(dataset, x):
@@ -119,10 +120,10 @@ def test_tiny_imagenet_is_cached_atomically_and_rebuilt_when_the_folder_changes(
     cache = tmp_path / "tiny-imagenet-200.exitbench.npz"
     assert cache.is_file() and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     clear_cache()
-    monkeypatch.setattr(data, "_decode_images", lambda root, files: pytest.fail("decoded despite the cache"))
+    monkeypatch.setattr(tinyimagenet, "_decode_images", lambda root, files: pytest.fail("decoded despite the cache"))
     assert torch.equal(load_dataset("tinyimagenet", tmp_path).x_train, first.x_train)
     monkeypatch.undo()
-    monkeypatch.setattr(data, "TINY_IMAGENET_CLASSES", 3)
+    monkeypatch.setattr(tinyimagenet, "TINY_IMAGENET_CLASSES", 3)
     Image.new("L", (64, 64), 40).save(folder / "val" / "images" / "val_6.JPEG")
     with open(folder / "val" / "val_annotations.txt", "a") as f:
         f.write(f"val_6.JPEG\t{WNIDS[0]}\t0\t0\t63\t63\n")
@@ -155,7 +156,7 @@ def test_tiny_imagenet_missing_folder_names_the_path_layout_and_where_to_get_it(
 def test_tiny_imagenet_malformed_layouts_are_named(tmp_path, monkeypatch, damage, problem):
     folder, _ = write_tiny_imagenet(tmp_path)
     if damage != "wrong class count":
-        monkeypatch.setattr(data, "TINY_IMAGENET_CLASSES", 3)
+        monkeypatch.setattr(tinyimagenet, "TINY_IMAGENET_CLASSES", 3)
     annotations = folder / "val" / "val_annotations.txt"
     if damage == "no val_annotations":
         annotations.unlink()

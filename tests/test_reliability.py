@@ -383,7 +383,7 @@ def test_a_bad_data_root_leaves_no_results_folder(grid_file, tmp_path):
 
 
 def test_a_failed_download_says_the_machine_seems_offline(tmp_path):
-    from benchmark.data import _TorchvisionSource
+    from benchmark.data.torchvision_sets import _TorchvisionSource
     source = _TorchvisionSource("MNIST", "{root}/MNIST/raw/")
     message = source._unavailable_message(tmp_path, True, OSError("Name or service not known"))
     assert "seems offline" in message and "rerun with --download" not in message
