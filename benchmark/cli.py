@@ -122,6 +122,11 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         click.echo(f"warning: {line}", err=True)
     if dry_run:
         _print_plan(plan, store, device_type, grid.analyses["run_after"])
+        if grid.screen is not None:
+            screen = grid.screen
+            click.echo(f"screen: {screen['regime']} is tuned first in every cell; a cell's other runs train only if "
+                       f"its first exit trails the final by >= {100 * screen['min_gap']:g} points and the final stays "
+                       f"below {100 * screen['max_final']:g} % (validation; tables/screen.csv)")
         return
     for name in sorted({s.dataset for s in plan.tuning + plan.reported + plan.awaiting
                         if store.state(s.run_id) != DONE}):
@@ -135,19 +140,14 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                   write_tables=lambda: _write_grid_tables(grid, store))
     lost = {}                           # Ray tasks that never came back: their runs stay pending
     with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
-        if plan.tuning:
-            tried = set()              # successive halving: each stage's runs are known once the last stage is done
-            while pending := [s for s in plan.tuning if s.run_id not in tried and store.state(s.run_id) != DONE]:
-                tried.update(s.run_id for s in pending)
-                tuning = run_grid(pending, store, desc=f"tuning {grid.name}", **common)
-                lost.update(tuning.lost)
-                _report(f"tuning runs of grid {grid.name}", tuning, store)
-                if tuning.interrupted:
-                    raise KeyboardInterrupt
-                plan = make_plan(specs, grid.tuning, store)
-            if plan.at_edge:
-                click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
-                           f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
+        if grid.screen is not None:
+            specs = _screened(grid, specs, store, data_root, lost, common)
+            plan = make_plan(specs, grid.tuning, store)
+        plan = _tune(grid, specs, plan, store, lost, common, f"tuning {grid.name}",
+                     f"tuning runs of grid {grid.name}")
+        if plan.at_edge:
+            click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
+                       f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
         outcome = run_grid(plan.reported, store,
                            save_models=save_models or bool(settings["model"] and settings["run_after"]),
                            snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
@@ -166,6 +166,48 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                    f"error): fix the cause and rerun with --retry-failed, or pass --allow-failed", err=True)
     if failed or plan.untunable or lost:
         sys.exit(1)
+
+
+def _tune(grid, specs, plan, store, lost: dict, common: dict, desc: str, what: str):
+    """Train `plan`'s tuning runs stage by stage (successive halving: a stage's runs are known once the one before is
+    done) and return the plan the store then gives."""
+    from benchmark.runner import run_grid
+    from benchmark.store import DONE
+    from benchmark.tuning import make_plan
+
+    tried = set()
+    while pending := [s for s in plan.tuning if s.run_id not in tried and store.state(s.run_id) != DONE]:
+        tried.update(s.run_id for s in pending)
+        tuning = run_grid(pending, store, desc=desc, **common)
+        lost.update(tuning.lost)
+        _report(what, tuning, store)
+        if tuning.interrupted:
+            raise KeyboardInterrupt
+        plan = make_plan(specs, grid.tuning, store)
+    return plan
+
+
+def _screened(grid, specs, store, data_root, lost: dict, common: dict) -> list:
+    """The difficulty screen (benchmark/screen.py): tune the screen regime in the cells of `specs` first, write the
+    whole grid's tables/screen.csv, print each cell's verdict, and keep the runs of the cells that pass."""
+    from benchmark.data import load_dataset
+    from benchmark.screen import screen_table, verdict_lines
+    from benchmark.store import write_csv
+    from benchmark.tuning import make_plan
+
+    regime = grid.screen["regime"]
+    screened = [s for s in specs if s.regime == regime]
+    _tune(grid, screened, make_plan(screened, grid.tuning, store), store, lost, common, f"screen {grid.name}",
+          f"screen ({regime}'s tuning) of grid {grid.name}")
+    everywhere = [s for s in grid.specs if s.regime == regime]
+    sizes = {name: len(load_dataset(name, data_root).y_val) for name in {s.dataset for s in everywhere}}
+    table = screen_table(make_plan(everywhere, grid.tuning, store).choices, grid.screen, store, sizes)
+    write_csv(store.tables_dir / "screen.csv", table)
+    decided = {(row.dataset, row.arch): row for row in table.itertuples(index=False)}
+    cells = {(s.dataset, s.arch) for s in screened}
+    for line in verdict_lines(table[[cell in cells for cell in zip(table.dataset, table.arch)]]):
+        click.echo(line, err=True)
+    return [s for s in specs if (s.dataset, s.arch) in decided and decided[s.dataset, s.arch].passes]
 
 
 @contextmanager

@@ -19,6 +19,8 @@ A grid names datasets x archs x regimes x seeds and the settings they share:
                                  list per optimizer: [tuning.lr] sgd = [...] adamw = [...]), and at most one
                                  knob per objective in [tuning.hparams.<objective>]; successive halving:
                                  rungs = [fractions of the tuned epochs], keep = share going on per rung
+    [screen]                     the difficulty screen (benchmark/screen.py): regime, min_gap, max_final — which
+                                 cells are worth a leaderboard, decided on validation before other regimes train
     [resources]                  what each run declares to the Ray executor: cpus_per_run, gpus_per_run (the
                                  --cpus-per-run / --gpus-per-run flags win); no effect on results
 
@@ -28,6 +30,7 @@ Runs pair every dataset with every arch of the same input kind (images with imag
 from __future__ import annotations
 
 import difflib
+import math
 from fnmatch import fnmatchcase
 import tomllib
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 """What [regime_overrides] may change: settings of a regime's own optimizer, never batches or budgets (pairing)."""
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
 TOP_KEYS = {"description", *LIST_KEYS, "optional_datasets", "exclude", "train", "model", "hparams",
-            "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "analyses", "resources"}
+            "arch_overrides", "cell_overrides", "regime_overrides", "tuning", "screen", "analyses", "resources"}
 RESOURCE_DEFAULTS: dict[str, Any] = {"cpus_per_run": None, "gpus_per_run": None}
 """None: the executor decides (1 CPU; 1 GPU when --device asks for or finds one)."""
 OPTIMIZERS = ("sgd", "adamw")
@@ -74,6 +77,7 @@ class Grid:
     analyses: dict[str, Any]       # the [analyses] table merged over benchmark.analyze.ANALYSIS_DEFAULTS
     tuning: dict[str, Any] | None  # the validated [tuning] table, or None: every value fixed by hand
     resources: dict[str, Any]      # the [resources] table merged over RESOURCE_DEFAULTS
+    screen: dict[str, Any] | None = None   # the validated [screen] table (benchmark/screen.py), or None: no screen
 
 
 def grid_names() -> list[str]:
@@ -223,6 +227,7 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                                                   [*overrides.values(), *cell_overrides.values(),
                                                    *regime_overrides.values()])}
     tuning = _tuning(path, raw.get("tuning"), seeds, regime_overrides, objective_names(), used_optimizers)
+    screen = _screen(path, raw.get("screen"), regimes, tuning)
 
     excluded = set()
     for entry in raw.get("exclude", []):
@@ -266,7 +271,28 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                                          own_phases=dict(own_phases)))
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
                 analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning,
-                resources=_resources(path, raw.get("resources", {})))
+                resources=_resources(path, raw.get("resources", {})), screen=screen)
+
+
+def _screen(path: Path, table: Any, regimes: list[str], tuning: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate [screen] (benchmark/screen.py): the regime whose tuning decides, the least gap between the first and
+    the final exit, the ceiling of the final exit — validation accuracies, declared before anything trains."""
+    from benchmark.screen import SCREEN_DEFAULTS
+    if table is None:
+        return None
+    screen = {**SCREEN_DEFAULTS, **_check_table(path, "screen", table, SCREEN_DEFAULTS)}
+    if screen["regime"] not in regimes:
+        raise _bad(path, "screen.regime", f"'{screen['regime']}' is not one of the grid's regimes "
+                                          f"({', '.join(regimes)}): the screen trains it first, in every cell")
+    if tuning is None:
+        raise _bad(path, "screen", "the screen reads the screen regime's tuning winner at the cell's budget: "
+                                   "declare [tuning] too")
+    for key, low, high in (("min_gap", 0.0, 1.0), ("max_final", 0.0, 1.0)):
+        value = screen[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or not math.isfinite(value):
+            raise _bad(path, f"screen.{key}", f"must be a validation accuracy in [{low:g}, {high:g}], got {value!r}")
+    return screen
 
 
 def _check_hparam(path: Path, where: str, objective, key: str, value: Any) -> None:
