@@ -121,6 +121,18 @@ def _check_table(path: Path, where: str, table: Any, defaults: dict[str, Any]) -
     return table
 
 
+def _numbers(table: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float of a parsed TOML value with its dotted key (list items as key[i])."""
+    if isinstance(table, float):
+        return [(prefix, table)]
+    if isinstance(table, dict):
+        return [found for key, value in table.items()
+                for found in _numbers(value, f"{prefix}.{key}" if prefix else key)]
+    if isinstance(table, list):
+        return [found for i, value in enumerate(table) for found in _numbers(value, f"{prefix}[{i}]")]
+    return []
+
+
 def _validate_train(path: Path, where: str, train: dict[str, Any]) -> None:
     epochs, p1 = train.get("epochs"), train.get("p1_epochs")
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -132,10 +144,16 @@ def _validate_train(path: Path, where: str, train: dict[str, Any]) -> None:
     if train["optimizer"] not in OPTIMIZERS:
         raise _bad(path, f"{where}.optimizer", f"must be one of {OPTIMIZERS}, got {train['optimizer']!r}")
     for key in ("batch_size", "eval_every"):
-        if train[key] < 1:
-            raise _bad(path, f"{where}.{key}", f"must be >= 1, got {train[key]}")
-    if train["lr"] <= 0:
-        raise _bad(path, f"{where}.lr", f"must be > 0, got {train['lr']}")
+        if isinstance(train[key], bool) or not isinstance(train[key], int) or train[key] < 1:
+            raise _bad(path, f"{where}.{key}", f"must be an integer >= 1, got {train[key]!r}")
+    for key, low, strict in (("lr", 0.0, True), ("momentum", 0.0, False), ("weight_decay", 0.0, False)):
+        value = train[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
+            raise _bad(path, f"{where}.{key}", f"must be a number {'>' if strict else '>='} {low:g}, got {value!r} "
+                                               f"(torch's optimizers refuse it)")
+    if train["optimizer"] == "sgd" and train["nesterov"] and train["momentum"] == 0:
+        raise _bad(path, f"{where}.nesterov", "Nesterov momentum needs momentum > 0 (torch's SGD refuses "
+                                              "nesterov = true with momentum = 0): set momentum or nesterov = false")
 
 
 def _names(path: Path, raw: dict, key: str, valid: list[str]) -> list:
@@ -169,6 +187,10 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     for key in raw:
         if key not in TOP_KEYS:
             raise _bad(path, key, "unknown key" + _suggest(key, TOP_KEYS))
+    for key, value in _numbers(raw):
+        if not math.isfinite(value):
+            raise _bad(path, key, f"must be a finite number, got {value} (a run cannot train with it, and JSON "
+                                  "cannot store it in spec.json)")
 
     datasets = _names(path, raw, "datasets", dataset_names())
     archs = _names(path, raw, "archs", arch_names())
@@ -250,6 +272,9 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
             model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}
             _validate_train(path, f"overrides of {dataset}/{arch}", train)
+            if isinstance(model["exits"], list) and not model["exits"]:
+                raise _bad(path, f"{origin.get('exits', 'model')}.exits", "lists no exit: a multi-exit benchmark needs "
+                                                                         "at least one early exit before the last")
             check = (arch, classes[dataset], kind[dataset], model["head"], repr(model["exits"]))
             if check_models and check not in checked_models:
                 _check_model(path, dataset, arch, model, origin, classes[dataset], kind[dataset])

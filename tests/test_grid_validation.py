@@ -1,5 +1,7 @@
 """Grid values that only training used to refuse (objective hyperparameters, heads, exits) are refused when the grid
 loads, naming the file, the key the value came from and, for heads and exits, the cell."""
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -97,3 +99,58 @@ def test_ray_resources_are_checked(tmp_path, extra, key, problem):
 def test_declared_resources_are_read(tmp_path):
     grid = load_grid(str(write(tmp_path, "[resources]\ncpus_per_run = 4\ngpus_per_run = 0.5\n")))
     assert grid.resources == {"cpus_per_run": 4, "gpus_per_run": 0.5}
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ("", "train.lr", "must be a finite number, got inf"),
+    ("", "train.lr", "must be a finite number, got nan"),
+    ("[tuning]\nseeds = [100]\nlr = [0.1, inf]\n", "tuning.lr[1]", "must be a finite number, got inf"),
+])
+def test_a_non_finite_number_anywhere_is_refused_at_load(grid_file, extra, key, problem):
+    """`lr = inf` once trained, failed and stored null in spec.json (so the run id no longer matched) and exited 0."""
+    lr = "nan" if "nan" in problem else ("inf" if not extra else "0.05")
+    path = grid_file(extra=extra)
+    path.write_text(path.read_text().replace("lr = 0.05\n", f"lr = {lr}\n", 1))
+    with pytest.raises(UserError, match=re.escape(f"key '{key}': {problem}")):
+        load_grid(str(path))
+
+
+@pytest.mark.parametrize("setting, key, problem", [
+    ("momentum = -0.5", "train.momentum", "must be a number >= 0"),
+    ("weight_decay = -1.0", "train.weight_decay", "must be a number >= 0"),
+    ("momentum = 0\nnesterov = true", "train.nesterov", "Nesterov momentum needs momentum > 0"),
+    ("batch_size = true", "train.batch_size", "must be an integer >= 1, got True"),
+])
+def test_optimizer_values_torch_refuses_are_refused_at_load(grid_file, setting, key, problem):
+    path = grid_file()
+    text = path.read_text()
+    for line in setting.split("\n"):
+        name = line.split(" = ")[0]
+        text = re.sub(rf"(?m)^{name} = .*\n", "", text)
+    path.write_text(text.replace("[train]\n", f"[train]\n{setting}\n", 1))
+    with pytest.raises(UserError, match=re.escape(f"key '{key}': ") + ".*" + re.escape(problem)):
+        load_grid(str(path))
+
+
+def test_a_grid_without_early_exits_is_refused(grid_file):
+    path = grid_file()
+    path.write_text(path.read_text().replace('exits = "flops:0.25,0.5,0.75"', "exits = []"))
+    with pytest.raises(UserError, match="key 'model.exits': lists no exit"):
+        load_grid(str(path))
+
+
+@pytest.mark.parametrize("values", [
+    {"lr": 0.05, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "batch_size": 64, "p1_epochs": None},
+    {"lr": 1e-300, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "batch_size": 1, "p1_epochs": 3},
+])
+def test_a_spec_round_trips_through_spec_json_exactly(values):
+    """Every field type a spec holds — strings, ints, floats (tiny and zero), bools, None, lists, nested dicts — comes
+    back from spec.json equal, with the same run id."""
+    import json
+    from benchmark.spec import RunSpec
+    spec = RunSpec(dataset="digits", arch="small_cnn", regime="mixed+sdn", seed=3,
+                   train={"epochs": 10, "optimizer": "sgd", "eval_every": 1, **values},
+                   model={"head": "pool", "exits": [1, 2, 3]}, hparams={"c_min": 0.15, "c_max": 0.9},
+                   own_phases={"lr": 0.1}, fast=True, stop_after=5)
+    back = RunSpec.from_json(json.loads(json.dumps(spec.to_json())))
+    assert back == spec and back.run_id == spec.run_id
