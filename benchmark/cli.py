@@ -121,6 +121,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     for line in damaged(plan.tuning + plan.reported, store, device_type):
         click.echo(f"warning: {line}", err=True)
     if dry_run:
+        store.check_writable(write=False)          # what `run` would refuse, refused without writing anything
         _print_plan(plan, store, device_type, grid.analyses["run_after"])
         if grid.screen is not None:
             screen = grid.screen

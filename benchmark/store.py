@@ -299,8 +299,15 @@ class ResultsStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def check_writable(self) -> None:
-        """Fail with one line naming the folder and the fix if results cannot be written there."""
+    def check_writable(self, write: bool = True) -> None:
+        """Fail with one line naming the folder and the fix if results cannot be written there. With `write=False`
+        (`--dry-run`) nothing is created: the folder, or the nearest existing folder it would be made in, is asked
+        with access(2), which also refuses read-only mounts and immutable folders."""
+        if not write:
+            problem = _unwritable_without_writing(self.root)
+            if problem is not None:
+                raise UserError(unwritable_message(f"results folder {self.root}", problem))
+            return
         probe = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -376,6 +383,23 @@ def _spec_problem(folder: Path, run_id: str) -> str | None:
     except (TypeError, AttributeError):
         matches = False
     return None if matches else f"{folder / 'spec.json'} is missing or does not describe run {run_id}"
+
+
+def _unwritable_without_writing(root: Path) -> OSError | None:
+    """Why `root` could not be created or written, found without writing: None if it could."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        code = errno.EEXIST if existing == root else errno.ENOTDIR
+        return OSError(code, os.strerror(code), str(existing))
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    else:                          # root passes permission bits: only an immutable flag refuses it
+        code = errno.EPERM if os.geteuid() == 0 else errno.EACCES
+    return OSError(code, os.strerror(code), str(existing))
 
 
 def unwritable_message(what: str, error: OSError) -> str:

@@ -261,27 +261,35 @@ def test_a_full_disk_leaves_the_run_pending_and_the_rerun_trains_it(grid_file, s
     assert again.returncode == 0 and "1 trained, 0 already done" in again.stdout, again.stdout + again.stderr
 
 
-def test_a_read_only_results_folder_is_one_line_exit_2(grid_file, small_tmpfs):
+DRY_RUN = pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+"""--dry-run refuses what `run` refuses, without writing anything (issue 22)."""
+
+
+@DRY_RUN
+def test_a_read_only_results_folder_is_one_line_exit_2(grid_file, small_tmpfs, dry_run):
     disk = small_tmpfs(1 << 20, "ro")
-    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", disk / "out")
+    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", disk / "out", *dry_run)
     assert_one_line(result, 2, str(disk / "out"), "read-only file system", "--results")
 
 
-def test_an_immutable_results_folder_is_one_line_exit_2(grid_file, small_tmpfs):
+@DRY_RUN
+def test_an_immutable_results_folder_is_one_line_exit_2(grid_file, small_tmpfs, dry_run):
     out = small_tmpfs(1 << 20) / "out"
     out.mkdir()
     if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not supported here (needs root and a file system with immutable flags)")
     try:
-        result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", out)
+        result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", out, *dry_run)
         assert_one_line(result, 2, str(out), "not writable", "--results")
+        assert not any(out.iterdir())
     finally:
         subprocess.run(["chattr", "-i", str(out)], capture_output=True)
 
 
-def test_results_under_a_regular_file_is_one_line_exit_2(grid_file, tmp_path):
+@DRY_RUN
+def test_results_under_a_regular_file_is_one_line_exit_2(grid_file, tmp_path, dry_run):
     (tmp_path / "file").write_text("x")
-    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", tmp_path / "file" / "out")
+    result = cli("run", "--grid", grid_file(regimes=("joint",)), "--results", tmp_path / "file" / "out", *dry_run)
     assert_one_line(result, 2, str(tmp_path / "file" / "out"), "regular file", "--results")
 
 
