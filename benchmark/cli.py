@@ -43,6 +43,13 @@ class UserErrorsAsMessages(click.Group):
 _TERMINATED: list[int] = []
 
 
+def _results_folder(ctx, param, value: Path | None) -> Path | None:
+    """--results names a folder (made if missing): a regular file there is one line and exit 2, not click's usage."""
+    if value is not None and value.exists() and not value.is_dir():
+        raise UserError(f"--results {value} is a regular file, not a folder: pass a folder (it is created if missing)")
+    return value
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM (a cluster's time limit or preemption, `kill`) takes Ctrl-C's path: the run in flight stays pending,
     process workers are stopped, and the exit says how to resume. Python's default would die on the spot."""
@@ -76,7 +83,7 @@ def main() -> None:
               help="--executor ray: GPUs each run declares (fractions share a GPU) [default: grid's [resources], "
                    "else 1 when the cluster has GPUs].")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their state; train nothing.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder [default: results/<grid>].")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True, help="Where standard datasets live (or are downloaded to with --download).")
@@ -274,7 +281,7 @@ def _analyze(grid, specs, store, data_root, device, threads) -> None:
 @click.option("--grid", "grid_name", default="quick", show_default=True,
               help="Registered grid name or path to a grid .toml file.")
 @click.option("--only", multiple=True, metavar="KEY=GLOB", help="Analyse only matching runs; repeatable.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder [default: results/<grid>].")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True)
@@ -306,7 +313,7 @@ def analyze(grid_name, only, results, data_root, device, threads):
 @main.command(short_help="Write results/<grid>/REPORT.md: leaderboards, claims, findings, figures.")
 @click.option("--grid", "grid_name", default="quick", show_default=True,
               help="Registered grid name or path to a grid .toml file.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder [default: results/<grid>].")
 @click.option("--update-benchmark", is_flag=True,
               help="Also rewrite the leaderboard between the markers in BENCHMARK.md.")
@@ -407,7 +414,7 @@ def list_(what):
 
 @main.command(short_help="Show one run: spec, state, per-exit results and summary.")
 @click.argument("run_id")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder to look in [default: every results/<grid>].")
 def show(run_id, results):
     """Show a run's spec, state, per-exit results and summary (rounded; the files keep raw numbers)."""
@@ -482,7 +489,7 @@ def check(grid_name, update, golden, data_root, threads):
 @click.option("--grid", "grid_name", default=None,
               help="Measure every done run of this grid (name or .toml) that has a model.pt; also writes "
                    "tables/latency.csv.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder [default: results/<grid>; for RUN_ID, every results/<grid>].")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True)

@@ -294,6 +294,8 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                     specs.append(RunSpec(dataset=dataset, arch=arch, regime=regime, seed=seed,
                                          train=dict(train), model=dict(model), hparams=resolved,
                                          own_phases=dict(own_phases)))
+    if not specs:
+        raise _bad(path, "exclude", "removes every (dataset, arch) cell: the grid has no runs")
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
                 analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning,
                 resources=_resources(path, raw.get("resources", {})), screen=screen)

@@ -154,3 +154,11 @@ def test_a_spec_round_trips_through_spec_json_exactly(values):
                    own_phases={"lr": 0.1}, fast=True, stop_after=5)
     back = RunSpec.from_json(json.loads(json.dumps(spec.to_json())))
     assert back == spec and back.run_id == spec.run_id
+
+
+def test_a_grid_whose_exclude_removes_every_cell_says_so(grid_file):
+    """It used to say "--only matches none of the 0 runs" although no --only was given (issue 22)."""
+    path = grid_file()
+    path.write_text('exclude = [{dataset = "digits", arch = "small_cnn"}]\n' + path.read_text())   # a top-level key
+    with pytest.raises(UserError, match="key 'exclude': removes every \\(dataset, arch\\) cell: the grid has no runs"):
+        load_grid(str(path))

@@ -293,6 +293,15 @@ def test_results_under_a_regular_file_is_one_line_exit_2(grid_file, tmp_path, dr
     assert_one_line(result, 2, str(tmp_path / "file" / "out"), "regular file", "--results")
 
 
+@pytest.mark.parametrize("command", ["run", "analyze", "report"])
+def test_results_naming_a_regular_file_is_one_line_exit_2(grid_file, tmp_path, command):
+    """Click's own check printed four lines of usage; now the project's one line (issue 22)."""
+    (tmp_path / "file").write_text("x")
+    result = cli(command, "--grid", grid_file(regimes=("joint",)), "--results", tmp_path / "file")
+    assert_one_line(result, 2, str(tmp_path / "file"), "is a regular file, not a folder")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_machine_errors_keep_a_run_pending_run_errors_fail_it(tmp_path, monkeypatch):
     """The errors a tmpfs cannot produce (EIO, EACCES mid-run) take the same path as the full disk above."""
     import benchmark.pipeline as pipeline
