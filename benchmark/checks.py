@@ -21,15 +21,16 @@ MIN_VAL_PER_CLASS = 10
 def cell_warnings(specs: list[RunSpec], data_root: Path) -> list[str]:
     """One line per problem of the (dataset, arch, batch size, exits) combinations that `specs` use."""
     from benchmark.models import exit_placement_warnings
-    warnings, seen = [], set()
+    warnings, seen, missing = [], set(), set()
     for spec in specs:
         key = (spec.dataset, spec.arch, spec.train["batch_size"], str(spec.model["exits"]))
-        if key in seen:
+        if key in seen or spec.dataset in missing:
             continue
         seen.add(key)
         try:
             data = load_dataset(spec.dataset, data_root)
         except UserError:
+            missing.add(spec.dataset)           # said once per dataset, not once per cell
             warnings.append(f"{spec.dataset}: not present under {data_root}, so its batch size and validation "
                             f"split were not checked")
             continue

@@ -25,3 +25,12 @@ def test_dry_run_prints_the_warnings(grid_file, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "warning: basicmotions/small_cnn1d: batch size 64 exceeds" in result.stderr
+
+
+def test_a_missing_dataset_is_named_once_not_once_per_cell(tmp_path):
+    """The full grid without its data printed "not present under ..." 7 times per dataset (21 lines; issue 22)."""
+    grid = load_grid("full", check_models=False)
+    missing = [w for w in cell_warnings(grid.specs, tmp_path) if "not present under" in w]
+    datasets = sorted({s.dataset for s in grid.specs})
+    assert len({s.arch for s in grid.specs}) > 1
+    assert sorted(w.split(":")[0] for w in missing) == datasets
