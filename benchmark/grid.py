@@ -114,10 +114,12 @@ def _check_table(path: Path, where: str, table: Any, defaults: dict[str, Any]) -
         if key not in defaults:
             raise _bad(path, f"{where}.{key}", "unknown key" + _suggest(key, defaults))
         default = defaults[key]
-        if default is not None and not isinstance(value, type(default)) and not (
-                isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-            if not (key == "exits" and isinstance(value, list)):
-                raise _bad(path, f"{where}.{key}", f"expected {type(default).__name__}, got {value!r}")
+        if default is None or (key == "exits" and isinstance(value, list)):
+            continue
+        widened = isinstance(default, float) and isinstance(value, int)        # an int where a float is declared
+        # a bool is an int to Python, never a number in a grid (batch_size = true was taken as 1)
+        if isinstance(value, bool) != isinstance(default, bool) or not (isinstance(value, type(default)) or widened):
+            raise _bad(path, f"{where}.{key}", f"expected {type(default).__name__}, got {value!r}")
     return table
 
 
@@ -144,11 +146,11 @@ def _validate_train(path: Path, where: str, train: dict[str, Any]) -> None:
     if train["optimizer"] not in OPTIMIZERS:
         raise _bad(path, f"{where}.optimizer", f"must be one of {OPTIMIZERS}, got {train['optimizer']!r}")
     for key in ("batch_size", "eval_every"):
-        if isinstance(train[key], bool) or not isinstance(train[key], int) or train[key] < 1:
+        if train[key] < 1:
             raise _bad(path, f"{where}.{key}", f"must be an integer >= 1, got {train[key]!r}")
     for key, low, strict in (("lr", 0.0, True), ("momentum", 0.0, False), ("weight_decay", 0.0, False)):
         value = train[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
+        if value < low or (strict and value == low):
             raise _bad(path, f"{where}.{key}", f"must be a number {'>' if strict else '>='} {low:g}, got {value!r} "
                                                f"(torch's optimizers refuse it)")
     if train["optimizer"] == "sgd" and train["nesterov"] and train["momentum"] == 0:
@@ -315,9 +317,8 @@ def _screen(path: Path, table: Any, regimes: list[str], tuning: dict[str, Any] |
         raise _bad(path, "screen", "the screen reads the screen regime's tuning winner at the cell's budget: "
                                    "declare [tuning] too")
     for key, low, high in (("min_gap", 0.0, 1.0), ("max_final", 0.0, 1.0)):
-        value = screen[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
-                or not math.isfinite(value):
+        value = screen[key]                    # a number (`_check_table`), finite (`_numbers`)
+        if not low <= value <= high:
             raise _bad(path, f"screen.{key}", f"must be a validation accuracy in [{low:g}, {high:g}], got {value!r}")
     return screen
 
