@@ -3,10 +3,11 @@
 A ranking at a budget where nothing has converged measures early speed, not the regimes. For every (dataset,
 arch) cell of a grid this trains `joint` (the grid's [train] lr, the grid's seeds) at E/2, E and 2E epochs —
 ordinary runs of the grid's store, so they are cached — and writes `tables/budget_sweep.csv`: the seed-mean
-final-exit *validation* accuracy at each budget. The rule (BENCHMARK.md): a budget E is enough when going to 2E
-gains at most PLATEAU_POINTS of final-exit validation accuracy, or less than two standard errors of that gain over
-seeds — a gain the validation split cannot tell from noise (on digits one validation sample is 0.69 points, more
-than PLATEAU_POINTS). Test data is never read.
+final-exit *validation* accuracy at each budget. The rule (BENCHMARK.md, issue 21): a budget E is converged when
+going to 2E gains at most PLATEAU_POINTS (0.5 points) of seed-mean final-exit validation accuracy, read on a
+validation split where 0.5 points are at least MIN_SAMPLES_PER_HALF_POINT samples (1 000 or more); on a smaller
+split no budget is declared converged (an earlier rule let "within two standard errors" pass +0.93 points on 144
+samples). Test data is never read.
 """
 from __future__ import annotations
 
@@ -19,20 +20,22 @@ import numpy as np
 import pandas as pd
 
 from benchmark.cli import DEFAULT_DATA_ROOT
-from benchmark.grid import load_grid
+from benchmark.grid import load_grid, parse_filters, select
 from benchmark.runner import run_grid
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, ResultsStore, write_csv
 
 PLATEAU_POINTS = 0.005
 """Largest final-exit validation accuracy gain from E to 2E epochs for which E counts as converged."""
+MIN_SAMPLES_PER_HALF_POINT = 5
+"""The validation split must hold this many samples per PLATEAU_POINTS of accuracy for the rule to be read."""
 
 BUDGETS = {"E/2": 0.5, "E": 1.0, "2E": 2.0}
 
 
-def sweep_specs(specs: list[RunSpec]) -> list[tuple[str, RunSpec]]:
-    """(budget label, joint run at that budget) for every cell and seed of a grid's runs."""
-    joint = {(s.dataset, s.arch, s.seed): s for s in specs}
+def sweep_specs(specs: list[RunSpec], seeds: list[int] | None = None) -> list[tuple[str, RunSpec]]:
+    """(budget label, joint run at that budget) for every cell and seed (`seeds`, default all) of a grid's runs."""
+    joint = {(s.dataset, s.arch, s.seed): s for s in specs if seeds is None or s.seed in seeds}
     runs = []
     for spec in joint.values():
         base = replace(spec, regime="joint", own_phases={}, hparams={})
@@ -43,16 +46,18 @@ def sweep_specs(specs: list[RunSpec]) -> list[tuple[str, RunSpec]]:
 
 
 def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.DataFrame:
-    """One row per cell x budget: seed-mean and std of the final exit's validation accuracy, and the verdict."""
+    """One row per cell x budget: seed-mean and std of the final exit's validation accuracy, the validation size,
+    and the verdict."""
     rows = []
     for label, spec in runs:
         if store.state(spec.run_id) != DONE:
             continue
         exits = pd.read_csv(store.run_dir(spec.run_id) / "exits.csv")
         rows.append({"dataset": spec.dataset, "arch": spec.arch, "budget": label, "epochs": spec.train["epochs"],
-                     "seed": spec.seed, "val_final_accuracy": float(exits["val_accuracy"].iloc[-1])})
+                     "seed": spec.seed, "val_final_accuracy": float(exits["val_accuracy"].iloc[-1]),
+                     "val_samples": len(read_logits_labels(store.run_dir(spec.run_id)))})
     frame = pd.DataFrame(rows)
-    table = (frame.groupby(["dataset", "arch", "budget", "epochs"], sort=False)["val_final_accuracy"]
+    table = (frame.groupby(["dataset", "arch", "budget", "epochs", "val_samples"], sort=False)["val_final_accuracy"]
              .agg(val_final_accuracy_mean="mean", val_final_accuracy_std="std", seeds="count").reset_index())
     cells = ["dataset", "arch"]
     mean = table.pivot_table(index=cells, columns="budget", values="val_final_accuracy_mean")
@@ -60,8 +65,16 @@ def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.Data
         index=cells, columns="budget", values="v")
     verdict = pd.DataFrame({"gain_E_to_2E": mean["2E"] - mean["E"],
                             "gain_standard_error": (variance_of_mean["2E"] + variance_of_mean["E"]) ** 0.5})
-    verdict["plateaued"] = verdict["gain_E_to_2E"] <= np.maximum(PLATEAU_POINTS, 2 * verdict["gain_standard_error"])
+    samples = table.groupby(cells)["val_samples"].min()
+    verdict["validation_resolves"] = samples * PLATEAU_POINTS >= MIN_SAMPLES_PER_HALF_POINT
+    verdict["plateaued"] = (verdict["gain_E_to_2E"] <= PLATEAU_POINTS) & verdict["validation_resolves"]
     return table.join(verdict, on=cells)
+
+
+def read_logits_labels(folder: Path) -> np.ndarray:
+    """The validation labels a run was evaluated on (its logits.npz): the split's size, read from the run."""
+    with np.load(folder / "logits.npz") as stored:
+        return stored["val_y"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="results folder [default: results/<grid>]")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to sweep [default: the grid's]")
+    parser.add_argument("--executor", choices=["local", "process"], default="local")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--only", nargs="*", default=[], help="KEY=VALUE filters, as bench run --only")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid, args.data_root)
     store = ResultsStore(args.results or Path("results") / grid.name)
-    runs = sweep_specs(grid.specs)
+    runs = sweep_specs(select(grid.specs, parse_filters(args.only)), args.seeds)
     outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=args.data_root,
-                       threads=args.threads, desc=f"budget sweep {grid.name}", write_tables=lambda: None)
+                       executor=args.executor, jobs=args.jobs, threads=args.threads,
+                       desc=f"budget sweep {grid.name}", write_tables=lambda: None)
     table = sweep_table(runs, store)
     write_csv(store.tables_dir / "budget_sweep.csv", table)
     print(table.to_string(index=False))

@@ -110,6 +110,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     from benchmark.data import load_dataset
     from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.provenance import new_timing_batch
     from benchmark.runner import damaged, run_grid
     from benchmark.store import DONE, FAILED, ResultsStore
     from benchmark.tuning import make_plan
@@ -145,7 +146,8 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                   retry_failed=retry_failed, download=download, threads=threads, address=address,
                   cpus_per_run=cpus_per_run or grid.resources["cpus_per_run"],
                   gpus_per_run=gpus_per_run if gpus_per_run is not None else grid.resources["gpus_per_run"],
-                  write_tables=lambda: _write_grid_tables(grid, store))
+                  write_tables=lambda: _write_grid_tables(grid, store),
+                  timing_batch=new_timing_batch(executor, jobs, threads))   # one sitting: every stage of this run
     lost = {}                           # Ray tasks that never came back: their runs stay pending
     with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
         if grid.screen is not None:

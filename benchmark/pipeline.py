@@ -27,6 +27,7 @@ from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
 from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
                              read_torch, write_csv, write_json, write_npz, write_torch)
+from benchmark.provenance import code_version
 from benchmark.tuning import TUNING_METRIC
 from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
 from regimes.base import Budget, Phase
@@ -148,9 +149,10 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
 
 def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: torch.device, threads: int,
                 on_epoch: EpochCallback | None = None, keep_model: bool = False, snapshot_every: int = 0,
-                snapshot_samples: int = 250) -> dict:
+                snapshot_samples: int = 250, timing_batch: str | None = None) -> dict:
     """Train, evaluate and store one run. Returns metrics.json's content. Raises on failure (see `safe_execute`).
-    `snapshot_every` > 0 records the information plane every k epochs (runs/<id>/information_snapshots.csv)."""
+    `snapshot_every` > 0 records the information plane every k epochs (runs/<id>/information_snapshots.csv);
+    metrics.json records the code (`provenance.code_version`) and `timing_batch`, the sitting it was timed in."""
     started = time.perf_counter()
     environment = configure(device, threads, fast=spec.fast)
     folder = store.start_run(spec.run_id)
@@ -235,6 +237,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                   "exits": costs["exits"]},
         "cost": _run_cost(phase_costs, p1_reused, started, resumed),
         "num_exits": model.num_exits, "environment": environment,
+        "provenance": {**code_version(), "timing_batch": timing_batch},
         "files": folder_digests(folder),
     }
     write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from benchmark.data import load_dataset
 from benchmark.determinism import resolve_device
 from benchmark.pipeline import safe_execute
+from benchmark.provenance import new_timing_batch
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, ResultsStore, read_json
 from benchmark import tables
@@ -113,10 +114,12 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
              snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
              desc: str | None = None, address: str | None = None, cpus_per_run: int | None = None,
-             gpus_per_run: float | None = None) -> GridOutcome:
+             gpus_per_run: float | None = None, timing_batch: str | None = None) -> GridOutcome:
     """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
-    every run in the folder). `address`, `cpus_per_run` and `gpus_per_run` are for the Ray executor."""
+    every run in the folder). `address`, `cpus_per_run` and `gpus_per_run` are for the Ray executor; `timing_batch`
+    names the sitting the runs are timed in (`provenance.new_timing_batch`; default: a new one for this call)."""
     outcome = GridOutcome()
+    timing_batch = timing_batch or new_timing_batch(executor, jobs, threads)
     ray_started = False
     if executor == "ray":
         from benchmark import ray_executor
@@ -126,7 +129,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
             _run_pending(specs, store, outcome, grid_name=grid_name, executor=executor, jobs=jobs,
                          data_root=data_root, device=device, retry_failed=retry_failed, download=download,
                          threads=threads, extras={"keep_model": save_models, "snapshot_every": snapshot_every,
-                                                  "snapshot_samples": snapshot_samples},
+                                                  "snapshot_samples": snapshot_samples, "timing_batch": timing_batch},
                          write_tables=write_tables, desc=desc, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     finally:
         if ray_started:

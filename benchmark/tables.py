@@ -43,6 +43,7 @@ def run_row(metrics: dict, spec: dict) -> dict:
         "device": metrics["environment"]["device"],
         **{key: metrics["environment"].get(key) for key in ("torch", "cpu_model", "cpu_capability", "cpu_flags",
                                                            "cpu_caches", "isa_env")},
+        **{key: metrics.get("provenance", {}).get(key) for key in ("git_commit", "git_dirty", "timing_batch")},
     }
 
 

