@@ -21,7 +21,12 @@ CODE_PATHS = ("benchmark", "regimes", "analysis", "pyproject.toml")
 
 @functools.cache
 def code_version() -> dict:
-    root = Path(__file__).resolve().parent.parent
+    """{"git_commit", "git_dirty"} of the checkout this package was imported from (once per process)."""
+    return checkout_version(Path(__file__).resolve().parent.parent)
+
+
+def checkout_version(root: Path) -> dict:
+    """{"git_commit": HEAD's sha or None, "git_dirty": whether CODE_PATHS differ from it} of the checkout `root`."""
 
     def git(*args: str) -> str | None:
         try:

@@ -1,4 +1,5 @@
 """The budget sweep's runs and its plateau verdict, on hand-made final-exit validation accuracies."""
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -8,7 +9,10 @@ from benchmark.store import ResultsStore
 from conftest import record_run
 
 
-def record(store, spec, val_final_accuracy):
+def record(store, spec, val_final_accuracy, val_samples=1000):
+    folder = store.run_dir(spec.run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "logits.npz", val_y=np.zeros(val_samples, dtype=np.int64))    # the split the run was read on
     record_run(store, spec, files={"exits.csv": pd.DataFrame({"exit": [0, 1], "val_accuracy": [0.1, val_final_accuracy]})})
 
 
@@ -18,21 +22,25 @@ def test_sweep_trains_joint_at_half_once_and_twice_the_cells_budget(grid_file):
     assert sorted((label, s.seed, s.train["epochs"]) for label, s in runs) == sorted(
         (label, seed, epochs) for label, epochs in (("E/2", 3), ("E", 6), ("2E", 12)) for seed in (0, 1))
     assert {s.regime for _, s in runs} == {"joint"} and all(s.hparams == {} for _, s in runs)
+    assert {s.seed for _, s in sweep_specs(grid.specs, [1])} == {1}        # --seeds: a subset of the grid's
 
 
-@pytest.mark.parametrize("accuracies, plateaued", [
-    ({"E": [0.90, 0.90], "2E": [0.904, 0.904]}, True),    # +0.4 points: within 0.5
-    ({"E": [0.90, 0.90], "2E": [0.92, 0.92]}, False),     # +2 points, no noise at all
-    ({"E": [0.88, 0.92], "2E": [0.89, 0.93]}, True),      # +1 point, but the seeds spread 4 points: SE 2.8 points
+@pytest.mark.parametrize("accuracies, val_samples, plateaued", [
+    ({"E": [0.90, 0.90], "2E": [0.904, 0.904]}, 1000, True),    # +0.4 points: within 0.5
+    ({"E": [0.90, 0.90], "2E": [0.92, 0.92]}, 1000, False),     # +2 points
+    ({"E": [0.88, 0.92], "2E": [0.89, 0.93]}, 1000, False),     # +1 point: seeds that spread 4 points excuse nothing
+    ({"E": [0.90, 0.90], "2E": [0.904, 0.904]}, 144, False),    # within 0.5, on a split too small to see 0.5 points
 ])
-def test_plateau_is_a_small_or_indistinguishable_gain(grid_file, tmp_path, accuracies, plateaued):
+def test_converged_means_at_most_half_a_point_from_E_to_2E_on_a_split_that_can_show_it(
+        grid_file, tmp_path, accuracies, val_samples, plateaued):
     grid = load_grid(str(grid_file(regimes=("joint",), seeds=(0, 1), epochs=6)))
     store = ResultsStore(tmp_path)
     runs = sweep_specs(grid.specs)
     for label, spec in runs:
-        record(store, spec, accuracies.get(label, [0.5, 0.5])[spec.seed])
+        record(store, spec, accuracies.get(label, [0.5, 0.5])[spec.seed], val_samples)
     table = sweep_table(runs, store).set_index("budget")
     gain = sum(accuracies["2E"]) / 2 - sum(accuracies["E"]) / 2
     assert table.loc["E", "gain_E_to_2E"] == pytest.approx(gain)
     assert bool(table.loc["E", "plateaued"]) is plateaued
+    assert bool(table.loc["E", "validation_resolves"]) is (val_samples >= 1000) and table.loc["E", "val_samples"] == val_samples
     assert table.loc["2E", "epochs"] == 12 and table.loc["E/2", "seeds"] == 2

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmark.provenance import code_version
 from conftest import BENCH, REPO, THREADS
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,9 @@ def test_every_run_writes_its_files_and_the_tables(smoke_results):
         assert logits["val"].dtype == np.float32 and logits["test"].shape[0] == metrics["num_exits"]
         assert 0.0 <= metrics["summary"]["final_accuracy"] <= 1.0
         assert metrics["cost"]["optimizer_steps"] > 0 and metrics["cost"]["examples_seen"] > 0
+        assert metrics["provenance"]["git_commit"] == code_version()["git_commit"]       # the code that trained it
     runs = pd.read_csv(results / "tables" / "runs.csv")
+    assert runs.timing_batch.nunique() == 1 and runs.git_commit.notna().all()        # one bench run, one sitting
     exits = pd.read_csv(results / "tables" / "exits.csv")
     curves = pd.read_csv(results / "tables" / "curves.csv")
     assert sorted(runs.regime) == ["disjoint", "joint", "mixed"] and runs.run_id.is_unique
@@ -80,6 +83,7 @@ def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
         a = json.loads((folder / "metrics.json").read_text())
         b = json.loads((second / "runs" / folder.name / "metrics.json").read_text())
         assert a["summary"] == b["summary"] and a["flops"] == b["flops"]
+        assert a["provenance"]["timing_batch"] != b["provenance"]["timing_batch"]    # two sittings: not comparable
         la, lb = np.load(folder / "logits.npz"), np.load(second / "runs" / folder.name / "logits.npz")
         assert np.array_equal(la["test"], lb["test"]) and np.array_equal(la["val"], lb["val"])
         pd.testing.assert_frame_equal(pd.read_csv(folder / "curves.csv"),
