@@ -12,19 +12,24 @@ Statistics (one test decides):
   come from the same model, so the numbers of a row agree with each other. Wilcoxon is not computed: accuracies
   move in steps of 1 / N_test, so many differences tie or are exactly 0, and how the signed-rank test treats
   zeros (dropped or split) changes its answer; with 3 to 9 pairs it also has a coarse p floor (1 / 2^n).
-- Verdict at ALPHA = 0.05: reproduced if the claim's one-sided test rejects; contradicted if the opposite one does
-  (greater: mean d < 0; not_less: mean d < -margin); else inconclusive. For a t-test the opposite p is
-  1 - p_value, so contradicted means p_value > 1 - ALPHA.
-- The interval is two-sided 95 %, as in analysis.statistics; a one-sided test at 0.05 matches a 90 % interval,
-  so a reproduced "greater" claim with 0.025 <= p < 0.05 has a 95 % interval that reaches below 0.
-- effect_size is Cohen's d_z = mean(d) / sd(d). n_needed (inconclusive rows only) is the number of pairs at which
-  this test reaches POWER = 0.8 if the true standardised effect were the observed (mean(d) + margin) / sd(d),
-  the distance the test has to show; exact from scipy's noncentral t (pairs_needed). NaN, with the note "no effect
-  to power", when that effect is 0 or of the wrong sign.
+- The claims of one file are one family (issue 21): their one-sided p values — for the claim (`p_value`) and for
+  its opposite (`p_opposite`; greater: mean d < 0; not_less: mean d < -margin; for a t-test 1 - p_value) — are
+  Holm-adjusted over every claim with at least 2 pairs (`p_holm`, `p_opposite_holm`), and the verdict (VERDICT_RULE)
+  needs both the adjusted p and the interval: **reproduced** if p_holm < ALPHA and the whole 95 % interval lies on
+  the claim's side of its margin (above -margin; above 0 for "greater"); **contradicted** if p_opposite_holm < ALPHA
+  and the whole interval lies on the other side; else **inconclusive**. The interval is two-sided 95 %, as in
+  analysis.statistics, so it is the stricter of the two conditions near the boundary.
+- effect_size is Cohen's d_z = mean(d) / sd(d). detectable_effect is the smallest true mean difference beyond the
+  margin (in metric units) this many pairs would show with POWER = 0.8 at the family's strictest Holm level
+  ALPHA / m, if the differences spread as observed (sd(d)); n_needed (inconclusive rows only) the pairs needed for
+  that power at the observed distance (mean(d) + margin) / sd(d); both exact from scipy's noncentral t. n_needed is
+  NaN, with the note "no effect to power", when that distance is 0 or of the wrong sign.
 - Zero-variance differences (spread within analysis.statistics.EQUAL_RTOL of the values: rounding only) have no
   t statistic; they are decided by the sign of mean(d) + margin: > 0 reproduced with p = 0, < 0 contradicted
   with p = 1, = 0 inconclusive with p NaN. Fewer than 2 pairs: inconclusive, p NaN.
-- No multiple-comparison correction: each claim is its own question, stated in advance in the claims file.
+- A claim tested on its own (`bench claim`, `test_claim`: the untold claims a reviewer checks) is a family of one;
+  test several together by listing them in a claims file (`bench report --claims FILE`), and they are corrected
+  together.
 """
 from __future__ import annotations
 
@@ -59,7 +64,12 @@ REQUIRED_KEYS = ("id", "statement", "source", "a", "b", "metric", "direction")
 KEYS = REQUIRED_KEYS + ("margin", "cells")
 PAIR_KEY = ["dataset", "arch", "seed"]
 COLUMNS = ["id", "statement", "source", "a", "b", "metric", "direction", "margin", "cells", "n_pairs",
-           "mean_difference", "ci_low", "ci_high", "effect_size", "p_value", "verdict", "n_needed", "note"]
+           "mean_difference", "ci_low", "ci_high", "effect_size", "p_value", "p_opposite", "p_holm", "p_opposite_holm",
+           "family_size", "verdict", "detectable_effect", "n_needed", "note"]
+VERDICT_RULE = ("reproduced: Holm-adjusted one-sided p < {alpha:g} over the family of {m} claims and the whole 95 % CI "
+                "of the mean difference on the claim's side of its margin (above 0 for >, above -margin for ≥); "
+                "contradicted: the same for the opposite direction (CI wholly below 0, or below -margin); otherwise "
+                "inconclusive")
 CLAIM_COLUMNS = COLUMNS[:8]
 """The columns copied from the claim (its `cells` globs are replaced by the cells that gave pairs)."""
 EXACT_POWER_LIMIT = 100_000
@@ -190,10 +200,30 @@ def pairs_needed(effect: float, alpha: float = ALPHA, power: float = POWER) -> i
     return n
 
 
-def paired_verdict(differences, margin: float = 0.0, scale: float = 1.0) -> dict:
-    """The statistics of one claim from its paired differences d = a - b (module docstring): n_pairs,
-    mean_difference, ci_low, ci_high, effect_size, p_value, verdict, n_needed, note. `margin` is 0 for "greater";
-    `scale` (the largest |value| compared) sets the rounding tolerance that tells zero variance."""
+def detectable_effect(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean difference (beyond the tested boundary, in the units of `sd`) that a one-sided paired
+    t-test with `n` pairs at level `alpha` detects with probability `power` when the differences spread with
+    standard deviation `sd`: effect_z * sd, effect_z solving power(n, effect_z) = `power` (noncentral t)."""
+    from scipy import optimize, stats
+
+    if n < 2 or not np.isfinite(sd) or sd <= 0:
+        return np.nan
+    critical = stats.t.ppf(1 - alpha, n - 1)
+
+    def shortfall(effect: float) -> float:
+        return float(stats.nct.sf(critical, n - 1, effect * math.sqrt(n))) - power
+
+    high = 1.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-10)) * sd
+
+
+def paired_statistics(differences, margin: float = 0.0, scale: float = 1.0) -> dict:
+    """The statistics of one claim from its paired differences d = a - b (module docstring), before its family
+    decides the verdict (`decide`): n_pairs, mean_difference, ci_low, ci_high, effect_size, p_value (the claim's
+    one-sided p), p_opposite, sd (of d), note. `margin` is 0 for "greater"; `scale` (the largest |value| compared)
+    sets the rounding tolerance that tells zero variance."""
     from scipy import stats
 
     from analysis.statistics import EQUAL_RTOL, confidence_interval
@@ -201,7 +231,7 @@ def paired_verdict(differences, margin: float = 0.0, scale: float = 1.0) -> dict
     d = np.asarray(differences, dtype=np.float64)
     n = len(d)
     out = {"n_pairs": n, "mean_difference": float(d.mean()) if n else np.nan, "ci_low": np.nan, "ci_high": np.nan,
-           "effect_size": np.nan, "p_value": np.nan, "verdict": "inconclusive", "n_needed": np.nan, "note": ""}
+           "effect_size": np.nan, "p_value": np.nan, "p_opposite": np.nan, "sd": np.nan, "note": ""}
     if n < 2:
         out["note"] = f"{n} pair{'' if n == 1 else 's'}: a paired test needs at least 2"
         return out
@@ -209,25 +239,65 @@ def paired_verdict(differences, margin: float = 0.0, scale: float = 1.0) -> dict
     mean, shifted, tolerance = d.mean(), d.mean() + margin, EQUAL_RTOL * max(scale, 1e-300)
     if np.ptp(d) <= tolerance:                                   # zero variance: no t statistic
         out["effect_size"] = math.copysign(math.inf, mean) if abs(mean) > tolerance else np.nan
+        out["sd"] = 0.0
         if shifted > tolerance:
-            out.update(p_value=0.0, verdict="reproduced")
+            out.update(p_value=0.0, p_opposite=1.0)
         elif shifted < -tolerance:
-            out.update(p_value=1.0, verdict="contradicted")
+            out.update(p_value=1.0, p_opposite=0.0)
         out["note"] = "every difference is the same (zero variance): decided by its sign, no t-test"
         return out
-    sd = d.std(ddof=1)
+    out["sd"] = sd = float(d.std(ddof=1))
     out["effect_size"] = float(mean / sd)
-    out["p_value"] = p = float(stats.ttest_1samp(d, -margin, alternative="greater").pvalue)
-    opposite = float(stats.ttest_1samp(d, -margin, alternative="less").pvalue)
-    if p < ALPHA:
-        out["verdict"] = "reproduced"
-    elif opposite < ALPHA:
-        out["verdict"] = "contradicted"
-    elif shifted > 0:
-        out["n_needed"] = float(pairs_needed(shifted / sd))
-    else:
-        out["note"] = "no effect to power"
+    out["p_value"] = float(stats.ttest_1samp(d, -margin, alternative="greater").pvalue)
+    out["p_opposite"] = float(stats.ttest_1samp(d, -margin, alternative="less").pvalue)
     return out
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p values (Holm 1979) of a family; NaN entries are not members and stay NaN.
+    Every claim with at least 2 pairs is a member (`decide`), one without a p value as p = 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    members = np.flatnonzero(np.isfinite(p))
+    order = members[np.argsort(p[members], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def decide(rows: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts of a family of claims (VERDICT_RULE): Holm over the rows with at least 2 pairs, the interval
+    against each row's margin, and each row's detectable effect and pairs needed at the strictest Holm level."""
+    rows = rows.copy()
+    family = rows["n_pairs"] >= 2
+    m = int(family.sum())
+    rows["family_size"] = m
+    for column in ("p_value", "p_opposite"):       # a member without a p (zero variance, mean 0) counts as p = 1
+        member_p = rows[column].where(family).mask(family & rows[column].isna(), 1.0)
+        rows[column.replace("p_value", "p") + "_holm"] = holm(member_p)
+    level = ALPHA / max(m, 1)
+    verdicts, detectable, needed, notes = [], [], [], []
+    for row in rows.itertuples(index=False):
+        boundary = -row.margin
+        verdict, need, note = "inconclusive", np.nan, row.note
+        if row.p_holm < ALPHA and row.ci_low > boundary:
+            verdict = "reproduced"
+        elif row.p_opposite_holm < ALPHA and row.ci_high < boundary:
+            verdict = "contradicted"
+        elif row.n_pairs >= 2 and row.sd > 0:
+            distance = (row.mean_difference + row.margin) / row.sd
+            if distance > 0:
+                need = float(pairs_needed(distance, level))
+            else:
+                note = "; ".join(filter(None, [note, "no effect to power"]))
+        verdicts.append(verdict)
+        needed.append(need)
+        notes.append(note)
+        detectable.append(detectable_effect(row.n_pairs, row.sd, level) if row.n_pairs >= 2 else np.nan)
+    rows["verdict"], rows["detectable_effect"], rows["n_needed"], rows["note"] = verdicts, detectable, needed, notes
+    return rows
 
 
 def robustness_metrics(robustness: pd.DataFrame) -> pd.DataFrame:
@@ -269,7 +339,27 @@ def evaluate_claims(runs: pd.DataFrame, exits: pd.DataFrame, claims: list[Claim]
                             f"rerun `bench report` to rebuild it)")
         declared = {column: getattr(claim, column) for column in CLAIM_COLUMNS}
         rows.append({**declared, **_evaluate(claim, done)})      # `cells` becomes the matched cells
-    return pd.DataFrame(rows, columns=COLUMNS)
+    if not rows:
+        return pd.DataFrame(columns=COLUMNS)
+    return decide(pd.DataFrame(rows))[COLUMNS]
+
+
+def test_claim(runs: pd.DataFrame, exits: pd.DataFrame, a: str, b: str, metric: str, direction: str = "greater",
+               margin: float | None = None, cells: tuple[str, ...] = ("*/*",),
+               robustness: pd.DataFrame | None = None) -> pd.Series:
+    """Any claim "a beats b on metric" (or "a is not worse than b by more than margin"), tested by the rules of the
+    shipped claims (a family of one: list several in a claims file to correct them together). The same validation
+    as a claims file: an unknown regime, metric or direction is a UserError naming it."""
+    table = {"id": "ad-hoc", "statement": f"{a} vs {b} on {metric}", "source": "ad hoc", "a": a, "b": b,
+             "metric": metric, "direction": direction, "cells": list(cells)}
+    if margin is not None:
+        table["margin"] = margin
+    from regimes.registry import regime_names
+    claim = _claim(Path("<command line>"), 1, table, regime_names())
+    return evaluate_claims(runs, exits, [claim], robustness).iloc[0]
+
+
+test_claim.__test__ = False       # a public API named like a test: pytest must not collect it
 
 
 def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
@@ -278,7 +368,7 @@ def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
     sides = {side: matched[matched["regime"] == regime].set_index(PAIR_KEY)[claim.metric]
              for side, regime in (("a", claim.a), ("b", claim.b))}
     pairs = pd.concat(sides, axis=1, join="inner").dropna().sort_index()
-    result = paired_verdict(pairs["a"] - pairs["b"], claim.margin,
+    result = paired_statistics(pairs["a"] - pairs["b"], claim.margin,
                             float(np.abs(pairs.to_numpy(dtype=np.float64)).max()) if len(pairs) else 1.0)
     notes = [result["note"]] if result["note"] else []
     for side, regime in (("a", claim.a), ("b", claim.b)):
@@ -313,7 +403,9 @@ def claim_findings(table: pd.DataFrame) -> list[str]:
             sentences.append(f"{head} — {row.note}.")
             continue
         sentence = (f"{head} — mean {_points(row.mean_difference)} points [95 % CI {_points(row.ci_low)}, "
-                    f"{_points(row.ci_high)}] over {row.n_pairs} (cell, seed) pairs, one-sided {_p(row.p_value)}")
+                    f"{_points(row.ci_high)}] over {row.n_pairs} (cell, seed) pairs, one-sided {_p(row.p_value)}, "
+                    f"Holm-adjusted over {row.family_size} claims {_p(row.p_holm)}; the pairs could detect "
+                    f"{abs(100 * row.detectable_effect):.1f} points")
         if not np.isnan(row.n_needed):
             sentence += f"; about {int(row.n_needed)} pairs would give {100 * POWER:.0f} % power at this effect"
         sentences.append(sentence + (f" ({row.note})." if row.note else "."))

@@ -133,7 +133,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         _print_plan(plan, store, device_type, grid.analyses["run_after"])
         if grid.screen is not None:
             screen = grid.screen
-            click.echo(f"screen: {screen['regime']} is tuned first in every cell; a cell's other runs train only if "
+            click.echo(f"screen: {screen['regime']} is tuned and trained first in every cell; a cell's other runs train only if "
                        f"its first exit trails the final by >= {100 * screen['min_gap']:g} points and the final stays "
                        f"below {100 * screen['max_final']:g} % (validation; tables/screen.csv)")
         return
@@ -148,20 +148,19 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                   gpus_per_run=gpus_per_run if gpus_per_run is not None else grid.resources["gpus_per_run"],
                   write_tables=lambda: _write_grid_tables(grid, store),
                   timing_batch=new_timing_batch(executor, jobs, threads))   # one sitting: every stage of this run
+    reported = dict(save_models=save_models or bool(settings["model"] and settings["run_after"]),
+                    snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
     lost = {}                           # Ray tasks that never came back: their runs stay pending
     with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
         if grid.screen is not None:
-            specs = _screened(grid, specs, store, data_root, lost, common)
+            specs = _screened(grid, specs, store, data_root, lost, common, reported)
             plan = make_plan(specs, grid.tuning, store)
         plan = _tune(grid, specs, plan, store, lost, common, f"tuning {grid.name}",
                      f"tuning runs of grid {grid.name}")
         if plan.at_edge:
             click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
                        f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
-        outcome = run_grid(plan.reported, store,
-                           save_models=save_models or bool(settings["model"] and settings["run_after"]),
-                           snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"],
-                           **common)
+        outcome = run_grid(plan.reported, store, **reported, **common)
         _report(f"grid {grid.name}", outcome, store)
         lost.update(outcome.lost)
         for reason in plan.untunable.values():
@@ -197,21 +196,29 @@ def _tune(grid, specs, plan, store, lost: dict, common: dict, desc: str, what: s
     return plan
 
 
-def _screened(grid, specs, store, data_root, lost: dict, common: dict) -> list:
-    """The difficulty screen (benchmark/screen.py): tune the screen regime in the cells of `specs` first, write the
-    whole grid's tables/screen.csv, print each cell's verdict, and keep the runs of the cells that pass."""
+def _screened(grid, specs, store, data_root, lost: dict, common: dict, reported: dict) -> list:
+    """The difficulty screen (benchmark/screen.py): tune the screen regime in the cells of `specs` first and train its
+    reported seeds (`reported`: run_grid's settings for reported runs), write the whole grid's tables/screen.csv,
+    print each cell's verdict, and keep the runs of the cells that pass."""
     from benchmark.data import load_dataset
+    from benchmark.runner import run_grid
     from benchmark.screen import screen_table, verdict_lines
     from benchmark.store import write_csv
     from benchmark.tuning import make_plan
 
     regime = grid.screen["regime"]
     screened = [s for s in specs if s.regime == regime]
-    _tune(grid, screened, make_plan(screened, grid.tuning, store), store, lost, common, f"screen {grid.name}",
-          f"screen ({regime}'s tuning) of grid {grid.name}")
-    everywhere = [s for s in grid.specs if s.regime == regime]
+    plan = _tune(grid, screened, make_plan(screened, grid.tuning, store), store, lost, common,
+                 f"screen {grid.name}", f"screen ({regime}'s tuning) of grid {grid.name}")
+    outcome = run_grid(plan.reported, store, desc=f"screen {grid.name}: {regime}'s reported seeds", **reported,
+                       **common)
+    _report(f"screen ({regime}'s reported seeds) of grid {grid.name}", outcome, store)
+    lost.update(outcome.lost)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    everywhere = make_plan([s for s in grid.specs if s.regime == regime], grid.tuning, store).reported
     sizes = {name: len(load_dataset(name, data_root).y_val) for name in {s.dataset for s in everywhere}}
-    table = screen_table(make_plan(everywhere, grid.tuning, store).choices, grid.screen, store, sizes)
+    table = screen_table(everywhere, grid.screen, store, sizes)
     write_csv(store.tables_dir / "screen.csv", table)
     decided = {(row.dataset, row.arch): row for row in table.itertuples(index=False)}
     cells = {(s.dataset, s.arch) for s in screened}
@@ -237,10 +244,12 @@ def _ray_session(executor: str, address: str | None):
 
 
 def _write_grid_tables(grid, store) -> None:
-    """The whole grid's tables, so that an --only subset does not shrink them."""
+    """The whole grid's tables, so that an --only subset does not shrink them; cells that failed the difficulty
+    screen are left out (tables/screen.csv has their numbers)."""
+    from benchmark.screen import without_failed_cells
     from benchmark.tables import write_tables
     from benchmark.tuning import make_plan
-    whole = make_plan(grid.specs, grid.tuning, store)
+    whole = make_plan(without_failed_cells(grid.specs, store) if grid.screen else grid.specs, grid.tuning, store)
     write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
 
 
@@ -297,12 +306,14 @@ def analyze(grid_name, only, results, data_root, device, threads):
     from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid, parse_filters, select
     from benchmark.runner import damaged
+    from benchmark.screen import without_failed_cells
     from benchmark.store import DONE, ResultsStore
     from benchmark.tuning import make_plan
 
     grid = load_grid(grid_name, data_root)
     store = ResultsStore(results or Path("results") / grid.name)
-    specs = make_plan(select(grid.specs, parse_filters(only)), grid.tuning, store).reported
+    specs = select(grid.specs, parse_filters(only))
+    specs = make_plan(without_failed_cells(specs, store) if grid.screen else specs, grid.tuning, store).reported
     for line in damaged(specs, store, resolve_device(device).type):
         click.echo(f"warning: {line}", err=True)
     if not any(store.state(s.run_id) == DONE for s in specs):
@@ -341,6 +352,45 @@ def report(grid_name, results, update_benchmark, claims_file):
                             claims_file=claims_file)
     click.echo(f"report of grid {grid.name}: {path}" + ("; BENCHMARK.md's leaderboard updated" if update_benchmark
                                                           else ""))
+
+
+@main.command(short_help="Test any claim — regime A vs B on a metric — on a grid's runs, by the claims' rules.")
+@click.argument("a")
+@click.argument("b")
+@click.option("--metric", default="auc_normalised", show_default=True,
+              help="A runs.csv summary number, a per-exit number or a robustness number (benchmark/claims.toml "
+                   "lists them).")
+@click.option("--direction", type=click.Choice(["greater", "not_less"]), default="greater", show_default=True,
+              help="greater: A > B; not_less: A is not worse than B by more than --margin.")
+@click.option("--margin", type=float, default=None, help="not_less only: the margin in metric units (0.005 = half a "
+                                                         "point).")
+@click.option("--cells", multiple=True, default=("*/*",), show_default=True,
+              help='"dataset/arch" globs of the cells that give pairs (repeatable).')
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
+              help="Results folder [default: results/<grid>].")
+def claim(a, b, metric, direction, margin, cells, grid_name, results):
+    """Test "A beats B on METRIC" (or "A is not worse than B") over every (cell, seed) pair of a grid's runs, from
+    its tables, with the rules of the shipped claims: a one-sided paired t-test, the 95 % CI against the margin, the
+    detectable effect. One claim is a family of one; to correct several together, list them in a claims file and
+    run `bench report --claims FILE`. Python: `benchmark.claims.test_claim`."""
+    import pandas as pd
+
+    from benchmark.claims import ALPHA, VERDICT_RULE, claim_findings, test_claim
+    from benchmark.grid import load_grid
+    from benchmark.store import ResultsStore
+
+    grid = load_grid(grid_name, check_models=False)
+    store = ResultsStore(results or Path("results") / grid.name)
+    tables = store.tables_dir
+    if not (tables / "runs.csv").is_file():
+        raise UserError(f"no runs table of grid '{grid.name}' in {tables}; run `bench run --grid {grid_name}` first")
+    robustness = pd.read_csv(tables / "robustness.csv") if (tables / "robustness.csv").is_file() else None
+    row = test_claim(pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "exits.csv"), a, b, metric, direction,
+                     margin, tuple(cells), robustness)
+    click.echo(claim_findings(pd.DataFrame([row]))[0])
+    click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=int(row.family_size))}.")
 
 
 def _print_plan(plan, store, device_type: str, analyses: bool) -> None:

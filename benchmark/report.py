@@ -7,7 +7,6 @@ leaderboard goes into BENCHMARK.md between LEADERBOARD_MARKERS with `--update-be
 from __future__ import annotations
 
 import datetime
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from analysis.statistics import paired_tests, summary_table
 from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
 from benchmark import PROTOCOL_VERSION
 from benchmark.analyze import leaderboard
-from benchmark.claims import CLAIMS_FILE, claim_findings, evaluate_claims, load_claims
+from benchmark.claims import CLAIMS_FILE, POWER, holm, VERDICT_RULE, claim_findings, evaluate_claims, load_claims
 from benchmark.errors import UserError
 from benchmark.evaluate import POLICY_ORDER
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
@@ -60,22 +59,34 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
 
 
 def provenance(runs: pd.DataFrame) -> dict[str, str]:
-    """Who made these numbers: versions, commit, devices, and today's date (UTC)."""
+    """Who made these numbers: the commits the runs trained on (runs.csv, issue 21), versions, devices, timing
+    batches, and today's date (UTC)."""
     def version(package: str) -> str:
         try:
             return metadata.version(package)
         except metadata.PackageNotFoundError:
             return "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     devices = ", ".join(sorted(runs["device"].dropna().astype(str).unique())) if "device" in runs else "unknown"
-    return {"protocol version": str(PROTOCOL_VERSION), "exitbench": version("exitbench"), "git commit": commit,
+    batches = runs["timing_batch"].dropna().nunique() if "timing_batch" in runs else 0
+    return {"protocol version": str(PROTOCOL_VERSION), "runs trained at": run_commits(runs),
+            "timing batches": f"{batches} (wall times compare within a batch only)", "exitbench": version("exitbench"),
             "torch": version("torch"), "torchvision": version("torchvision"), "timm": version("timm"),
             "devices of the runs": devices or "none",
             "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def run_commits(runs: pd.DataFrame) -> str:
+    """The git commits the runs record, with how many runs each and how many trained on a dirty tree."""
+    if runs.empty:
+        return "no runs"
+    commits = runs["git_commit"] if "git_commit" in runs else pd.Series(np.nan, index=runs.index)
+    dirty = runs["git_dirty"].fillna(False).astype(bool) if "git_dirty" in runs else pd.Series(False, index=runs.index)
+    parts = [f"{commit[:12]} ({count} runs{f', {int(dirty[commits == commit].sum())} dirty' if dirty[commits == commit].any() else ''})"
+             for commit, count in commits.dropna().value_counts().sort_index().items()]
+    unknown = int(commits.isna().sum())
+    if unknown:
+        parts.append(f"{unknown} runs without a record (trained before runs recorded their commit)")
+    return "; ".join(parts)
 
 
 def _percent(value: float) -> str:
@@ -126,18 +137,21 @@ def completeness(grid, runs_all: pd.DataFrame, tuning: pd.DataFrame | None) -> l
 
 def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     """One (dataset, arch): regimes ranked by the seed-mean primary area, with spread, cost, tuned lr and a mark
-    where the paired t-test against joint (by seed) gives p < ALPHA on the primary area."""
+    where the paired t-test against joint (by seed) on the primary area gives p < ALPHA after Holm's correction over
+    the cell's comparisons with joint (one family per cell)."""
     means = cell_runs.groupby("regime")[PRIMARY].mean().sort_values(ascending=False, kind="stable")
     tests = (summary_table(cell_runs, [PRIMARY]).set_index("regime")
              if "joint" in set(cell_runs.regime) else pd.DataFrame())
+    if not tests.empty:
+        tests = tests.assign(p_holm=holm(tests["p_value"].where(tests.index != "joint")))
     rows = []
     for rank, regime in enumerate(means.index, start=1):
         group = cell_runs[cell_runs.regime == regime]
         mark = ""
         if regime != "joint" and not tests.empty and regime in tests.index:
-            p, diff = tests.loc[regime, "p_value"], tests.loc[regime, "mean_difference"]
+            p, diff = tests.loc[regime, "p_holm"], tests.loc[regime, "mean_difference"]
             if np.isfinite(p) and p < ALPHA:
-                mark = f"{'▲' if diff > 0 else '▼'} p={p:.2g}"
+                mark = f"{'▲' if diff > 0 else '▼'} p_Holm={p:.2g}"
         lrs = sorted(group["lr"].dropna().unique())
         tuned = "tuned" in group and (group["tuned"].dropna().astype(str) != NOT_TUNED).any()
         knobs = [f"{c}={'/'.join(v if isinstance(v, str) else f'{v:g}' for v in group[c].dropna().unique())}"
@@ -329,17 +343,30 @@ def robustness_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list
 
 
 def claims_section(claims: pd.DataFrame) -> list[str]:
+    """The claims table: per claim the pairs, the raw and Holm-adjusted p, the CI against the margin, the verdict,
+    and the smallest effect the pairs could detect; the verdict rule under it."""
+    def points(value: float, sign: str = "+") -> str:
+        return f"{100 * value:{sign}.2f}" if np.isfinite(value) else "–"
+
+    def p_text(value: float) -> str:
+        return "–" if not np.isfinite(value) else ("< 0.001" if value < 0.001 else f"{value:.2g}")
+
     rows = []
     for _, c in claims.iterrows():
-        needed = "" if not np.isfinite(c.get("n_needed", np.nan)) else f"{int(c.n_needed)}"
-        p = "–" if not np.isfinite(c.p_value) else f"{c.p_value:.2g}"
-        rows.append([c.statement, f"`{c.a}` vs `{c.b}`", c.metric,
-                     f"{100 * c.mean_difference:+.2f}" if np.isfinite(c.mean_difference) else "–",
-                     f"[{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}]" if np.isfinite(c.ci_low) else "–",
-                     f"{c.effect_size:.2f}" if np.isfinite(c.effect_size) else "–", p, str(int(c.n_pairs)),
-                     f"**{c.verdict}**", needed, c.source])
-    return _table(["claim", "compared", "metric", "mean diff (pts)", "95 % CI", "d_z", "p", "pairs", "verdict",
-                   "pairs needed", "source"], rows, "lllrrrrrlrl")
+        needed = "" if not np.isfinite(c.n_needed) else f"{int(c.n_needed)}"
+        relation = ">" if c.direction == "greater" else f"≥ (margin {100 * c.margin:g})"
+        rows.append([c.statement, f"`{c.a}` {relation} `{c.b}`", c.metric, str(int(c.n_pairs)),
+                     points(c.mean_difference),
+                     f"[{points(c.ci_low)}, {points(c.ci_high)}]" if np.isfinite(c.ci_low) else "–",
+                     p_text(c.p_value), p_text(c.p_holm), f"**{c.verdict}**", points(c.detectable_effect, ""),
+                     needed, c.source])
+    family = int(claims["family_size"].max()) if len(claims) else 0
+    return [*_table(["claim", "compared", "metric", "pairs", "mean diff (pts)", "95 % CI (pts)", "p", "p (Holm)",
+                     "verdict", "detectable (pts)", "pairs needed", "source"], rows, "lllrrrrrlrrl"), "",
+            f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=family)}. *p*: the claim's one-sided paired t-test; "
+            f"*detectable*: the smallest true difference beyond the margin these pairs would show with "
+            f"{100 * POWER:.0f} % power at α / {family} (Holm's strictest step), given the observed spread; "
+            "*pairs needed*: for an inconclusive claim, the pairs that power would need at the observed difference."]
 
 
 def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str] | None = None,
@@ -365,7 +392,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
             f"accuracy–FLOPs curve (`{PRIMARY}`). Accuracy columns are test accuracy (%) at the operating point "
             f"validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
             f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
-            f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area. "
+            f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area after "
+            f"Holm's correction over the cell's comparisons with joint. "
             f"lr: the regime's own-phase learning rate (tuned: chosen on tuning seeds by validation area), "
             f"with any tuned objective knob.", ""]
     cell_means = {}
@@ -387,9 +415,9 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
         declared = "benchmark/claims.toml" if claims_file is None else claims_file.name
         out += ["## The papers' claims, tested", "",
                 f"Each claim is a row of `{declared}`, tested by a paired comparison over every (cell, seed) "
-                "pair where both regimes are done. Differences in points (accuracy × 100); d_z = mean / sd of "
-                "the differences; *pairs needed*: for an inconclusive claim, the pairs a paired t-test would need "
-                "for 80 % power at the observed effect.", "", *claims_section(claims), ""]
+                "pair where both regimes are done; the claims are one family, corrected together (Holm). "
+                "Differences in points (accuracy × 100). Test a claim of your own with `bench claim`.", "",
+                *claims_section(claims), ""]
     out += policies_section(tables, runs, grid.name)
     out += robustness_section(tables, runs, grid.name)
     out += calibration_section(tables / "calibration.csv", runs, grid.name)
@@ -407,7 +435,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
                 f"them (model analyses need the runs' models: `run_after = true` in the grid's [analyses] or "
                 f"`bench run --save-models`).", ""]
     benchmark_block = [f"Grid `{grid.name}`, generated by `bench report --grid {grid.name} --update-benchmark` "
-                       f"(protocol {stamp['protocol version']}, commit `{stamp['git commit']}`). Per-cell tables and "
+                       f"(protocol {stamp['protocol version']}; runs trained at {stamp['runs trained at']}). Per-cell tables and "
                        f"figures: [results/{grid.name}/REPORT.md](results/{grid.name}/REPORT.md).", "",
                        *overall, ""]
     if claims is not None:

@@ -3,6 +3,7 @@ against scipy, pairing and cell selection by hand, per-exit metrics, the loader'
 the committed cpu tables."""
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from benchmark.claims import (ALPHA, COLUMNS, POWER, RUN_METRICS, Claim, claim_findings, evaluate_claims,
-                              exit_metrics, load_claims, pairs_needed)
+from benchmark.claims import (ALPHA, COLUMNS, POWER, RUN_METRICS, Claim, claim_findings, detectable_effect,
+                              evaluate_claims, exit_metrics, holm, load_claims, pairs_needed, test_claim)
 from benchmark.errors import UserError
+from conftest import BENCH
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TABLES = REPO / "results" / "cpu" / "tables"
@@ -257,5 +259,77 @@ def test_findings_are_written_from_the_numbers():
     for number in (row["mean_difference"], row["ci_low"], row["ci_high"]):
         assert f"{100 * number:+.1f}" in reproduced
     assert "over 6 (cell, seed) pairs" in reproduced and "one-sided p < 0.001" in reproduced    # p ~ 1e-4
-    assert f"one-sided p = {table.iloc[1]['p_value']:.2g}; about" in inconclusive
+    assert f"one-sided p = {table.iloc[1]['p_value']:.2g}, Holm-adjusted over 2 claims p = " in inconclusive
+    assert f"could detect {100 * table.iloc[1]['detectable_effect']:.1f} points" in inconclusive
     assert f"about {int(table.iloc[1]['n_needed'])} pairs would give 80 % power" in inconclusive
+
+
+# --- a family of claims: Holm, the interval against the margin, the detectable effect --------------------------------
+
+def test_holm_adjusts_a_family_step_down_and_leaves_non_members_out():
+    assert holm([0.01, 0.04, 0.03, np.nan]) == pytest.approx([0.03, 0.06, 0.06, np.nan], nan_ok=True)
+    assert holm([0.2, 0.01]) == pytest.approx([0.2, 0.02])      # monotone: never below an earlier step
+
+
+def test_a_claim_that_is_significant_alone_is_inconclusive_in_a_large_enough_family():
+    """`weak` gives p ~ 0.02 alone: reproduced as a family of one, not after Holm over four claims."""
+    weak = [0.013, -0.001, 0.010, 0.007, 0.000, 0.009]
+    runs = runs_table({"joint": BASE, "mixed": np.add(BASE, weak), "disjoint": BASE, "joint+sdn": BASE,
+                       "joint+ge": BASE})
+    alone = evaluate_claims(runs, NO_EXITS, [claim()]).iloc[0]
+    assert 0.01 < alone["p_value"] < ALPHA and alone["p_holm"] == alone["p_value"] and alone["verdict"] == "reproduced"
+    family = evaluate_claims(runs, NO_EXITS, [claim(), claim(a="disjoint"), claim(a="joint+sdn"), claim(a="joint+ge")])
+    first = family.iloc[0]
+    assert first["family_size"] == 4 and first["p_value"] == alone["p_value"]
+    assert first["p_holm"] == pytest.approx(min(1.0, 4 * alone["p_value"])) and first["verdict"] == "inconclusive"
+
+
+def test_reproduced_also_needs_the_interval_on_the_claims_side_of_its_margin():
+    """One-sided p < 0.05 with a 95 % interval that reaches past -margin: not reproduced (the issue's joint >= mixed
+    row, whose CI low end lay beyond its own margin)."""
+    differences = [0.002, -0.014, 0.004, -0.011, 0.001, -0.003]        # mean -0.0035 against margin 0.01
+    row = evaluate(differences, direction="not_less", margin=0.01)
+    assert row["p_holm"] < ALPHA and row["ci_low"] < -0.01 < row["ci_high"]
+    assert row["verdict"] == "inconclusive"
+    assert evaluate(differences, direction="not_less", margin=0.02)["verdict"] == "reproduced"
+
+
+def test_contradicted_needs_the_interval_wholly_on_the_other_side():
+    row = evaluate(np.negative(GAIN))
+    assert row["p_opposite_holm"] < ALPHA and row["ci_high"] < 0 and row["verdict"] == "contradicted"
+    crossing = [-0.011, 0.003, -0.013, -0.007, 0.001, -0.010]           # opposite p < 0.05, CI crosses 0
+    row = evaluate(crossing)
+    assert row["p_opposite"] < ALPHA and row["ci_high"] > 0 and row["verdict"] == "inconclusive"
+
+
+def test_the_detectable_effect_is_detected_with_80_percent_power_at_the_strictest_holm_level():
+    runs = runs_table({"joint": BASE, "mixed": np.add(BASE, NOISE), "disjoint": np.add(BASE, GAIN)})
+    table = evaluate_claims(runs, NO_EXITS, [claim(), claim(a="disjoint")])
+    row, level, n = table.iloc[0], ALPHA / 2, 6
+    sd = np.std(NOISE, ddof=1)
+    effect = row["detectable_effect"] / sd
+    achieved = stats.nct.sf(stats.t.ppf(1 - level, n - 1), n - 1, effect * math.sqrt(n))
+    assert achieved == pytest.approx(POWER, abs=1e-6)
+    assert detectable_effect(30, sd, level) < detectable_effect(6, sd, level)          # more pairs, finer
+
+
+def test_any_claim_can_be_tested_by_the_same_rules_from_python_and_the_command_line(tmp_path):
+    runs = runs_table({"joint": BASE, "mixed": np.add(BASE, GAIN)})
+    row = test_claim(runs, NO_EXITS, "mixed", "joint", "final_accuracy")
+    assert row["verdict"] == "reproduced" and row["family_size"] == 1
+    assert row["p_value"] == pytest.approx(evaluate(GAIN)["p_value"])
+    with pytest.raises(UserError, match="unknown regime 'mixd'"):
+        test_claim(runs, NO_EXITS, "mixd", "joint", "final_accuracy")
+    with pytest.raises(UserError, match="needs a margin"):
+        test_claim(runs, NO_EXITS, "mixed", "joint", "final_accuracy", direction="not_less")
+    tables = tmp_path / "out" / "tables"
+    tables.mkdir(parents=True)
+    runs.to_csv(tables / "runs.csv", index=False)
+    NO_EXITS.to_csv(tables / "exits.csv", index=False)
+    command = [*BENCH, "claim", "mixed", "joint", "--metric", "final_accuracy", "--results", tmp_path / "out"]
+    done = subprocess.run(list(map(str, command)), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(mixed > joint on final_accuracy): reproduced" in done.stdout and "Verdict rule: reproduced:" in done.stdout
+    wrong = subprocess.run(list(map(str, command[:-2] + ["--metric", "final_acc", "--results", tmp_path / "out"])),
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "unknown metric 'final_acc'" in wrong.stderr and "Traceback" not in wrong.stderr
