@@ -42,6 +42,16 @@ class RankTest:
         return [tuple(names[i:j + 1]) for i, j in cliques]
 
 
+    def resolved_pairs(self) -> list[tuple[str, str]]:
+        """(better, worse) pairs whose average ranks differ by more than CD: resolved apart at alpha (Nemenyi);
+        none without a finite CD."""
+        if not np.isfinite(self.critical_difference):
+            return []
+        names, values = list(self.ranks.index), self.ranks.to_numpy()
+        return [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
+                if values[j] - values[i] > self.critical_difference]
+
+
 def nemenyi_q(k: int, alpha: float = 0.05) -> float:
     from scipy import stats
     return float(stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2))
@@ -97,7 +107,10 @@ def plot_critical_difference(test: RankTest, path, title: str) -> None:
         cd = test.critical_difference
         wider = cd > high - low                     # no two regimes can be resolved: say so, not a clipped bar
         ax.hlines(1.25, low, min(low + cd, high), color="black", lw=1.5)
-        label = f"CD = {cd:.2f}" + (" (wider than the whole rank range: no pair is resolved)" if wider else "")
+        resolved = len(test.resolved_pairs())
+        label = f"CD = {cd:.2f}" + (" (wider than the whole rank range: no pair is resolved)" if wider else
+                                    ": no pair is resolved" if not resolved else
+                                    f": {resolved} of {k * (k - 1) // 2} pairs resolved")
         ax.text(low + min(cd, high - low) / 2, 1.35, label, ha="center", va="bottom", fontsize=9)
     p = "n/a" if not np.isfinite(test.friedman_p) else f"{test.friedman_p:.3g}"
     ax.set_title(f"{title}\nFriedman p = {p} over {test.n_cells} cells; Nemenyi α = {test.alpha:g}", fontsize=10,

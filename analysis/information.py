@@ -348,7 +348,7 @@ def plot_information_plane(table: pd.DataFrame, path, blocks: int | list[int] = 
     handles += [Line2D([], [], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
                        markeredgecolor="0.3", label="first snapshot"),
                 Line2D([], [], linestyle="none", marker="o", markersize=6, color="0.5", markeredgecolor="black",
-                       markeredgewidth=0.5, label="last snapshot\n(schedule's marker)")]
+                       markeredgewidth=0.5, label="last snapshot\n(objective's marker)")]
     place_legend(fig, handles, title="regime (mean over seeds)")
     estimator = f", {table['estimator'].iloc[0]} estimator" if "estimator" in table else ""
     fig.suptitle(f"Information plane per block{estimator}: trajectories over training epochs\n"

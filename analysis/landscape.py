@@ -201,8 +201,9 @@ def sharpness(slice_table: pd.DataFrame, radius: float = DEFAULT_RADIUS) -> pd.D
 
 # ---------------------------------------------------------------------------------------------- figures
 
-_EXTRA_PAIR_STYLES = ({"linestyle": "-.", "marker": "X"}, {"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "P"})
-"""Styles of the second, third ... interpolation pair ending in one regime: no schedule's line style or marker."""
+_EXTRA_PAIR_STYLES = ({"linestyle": "-.", "marker": "x"}, {"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "+"})
+"""Styles of the second, third ... interpolation pair ending in one regime: no schedule's line style, no objective's
+marker."""
 
 
 def _curve_panels(table: pd.DataFrame, x: str, x_label: str, line_key: str, styles: Mapping[str, dict],
@@ -255,7 +256,7 @@ def plot_slices_1d(table: pd.DataFrame, path, title: str = "1-D loss slices (fil
 
 def plot_interpolation(table: pd.DataFrame, path, title: str = "Linear interpolation θ_a → θ_b") -> None:
     """Interpolation curves, a line per ``pair`` column value, in the style of the ``regime`` of its θ_b (colour:
-    objective, line and marker: schedule).
+    objective and marker, line: schedule).
 
     Of several pairs ending in the same regime (e.g. "P1 backbone → mixed" and "joint → mixed") the first in
     sorted order keeps the regime's style; the others keep its colour and take a line style and marker no

@@ -128,7 +128,7 @@ def average_ranks(runs: pd.DataFrame, metric: str, higher_is_better: bool = True
 
 def plot_confidence_intervals(summary: pd.DataFrame, metric: str, path, alpha: float = 0.05) -> None:
     """Mean and 95 % CI of ``metric`` per regime, one panel per (dataset, arch); a star marks p < alpha against
-    the baseline (paired t). Colour and marker are the regime's (objective and schedule, analysis.style)."""
+    the baseline (paired t). Colour and marker: the regime's objective; line: its schedule (analysis.style)."""
     table = summary[summary["metric"] == metric]
     cells = list(table.groupby(CELL, sort=True))
     n_regimes = table["regime"].nunique()
@@ -154,5 +154,5 @@ def plot_confidence_intervals(summary: pd.DataFrame, metric: str, path, alpha: f
         ax.set_title(f"{dataset} / {arch}")
     baseline = table["baseline"].iloc[0]
     fig.suptitle(f"{metric} over {int(table['n'].max())} seeds; * p < {alpha} vs {baseline} (paired t-test)\n"
-                 f"colour: objective, marker and line: schedule")
+                 f"colour and marker: objective, line: schedule")
     save(fig, path)

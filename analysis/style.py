@@ -2,10 +2,11 @@
 
 A regime is ``schedule+objective`` (``joint`` alone is ``joint+uniform``). Its style encodes the two halves
 separately, so that 15 or more regimes stay distinguishable:
-- colour = objective, from a qualitative palette (matplotlib's tab10, then hand-picked dark hues) with one clearly
-  distinct hue per known objective; unknown objectives get one of the remaining hues, chosen by a stable hash of the name;
-- line style and marker = schedule: joint solid / circle, disjoint dotted / square, mixed dashed / triangle; an
-  unknown schedule dash-dot / diamond.
+- colour and marker = objective: a qualitative palette (matplotlib's tab10, then hand-picked hues) with one clearly
+  distinct hue per known objective, and a marker of its own per objective, so two objectives whose hues are near
+  each other still differ in shape; unknown objectives get one of the remaining hues, chosen by a stable hash of the
+  name, and an octagon;
+- line style = schedule: joint solid, disjoint dotted, mixed dashed; an unknown schedule dash-dot (bars: hatches).
 ``regime_colour`` and ``regime_style`` are the single source of that look; ``place_legend`` puts a legend in an
 empty grid slot or outside the axes, never over data.
 """
@@ -29,16 +30,17 @@ OBJECTIVE_COLOURS = {             # matplotlib tab10, in its own order: the most
     "ge": "#e377c2",              # pink
     "boosted": "#00ced1",         # dark turquoise (beyond tab10: each > 0.3 in RGB from every other colour here)
     "ztw": "#ff00ff",             # magenta
-    "pcgrad": "#bcbd22",          # olive        } the gradient-conflict family: related hues
-    "cagrad": "#808000",          # dark olive   }
-    "nash": "#4b0082",            # indigo
-    "metagf": "#2f4f4f",          # dark slate grey
+    "pcgrad": "#bcbd22",          # olive
+    "cagrad": "#000000",          # black
+    "nash": "#00008b",            # navy
+    "metagf": "#8b0000",          # dark red
 }
-FALLBACK_COLOURS = ("#7f7f7f", "#17becf", "#a6761d")   # grey, cyan, ochre: objectives not listed above
+OBJECTIVE_MARKERS = {"uniform": "o", "sdn": "v", "distill": "s", "cet": "P", "bdl": "D", "l2w": "X", "ge": "*",
+                     "boosted": "h", "ztw": "p", "pcgrad": "<", "cagrad": ">", "nash": "^", "metagf": "d"}
+FALLBACK_COLOURS = ("#a6761d", "#17becf", "#ffd92f")   # ochre, cyan, yellow: objectives not listed above
 SCHEDULE_LINESTYLES = {"joint": "-", "disjoint": ":", "mixed": "--"}
-SCHEDULE_MARKERS = {"joint": "o", "disjoint": "s", "mixed": "^"}
 SCHEDULE_HATCHES = {"joint": "", "disjoint": "....", "mixed": "////"}   # bars cannot show a line style
-FALLBACK_LINESTYLE, FALLBACK_MARKER = "-.", "D"
+FALLBACK_LINESTYLE, FALLBACK_MARKER = "-.", "8"
 
 
 @functools.cache
@@ -81,15 +83,15 @@ def objective_colour(objective: str) -> tuple[float, float, float]:
 
 
 def regime_colour(regime: str) -> tuple[float, float, float]:
-    """Colour by objective (the schedule is told by line style and marker): stable across figures."""
+    """Colour by objective (the schedule is told by line style): stable across figures."""
     return objective_colour(split_regime(regime)[1])
 
 
 def regime_style(regime: str) -> dict:
-    """Keyword arguments for plot(): the objective's colour, the schedule's line style and marker."""
-    schedule = split_regime(regime)[0]
+    """Keyword arguments for plot(): the objective's colour and marker, the schedule's line style."""
+    schedule, objective = split_regime(regime)
     return {"color": regime_colour(regime), "linestyle": SCHEDULE_LINESTYLES.get(schedule, FALLBACK_LINESTYLE),
-            "marker": SCHEDULE_MARKERS.get(schedule, FALLBACK_MARKER)}
+            "marker": OBJECTIVE_MARKERS.get(objective, FALLBACK_MARKER)}
 
 
 def regime_bar_style(regime: str) -> dict:

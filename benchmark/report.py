@@ -165,6 +165,18 @@ def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     return _table(header, rows, "rl" + "r" * (len(header) - 2)), means
 
 
+def resolved_text(test) -> str:
+    """Which pairs of regimes the Nemenyi test resolves, said plainly (issue 21: 'no pair' is the usual answer)."""
+    if not np.isfinite(test.critical_difference):
+        return "No pair of regimes can be resolved: the critical difference is undefined."
+    pairs = test.resolved_pairs()
+    if not pairs:
+        spread = float(test.ranks.max() - test.ranks.min()) if len(test.ranks) else 0.0
+        return (f"**No pair of regimes is resolved**: no two average ranks differ by more than the critical "
+                f"difference (they span {spread:.2f} ranks).")
+    return (f"Resolved pairs ({len(pairs)}): " + ", ".join(f"`{a}` above `{b}`" for a, b in pairs) + ".")
+
+
 def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
     board = leaderboard(runs)
     test = rank_test(runs, PRIMARY, ALPHA)
@@ -178,7 +190,7 @@ def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
     p = "n/a (fewer than 2 complete cells or 3 regimes)" if not np.isfinite(test.friedman_p) else \
         f"{test.friedman_p:.3g}"
     lines += ["", f"Friedman test over the {test.n_cells} cells where every regime has runs: p = {p}; Nemenyi "
-                  f"critical difference at α = {ALPHA:g}: {test.critical_difference:.2f} ranks."]
+                  f"critical difference at α = {ALPHA:g}: {test.critical_difference:.2f} ranks. {resolved_text(test)}"]
     return lines, test
 
 
@@ -195,8 +207,7 @@ def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
             xs = np.arange(means.shape[1]) + (i - (len(regimes) - 1) / 2) * width
             ax.bar(xs, 100 * means.loc[regime].to_numpy(), width=width, label=regime, **regime_bar_style(regime))
         ax.set_xticks(np.arange(means.shape[1]), [f"exit {k}" for k in means.columns])
-        low = 100 * np.nanmin(means.to_numpy())
-        ax.set_ylim(max(0, low - 5), 100)
+        ax.set_ylim(0, 100)                     # bars from zero: a cut axis makes a 1-point gap look large
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset} / {arch}")
     handles, labels = axes[0].get_legend_handles_labels()

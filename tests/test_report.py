@@ -17,7 +17,7 @@ import pytest
 from analysis.critical_difference import nemenyi_q, rank_test
 from benchmark.errors import UserError
 from benchmark.grid import load_grid
-from benchmark.report import LEADERBOARD_MARKERS, build_report, update_benchmark
+from benchmark.report import LEADERBOARD_MARKERS, build_report, resolved_text, update_benchmark
 from benchmark.store import ResultsStore
 from conftest import BENCH, REPO
 
@@ -111,6 +111,10 @@ def test_rank_test_on_a_known_ordering():
     assert test.friedman_p == pytest.approx(stats.friedmanchisquare(*(means[c] for c in means.columns)).pvalue)
     assert test.critical_difference == pytest.approx(2.569 * np.sqrt(4 * 5 / (6 * 6)), abs=1e-3)
     assert test.groups() == [("a", "b"), ("b", "c"), ("c", "d")], "CD 1.92: neighbours only are unresolved"
+    assert test.resolved_pairs() == [("a", "c"), ("a", "d"), ("b", "d")]          # rank gaps 2, 3, 2 > 1.92
+    assert resolved_text(test) == "Resolved pairs (3): `a` above `c`, `a` above `d`, `b` above `d`."
+    two_cells = rank_test(runs[runs.dataset.isin(["d0", "d1"])], "auc")          # CD 3.32 > the rank range 3
+    assert two_cells.resolved_pairs() == [] and "**No pair of regimes is resolved**" in resolved_text(two_cells)
 
 
 def test_a_user_adds_a_claim_by_adding_a_row(fixture_store, tmp_path):

@@ -1,4 +1,4 @@
-"""The figure style: one colour per objective, one line style and marker per schedule, stable across calls; legends
+"""The figure style: one colour and marker per objective, one line style per schedule, stable across calls; legends
 never over data."""
 import itertools
 import tomllib
@@ -28,25 +28,27 @@ def test_every_regime_of_the_cpu_grid_has_its_own_colour_and_line_style():
     assert all(regime_style(r) == regime_style(r) for r in regimes)
 
 
-def test_colour_encodes_the_objective_and_line_style_and_marker_the_schedule():
+def test_colour_and_marker_encode_the_objective_and_line_style_the_schedule():
     for schedule, objective in itertools.product(schedule_names(), objective_names()):
         regime = schedule if objective == "uniform" else f"{schedule}+{objective}"
         assert split_regime(regime) == (schedule, objective)
         assert regime_colour(regime) == regime_colour(f"joint+{objective}")
         style = regime_style(regime)
         assert style["linestyle"] == regime_style(schedule)["linestyle"]
-        assert style["marker"] == regime_style(schedule)["marker"]
+        assert style["marker"] == regime_style(f"joint+{objective}")["marker"]
     styles = {s: regime_style(s) for s in schedule_names()}
     assert len({s["linestyle"] for s in styles.values()}) == len(styles)
-    assert len({s["marker"] for s in styles.values()}) == len(styles)
     assert (styles["joint"]["linestyle"], styles["disjoint"]["linestyle"], styles["mixed"]["linestyle"]) \
         == ("-", ":", "--")
+    markers = {o: regime_style(f"joint+{o}")["marker"] for o in objective_names()}
+    assert len(set(markers.values())) == len(markers)           # 13 objectives, 13 shapes: near hues still differ
 
 
 def test_objective_colours_are_clearly_distinct():
     """Every registered objective has a listed colour (no fallback), and no two are near each other (RGB distance
     > 0.3; the nearest pair, bdl's purple and ge's pink, is at 0.32): the old palette had mixed+sdn and mixed+l2w
-    the same brown, joint+sdn and joint+cet near-identical oranges. Fallback hues differ from every listed one."""
+    the same brown, joint+sdn and joint+cet near-identical oranges, later pcgrad/cagrad two olives and nash/bdl two
+    purples. Fallback hues differ from every listed one."""
     from matplotlib.colors import to_rgb
 
     assert set(objective_names()) <= set(OBJECTIVE_COLOURS)
@@ -64,7 +66,8 @@ def test_unknown_objectives_and_schedules_get_a_stable_fallback():
     assert regime_colour("joint+newthing") in [to_rgb(c) for c in FALLBACK_COLOURS]
     assert regime_colour("joint+newthing") == regime_colour("mixed+newthing")
     style = regime_style("cyclic+sdn")
-    assert (style["linestyle"], style["marker"]) == ("-.", "D")
+    assert (style["linestyle"], style["marker"]) == ("-.", regime_style("joint+sdn")["marker"])
+    assert regime_style("joint+newthing")["marker"] == "8"
     assert style["color"] == regime_colour("joint+sdn")
 
 
@@ -79,7 +82,7 @@ def test_regime_order_and_schedule_groups():
     assert schedule_groups(["mixed", "mixed+sdn"]) == [("mixed schedule", ["mixed", "mixed+sdn"])]
     handles = regime_handles(ordered)
     assert [h.get_label() for h in handles] == ordered
-    assert handles[1].get_linestyle() == ":" and handles[1].get_marker() == "s"
+    assert handles[1].get_linestyle() == ":" and handles[1].get_marker() == "o"          # disjoint: uniform's circle
 
 
 def _overlaps(fig, legend) -> list:
