@@ -273,14 +273,27 @@ def stored_test_logits(specs: list[RunSpec], store: ResultsStore):
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     """Average rank by the primary metric (validation-selected area) across cells, with each regime's cost
-    beside it: the mean over cells of its seed-mean training FLOPs, steps and wall time relative to joint's."""
+    beside it: the mean over cells of its seed-mean training FLOPs, steps and wall time relative to joint's.
+
+    Wall times compare only within one sitting (issue 21): `wall_time_one_sitting` is the share of a regime's cells
+    whose runs and joint's were all timed in one timing batch (runs.csv `timing_batch`, `provenance.py`); below 1
+    the wall-time ratio mixes sittings (or sittings nobody recorded) and the report flags it."""
     board = statistics.average_ranks(runs, "auc_normalised")
     if "joint" not in set(runs.regime):
         return board
-    means = runs.groupby(["dataset", "arch", "regime"])[COST_METRICS].mean()
+    cells = ["dataset", "arch"]
+    means = runs.groupby([*cells, "regime"])[COST_METRICS].mean()
     joint = means.xs("joint", level="regime").reindex(means.index.droplevel("regime"))
     relative = means / joint.to_numpy()
-    return board.join(relative.groupby("regime").mean().add_suffix("_vs_joint"), on="regime")
+    board = board.join(relative.groupby("regime").mean().add_suffix("_vs_joint"), on="regime")
+    batches = (runs["timing_batch"] if "timing_batch" in runs else pd.Series(np.nan, index=runs.index))
+    sittings = batches.groupby([runs[c] for c in [*cells, "regime"]]).agg(
+        lambda b: b.iloc[0] if b.notna().all() and b.nunique() == 1 else None)
+    joint_sitting = sittings.xs("joint", level="regime").reindex(sittings.index.droplevel("regime"))
+    same = pd.Series([a is not None and a == b for a, b in zip(sittings.to_numpy(), joint_sitting.to_numpy())],
+                     index=sittings.index)
+    same[same.index.get_level_values("regime") == "joint"] = True      # joint against itself: 1.00x by definition
+    return board.join(same.groupby(level="regime").mean().rename("wall_time_one_sitting"), on="regime")
 
 
 CORE_REGIMES = ("joint", "disjoint", "mixed")

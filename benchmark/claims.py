@@ -66,7 +66,7 @@ PAIR_KEY = ["dataset", "arch", "seed"]
 COLUMNS = ["id", "statement", "source", "a", "b", "metric", "direction", "margin", "cells", "n_pairs",
            "mean_difference", "ci_low", "ci_high", "effect_size", "p_value", "p_opposite", "p_holm", "p_opposite_holm",
            "family_size", "verdict", "detectable_effect", "n_needed", "note"]
-VERDICT_RULE = ("reproduced: Holm-adjusted one-sided p < {alpha:g} over the family of {m} claims and the whole 95 % CI "
+VERDICT_RULE = ("reproduced: Holm-adjusted one-sided p < {alpha:g} over the family of {m} and the whole 95 % CI "
                 "of the mean difference on the claim's side of its margin (above 0 for >, above -margin for ≥); "
                 "contradicted: the same for the opposite direction (CI wholly below 0, or below -margin); otherwise "
                 "inconclusive")
@@ -381,6 +381,11 @@ def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
     return {**result, "cells": ", ".join(cells), "note": "; ".join(notes)}
 
 
+def claims_phrase(count: int) -> str:
+    """"1 claim", "4 claims": the size of a family, in words."""
+    return f"{count} claim{'' if count == 1 else 's'}"
+
+
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -404,7 +409,7 @@ def claim_findings(table: pd.DataFrame) -> list[str]:
             continue
         sentence = (f"{head} — mean {_points(row.mean_difference)} points [95 % CI {_points(row.ci_low)}, "
                     f"{_points(row.ci_high)}] over {row.n_pairs} (cell, seed) pairs, one-sided {_p(row.p_value)}, "
-                    f"Holm-adjusted over {row.family_size} claims {_p(row.p_holm)}; the pairs could detect "
+                    f"Holm-adjusted over {claims_phrase(row.family_size)} {_p(row.p_holm)}; the pairs could detect "
                     f"{abs(100 * row.detectable_effect):.1f} points")
         if not np.isnan(row.n_needed):
             sentence += f"; about {int(row.n_needed)} pairs would give {100 * POWER:.0f} % power at this effect"

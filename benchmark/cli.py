@@ -102,7 +102,8 @@ def main() -> None:
                    "[default results: results/<grid>-fast].")
 def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dry_run, results, data_root, download,
         device, threads, retry_failed, allow_failed, save_models, fast):
-    """Train and evaluate every run of a grid that is not done yet, then regenerate the tables.
+    """Train and evaluate every run of a grid that is not done yet, regenerate the tables, and name the command that
+    writes REPORT.md from them.
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
     same command to resume: finished runs are kept)."""
@@ -133,9 +134,9 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         _print_plan(plan, store, device_type, grid.analyses["run_after"])
         if grid.screen is not None:
             screen = grid.screen
-            click.echo(f"screen: {screen['regime']} is tuned and trained first in every cell; a cell's other runs train only if "
-                       f"its first exit trails the final by >= {100 * screen['min_gap']:g} points and the final stays "
-                       f"below {100 * screen['max_final']:g} % (validation; tables/screen.csv)")
+            click.echo(f"screen: {screen['regime']} is tuned and trained first in every cell; a cell's other runs "
+                       f"train only if its first exit trails the final by >= {100 * screen['min_gap']:g} points and "
+                       f"the final stays below {100 * screen['max_final']:g} % (validation; tables/screen.csv)")
         return
     for name in sorted({s.dataset for s in plan.tuning + plan.reported + plan.awaiting
                         if store.state(s.run_id) != DONE}):
@@ -169,6 +170,11 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
             raise KeyboardInterrupt
         if settings["run_after"]:
             _analyze(grid, plan.reported, store, data_root, device, threads)
+        # the main job's output is the report (issue 21): its one command, not drawn here (figures cost seconds on
+        # every run, and a grid resumed in sittings needs it once, at the end)
+        results_option = "" if results is None else f" --results {store.root}"
+        click.echo(f"next: `bench report --grid {grid_name}{results_option}` writes {store.root / 'REPORT.md'} "
+                   f"from these tables")
     failed = [] if allow_failed else [s.run_id for s in plan.reported if store.state(s.run_id) == FAILED]
     if failed:
         click.echo(f"{len(failed)} reported runs of grid {grid.name} are failed (runs.csv lists each with its "
@@ -377,7 +383,7 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
     run `bench report --claims FILE`. Python: `benchmark.claims.test_claim`."""
     import pandas as pd
 
-    from benchmark.claims import ALPHA, VERDICT_RULE, claim_findings, test_claim
+    from benchmark.claims import ALPHA, VERDICT_RULE, claim_findings, claims_phrase, test_claim
     from benchmark.grid import load_grid
     from benchmark.store import ResultsStore
 
@@ -390,7 +396,7 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
     row = test_claim(pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "exits.csv"), a, b, metric, direction,
                      margin, tuple(cells), robustness)
     click.echo(claim_findings(pd.DataFrame([row]))[0])
-    click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=int(row.family_size))}.")
+    click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=claims_phrase(int(row.family_size)))}.")
 
 
 def _print_plan(plan, store, device_type: str, analyses: bool) -> None:

@@ -19,7 +19,8 @@ from analysis.statistics import paired_tests, summary_table
 from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
 from benchmark import PROTOCOL_VERSION
 from benchmark.analyze import leaderboard
-from benchmark.claims import CLAIMS_FILE, POWER, holm, VERDICT_RULE, claim_findings, evaluate_claims, load_claims
+from benchmark.claims import (CLAIMS_FILE, POWER, VERDICT_RULE, claim_findings, claims_phrase, evaluate_claims, holm,
+                              load_claims)
 from benchmark.errors import UserError
 from benchmark.evaluate import POLICY_ORDER
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
@@ -81,8 +82,10 @@ def run_commits(runs: pd.DataFrame) -> str:
         return "no runs"
     commits = runs["git_commit"] if "git_commit" in runs else pd.Series(np.nan, index=runs.index)
     dirty = runs["git_dirty"].fillna(False).astype(bool) if "git_dirty" in runs else pd.Series(False, index=runs.index)
-    parts = [f"{commit[:12]} ({count} runs{f', {int(dirty[commits == commit].sum())} dirty' if dirty[commits == commit].any() else ''})"
-             for commit, count in commits.dropna().value_counts().sort_index().items()]
+    parts = []
+    for commit, count in commits.dropna().value_counts().sort_index().items():
+        dirty_runs = int(dirty[commits == commit].sum())
+        parts.append(f"{commit[:12]} ({count} runs{f', {dirty_runs} on a dirty tree' if dirty_runs else ''})")
     unknown = int(commits.isna().sum())
     if unknown:
         parts.append(f"{unknown} runs without a record (trained before runs recorded their commit)")
@@ -184,9 +187,14 @@ def overall_ranking(runs: pd.DataFrame) -> tuple[list[str], object]:
     for _, row in board.iterrows():
         ratios = [f"{row[c]:.2f}x" if c in row and np.isfinite(row[c]) else "–"
                   for c in ("train_flops_vs_joint", "train_optimizer_steps_vs_joint", "train_wall_seconds_vs_joint")]
+        if ratios[-1] != "–" and row.get("wall_time_one_sitting", 1.0) < 1:
+            ratios[-1] += " †"
         rows.append([f"`{row.regime}`", f"{row.average_rank:.2f}", str(int(row.n_cells)), *ratios])
     lines = _table(["regime", "average rank", "cells", "train FLOPs vs joint", "steps vs joint",
                     "wall time vs joint"], rows)
+    if "wall_time_one_sitting" in board and (board["wall_time_one_sitting"] < 1).any():
+        lines += ["", "† wall time from runs not all timed in one sitting with joint's (different or unrecorded "
+                      "timing batches, runs.csv `timing_batch`): compare training FLOPs instead."]
     p = "n/a (fewer than 2 complete cells or 3 regimes)" if not np.isfinite(test.friedman_p) else \
         f"{test.friedman_p:.3g}"
     lines += ["", f"Friedman test over the {test.n_cells} cells where every regime has runs: p = {p}; Nemenyi "
@@ -374,7 +382,8 @@ def claims_section(claims: pd.DataFrame) -> list[str]:
     family = int(claims["family_size"].max()) if len(claims) else 0
     return [*_table(["claim", "compared", "metric", "pairs", "mean diff (pts)", "95 % CI (pts)", "p", "p (Holm)",
                      "verdict", "detectable (pts)", "pairs needed", "source"], rows, "lllrrrrrlrrl"), "",
-            f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=family)}. *p*: the claim's one-sided paired t-test; "
+            f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=claims_phrase(family))}. "
+            "*p*: the claim's one-sided paired t-test; "
             f"*detectable*: the smallest true difference beyond the margin these pairs would show with "
             f"{100 * POWER:.0f} % power at α / {family} (Holm's strictest step), given the observed spread; "
             "*pairs needed*: for an inconclusive claim, the pairs that power would need at the observed difference."]

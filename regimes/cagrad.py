@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from regimes.base import HParam
-from regimes.exit_gradients import GradientCombination, gram_matrix
+from regimes.exit_gradients import GradientCombination, gram_matrix, one_blas_thread
 from regimes.registry import register_objective
 
 
@@ -33,8 +33,9 @@ def simplex_weights(gram: np.ndarray, c: float) -> np.ndarray:
     a = gram / scale
     c_scaled = c * np.sqrt(a.mean() + 1e-8)
     objective = lambda w: float(w @ a @ uniform + c_scaled * np.sqrt(w @ a @ w + 1e-8))  # noqa: E731
-    result = minimize(objective, uniform, bounds=[(0.0, 1.0)] * k,
-                      constraints={"type": "eq", "fun": lambda w: 1.0 - w.sum()}, method="SLSQP")
+    with one_blas_thread():
+        result = minimize(objective, uniform, bounds=[(0.0, 1.0)] * k,
+                          constraints={"type": "eq", "fun": lambda w: 1.0 - w.sum()}, method="SLSQP")
     return result.x
 
 

@@ -97,6 +97,15 @@ def exit_gradients(model, losses: Sequence[Tensor]) -> ExitGradients:
     return ExitGradients(shared, own, torch.stack(rows), reached, own_rows)
 
 
+def one_blas_thread():
+    """A context in which NumPy's and SciPy's BLAS/LAPACK run on one thread. CAGrad's and Nash-MTL's small solves go
+    through them, and OpenBLAS sums in an order that depends on its thread count: with 2 BLAS threads joint+cagrad's
+    logits differed from a Ray worker's (which has 1) although torch ran 1 thread in both. One thread everywhere makes
+    the solve — and the run — the same on every machine and executor."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def gram_matrix(grads: Tensor):
     """GGᵀ (K, K) of the per-exit gradients (K, P), in float64 on the CPU: what CAGrad's dual and Nash-MTL's
     bargaining equations are solved from."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from regimes.base import HParam
-from regimes.exit_gradients import GradientCombination, gram_matrix
+from regimes.exit_gradients import GradientCombination, gram_matrix, one_blas_thread
 from regimes.registry import register_objective
 
 NEWTON_STEPS = 100
@@ -25,7 +25,13 @@ TOLERANCE = 1e-10
 
 
 def bargaining_weights(gram: np.ndarray) -> np.ndarray:
-    """α > 0 with (gram α)_i = 1/α_i, for the Gram matrix `gram` (K, K) of the task gradients."""
+    """α > 0 with (gram α)_i = 1/α_i, for the Gram matrix `gram` (K, K) of the task gradients (solved with one BLAS
+    thread: `one_blas_thread`)."""
+    with one_blas_thread():
+        return _newton(gram)
+
+
+def _newton(gram: np.ndarray) -> np.ndarray:
     scale = float(np.linalg.norm(gram))
     if scale == 0:
         return np.ones(len(gram))

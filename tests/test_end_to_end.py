@@ -36,6 +36,7 @@ def copy_of(results, tmp_path):
 def test_every_run_writes_its_files_and_the_tables(smoke_results):
     _, results, stdout = smoke_results
     assert "3 trained" in stdout
+    assert "next: `bench report --grid " in stdout and str(results / "REPORT.md") in stdout   # ends with the answer
     for folder in run_dirs(results):
         assert {p.name for p in folder.iterdir()} == {"spec.json", "history.csv", "logits.npz", "exits.csv",
                                                      "curves.csv", "selected.csv", "metrics.json"}

@@ -31,7 +31,8 @@ def cluster():
 
 
 def smoke_specs():
-    return load_grid("smoke").specs
+    """The smoke grid's three schedules: what the executor must get right (objectives are checked by bench check)."""
+    return [s for s in load_grid("smoke").specs if s.regime in ("joint", "disjoint", "mixed")]
 
 
 def train(specs, root: Path, executor: str, **kwargs):
