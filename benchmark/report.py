@@ -69,7 +69,10 @@ def provenance(runs: pd.DataFrame) -> dict[str, str]:
             return "not installed"
     devices = ", ".join(sorted(runs["device"].dropna().astype(str).unique())) if "device" in runs else "unknown"
     batches = runs["timing_batch"].dropna().nunique() if "timing_batch" in runs else 0
-    return {"protocol version": str(PROTOCOL_VERSION), "runs trained at": run_commits(runs),
+    recorded = sorted(runs["protocol"].dropna().astype(int).unique()) if "protocol" in runs else []
+    protocol = (", ".join(map(str, recorded)) if recorded
+                else f"not recorded in runs.csv (the code is at {PROTOCOL_VERSION})")
+    return {"protocol version": protocol, "runs trained at": run_commits(runs),
             "timing batches": f"{batches} (wall times compare within a batch only)", "exitbench": version("exitbench"),
             "torch": version("torch"), "torchvision": version("torchvision"), "timm": version("timm"),
             "devices of the runs": devices or "none",

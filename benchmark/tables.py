@@ -23,7 +23,8 @@ def spec_row(spec: dict) -> dict:
     """A run's identity and the training settings that matter to a reader, from its spec.json."""
     own = {**spec["train"], **spec["own_phases"]}
     return {**{key: spec[key] for key in SPEC_COLUMNS}, "epochs": spec["train"]["epochs"],
-            "batch_size": spec["train"]["batch_size"], "lr": own["lr"], "p1_lr": spec["train"]["lr"]}
+            "batch_size": spec["train"]["batch_size"], "lr": own["lr"], "p1_lr": spec["train"]["lr"],
+            "protocol": spec.get("protocol")}
 
 
 def run_row(metrics: dict, spec: dict) -> dict:

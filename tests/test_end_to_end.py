@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmark import PROTOCOL_VERSION
 from benchmark.provenance import code_version
 from conftest import BENCH, REPO, THREADS
 
@@ -48,6 +49,7 @@ def test_every_run_writes_its_files_and_the_tables(smoke_results):
         assert metrics["provenance"]["git_commit"] == code_version()["git_commit"]       # the code that trained it
     runs = pd.read_csv(results / "tables" / "runs.csv")
     assert runs.timing_batch.nunique() == 1 and runs.git_commit.notna().all()        # one bench run, one sitting
+    assert (runs.protocol == PROTOCOL_VERSION).all()
     exits = pd.read_csv(results / "tables" / "exits.csv")
     curves = pd.read_csv(results / "tables" / "curves.csv")
     assert sorted(runs.regime) == ["disjoint", "joint", "mixed"] and runs.run_id.is_unique
