@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from benchmark.data import load_dataset
-from benchmark.data.cluttered import (CLUTTERED_MNIST, CLUTTERED_OPTDIGITS, clutter_canvases, mnist_clutter_sources)
-from benchmark.data.digit_addition import MNIST_ADDITION, OPTDIGITS_ADDITION, digit_sums, mnist_addend_sources
+from benchmark.data.cluttered import CLUTTERED_MNIST, CLUTTERED_OPTDIGITS, clutter_canvases
+from benchmark.data.digit_addition import MNIST_ADDITION, OPTDIGITS_ADDITION, digit_sums
 from benchmark.data.digit_sources import (_disjoint, area_downscaled, generated_fingerprint, mnist_sources,
                                           optdigits_sources, split_seed)
 from benchmark.data.mnist_pairs import digit_pairs
 
-SOURCES = {"cluttered_mnist": mnist_clutter_sources, "cluttered_optdigits": optdigits_sources,
-           "mnist_addition": mnist_addend_sources, "optdigits_addition": optdigits_sources,
+SOURCES = {"cluttered_mnist": lambda: mnist_sources(CLUTTERED_MNIST["digit"]), "cluttered_optdigits": optdigits_sources,
+           "mnist_addition": lambda: mnist_sources(MNIST_ADDITION["digit"]), "optdigits_addition": optdigits_sources,
            "mnist_pairs": mnist_sources}
 TASKS = {"cluttered_mnist": CLUTTERED_MNIST, "cluttered_optdigits": CLUTTERED_OPTDIGITS,
          "mnist_addition": MNIST_ADDITION, "optdigits_addition": OPTDIGITS_ADDITION}

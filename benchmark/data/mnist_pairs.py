@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.build import RawSplits
-from benchmark.data.digit_sources import mnist_sources, split_seed
+from benchmark.data.digit_sources import mnist_sources, reader_splits, split_seed
 
 PAIRS = {"train": 8000, "val": 1000, "test": 1000}
 GENERATION_SEED = 2015
@@ -39,4 +39,4 @@ def digit_pairs(digits: np.ndarray, labels: np.ndarray, count: int, seed: int) -
 def _read_mnist_pairs(root: Path, download: bool) -> RawSplits:
     sources = mnist_sources()
     made = {split: digit_pairs(*sources[split], PAIRS[split], split_seed(GENERATION_SEED, split)) for split in PAIRS}
-    return (*made["train"], *made["test"], *made["val"])
+    return reader_splits(made)

