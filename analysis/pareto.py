@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.style import new_figure, place_legend, regime_colour, regime_handles, regime_order, regime_style, save
+from analysis.style import comparison_panels, new_figure, place_legend, regime_colour, regime_handles, regime_order, regime_style, save
 from benchmark.evaluate import pareto_mask
 
 CELL = ["dataset", "arch"]
@@ -141,63 +141,59 @@ def _regime_front(cell: pd.DataFrame, regime: str) -> np.ndarray:
     return mask
 
 
-def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") -> None:
-    """Seed-averaged accuracy-FLOPs curves of ``policy`` per regime, and the union Pareto front over all regimes and
-    policies as a black staircase whose markers take the owning regime's colour and marker.
+FRONT_COLOUR, FRONT_LINESTYLE = "0.45", (0, (4, 2))
+"""The union front's staircase: grey dashes, so it is never taken for a regime's solid line (cagrad is black)."""
 
-    One column per (dataset, arch); the top row shows the whole cost range (log scale: the exit policies spend
-    most points near the first exit's cost), the row below zooms on the front's own cost and accuracy range,
-    where its points are otherwise drawn on top of each other (lines leaving that window are clipped). The
-    legend sits outside on the right.
+
+def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") -> None:
+    """Seed-averaged accuracy-FLOPs curves of ``policy`` as small multiples: one row per (dataset, arch), one panel
+    per group of at most three regimes drawn beside joint (`comparison_panels`), with the cell's union Pareto front
+    over all regimes and policies as a grey dashed staircase whose markers take the owning regime's colour and
+    marker. Panels of a row share their axes; the x axis is log-scaled (the exit policies spend most points near
+    the first exit's cost) and the y axis spans the row's own accuracies, so panels compare with each other and
+    nothing is stretched beyond the data. The legend sits outside on the right.
     """
     from matplotlib.lines import Line2D  # not at import: see analysis.style._plotting
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     points = mean_curves(curves)
     front = pareto_table(curves)
     cells = list(points.groupby(CELL, sort=True))
-    fig, axes = new_figure(ncols=len(cells), nrows=2, width=4.8, height=3.6, layout="constrained")
-    for column, ((dataset, arch), cell) in enumerate(cells):
+    panels = comparison_panels(points["regime"].unique())
+    fig, axes = new_figure(ncols=len(panels), nrows=len(cells), width=3.4, height=2.7, layout="constrained",
+                           sharey="row", sharex="row")
+    for row, ((dataset, arch), cell) in enumerate(cells):
         cell_front = front[(front["dataset"] == dataset) & (front["arch"] == arch)]
-        for row, ax in enumerate(axes[:, column]):
-            for regime in regime_order(cell["regime"]):
+        for column, group in enumerate(panels):
+            ax = axes[row, column]
+            for regime in group:
                 curve = (cell[(cell["regime"] == regime) & (cell["policy"] == policy)]
                          .sort_values("test_flops_fraction"))
-                ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], label=regime, linewidth=1.5,
+                ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], linewidth=1.5,
                         **{**regime_style(regime), "marker": None})
             ax.step(np.r_[cell_front["test_flops_fraction"], cell["test_flops_fraction"].max()],
                     np.r_[cell_front["test_accuracy"], cell_front["test_accuracy"].iloc[-1]],
-                    where="post", color="black", linewidth=0.8, zorder=3)
+                    where="post", color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, zorder=3)
             for regime, owned in cell_front.groupby("regime", sort=False):
-                ax.scatter(owned["test_flops_fraction"], owned["test_accuracy"], s=30 if row == 0 else 40,
-                           zorder=4, color=regime_colour(regime), marker=regime_style(regime)["marker"],
-                           edgecolors="black", linewidths=0.6)
-            ax.set_ylabel("test accuracy")
-        top, zoom = axes[0, column], axes[1, column]
-        top.set_xscale("log")
-        top.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-        top.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        top.xaxis.set_minor_formatter(NullFormatter())
-        top.set_xlabel("test FLOPs ÷ backbone's (log scale)")
-        top.set_title(f"{dataset} / {arch}")
-        _zoom_on(zoom, cell_front)
-        zoom.xaxis.set_major_locator(MaxNLocator(5))
-        zoom.set_xlabel("test FLOPs ÷ backbone's")
-        zoom.set_title(f"{dataset} / {arch}: zoom on the front", fontsize="medium")
-    regimes = regime_order(points["regime"])
-    handles = [*regime_handles(regimes, marker=None),
-               Line2D([], [], color="black", linewidth=0.8, marker="o", markerfacecolor="white",
-                      markeredgecolor="black", label="front chosen on validation\n(marker: owning regime)")]
+                ax.scatter(owned["test_flops_fraction"], owned["test_accuracy"], s=22, zorder=4,
+                           color=regime_colour(regime), marker=regime_style(regime)["marker"],
+                           edgecolors="black", linewidths=0.5)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{dataset} / {arch}" if column == 0 else "", fontsize="medium", loc="left")
+            if column == 0:
+                ax.set_ylabel("test accuracy")
+            if row == len(cells) - 1:
+                ax.set_xlabel("test FLOPs ÷ backbone's (log)")
+    handles = [*regime_handles(regime_order(points["regime"]), marker=None),
+               Line2D([], [], color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, marker="o",
+                      markerfacecolor="white", markeredgecolor="black",
+                      label="union front chosen on\nvalidation (marker:\nowning regime)")]
     place_legend(fig, handles, title=f"regime ({policy} policy)")
-    fig.suptitle("Accuracy vs FLOPs per sample, mean over seeds; black: the front chosen on\nvalidation (all "
-                 "regimes and policies) at its test numbers, markers in the owning regime's style")
+    fig.suptitle("Accuracy vs FLOPs per sample, mean over seeds: each panel a few regimes beside joint; grey dashes: "
+                 "the cell's front\nchosen on validation (all regimes and policies) at its test numbers")
     save(fig, path)
 
 
-def _zoom_on(ax, front: pd.DataFrame, margin: float = 0.15) -> None:
-    """Limit ``ax`` to the front's cost and accuracy range, widened by ``margin`` of each range on every side
-    (and by at least 0.2 % of the values, so that a front of one point still gets a window)."""
-    for axis, column in (("x", "test_flops_fraction"), ("y", "test_accuracy")):
-        low, high = front[column].min(), front[column].max()
-        pad = max(margin * (high - low), 0.002 * abs(high))
-        getattr(ax, f"set_{axis}lim")(low - pad, high + pad)

@@ -124,6 +124,19 @@ def schedule_groups(regimes) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def comparison_panels(regimes, per_panel: int = 3) -> list[list[str]]:
+    """Small multiples: the regimes other than the baseline in groups of at most `per_panel`, each group drawn
+    beside the baseline (so every panel compares a few regimes with joint, none is a tangle of fifteen). Groups
+    follow `schedule_groups` (other schedules first, then the baseline's schedule) in regime_order; the baseline
+    alone makes one group if it is the only regime."""
+    ordered = regime_order(regimes)
+    groups = [group for _, group in sorted(schedule_groups(r for r in ordered if r != BASELINE),
+                                            key=lambda titled: titled[0].startswith(split_regime(BASELINE)[0]))]
+    chunks = [group[i:i + per_panel] for group in groups for i in range(0, len(group), per_panel)]
+    baseline = [BASELINE] if BASELINE in ordered else []
+    return [baseline + chunk for chunk in chunks] or [baseline or ordered]
+
+
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.5, height: float = 3.5, **kwargs):
     plt, sns = _plotting()
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
