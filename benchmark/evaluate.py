@@ -284,8 +284,28 @@ def pareto_mask(costs: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
     return mask
 
 
-def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray) -> float:
-    """Area under a(x) = best accuracy reachable at cost fraction <= x, for x in [0, 1]; 0 below the cheapest point.
+def covered_budgets(exit_costs: np.ndarray, backbone_cost: float) -> float:
+    """Where the budgets the exits cover begin, as a fraction of the backbone: the first exit's cost. Every policy
+    point costs at least this much (each sample passes exit 0), so below it no budget can be met by any regime."""
+    return float(np.min(exit_costs)) / float(backbone_cost)
+
+
+def mean_over_covered_budgets(steps_at: np.ndarray, heights: np.ndarray, covered_from: float) -> float:
+    """Mean of a staircase (height `heights[i]` from `steps_at[i]` to the next step, the last to 1) over the budgets
+    x in [covered_from, 1] — THE area of the suite: it reads as an accuracy. The steps start at covered_from or
+    later (no point is cheaper than the first exit); a budget below the first step counts as 0. If the exits cover
+    no range (covered_from >= 1: one exit, at the full cost), the mean is the height at x = 1."""
+    steps_at, heights = np.asarray(steps_at, dtype=np.float64), np.asarray(heights, dtype=np.float64)
+    if len(steps_at) == 0:
+        return 0.0
+    if covered_from >= 1.0:
+        return float(heights[-1])
+    widths = np.diff(np.r_[steps_at, 1.0])
+    return float(np.sum(heights * widths) / (1.0 - covered_from))
+
+
+def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray, covered_from: float = 0.0) -> float:
+    """Mean over budgets x in [covered_from, 1] of a(x) = best accuracy reachable at cost fraction <= x.
 
     a(x) is the staircase through the Pareto front of the given points; it is in [0, 1] for accuracies in
     [0, 1]. Points costing more than the whole backbone (x > 1) add nothing. On test points this is an oracle
@@ -296,9 +316,8 @@ def staircase_auc(cost_fractions: np.ndarray, accuracies: np.ndarray) -> float:
     front = pareto_mask(cost_fractions, accuracies)
     order = np.argsort(cost_fractions[front], kind="stable")
     steps_at = np.clip(cost_fractions[front][order], 0.0, 1.0)
-    step_heights = accuracies[front][order]  # increasing along the front
-    step_widths = np.diff(np.r_[steps_at, 1.0])
-    return float(np.sum(step_heights * step_widths))
+    inside = cost_fractions[front][order] <= 1.0 * (1 + _BUDGET_RTOL)
+    return mean_over_covered_budgets(steps_at[inside], accuracies[front][order][inside], covered_from)
 
 
 def preference_order(curves: pd.DataFrame) -> np.ndarray:
@@ -368,12 +387,12 @@ def selected_points(curves: pd.DataFrame, backbone_cost: float) -> pd.DataFrame:
     return table.drop(columns="row").join(points.set_axis(table.index[found]))
 
 
-def selected_auc(selected: pd.DataFrame, split: str) -> float:
-    """Area under the validation-selected staircase with the chosen points' `split` accuracy (test: the primary
-    metric; val: the tuning metric). 0 where no point fits."""
+def selected_auc(selected: pd.DataFrame, split: str, covered_from: float) -> float:
+    """Mean over the covered budgets [covered_from, 1] of the validation-selected staircase, with the chosen
+    points' `split` accuracy (test: the primary metric; val: the tuning metric). 0 where no point fits."""
     steps = selected[selected["selection"] == "staircase"]
-    widths = steps["budget_to"] - steps["budget_from"]
-    return float((steps[f"{split}_accuracy"] * widths).sum())
+    return mean_over_covered_budgets(steps["budget_from"].to_numpy(), steps[f"{split}_accuracy"].to_numpy(),
+                                     covered_from)
 
 
 def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.ndarray, backbone_cost: float) -> float:
@@ -383,7 +402,7 @@ def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.nd
     outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule),) * 2
                for rule in dict.fromkeys(POLICY_RULE.values())}
     curves = policy_curves(outputs, np.asarray(exit_costs, dtype=np.float64))
-    return selected_auc(selected_points(curves, float(backbone_cost)), "val")
+    return selected_auc(selected_points(curves, float(backbone_cost)), "val", covered_budgets(exit_costs, backbone_cost))
 
 
 def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray) -> pd.DataFrame:
@@ -420,10 +439,12 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
               val_accuracy, val_flops, test_accuracy, test_flops, test_flops_fraction.
     selected: the operating points validation picks (`selected_points`).
     summary:  final_accuracy and final_macro_f1 (last exit, test); accuracy_at_{25,50,75,100}pct (chosen on
-              validation); auc_normalised — the primary metric — area under the validation-selected staircase
-              with test accuracies; val_auc_normalised, the same area with validation accuracies (the tuning
-              metric: it reads no test data); oracle_auc_normalised, the area under the *test* Pareto staircase
-              (best test point at every budget: shows how much test selection would flatter; ranks nothing).
+              validation); auc_normalised — the primary metric, "area" — the validation-selected staircase with
+              test accuracies, averaged over the budgets the exits cover (from the first exit's cost to 100 % of
+              the backbone: `mean_over_covered_budgets`), so it reads as an accuracy; val_auc_normalised, the same
+              with validation accuracies (the tuning metric: it reads no test data); oracle_auc_normalised, the
+              same mean of the *test* Pareto staircase (best test point at every budget: shows how much test
+              selection would flatter; ranks nothing).
     """
     exit_costs = np.asarray(exit_costs, dtype=np.float64)
     backbone_cost = float(backbone_cost)
@@ -449,14 +470,15 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
     curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
     selected = selected_points(curves, backbone_cost)
     at_budget = selected.set_index("selection")["test_accuracy"]      # the points chosen once, read here
+    covered_from = covered_budgets(exit_costs, backbone_cost)
 
     summary = {
         "final_accuracy": float(exits["test_accuracy"].iloc[-1]),
         "final_macro_f1": float(exits["test_macro_f1"].iloc[-1]),
         **{f"accuracy_at_{name}": float(at_budget[f"at_{name}"]) for name in BUDGET_FRACTIONS},
-        "auc_normalised": selected_auc(selected, "test"),
-        "val_auc_normalised": selected_auc(selected, "val"),
+        "auc_normalised": selected_auc(selected, "test", covered_from),
+        "val_auc_normalised": selected_auc(selected, "val", covered_from),
         "oracle_auc_normalised": staircase_auc(curves["test_flops_fraction"].to_numpy(),
-                                               curves["test_accuracy"].to_numpy()),
+                                               curves["test_accuracy"].to_numpy(), covered_from),
     }
     return Evaluation(exits=exits, curves=curves, selected=selected, summary=summary, outputs=outputs)

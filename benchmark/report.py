@@ -34,8 +34,9 @@ COST_COLUMNS = [("train_wall_seconds", "wall s", "{:.1f}"), ("train_flops", "tra
                 ("train_optimizer_steps", "steps", "{:.0f}")]
 LEADERBOARD_MARKERS = ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->")
 FIGURES = [   # (file glob in figures/, caption: what to look at)
-    ("pareto_fronts.png", "Test accuracy against mean FLOPs per sample, every regime's validation-selected operating "
-                          "points and the front: look for the regime that sits highest at the budget you care about."),
+    ("pareto_fronts.png", "Test accuracy against mean FLOPs per sample (threshold policy, seed means), one row per "
+                          "cell and a few regimes per panel beside joint, with the cell's front chosen on validation: "
+                          "look for the regime that sits highest at the budget you care about."),
     ("exit_accuracy.png", "Test accuracy of each exit, per regime: the early exits are where the regimes differ; the "
                           "final exit shows what training the heads cost the backbone."),
     ("critical_difference.png", "Average rank by the primary area over cells; regimes joined by a bar are not "
@@ -171,6 +172,16 @@ def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     return _table(header, rows, "rl" + "r" * (len(header) - 2)), means
 
 
+def covered_range_line(cell_exits: pd.DataFrame) -> str:
+    """The budgets a cell's area averages over: from its first exit's cost to 100 % (exits.csv, exit 0)."""
+    first = cell_exits.loc[cell_exits["exit"] == 0, "flops_fraction"]
+    if first.empty:
+        return "Area over budgets: not known (no exits.csv rows)."
+    low, high = 100 * first.min(), 100 * first.max()
+    span = f"{low:.1f} %" if np.isclose(low, high) else f"{low:.1f}–{high:.1f} % (by regime)"
+    return f"Area = mean accuracy over budgets from the first exit's cost, {span} of the backbone's FLOPs, to 100 %."
+
+
 def resolved_text(test) -> str:
     """Which pairs of regimes the Nemenyi test resolves, said plainly (issue 21: 'no pair' is the usual answer)."""
     if not np.isfinite(test.critical_difference):
@@ -297,7 +308,7 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
              _percent(width[staircase.policy == policy].sum() / width.sum() if width.sum() > 0 else np.nan)]
             for policy in POLICY_ORDER]
     out += ["Share of the selections validation made, over every done run: at the four budgets (25/50/75/100 %), "
-            "and of the budget range [0, 1] under the primary area's staircase.", "",
+            "and of the budget range the primary area averages over (first exit's cost to 100 %).", "",
             *_table(["policy", "budget selections (%)", "primary area's budget range (%)"], rows), ""]
     if not (tables / "pareto.csv").is_file():
         return out + [f"Front owners not computed yet: `pareto.csv` — `bench analyze --grid {grid_name}`.", ""]
@@ -411,8 +422,9 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
         return "\n".join(out), "\n".join(out)
 
     out += ["## Leaderboards", "",
-            f"Ranked by the primary metric: **area** = the validation-selected normalised area under the test "
-            f"accuracy–FLOPs curve (`{PRIMARY}`). Accuracy columns are test accuracy (%) at the operating point "
+            f"Ranked by the primary metric: **area** = the test accuracy of the point validation selects at each "
+            f"budget, averaged over the budgets the exits cover, from the first exit's cost to 100 % of the "
+            f"backbone's FLOPs (`{PRIMARY}`; it reads as an accuracy). Accuracy columns are test accuracy (%) at the operating point "
             f"validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
             f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
             f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area after "
@@ -423,7 +435,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     for (dataset, arch), cell in runs.groupby(["dataset", "arch"], sort=True):
         lines, means = cell_leaderboard(cell)
         cell_means[dataset, arch] = means
-        out += [f"### {dataset} / {arch}", "", *lines, ""]
+        out += [f"### {dataset} / {arch}", "", covered_range_line(exits[exits.run_id.isin(cell.run_id)]), "",
+                *lines, ""]
 
     figures.mkdir(parents=True, exist_ok=True)
     overall, test = overall_ranking(runs)

@@ -227,6 +227,24 @@ def test_staircase_auc_hand_computed():
     accuracies = np.array([0.7, 0.5, 0.6, 0.9, 0.95])
     assert staircase_auc(fractions, accuracies) == pytest.approx(0.5 * 0.3 + 0.7 * 0.3 + 0.9 * 0.2)
     assert staircase_auc(np.array([0.0]), np.array([1.0])) == pytest.approx(1.0)  # free and perfect
+    # averaged over the budgets the exits cover, [0.2, 1], it reads as an accuracy: a mean of 0.5, 0.7 and 0.9
+    assert staircase_auc(fractions, accuracies, covered_from=0.2) == pytest.approx(
+        (0.5 * 0.3 + 0.7 * 0.3 + 0.9 * 0.2) / 0.8)
+    assert staircase_auc(np.array([0.2, 0.6]), np.array([0.9, 0.9]), covered_from=0.2) == pytest.approx(0.9)
+
+
+def test_the_area_of_exits_all_at_one_accuracy_is_that_accuracy():
+    """The primary area is a mean over the covered budgets: every exit at accuracy a gives area a, wherever the
+    first exit sits (the old integral over [0, 1] gave a x (1 - first exit's cost))."""
+    labels = np.zeros(40, dtype=int)
+    right_on_30 = np.stack([confident_logits(0, 40)] * 3)
+    right_on_30[:, :10, 0] = -20.0                                   # 10 of 40 wrong at every exit: accuracy 0.75
+    for first_exit_cost in (10.0, 35.0):
+        costs = np.array([first_exit_cost, 60.0, 100.0])
+        result = evaluate(right_on_30, labels, right_on_30, labels, costs, backbone_cost=100.0)
+        assert result.summary["auc_normalised"] == pytest.approx(0.75)
+        assert result.summary["val_auc_normalised"] == pytest.approx(0.75)
+        assert result.summary["oracle_auc_normalised"] == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -276,7 +294,8 @@ def brute_force_selected_area(curves, backbone_cost, resolution=20_000):
             if count not in memo:
                 memo[count] = accuracy_at_budget(curves, budget)
             heights.append(memo[count])
-    return float(np.nansum(heights) / resolution)
+    covered_from = float(curves["val_flops"].min()) / backbone_cost            # the first exit's cost
+    return float(np.nansum(heights) / resolution / (1.0 - covered_from))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -325,7 +344,7 @@ def test_evaluate_reports_test_accuracy_of_the_point_validation_picks():
 
     assert result.summary["accuracy_at_100pct"] == 0.0  # validation's choice (exit 0), not test's best
     assert result.summary["accuracy_at_25pct"] == 0.0
-    assert result.summary["auc_normalised"] == 0.0 and result.summary["val_auc_normalised"] == pytest.approx(0.8)
+    assert result.summary["auc_normalised"] == 0.0 and result.summary["val_auc_normalised"] == pytest.approx(1.0)
 
 
 def test_evaluate_nan_when_no_point_fits_the_budget():
@@ -364,7 +383,8 @@ def test_evaluate_tables_agree_with_building_blocks(seed):
 
     front = pareto_mask_brute_force(curves["test_flops_fraction"].to_numpy(), curves["test_accuracy"].to_numpy())
     assert summary["oracle_auc_normalised"] == pytest.approx(staircase_auc(
-        curves["test_flops_fraction"].to_numpy()[front], curves["test_accuracy"].to_numpy()[front]))
+        curves["test_flops_fraction"].to_numpy()[front], curves["test_accuracy"].to_numpy()[front],
+        covered_from=exit_costs[0] / backbone))
     assert summary["final_accuracy"] == exits["test_accuracy"].iloc[-1]
     assert 0.0 <= summary["auc_normalised"] <= 1.0
     assert set(summary) == {"final_accuracy", "final_macro_f1", "accuracy_at_25pct", "accuracy_at_50pct",
@@ -378,7 +398,8 @@ def test_single_exit_network_evaluates():
     result = evaluate(logits, labels, logits, labels, np.array([100.0]), backbone_cost=100.0)
     assert (result.curves["test_accuracy"] == result.summary["final_accuracy"]).all()
     assert result.summary["accuracy_at_100pct"] == result.summary["final_accuracy"]
-    assert result.summary["auc_normalised"] == 0.0  # the only point sits at x = 1
+    # the exits cover no budget range (the only point sits at x = 1): the area is the accuracy there
+    assert result.summary["auc_normalised"] == result.summary["final_accuracy"]
 
 
 def test_float16_logits_decide_like_their_float32_upcast():

@@ -164,3 +164,15 @@ def test_policies_section_counts_selections_and_merges_front_segments(tmp_path):
     assert "| 20.0 | 50.0 | `joint` exit |" in text
     assert "| 30.0–40.0 | 60.0–70.0 | `joint` threshold |" in text
     assert "| 60.0 | 80.0 | `joint` ensemble, `mixed` ensemble |" in text
+
+
+def test_each_cell_states_the_budgets_its_area_averages_over(fixture_store):
+    """The area is a mean over the budgets the exits cover: each cell's leaderboard names that range, read from
+    exit 0's FLOPs fraction in exits.csv."""
+    grid, store = fixture_store
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    exits = pd.read_csv(store.root / "tables" / "exits.csv")
+    for (dataset, arch), cell in exits[exits["exit"] == 0].groupby(["dataset", "arch"]):
+        low = 100 * cell["flops_fraction"].min()
+        section = text.split(f"### {dataset} / {arch}\n", 1)[1]
+        assert section.lstrip().startswith(f"Area = mean accuracy over budgets from the first exit's cost, {low:.1f}")
