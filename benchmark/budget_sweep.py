@@ -33,12 +33,15 @@ MIN_SAMPLES_PER_HALF_POINT = 5
 BUDGETS = {"E/2": 0.5, "E": 1.0, "2E": 2.0}
 
 
-def sweep_specs(specs: list[RunSpec], seeds: list[int] | None = None) -> list[tuple[str, RunSpec]]:
-    """(budget label, joint run at that budget) for every cell and seed (`seeds`, default all) of a grid's runs."""
+def sweep_specs(specs: list[RunSpec], seeds: list[int] | None = None,
+                lr: float | None = None) -> list[tuple[str, RunSpec]]:
+    """(budget label, joint run at that budget) for every cell and seed (`seeds`, default all) of a grid's runs, at
+    the grid's [train] lr or `lr`."""
     joint = {(s.dataset, s.arch, s.seed): s for s in specs if seeds is None or s.seed in seeds}
     runs = []
     for spec in joint.values():
-        base = replace(spec, regime="joint", own_phases={}, hparams={})
+        base = replace(spec, regime="joint", own_phases={}, hparams={},
+                       train={**spec.train, **({} if lr is None else {"lr": lr})})
         for label, factor in BUDGETS.items():
             epochs = max(2, round(spec.train["epochs"] * factor))
             runs.append((label, replace(base, train={**base.train, "epochs": epochs, "p1_epochs": None})))
@@ -53,11 +56,12 @@ def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.Data
         if store.state(spec.run_id) != DONE:
             continue
         exits = pd.read_csv(store.run_dir(spec.run_id) / "exits.csv")
-        rows.append({"dataset": spec.dataset, "arch": spec.arch, "budget": label, "epochs": spec.train["epochs"],
+        rows.append({"dataset": spec.dataset, "arch": spec.arch, "lr": spec.train["lr"], "budget": label,
+                     "epochs": spec.train["epochs"],
                      "seed": spec.seed, "val_final_accuracy": float(exits["val_accuracy"].iloc[-1]),
                      "val_samples": len(read_logits_labels(store.run_dir(spec.run_id)))})
     frame = pd.DataFrame(rows)
-    table = (frame.groupby(["dataset", "arch", "budget", "epochs", "val_samples"], sort=False)["val_final_accuracy"]
+    table = (frame.groupby(["dataset", "arch", "lr", "budget", "epochs", "val_samples"], sort=False)["val_final_accuracy"]
              .agg(val_final_accuracy_mean="mean", val_final_accuracy_std="std", seeds="count").reset_index())
     cells = ["dataset", "arch"]
     mean = table.pivot_table(index=cells, columns="budget", values="val_final_accuracy_mean")
@@ -87,15 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=["local", "process"], default="local")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=[], help="KEY=VALUE filters, as bench run --only")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="sweep at this lr instead of the grid's [train] lr (writes budget_sweep_lr<LR>.csv)")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid, args.data_root)
     store = ResultsStore(args.results or Path("results") / grid.name)
-    runs = sweep_specs(select(grid.specs, parse_filters(args.only)), args.seeds)
+    runs = sweep_specs(select(grid.specs, parse_filters(args.only)), args.seeds, args.lr)
     outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=args.data_root,
                        executor=args.executor, jobs=args.jobs, threads=args.threads,
                        desc=f"budget sweep {grid.name}", write_tables=lambda: None)
     table = sweep_table(runs, store)
-    write_csv(store.tables_dir / "budget_sweep.csv", table)
+    write_csv(store.tables_dir / ("budget_sweep.csv" if args.lr is None else f"budget_sweep_lr{args.lr:g}.csv"), table)
     print(table.to_string(index=False))
     return 1 if outcome.failed or outcome.interrupted else 0
 

@@ -23,6 +23,8 @@ def test_sweep_trains_joint_at_half_once_and_twice_the_cells_budget(grid_file):
         (label, seed, epochs) for label, epochs in (("E/2", 3), ("E", 6), ("2E", 12)) for seed in (0, 1))
     assert {s.regime for _, s in runs} == {"joint"} and all(s.hparams == {} for _, s in runs)
     assert {s.seed for _, s in sweep_specs(grid.specs, [1])} == {1}        # --seeds: a subset of the grid's
+    assert {s.train["lr"] for _, s in runs} == {0.05}                          # the grid's [train] lr
+    assert {s.train["lr"] for _, s in sweep_specs(grid.specs, lr=0.2)} == {0.2}   # --lr: the lr a cell will use
 
 
 @pytest.mark.parametrize("accuracies, val_samples, plateaued", [

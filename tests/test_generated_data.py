@@ -128,14 +128,14 @@ def test_mnist_pairs_halves_are_source_digits_of_their_own_split_only():
 
 
 @pytest.mark.parametrize("name, classes, shape, sizes, fingerprint", [
-    ("cluttered_mnist", 10, (1, 16, 16), (4000, 1000, 2000),
-     "fb30323a0459f6527c04a90fa2784ff9d412fc5f46c0a4bffe399b3333a55972"),
-    ("cluttered_optdigits", 10, (1, 16, 16), (5000, 1000, 2000),
-     "5522671a3e5b50ee7ad7978b52582eb9bb0cff02ffeda20bcbd05ef21805e14b"),
-    ("mnist_addition", 19, (1, 10, 20), (6000, 1000, 2000),
-     "e4650489c7d59065c4a963576048465fd570600bd25d84c23f1007e2f5ef010d"),
-    ("optdigits_addition", 19, (1, 8, 16), (6000, 1000, 2000),
-     "9917a3388aacaa65bae427c20f11ebc80ed88e547da7c23fab2812ee0fdcfef1"),
+    ("cluttered_mnist", 10, (1, 16, 16), (3000, 1000, 2000),
+     "dcf743cda9a6d2d5d73e48144596554dcb42fa353aab82ba60e5c7d9e1916d04"),
+    ("cluttered_optdigits", 10, (1, 16, 16), (3000, 1000, 2000),
+     "b2c74e3befe0a47cf972b23a70e431f6e07df679a9d817be85d6e668601696df"),
+    ("mnist_addition", 19, (1, 10, 20), (3000, 1000, 2000),
+     "29152343de02ead69ee4b1dad2178eb0e2a0c4388e198d37fa95a30574b69a20"),
+    ("optdigits_addition", 19, (1, 8, 16), (3000, 1000, 2000),
+     "2147b5f63b573d17b398ff0415a50a2aa059ca67ad1c09c2549c7864afcb55ec"),
     ("mnist_pairs", 100, (1, 28, 56), (8000, 1000, 1000),
      "9e9891c1642ac834b34bc9e49735c66652af488cda0e347375641979abb2bbf5"),
 ])

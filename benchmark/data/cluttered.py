@@ -30,9 +30,9 @@ from benchmark.data.build import RawSplits
 from benchmark.data.digit_sources import mnist_sources, optdigits_sources, reader_splits, split_seed
 
 CLUTTERED_MNIST = {"digit": 10, "canvas": 16, "fragments": 4, "fragment": 4, "seed": 2014,
-                   "canvases": {"train": 4000, "val": 1000, "test": 2000}}
+                   "canvases": {"train": 3000, "val": 1000, "test": 2000}}
 CLUTTERED_OPTDIGITS = {"canvas": 16, "fragments": 8, "fragment": 3, "seed": 2016,
-                       "canvases": {"train": 5000, "val": 1000, "test": 2000}}
+                       "canvases": {"train": 3000, "val": 1000, "test": 2000}}
 
 
 def clutter_canvases(digits: np.ndarray, labels: np.ndarray, count: int, seed: int, canvas: int, fragments: int,

@@ -24,8 +24,8 @@ from benchmark.data.build import RawSplits
 from benchmark.data.digit_sources import mnist_sources, optdigits_sources, reader_splits, split_seed
 
 SUM_CLASSES = 19
-OPTDIGITS_ADDITION = {"seed": 2018, "images": {"train": 6000, "val": 1000, "test": 2000}}
-MNIST_ADDITION = {"digit": 10, "seed": 2019, "images": {"train": 6000, "val": 1000, "test": 2000}}
+OPTDIGITS_ADDITION = {"seed": 2018, "images": {"train": 3000, "val": 1000, "test": 2000}}
+MNIST_ADDITION = {"digit": 10, "seed": 2019, "images": {"train": 3000, "val": 1000, "test": 2000}}
 
 
 def digit_sums(digits: np.ndarray, labels: np.ndarray, count: int, seed: int

