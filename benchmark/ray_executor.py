@@ -14,6 +14,7 @@ the packages). Ray is an optional dependency: `pip install 'exitbench[ray]'`.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -44,10 +45,15 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")    # a lost run is reported once, by `collect`
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")     # raylet lines (a worker died) as text, not ANSI colour codes
+    bench_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address not in (None, "auto"):
             _probe(address)                  # ray.init retries an unreachable address for minutes
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        # ray.init installs its own SIGTERM handler (a C++ stack dump, exit 1, no resume hint): bench's takes
+        # Ctrl-C's path, so the run in flight stays pending, the Ray this call started is shut down, exit 143
+        signal.signal(signal.SIGTERM, bench_sigterm)
     except (ConnectionError, OSError, ValueError) as error:
         raise UserError(f"could not reach a Ray cluster at --address {address}: {str(error).rstrip('.')}. Start one "
                         "with `ray start --head` (then --address auto on that node, or HOST:PORT as it prints), or "

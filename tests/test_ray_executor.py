@@ -166,3 +166,44 @@ def test_receive_replaces_an_earlier_attempt_whole_and_refuses_paths(tmp_path):
             store.receive(store.run_dir("evil"), {"../escape.json": b"{}"})
     assert not store.run_dir("evil").exists() and not (tmp_path / "runs" / "escape.json").exists()
     assert not list(tmp_path.glob(".incoming.*"))
+
+
+def test_sigterm_takes_benchs_path_and_stops_the_local_ray_it_started(tmp_path):
+    """ray.init replaces bench's SIGTERM handler (Ray's C++ dump, exit 1, no resume hint); bench restores it, so a
+    SIGTERM exits 143 with the resume line of the other executors, prints no ANSI colour codes, and leaves none of
+    the local Ray's processes (raylet, GCS, dashboard and runtime-env agents) running."""
+    import subprocess
+    import tempfile
+    from conftest import BENCH, REPO, write_grid
+    grid = write_grid(tmp_path / "grid.toml", regimes=("joint", "mixed"), seeds=(0, 1), epochs=40)
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")          # short: Ray's socket paths must fit 107 bytes
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--executor", "ray"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env={**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"})
+
+    def session() -> list[str]:
+        """Every live process of bench's session (it leads one: start_new_session): Ray's raylet, GCS, dashboard
+        and runtime-env agents and workers all stay in it."""
+        listing = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,args="], capture_output=True, text=True).stdout
+        return [line for line in listing.splitlines()
+                if line.split()[0] == str(process.pid) and line.split()[1] != str(process.pid)
+                and not line.split()[2].startswith("Z")]
+
+    deadline = time.time() + 240
+    while not any(TASK_TITLE in line for line in session()):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no run started training"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, (process.returncode, stderr)
+    assert "terminated (SIGTERM): rerun the same command" in stderr, stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
+    assert "\x1b[" not in stdout + stderr
+    assert not any(out.glob("runs/*/error.json")), "an interrupted run is pending, not failed"
+    deadline = time.time() + 30
+    while session() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not session(), f"Ray processes left running: {session()}"
