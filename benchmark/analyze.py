@@ -180,6 +180,15 @@ def _gather(store: ResultsStore, specs: list[RunSpec], name: str) -> pd.DataFram
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+ANALYSIS_TABLES = frozenset({"rank", "information", "landscape", "sharpness", "robustness", "robustness_summary",
+                             "calibration", "reliability", "pareto", "hypervolume", "summary", "leaderboard"})
+"""The tables `analyze_grid` writes: each is rewritten from the done runs, or removed when it cannot be computed
+now (say joint's runs failed since: no summary.csv), so no table outlives the runs it was computed from."""
+ANALYSIS_FIGURES = ("rank_profiles.png", "information_plane.png", "landscape_*.png", "interpolation_*.png",
+                    "robustness_*.png", "reliability_*.png", "pareto_fronts.png", "final_accuracy_ci.png")
+"""The figures it draws (globs in figures/; REPORT.md's own figures are not among them), removed before drawing."""
+
+
 def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, data_root: Path,
                  device: torch.device, threads: int) -> dict[str, int]:
     """Per-run analyses for every done run in `specs`, then the grid-level tables and figures."""
@@ -195,6 +204,8 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     per_run_seconds = time.perf_counter() - started
     tables = store.tables_dir
     figures = store.root / "figures"
+    for stale in (path for pattern in ANALYSIS_FIGURES for path in figures.glob(pattern)):
+        stale.unlink()              # every figure below is drawn afresh or, if it cannot be now, left absent
     written = {}
 
     def emit(name: str, frame: pd.DataFrame) -> None:
@@ -250,6 +261,8 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
             emit("summary", summary)
             statistics.plot_confidence_intervals(summary, "final_accuracy", figures / "final_accuracy_ci.png")
         emit("leaderboard", leaderboard(runs))
+    for name in ANALYSIS_TABLES.difference(written):
+        (tables / f"{name}.csv").unlink(missing_ok=True)    # cannot be computed from today's runs: no stale copy
     written["per_run_seconds"] = round(per_run_seconds, 1)
     written["missing_models"] = len(failures)
     return written

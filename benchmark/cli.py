@@ -327,6 +327,18 @@ def analyze(grid_name, only, results, data_root, device, threads):
     with store.lock():
         _write_grid_tables(grid, store)
         _analyze(grid, specs, store, data_root, device, threads)
+    _echo_completeness(grid, store)
+
+
+def _echo_completeness(grid, store) -> None:
+    """The report's completeness lines (done, failed with the reason, missing), so an analysis of part of a grid
+    says so where it is run."""
+    import pandas as pd
+    from benchmark.report import completeness
+    tables = store.tables_dir
+    tuning = pd.read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
+    for line in completeness(grid, pd.read_csv(tables / "runs.csv"), tuning):
+        click.echo(line.removeprefix("- ").replace("**", ""))
 
 
 @main.command(short_help="Write results/<grid>/REPORT.md: leaderboards, claims, findings, figures.")

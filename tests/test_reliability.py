@@ -502,3 +502,21 @@ def test_help_texts_are_whole_and_perf_explains_its_options():
     for option in ("--arch", "--dataset", "--epochs", "--repeats", "--device", "--threads"):
         line = perf.stdout[perf.stdout.index(f"  {option}"):].split("\n  -")[0]
         assert "(default:" in line, line
+
+
+def test_analyze_after_joint_went_missing_leaves_no_stale_table_or_figure_and_states_completeness(results):
+    """summary.csv and final_accuracy_ci.png need joint: once its run is gone they are removed, not left from the
+    earlier analysis (REPORT.md would embed the stale figure), and `bench analyze` says what is missing."""
+    grid, out, _, ids = results
+    first = cli("analyze", "--grid", grid, "--results", out)
+    assert first.returncode == 0, first.stderr
+    assert "Reported runs: 2 done, 0 failed, 0 missing" in first.stdout
+    assert (out / "tables" / "summary.csv").is_file() and (out / "figures" / "final_accuracy_ci.png").is_file()
+
+    shutil.rmtree(out / "runs" / ids["joint"])
+    again = cli("analyze", "--grid", grid, "--results", out)
+    assert again.returncode == 0, again.stderr
+    assert "Reported runs: 1 done, 0 failed, 1 missing" in again.stdout
+    assert not (out / "tables" / "summary.csv").exists()
+    assert not (out / "figures" / "final_accuracy_ci.png").exists()
+    assert set(pd.read_csv(out / "tables" / "leaderboard.csv").regime) == {"mixed"}
