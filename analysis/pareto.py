@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.style import comparison_panels, new_figure, place_legend, regime_colour, regime_handles, regime_order, regime_style, save
+from analysis.style import (comparison_panels, new_figure, place_legend, regime_colour, regime_handles, regime_order,
+                            regime_style, save)
 from benchmark.evaluate import pareto_mask
 
 CELL = ["dataset", "arch"]

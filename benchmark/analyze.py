@@ -18,6 +18,7 @@ the landscape), the same for every run, with the model in eval mode, so numbers 
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from benchmark.pipeline import collect_logits, initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_json, read_logits, read_torch, write_csv, write_npz
+from benchmark.store import ResultsStore, read_csv, read_json, read_logits, read_torch, write_csv, write_npz
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
@@ -114,7 +115,7 @@ def robustness_cases(spec: RunSpec, settings: dict) -> list[tuple[str, int]]:
 
 def _robustness_current(folder: Path, spec: RunSpec, settings: dict) -> bool:
     """Whether the cached robustness.csv covers exactly the declared corruptions and severities."""
-    cached = pd.read_csv(folder / "robustness.csv", usecols=["corruption", "severity"]).drop_duplicates()
+    cached = read_csv(folder / "robustness.csv", usecols=["corruption", "severity"]).drop_duplicates()
     have = {(c, int(s)) for c, s in cached.itertuples(index=False) if s > 0}
     return have == set(robustness_cases(spec, settings))
 
@@ -175,7 +176,7 @@ def joint_to_mixed(specs: list[RunSpec], store: ResultsStore, settings: dict, da
 
 
 def _gather(store: ResultsStore, specs: list[RunSpec], name: str) -> pd.DataFrame:
-    frames = [pd.read_csv(store.run_dir(s.run_id) / name) for s in specs
+    frames = [read_csv(store.run_dir(s.run_id) / name) for s in specs
               if (store.run_dir(s.run_id) / name).is_file()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -190,17 +191,25 @@ ANALYSIS_FIGURES = ("rank_profiles.png", "information_plane.png", "landscape_*.p
 
 
 def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, data_root: Path,
-                 device: torch.device, threads: int) -> dict[str, int]:
-    """Per-run analyses for every done run in `specs`, then the grid-level tables and figures."""
+                 device: torch.device, threads: int, tables_of: list[RunSpec] | None = None) -> dict[str, int]:
+    """Per-run analyses for every done run in `specs`, then the grid-level tables and figures of every done run in
+    `tables_of` (default `specs`): the grid's whole plan, so that analysing an --only slice does not shrink the
+    tables to that slice."""
     torch.set_num_threads(threads)
     done = [s for s in specs if store.state(s.run_id) == "done"]
+    everything = [s for s in (specs if tables_of is None else tables_of) if store.state(s.run_id) == "done"]
     started = time.perf_counter()
     failures = {}
-    for spec in tqdm(done, desc="analyze runs", unit="run", dynamic_ncols=True):
+    tty = sys.stderr.isatty()          # a redirected stderr (a log file) gets one plain line per run, not CR bars
+    for number, spec in enumerate(tqdm(done, desc="analyze runs", unit="run", dynamic_ncols=True, disable=not tty),
+                                  start=1):
         try:
             analyse_run(spec, store, settings, data_root, device)
         except FileNotFoundError as error:
             failures[spec.run_id] = str(error)
+        if not tty:
+            print(f"analyzed {spec.run_id} {spec.regime} {spec.dataset}/{spec.arch} seed {spec.seed} "
+                  f"({number}/{len(done)})", file=sys.stderr, flush=True)
     per_run_seconds = time.perf_counter() - started
     tables = store.tables_dir
     figures = store.root / "figures"
@@ -213,20 +222,21 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
             write_csv(tables / f"{name}.csv", frame)
             written[name] = len(frame)
 
-    rank_frame = _gather(store, done, "rank.csv")
+    rank_frame = _gather(store, everything, "rank.csv")
     emit("rank", rank_frame)
     if not rank_frame.empty:
         rank.plot_rank_profiles(rank_frame, figures / "rank_profiles.png")
 
-    info = pd.concat([_gather(store, done, "information.csv"), _gather(store, done, "information_snapshots.csv")],
-                     ignore_index=True)
+    info = pd.concat([_gather(store, everything, "information.csv"),
+                      _gather(store, everything, "information_snapshots.csv")], ignore_index=True)
     emit("information", info)
     snapshots = info[info.get("stage", pd.Series(dtype=str)) == "snapshot"] if not info.empty else info
     if not snapshots.empty:
         information.plot_information_plane(snapshots, figures / "information_plane.png")
 
-    land = _gather(store, done, "landscape.csv")
-    pairs = joint_to_mixed(done, store, settings, data_root, device) if "landscape" in settings["model"] else None
+    land = _gather(store, everything, "landscape.csv")
+    pairs = (joint_to_mixed(everything, store, settings, data_root, device) if "landscape" in settings["model"]
+             else None)
     if pairs is not None and not pairs.empty:
         land = pd.concat([land, pairs.assign(kind="interpolation")], ignore_index=True)
     emit("landscape", land)
@@ -235,23 +245,23 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         one_d = land[land.kind == "slice_1d"].dropna(axis=1, how="all")
         emit("sharpness", landscape.sharpness(one_d.drop(columns=["kind"])))
 
-    robust = _gather(store, done, "robustness.csv")
+    robust = _gather(store, everything, "robustness.csv")
     emit("robustness", robust)
     if not robust.empty:
         emit("robustness_summary", robustness.robustness_summary(robust))
         robustness.plot_severity_curves(robust, figures)
 
     runs_path = tables / "runs.csv"
-    calib, bins = calibration.calibration_table(stored_test_logits(done, store))
+    calib, bins = calibration.calibration_table(stored_test_logits(everything, store))
     emit("calibration", calib)
     emit("reliability", bins)
     if not bins.empty:
-        calibration.plot_reliability_diagrams(bins, figures, pd.read_csv(runs_path) if runs_path.is_file() else None)
+        calibration.plot_reliability_diagrams(bins, figures, read_csv(runs_path) if runs_path.is_file() else None)
 
     curves_path = tables / "curves.csv"
     if curves_path.is_file() and runs_path.is_file():
-        curves, runs = pd.read_csv(curves_path), pd.read_csv(runs_path)
-        ids = {s.run_id for s in done}
+        curves, runs = read_csv(curves_path), read_csv(runs_path)
+        ids = {s.run_id for s in everything}
         curves, runs = curves[curves.run_id.isin(ids)], runs[runs.run_id.isin(ids)]
         emit("pareto", pareto.pareto_table(curves))
         emit("hypervolume", pareto.hypervolume_table(curves))

@@ -23,7 +23,7 @@ from benchmark.cli import DEFAULT_DATA_ROOT
 from benchmark.grid import load_grid, parse_filters, select
 from benchmark.runner import run_grid
 from benchmark.spec import RunSpec
-from benchmark.store import DONE, ResultsStore, write_csv
+from benchmark.store import DONE, ResultsStore, read_csv, write_csv
 
 PLATEAU_POINTS = 0.005
 """Largest final-exit validation accuracy gain from E to 2E epochs for which E counts as converged."""
@@ -55,13 +55,14 @@ def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.Data
     for label, spec in runs:
         if store.state(spec.run_id) != DONE:
             continue
-        exits = pd.read_csv(store.run_dir(spec.run_id) / "exits.csv")
+        exits = read_csv(store.run_dir(spec.run_id) / "exits.csv")
         rows.append({"dataset": spec.dataset, "arch": spec.arch, "lr": spec.train["lr"], "budget": label,
                      "epochs": spec.train["epochs"],
                      "seed": spec.seed, "val_final_accuracy": float(exits["val_accuracy"].iloc[-1]),
                      "val_samples": len(read_logits_labels(store.run_dir(spec.run_id)))})
     frame = pd.DataFrame(rows)
-    table = (frame.groupby(["dataset", "arch", "lr", "budget", "epochs", "val_samples"], sort=False)["val_final_accuracy"]
+    table = (frame.groupby(["dataset", "arch", "lr", "budget", "epochs", "val_samples"],
+                           sort=False)["val_final_accuracy"]
              .agg(val_final_accuracy_mean="mean", val_final_accuracy_std="std", seeds="count").reset_index())
     cells = ["dataset", "arch"]
     mean = table.pivot_table(index=cells, columns="budget", values="val_final_accuracy_mean")
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                        executor=args.executor, jobs=args.jobs, threads=args.threads,
                        desc=f"budget sweep {grid.name}", write_tables=lambda: None)
     table = sweep_table(runs, store)
-    write_csv(store.tables_dir / ("budget_sweep.csv" if args.lr is None else f"budget_sweep_lr{args.lr:g}.csv"), table)
+    name = "budget_sweep.csv" if args.lr is None else f"budget_sweep_lr{args.lr:g}.csv"
+    write_csv(store.tables_dir / name, table)
     print(table.to_string(index=False))
     return 1 if outcome.failed or outcome.interrupted else 0
 

@@ -293,7 +293,8 @@ def _perturbed_rerun(grid_path: Path, root: Path, threads: int, environment: dic
                             check=False)
     if result.returncode != 0:
         raise RuntimeError(f"perturbed rerun {' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return {name: pd.read_csv(root / "tables" / f"{name}.csv") for name in ("runs", "exits")}
+    from benchmark.store import read_csv
+    return {name: read_csv(root / "tables" / f"{name}.csv") for name in ("runs", "exits")}
 
 
 def split_sizes(datasets, data_root: Path) -> dict[str, tuple[int, int]]:

@@ -249,13 +249,19 @@ def _ray_session(executor: str, address: str | None):
             ray_executor.disconnect()
 
 
+def _whole_plan(grid, store):
+    """The plan of every reported run of the grid, cells that failed the difficulty screen left out: what the grid's
+    tables describe, whatever --only slice was run."""
+    from benchmark.screen import without_failed_cells
+    from benchmark.tuning import make_plan
+    return make_plan(without_failed_cells(grid.specs, store) if grid.screen else grid.specs, grid.tuning, store)
+
+
 def _write_grid_tables(grid, store) -> None:
     """The whole grid's tables, so that an --only subset does not shrink them; cells that failed the difficulty
     screen are left out (tables/screen.csv has their numbers)."""
-    from benchmark.screen import without_failed_cells
     from benchmark.tables import write_tables
-    from benchmark.tuning import make_plan
-    whole = make_plan(without_failed_cells(grid.specs, store) if grid.screen else grid.specs, grid.tuning, store)
+    whole = _whole_plan(grid, store)
     write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
 
 
@@ -282,7 +288,8 @@ def _analyze(grid, specs, store, data_root, device, threads) -> None:
     from benchmark.analyze import analyze_grid
     from benchmark.determinism import resolve_device
     written = analyze_grid(specs, store, grid.analyses, data_root=data_root, device=resolve_device(device),
-                           threads=threads or 1)   # small per-point tensors: 1 thread beats 2 (measured)
+                           threads=threads or 1,   # small per-point tensors: 1 thread beats 2 (measured)
+                           tables_of=_whole_plan(grid, store).reported)
     tables = ", ".join(f"{name}.csv ({rows} rows)" for name, rows in written.items()
                        if name not in ("per_run_seconds", "missing_models"))
     click.echo(f"analyses of grid {grid.name}: {tables}; per-run analyses took {written['per_run_seconds']} s; "
@@ -333,11 +340,11 @@ def analyze(grid_name, only, results, data_root, device, threads):
 def _echo_completeness(grid, store) -> None:
     """The report's completeness lines (done, failed with the reason, missing), so an analysis of part of a grid
     says so where it is run."""
-    import pandas as pd
     from benchmark.report import completeness
+    from benchmark.store import read_csv
     tables = store.tables_dir
-    tuning = pd.read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
-    for line in completeness(grid, pd.read_csv(tables / "runs.csv"), tuning):
+    tuning = read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
+    for line in completeness(grid, read_csv(tables / "runs.csv"), tuning):
         click.echo(line.removeprefix("- ").replace("**", ""))
 
 
@@ -397,15 +404,15 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
 
     from benchmark.claims import ALPHA, VERDICT_RULE, claim_findings, claims_phrase, test_claim
     from benchmark.grid import load_grid
-    from benchmark.store import ResultsStore
+    from benchmark.store import ResultsStore, read_csv
 
     grid = load_grid(grid_name, check_models=False)
     store = ResultsStore(results or Path("results") / grid.name)
     tables = store.tables_dir
     if not (tables / "runs.csv").is_file():
         raise UserError(f"no runs table of grid '{grid.name}' in {tables}; run `bench run --grid {grid_name}` first")
-    robustness = pd.read_csv(tables / "robustness.csv") if (tables / "robustness.csv").is_file() else None
-    row = test_claim(pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "exits.csv"), a, b, metric, direction,
+    robustness = read_csv(tables / "robustness.csv") if (tables / "robustness.csv").is_file() else None
+    row = test_claim(read_csv(tables / "runs.csv"), read_csv(tables / "exits.csv"), a, b, metric, direction,
                      margin, tuple(cells), robustness)
     click.echo(claim_findings(pd.DataFrame([row]))[0])
     click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=claims_phrase(int(row.family_size)))}.")
@@ -492,7 +499,7 @@ def show(run_id, results):
 
     import pandas as pd
 
-    from benchmark.store import DONE, FAILED, ResultsStore, read_json
+    from benchmark.store import DONE, FAILED, ResultsStore, read_csv, read_json
     roots = [results] if results else sorted(p for p in Path("results").glob("*") if p.is_dir())
     for root in roots:
         store = ResultsStore(root)
@@ -513,14 +520,43 @@ def show(run_id, results):
                 click.echo(f"a tuning rung: stopped after epoch {metrics['stop_after']} (checkpoint.pt), validation only")
             else:
                 with pd.option_context("display.width", 120, "display.max_columns", 20):
-                    click.echo(pd.read_csv(folder / "exits.csv").drop(columns="run_id").to_string(
+                    click.echo(read_csv(folder / "exits.csv").drop(columns="run_id").to_string(
                         index=False, float_format=_rounded))
             for key, value in metrics["summary"].items():
                 click.echo(f"  {key:22} {_rounded(value)}")
             click.echo(f"  {'train_wall_seconds':22} {metrics['cost']['wall_seconds']:.2f}")
         return
+    for root in roots:
+        if _show_committed_row(run_id, root):
+            return
     where = results or "results/*"
     raise UserError(f"no run '{run_id}' in {where}; `bench run --grid NAME --dry-run` lists run ids")
+
+
+def _show_committed_row(run_id: str, root: Path) -> bool:
+    """A run listed in a committed runs.csv whose folder is not here (run folders are not in git): its numbers
+    from the table, and what to run to get the folder. False if `root`'s runs.csv does not list it."""
+    import pandas as pd
+
+    from benchmark.store import read_csv
+    table = root / "tables" / "runs.csv"
+    if not table.is_file():
+        return False
+    runs = read_csv(table)
+    row = runs[runs["run_id"].astype(str) == run_id]
+    if row.empty:
+        return False
+    run = row.iloc[0]
+    click.echo(f"run {run_id}: {run['regime']} on {run['dataset']}/{run['arch']}, seed {run['seed']}, "
+               f"{run['status']} — listed in {table}, but its folder is not in {root / 'runs'} (run folders are not "
+               f"in git; the numbers below are the table's)")
+    for key in ("final_accuracy", "auc_normalised", "accuracy_at_25pct", "accuracy_at_50pct", "accuracy_at_75pct",
+                "accuracy_at_100pct", "val_auc_normalised", "train_wall_seconds", "git_commit", "protocol"):
+        if key in run.index and pd.notna(run[key]):
+            click.echo(f"  {key:22} {_rounded(run[key])}")
+    click.echo(f"to get its folder (exits, curves, logits): `bench run --grid {root.name} --results {root}` trains "
+               f"the grid's runs; a run trained under another protocol version gets a new id")
+    return True
 
 
 def _rounded(value) -> str:
@@ -577,7 +613,7 @@ def latency(run_id, grid_name, results, data_root, device, threads, repeats, sam
     selected, and time it beside the speed-up its FLOPs predict: runs/<id>/latency.csv (with --grid also
     tables/latency.csv). Needs the run's model.pt (`bench run --save-models`)."""
     from benchmark.determinism import resolve_device
-    from benchmark.latency import find_run, measurable_spec, measure_grid, measure_run
+    from benchmark.latency import find_run, latency_summary, measurable_spec, measure_grid, measure_run
 
     if bool(run_id) == bool(grid_name):
         raise UserError("give either a RUN_ID or --grid NAME (`bench latency --help`)")
@@ -589,6 +625,7 @@ def latency(run_id, grid_name, results, data_root, device, threads, repeats, sam
         spec = measurable_spec(store, run_id)
         with store.lock():
             table = measure_run(spec, store, **settings)
+        click.echo(latency_summary(table))
         click.echo(f"latency of run {run_id}: {len(table)} rows in {store.run_dir(run_id) / 'latency.csv'}")
         return
     from benchmark.grid import load_grid
@@ -606,6 +643,7 @@ def latency(run_id, grid_name, results, data_root, device, threads, repeats, sam
                         f"measured ({why}); train them with `bench run --grid {grid_name} --save-models`")
     for reason in skipped.values():
         click.echo(f"  skipped: {reason}", err=True)
+    click.echo(latency_summary(table))
     click.echo(f"latency of grid {grid.name}: {table.run_id.nunique()} runs measured, {len(skipped)} skipped"
                + (f" ({why}: rerun them with `bench run --save-models`)" if skipped else "")
                + f"; {store.tables_dir / 'latency.csv'}")

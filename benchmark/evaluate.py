@@ -402,7 +402,8 @@ def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.nd
     outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule),) * 2
                for rule in dict.fromkeys(POLICY_RULE.values())}
     curves = policy_curves(outputs, np.asarray(exit_costs, dtype=np.float64))
-    return selected_auc(selected_points(curves, float(backbone_cost)), "val", covered_budgets(exit_costs, backbone_cost))
+    return selected_auc(selected_points(curves, float(backbone_cost)), "val",
+                        covered_budgets(exit_costs, backbone_cost))
 
 
 def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray) -> pd.DataFrame:

@@ -55,7 +55,7 @@ from benchmark.evaluate import (BUDGET_FRACTIONS, HISTORY_RULES, POLICY_RULE, Ex
                                 exit_scores, operating_point, policy_params, policy_thresholds)
 from benchmark.models.eval_mode import evaluating
 from benchmark.spec import RunSpec
-from benchmark.store import DONE, FAILED, CorruptFile, ResultsStore, read_json, read_logits, write_csv
+from benchmark.store import DONE, FAILED, CorruptFile, ResultsStore, read_csv, read_json, read_logits, write_csv
 
 DEFAULT_SAMPLES = 200
 DEFAULT_REPEATS = 5
@@ -74,6 +74,22 @@ COLUMNS = [
     "test_samples", "timed_samples", "repeats", "batch_size",
     "device", "device_name", "threads", "torch", "cpu_model", "cpu_capability",
 ]
+
+
+SHOWN = {"selection": "selection", "policy": "policy", "accuracy": "accuracy", "predicted_speedup": "FLOPs speed-up",
+         "measured_speedup_bs1": "measured bs1", "measured_speedup_batched": "measured batched",
+         "latency_bs1_ms": "ms/sample bs1"}
+"""The columns `bench latency` prints (latency.csv has every column)."""
+
+
+def latency_summary(table: pd.DataFrame) -> str:
+    """The printed view of a latency table: per operating point, the speed-up its FLOPs predict beside the
+    measured ones — per run, or for a grid the mean over seeds per (dataset, arch, regime, selection)."""
+    keys = ["dataset", "arch", "regime"] if table["run_id"].nunique() > 1 else []
+    numbers = [c for c in SHOWN if c not in ("selection", "policy")]
+    view = (table.groupby([*keys, "selection"], sort=False)[numbers].mean().reset_index() if keys
+            else table[list(SHOWN)])
+    return view.rename(columns=SHOWN).to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
 # --------------------------------------------------------------------------------------------- the forward
@@ -294,7 +310,7 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     val = ExitOutputs.from_logits(stored["val"], stored["val_y"])
     test = {rule: ExitOutputs.from_logits(stored["test"], stored["test_y"], rule)
             for rule in dict.fromkeys(POLICY_RULE.values())}
-    selected = pd.read_csv(folder / "selected.csv")
+    selected = read_csv(folder / "selected.csv")
     points = operating_points(selected, val.score)
 
     x_test = data.x_test

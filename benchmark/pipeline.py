@@ -25,8 +25,8 @@ from benchmark.models import build_model, exit_placement
 from benchmark.models.eval_mode import evaluating
 from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
-from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_json, read_logits,
-                             read_torch, write_csv, write_json, write_npz, write_torch)
+from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_csv, read_json,
+                             read_logits, read_torch, write_csv, write_json, write_npz, write_torch)
 from benchmark.provenance import code_version
 from benchmark.tuning import TUNING_METRIC
 from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
@@ -121,9 +121,9 @@ def obtain_p1(spec: RunSpec, phase: Phase, model, data, store: ResultsStore, dev
     with store.backbone_lock(p1_id):
         if store.backbone_inspect(p1_id)[0]:
             model.load_network_state(read_torch(folder / "model.pt"))
-            history = pd.read_csv(folder / "history.csv").to_dict("records")
+            history = read_csv(folder / "history.csv").to_dict("records")
             snapshot_file = folder / "information_snapshots.csv"
-            taken = pd.read_csv(snapshot_file) if snapshot_file.is_file() else pd.DataFrame()
+            taken = read_csv(snapshot_file) if snapshot_file.is_file() else pd.DataFrame()
             stored = read_json(folder / "cost.json")
             return history, PhaseCost(**stored["cost"]), stored["trained_by"] != spec.run_id, taken
         for stale in folder.iterdir():              # a damaged or half-stored backbone: train it afresh

@@ -23,7 +23,7 @@ from benchmark.claims import (CLAIMS_FILE, POWER, VERDICT_RULE, claim_findings, 
                               load_claims)
 from benchmark.errors import UserError
 from benchmark.evaluate import POLICY_ORDER
-from benchmark.store import DONE, FAILED, PENDING, ResultsStore, write_text
+from benchmark.store import DONE, FAILED, PENDING, ResultsStore, read_csv, write_text
 from benchmark.tuning import NOT_TUNED
 
 PRIMARY = "auc_normalised"
@@ -264,7 +264,7 @@ def calibration_section(path: Path, runs: pd.DataFrame, grid_name: str) -> list[
     """Per cell: ECE (%, 15 equal-width bins) and NLL at the first and the final exit per regime, mean ± std over
     seeds, from calibration.csv (its done runs only); a line naming the command when the table is absent."""
     out = ["## Calibration", ""]
-    calib = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    calib = read_csv(path) if path.is_file() else pd.DataFrame()
     calib = calib[calib.run_id.isin(runs.run_id)] if not calib.empty else calib
     if calib.empty:
         return out + [f"Not computed yet: `calibration.csv` — `bench analyze --grid {grid_name}` computes it from "
@@ -299,7 +299,7 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
            "`ensemble` (geometric mean of the exits so far, ZTW-style, equal weights).", ""]
     if not (tables / "selected.csv").is_file():
         return out + [f"Not computed yet: `selected.csv` — `bench run --grid {grid_name}` regenerates the tables.", ""]
-    selected = pd.read_csv(tables / "selected.csv")
+    selected = read_csv(tables / "selected.csv")
     selected = selected[selected.run_id.isin(runs.run_id) & selected.policy.notna()]
     budgets = selected[selected.selection.str.startswith("at_")]
     staircase = selected[selected.selection == "staircase"]
@@ -312,7 +312,7 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
             *_table(["policy", "budget selections (%)", "primary area's budget range (%)"], rows), ""]
     if not (tables / "pareto.csv").is_file():
         return out + [f"Front owners not computed yet: `pareto.csv` — `bench analyze --grid {grid_name}`.", ""]
-    front = pd.read_csv(tables / "pareto.csv")
+    front = read_csv(tables / "pareto.csv")
     out += ["Who owns the front: the union front of each cell, chosen on validation from seed-mean points of every "
             "regime and policy, at its test numbers; consecutive points with the same owners form one segment "
             "(FLOPs and accuracy in % of the backbone's FLOPs and of the test split).", ""]
@@ -345,7 +345,7 @@ def robustness_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list
     25 % budget point and of the primary area, with the relative mCE against joint, from robustness.csv."""
     out = ["## Robustness", ""]
     path = tables / "robustness.csv"
-    table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    table = read_csv(path) if path.is_file() else pd.DataFrame()
     table = table[table.run_id.isin(runs.run_id)] if not table.empty else table
     if table.empty:
         return out + [f"Not computed yet: `robustness.csv` — `bench analyze --grid {grid_name}` computes it (it "
@@ -408,11 +408,11 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     """(REPORT.md's text, the leaderboard block for BENCHMARK.md). Figures it draws go to `figures`; the claims
     come from `claims_file` (default: the shipped benchmark/claims.toml)."""
     tables = store.tables_dir
-    runs_all = pd.read_csv(tables / "runs.csv")
+    runs_all = read_csv(tables / "runs.csv")
     runs = runs_all[runs_all.status == DONE]
-    exits = pd.read_csv(tables / "exits.csv")
+    exits = read_csv(tables / "exits.csv")
     stamp = stamp or provenance(runs)
-    tuning = pd.read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
+    tuning = read_csv(tables / "tuning.csv") if (tables / "tuning.csv").is_file() else None
     status_lines = completeness(grid, runs_all, tuning)
     out = [f"# exitbench report — grid `{grid.name}`", "", grid.description, "",
            "## Provenance and completeness", "",
@@ -424,8 +424,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     out += ["## Leaderboards", "",
             f"Ranked by the primary metric: **area** = the test accuracy of the point validation selects at each "
             f"budget, averaged over the budgets the exits cover, from the first exit's cost to 100 % of the "
-            f"backbone's FLOPs (`{PRIMARY}`; it reads as an accuracy). Accuracy columns are test accuracy (%) at the operating point "
-            f"validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
+            f"backbone's FLOPs (`{PRIMARY}`; it reads as an accuracy). Accuracy columns are test accuracy (%) at "
+            f"the operating point validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
             f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
             f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area after "
             f"Holm's correction over the cell's comparisons with joint. "
@@ -481,7 +481,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
 
 def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None,
             robustness_path: Path) -> pd.DataFrame | None:
-    robustness = pd.read_csv(robustness_path) if robustness_path.is_file() else None
+    robustness = read_csv(robustness_path) if robustness_path.is_file() else None
     table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE), robustness)
     return table if not table.empty else None
 

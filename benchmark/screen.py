@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.spec import RunSpec
-from benchmark.store import DONE, ResultsStore
+from benchmark.store import DONE, ResultsStore, read_csv
 
 SCREEN_DEFAULTS = {"regime": "joint", "min_gap": 0.10, "max_final": 0.97}
 SCREEN_COLUMNS = ["dataset", "arch", "regime", "lr", "epochs", "seeds", "val_samples", "val_first_exit",
@@ -38,7 +38,7 @@ def screen_table(runs: list[RunSpec], screen: dict, store: ResultsStore, val_sam
     for (dataset, arch), specs in sorted(cells.items()):
         if not all(store.state(spec.run_id) == DONE for spec in specs):
             continue
-        accuracy = np.mean([pd.read_csv(store.run_dir(spec.run_id) / "exits.csv").sort_values("exit").val_accuracy
+        accuracy = np.mean([read_csv(store.run_dir(spec.run_id) / "exits.csv").sort_values("exit").val_accuracy
                             for spec in specs], axis=0)
         first, final = float(accuracy[0]), float(accuracy[-1])
         gap = final - first
@@ -71,6 +71,6 @@ def without_failed_cells(specs: list[RunSpec], store: ResultsStore) -> list[RunS
     path = store.tables_dir / "screen.csv"
     if not path.is_file():
         return specs
-    table = pd.read_csv(path)
+    table = read_csv(path)
     failed = {(row.dataset, row.arch) for row in table.itertuples(index=False) if not row.passes}
     return [spec for spec in specs if (spec.dataset, spec.arch) not in failed]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -85,6 +86,16 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+ID_COLUMNS = ("run_id", "run_id_a", "p1_id", "git_commit")
+"""Columns of hexadecimal ids: always read as text. pandas reads a run id like 0077569e8576 as the float inf and
+628798375431 as an integer, so a table gathered from per-run files lost those runs' ids (1 run in ~120)."""
+
+
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """A table of the suite, its id columns as text (ID_COLUMNS). Every table and per-run CSV is read through this."""
+    return pd.read_csv(path, dtype={column: str for column in ID_COLUMNS}, **kwargs)
+
+
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -111,7 +122,12 @@ def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> di
 
 
 def write_torch(path: Path, obj: Any) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    """Saved through a buffer: torch.save names a file's zip archive root after the file, which for the atomic
+    write is a random temporary name, so identical runs stored different bytes (and checksums); a buffer's root is
+    always "archive"."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def read_torch(path: Path) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from benchmark.store import DONE, FAILED, ResultsStore, read_json, write_csv
+from benchmark.store import DONE, FAILED, ResultsStore, read_csv, read_json, write_csv
 
 SPEC_COLUMNS = ["run_id", "dataset", "arch", "regime", "seed"]
 RUN_STATUS_COLUMNS = ["status", "error"]
@@ -76,9 +76,9 @@ def build_tables(store: ResultsStore, run_ids: set[str] | None = None,
         row = run_row(metrics, read_json(folder / "spec.json"))
         rows.append({**row, **(provenance or {}).get(run_id, {})})
         spec = {key: metrics[key] for key in SPEC_COLUMNS}
-        exits.append(pd.read_csv(folder / "exits.csv").assign(**spec))
-        curves.append(pd.read_csv(folder / "curves.csv").assign(**spec))
-        selected.append(pd.read_csv(folder / "selected.csv").assign(**spec))
+        exits.append(read_csv(folder / "exits.csv").assign(**spec))
+        curves.append(read_csv(folder / "curves.csv").assign(**spec))
+        selected.append(read_csv(folder / "selected.csv").assign(**spec))
     sort = ["dataset", "arch", "regime", "seed"]
     runs = pd.DataFrame(rows)
     runs = runs.sort_values(sort, kind="stable") if not runs.empty else runs

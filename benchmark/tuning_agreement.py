@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             table.to_csv(args.output, index=False)
         print(table.to_string(index=False))
         return 0
-    table = compare(pd.read_csv(args.exhaustive), pd.read_csv(args.halving), cell_budgets(args.grid))
+    from benchmark.store import read_csv
+    table = compare(read_csv(args.exhaustive), read_csv(args.halving), cell_budgets(args.grid))
     if args.output:
         table.to_csv(args.output, index=False)
     print(table.to_string(index=False))

@@ -92,6 +92,23 @@ def test_show_unknown_run(tmp_path):
     assert_user_error(bench("show", "deadbeef0000", "--results", tmp_path), "no run 'deadbeef0000'")
 
 
+def test_show_a_run_of_a_committed_table_whose_folder_is_not_in_git(tmp_path):
+    """A clone has the committed runs.csv but no run folders: `bench show ID` says so, prints the table's numbers
+    and how to get the folder, instead of "no run"."""
+    import shutil
+
+    from benchmark.store import read_csv
+    committed = REPO / "results" / "smoke" / "tables" / "runs.csv"
+    (tmp_path / "smoke" / "tables").mkdir(parents=True)
+    shutil.copy(committed, tmp_path / "smoke" / "tables" / "runs.csv")
+    row = read_csv(committed).iloc[0]
+    result = bench("show", row["run_id"], "--results", tmp_path / "smoke")
+    assert result.returncode == 0, result.stderr
+    assert "its folder is not in" in result.stdout and "run folders are not in git" in result.stdout
+    assert f"final_accuracy         {row['final_accuracy']:.4f}" in result.stdout
+    assert "`bench run --grid smoke --results" in result.stdout
+
+
 def test_cuda_requested_without_a_gpu(grid_file, tmp_path):
     import torch
     if torch.cuda.is_available():

@@ -209,6 +209,10 @@ def test_bench_latency_writes_the_run_table(results):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "runs" / run_id / "latency.csv")
     assert list(table.columns) == COLUMNS
+    printed = result.stdout.splitlines()                # the table is printed, not only where it was written
+    assert printed[0].split() == ["selection", "policy", "accuracy", "FLOPs", "speed-up", "measured", "bs1",
+                                  "measured", "batched", "ms/sample", "bs1"]
+    assert [line.split()[0] for line in printed[1:len(table) + 1]] == list(table.selection)
     assert list(table.selection[:4]) == ["baseline", "exit_0", "exit_1", "exit_2"]
     assert set(table.selection) == {"baseline", "exit_0", "exit_1", "exit_2", "at_25pct", "at_50pct", "at_75pct",
                                     "at_100pct"}

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from benchmark.cli import main
@@ -184,7 +185,8 @@ def test_a_corrupt_shared_backbone_is_retrained_by_the_next_run_that_needs_it(re
     result = recomputed(grid, out, ids["mixed"])
     assert "weights_only" not in result.stderr
     after = read_json(backbone / "cost.json")
-    assert after["model_sha256"] != before["model_sha256"] and ResultsStore(out).backbone_inspect(backbone.name)[0]
+    assert ResultsStore(out).backbone_inspect(backbone.name)[0]          # the corrupt file was replaced by a good one
+    assert after["model_sha256"] == before["model_sha256"]    # bitwise the first: deterministic training and bytes
     runs = pd.read_csv(out / "tables" / "runs.csv").set_index("regime")
     assert not runs.loc["mixed", "p1_reused"], "the run that retrained the backbone paid for it"
 
@@ -520,3 +522,44 @@ def test_analyze_after_joint_went_missing_leaves_no_stale_table_or_figure_and_st
     assert not (out / "tables" / "summary.csv").exists()
     assert not (out / "figures" / "final_accuracy_ci.png").exists()
     assert set(pd.read_csv(out / "tables" / "leaderboard.csv").regime) == {"mixed"}
+
+
+def test_analyzing_an_only_slice_keeps_the_grids_tables_whole(results):
+    """Analysing one slice must not shrink the grid's tables to it: leaderboard.csv keeps joint (the baseline) and
+    rank.csv / calibration.csv keep every done run (a newcomer's two `--only` slices left them to the last one)."""
+    grid, out, _, ids = results
+    whole = cli("analyze", "--grid", grid, "--results", out)
+    assert whole.returncode == 0, whole.stderr
+    sliced = cli("analyze", "--grid", grid, "--results", out, "--only", "regime=mixed")
+    assert sliced.returncode == 0, sliced.stderr
+    tables = out / "tables"
+    assert set(pd.read_csv(tables / "leaderboard.csv").regime) == {"joint", "mixed"}
+    for name in ("rank", "calibration"):
+        assert set(pd.read_csv(tables / f"{name}.csv").run_id) == set(ids.values()), name
+    assert set(pd.read_csv(tables / "summary.csv").regime) == {"joint", "mixed"}
+
+
+def test_bench_analyze_into_a_log_file_writes_plain_lines_not_carriage_return_bars(results, tmp_path):
+    grid, out, _, ids = results
+    log = tmp_path / "analyze.txt"
+    with open(log, "w") as handle:
+        done = subprocess.run([*BENCH, "analyze", "--grid", str(grid), "--results", str(out)], cwd=REPO,
+                              stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and "\x1b[" not in text, "no carriage returns or cursor codes in a log file"
+    assert {line.split()[1] for line in text.splitlines() if line.startswith("analyzed ")} == set(ids.values())
+
+
+def test_identical_checkpoints_are_identical_bytes_whatever_the_temporary_name(tmp_path):
+    """torch.save named the zip archive's root after the (random) temporary file: the same tensors stored different
+    bytes, so the checksums of two identical runs differed."""
+    from benchmark.store import write_torch
+    state = {"weight": torch.arange(12.0).reshape(3, 4), "step": torch.tensor(7)}
+    write_torch(tmp_path / "a" / "model.pt", state)
+    write_torch(tmp_path / "b" / "model.pt", state)
+    write_torch(tmp_path / "other_name.pt", state)
+    payloads = {(tmp_path / p).read_bytes() for p in ("a/model.pt", "b/model.pt", "other_name.pt")}
+    assert len(payloads) == 1
+    loaded = read_torch(tmp_path / "a" / "model.pt")
+    assert torch.equal(loaded["weight"], state["weight"]) and int(loaded["step"]) == 7

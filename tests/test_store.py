@@ -1,6 +1,7 @@
 """Atomic files, run states, and the results-folder lock."""
 import json
 
+import pandas as pd
 import pytest
 
 from benchmark.errors import UserError
@@ -54,3 +55,23 @@ def test_second_bench_run_on_the_same_folder_is_refused(tmp_path):
                 pass
     with store.lock():      # released after use
         pass
+
+
+def test_run_ids_that_look_like_numbers_stay_text_in_every_table(tmp_path):
+    """pandas alone reads the run id 0077569e8576 as the float inf and 628798375431 as an integer: the committed
+    quick tables lost four runs' ids that way (rank, information, landscape, robustness, sharpness). The suite's
+    reader keeps them, and so does a table gathered from per-run files."""
+    from types import SimpleNamespace
+
+    from benchmark.analyze import _gather
+    from benchmark.store import ResultsStore, read_csv, write_csv
+    ids = ["0077569e8576", "628798375431", "ab12cd34ef56"]
+    store = ResultsStore(tmp_path)
+    for run_id in ids:
+        write_csv(store.run_dir(run_id) / "rank.csv", pd.DataFrame({"run_id": [run_id], "effective_rank": [3.5]}))
+    assert pd.read_csv(store.run_dir(ids[0]) / "rank.csv")["run_id"].iloc[0] == float("inf")   # the defect
+    assert read_csv(store.run_dir(ids[0]) / "rank.csv")["run_id"].tolist() == [ids[0]]
+    gathered = _gather(store, [SimpleNamespace(run_id=run_id) for run_id in ids], "rank.csv")
+    assert gathered["run_id"].tolist() == ids
+    write_csv(tmp_path / "rank.csv", gathered)
+    assert read_csv(tmp_path / "rank.csv")["run_id"].tolist() == ids
