@@ -19,7 +19,7 @@ plus its evaluation, where
   batch size, seconds per step, torch version, date). Data indexing and augmentation (one gather on the device)
   are not in it;
 - m is the phase's **training FLOPs per step relative to a joint (uniform) step** (`STEP_MULTIPLIERS`), derived from
-  the committed quick tables (results/quick/tables/runs.csv: train_flops / train_examples_seen per regime, seed-mean,
+  the protocol-5 quick grid's runs (results/step_costs/quick_protocol5_runs.csv: train_flops / train_examples_seen per regime, seed-mean,
   averaged over quick's two archs; `derive_multipliers` recomputes them): the P1 step and the P3 (heads only) step
   from the two-phase schedules (mixed = P1 and P2 halves, disjoint = P1 and P3 halves), every objective's P2 step
   from joint+objective (an objective's last phases taken out). Objectives quick does not cover count 1 and are
@@ -32,7 +32,7 @@ plus its evaluation, where
 
 Training FLOPs (device independent) are printed beside: a joint step's FLOPs per example, counted on a meta-device
 copy of the cell's model under `flops.counting_flops` as the trainer counts its first step (it matches
-results/quick's train_flops exactly), x m x steps x batch size. That counter corrects PyTorch's charge for a grouped
+the step-cost runs' train_flops exactly), x m x steps x batch size. That counter corrects PyTorch's charge for a grouped
 (depthwise) convolution's backward, which ignores `groups` (MobileNetV2's step read 3.9 GFLOPs per example at 32 px
 for a 0.18 GFLOPs forward before the correction).
 
@@ -62,7 +62,8 @@ CALIBRATION_ENV = "EXITBENCH_COST_CALIBRATION"
 CALIBRATION_COLUMNS = ["device_type", "device_name", "arch", "input_shape", "num_classes", "batch_size", "optimizer",
                        "head", "exits", "threads", "warmup_steps", "timed_steps", "seconds_per_step",
                        "step_flops_per_example", "torch", "date"]
-QUICK_RUNS = Path(__file__).resolve().parents[1] / "results" / "quick" / "tables" / "runs.csv"
+STEP_COST_RUNS = Path(__file__).resolve().parents[1] / "results" / "step_costs" / "quick_protocol5_runs.csv"
+"""The runs the multipliers below come from: the protocol-5 quick grid, 15 regimes on two archs (results/step_costs)."""
 
 STEP_MULTIPLIERS: dict[str, float] = {
     "backbone": 0.989,     # P1: the backbone and its classifier, no heads
@@ -81,7 +82,7 @@ STEP_MULTIPLIERS: dict[str, float] = {
     "nash": 1.951,
     "metagf": 2.94,        # pcgrad's backwards, plus the look-ahead forward and its backward to the meta-weights
 }
-"""Training FLOPs per step relative to a joint (uniform) step, from results/quick/tables/runs.csv
+"""Training FLOPs per step relative to a joint (uniform) step, from STEP_COST_RUNS
 (`derive_multipliers`; rounded to 3 decimals). A P3 step of objective X counts heads x X."""
 
 EVAL_FRACTION = 1 / 3
@@ -112,16 +113,15 @@ STANDARD_DATASETS: dict[str, tuple[int, int, tuple[int, ...]]] = {
 # Multipliers
 
 
-def derive_multipliers(runs_csv: Path = QUICK_RUNS) -> dict[str, float]:
+def derive_multipliers(runs_csv: Path = STEP_COST_RUNS) -> dict[str, float]:
     """`STEP_MULTIPLIERS` recomputed from a runs.csv holding joint, disjoint, mixed and joint+X runs with the P1
     taking half the budget: per arch, seed-mean FLOPs per example seen relative to joint's, then the mean over archs.
     An objective's last phases (ztw's ensemble epochs) are taken out of joint+X's mean at the ratio `estimate`
     charges them (`phase_multiplier`), so that the estimate charges the run what it measured."""
-    import pandas as pd
-
+    from benchmark.store import read_csv
     from regimes.registry import build_regime
 
-    runs = pd.read_csv(runs_csv)
+    runs = read_csv(runs_csv)
     runs = runs[runs.status == "done"] if "status" in runs else runs
     per_example = (runs.train_flops / runs.train_examples_seen).groupby([runs.arch, runs.regime]).mean().unstack(0)
     budget = runs.groupby([runs.arch, runs.regime]).epochs.first().unstack(0)

@@ -40,13 +40,13 @@ def full():
 
 # --- the grid ----------------------------------------------------------------------------------------------------
 
-def test_full_has_every_regime_of_quick_on_the_stated_cells(full):
-    quick = tomllib.loads((GRIDS_DIR / "quick.toml").read_text())
-    assert sorted({s.regime for s in full.specs}) == sorted(quick["regimes"])
+def test_full_has_every_regime_of_the_leaderboard_on_the_stated_cells(full):
+    leaderboard = tomllib.loads((GRIDS_DIR / "leaderboard.toml").read_text())
+    assert sorted({s.regime for s in full.specs}) == sorted(leaderboard["regimes"])
     assert {s.dataset for s in full.specs} == {"cifar10", "cifar100", "tinyimagenet"}
     assert sorted({s.arch for s in full.specs}) == sorted(FULL_ARCHS)
     assert {s.seed for s in full.specs} == {0, 1, 2}
-    assert len(full.specs) == 3 * len(FULL_ARCHS) * len(quick["regimes"]) * 3       # no cell excluded
+    assert len(full.specs) == 3 * len(FULL_ARCHS) * len(leaderboard["regimes"]) * 3       # no cell excluded
     assert {s.train["epochs"] for s in full.specs} == {200}
     assert not set(full.tuning["seeds"]) & {0, 1, 2} and full.resources["gpus_per_run"] == 1
     for optimizer in ("sgd", "adamw"):           # each optimizer's lr set holds its P1 lr
@@ -242,15 +242,15 @@ def test_an_uncalibrated_cell_has_no_hours_but_still_its_flops(tmp_path):
     assert any(line.startswith("n/c: 1 cells have no calibration row on test cpu (digits/small_cnn)") for line in lines)
 
 
-def test_step_flops_match_what_the_trainer_measured_in_the_quick_tables():
+def test_step_flops_match_what_the_trainer_measured_in_the_step_cost_runs():
     import pandas as pd
-    runs = pd.read_csv(cost_model.QUICK_RUNS)
+    runs = pd.read_csv(cost_model.STEP_COST_RUNS)
     joint = runs[(runs.regime == "joint") & (runs.arch == "cifar_resnet32")].iloc[0]
     counted = cost_model.step_flops_per_example("cifar_resnet32", 10, (1, 8, 8), "pool", "flops:0.25,0.5,0.75")
     assert counted == joint.train_flops / joint.train_examples_seen
 
 
-def test_multipliers_are_the_ones_the_quick_tables_give():
+def test_multipliers_are_the_ones_the_step_cost_runs_give():
     derived = cost_model.derive_multipliers()
     assert derived == cost_model.STEP_MULTIPLIERS
     assert derived["cet"] == 2.0 and derived["l2w"] > 4 and 0.3 < derived["heads"] < 0.4
