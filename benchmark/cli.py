@@ -169,7 +169,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         if outcome.interrupted:
             raise KeyboardInterrupt
         if settings["run_after"]:
-            _analyze(grid, plan.reported, store, data_root, device, threads)
+            _analyze(grid, plan.reported, _whole_plan(grid, store).reported, store, data_root, device, threads)
         # the main job's output is the report (issue 21): its one command, not drawn here (figures cost seconds on
         # every run, and a grid resumed in sittings needs it once, at the end)
         results_option = "" if results is None else f" --results {store.root}"
@@ -257,12 +257,13 @@ def _whole_plan(grid, store):
     return make_plan(without_failed_cells(grid.specs, store) if grid.screen else grid.specs, grid.tuning, store)
 
 
-def _write_grid_tables(grid, store) -> None:
+def _write_grid_tables(grid, store):
     """The whole grid's tables, so that an --only subset does not shrink them; cells that failed the difficulty
-    screen are left out (tables/screen.csv has their numbers)."""
+    screen are left out (tables/screen.csv has their numbers). Returns the whole plan they describe."""
     from benchmark.tables import write_tables
     whole = _whole_plan(grid, store)
     write_tables(store, {s.run_id for s in whole.reported}, whole.provenance, whole.choices)
+    return whole
 
 
 def _report(what: str, outcome, store) -> None:
@@ -284,12 +285,13 @@ def _interrupted() -> None:
     sys.exit(code)
 
 
-def _analyze(grid, specs, store, data_root, device, threads) -> None:
+def _analyze(grid, specs, whole, store, data_root, device, threads) -> None:
+    """Per-run analyses of `specs`, the grid's tables of `whole` (every reported run of the grid)."""
     from benchmark.analyze import analyze_grid
     from benchmark.determinism import resolve_device
     written = analyze_grid(specs, store, grid.analyses, data_root=data_root, device=resolve_device(device),
                            threads=threads or 1,   # small per-point tensors: 1 thread beats 2 (measured)
-                           tables_of=_whole_plan(grid, store).reported)
+                           tables_of=whole)
     tables = ", ".join(f"{name}.csv ({rows} rows)" for name, rows in written.items()
                        if name not in ("per_run_seconds", "missing_models"))
     click.echo(f"analyses of grid {grid.name}: {tables}; per-run analyses took {written['per_run_seconds']} s; "
@@ -332,8 +334,8 @@ def analyze(grid_name, only, results, data_root, device, threads):
     if not any(store.state(s.run_id) == DONE for s in specs):
         raise UserError(f"no done runs of grid '{grid.name}' in {store.root}; run `bench run --grid {grid_name}` first")
     with store.lock():
-        _write_grid_tables(grid, store)
-        _analyze(grid, specs, store, data_root, device, threads)
+        whole = _write_grid_tables(grid, store)
+        _analyze(grid, specs, whole.reported, store, data_root, device, threads)
     _echo_completeness(grid, store)
 
 
@@ -543,7 +545,7 @@ def _show_committed_row(run_id: str, root: Path) -> bool:
     if not table.is_file():
         return False
     runs = read_csv(table)
-    row = runs[runs["run_id"].astype(str) == run_id]
+    row = runs[runs["run_id"] == run_id]
     if row.empty:
         return False
     run = row.iloc[0]
