@@ -482,7 +482,8 @@ def list_(what):
     elif what == "datasets":
         from benchmark.data import dataset_table
         for row in dataset_table():
-            click.echo(f"  {row['name']:14} {row['kind']:7} {row['classes']:>4} classes  {row['source']:28} "
+            classes = "classes" if row["task"] == "classification" else "per-pixel classes"
+            click.echo(f"  {row['name']:14} {row['kind']:7} {row['classes']:>4} {classes}  {row['source']:28} "
                        f"{row['description']}")
     else:
         from benchmark.grid import load_grid, grid_names

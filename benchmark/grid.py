@@ -174,11 +174,24 @@ def _names(path: Path, raw: dict, key: str, valid: list[str]) -> list:
     return values
 
 
+def _data_kind(kind_and_task: tuple[str, str]) -> str:
+    """"image inputs" or "image inputs with per-pixel labels (segmentation)"."""
+    kind, task = kind_and_task
+    return f"{kind} inputs" + ("" if task == "classification" else f" with per-pixel labels ({task})")
+
+
+def _takers(kind_and_task: tuple[str, str]) -> str:
+    """The registered archs that take such data, for an error message."""
+    from benchmark.models import arch_input_kind, arch_names, arch_task
+    names = [a for a in arch_names() if (arch_input_kind(a), arch_task(a)) == kind_and_task]
+    return f" (registered archs that do: {', '.join(names)})" if names else " (no registered arch does yet)"
+
+
 def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_models: bool = True) -> Grid:
     """Parse and validate a grid; `data_root` decides which `optional_datasets` are present. `check_models=False`
     skips checking each cell's head and exits against its arch (it builds the backbones): only for listing grids."""
     from benchmark.data import dataset_available, dataset_names, dataset_table
-    from benchmark.models import arch_input_kind, arch_names
+    from benchmark.models import arch_input_kind, arch_names, arch_task
     from regimes.registry import objective_names, parse_regime_name, regime_names, OBJECTIVES
 
     path = resolve_grid_path(name_or_path)
@@ -197,13 +210,15 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     datasets = _names(path, raw, "datasets", dataset_names())
     archs = _names(path, raw, "archs", arch_names())
     optional = _names(path, raw, "optional_datasets", dataset_names()) if "optional_datasets" in raw else []
-    kind = {row["name"]: row["kind"] for row in dataset_table()}
+    kind = {row["name"]: (row["kind"], row["task"]) for row in dataset_table()}
+    takes = {arch: (arch_input_kind(arch), arch_task(arch)) for arch in archs}
     for dataset in datasets:
-        if not any(arch_input_kind(a) == kind[dataset] for a in archs):
-            raise _bad(path, "datasets", f"'{dataset}' holds {kind[dataset]} inputs but no arch in archs takes them")
+        if not any(takes[a] == kind[dataset] for a in archs):
+            raise _bad(path, "datasets", f"'{dataset}' holds {_data_kind(kind[dataset])} but no arch in archs takes "
+                                         f"them{_takers(kind[dataset])}")
     for arch in archs:
-        if not any(arch_input_kind(arch) == kind[d] for d in datasets + optional):
-            raise _bad(path, "archs", f"'{arch}' takes {arch_input_kind(arch)} inputs but no dataset holds them")
+        if not any(takes[arch] == kind[d] for d in datasets + optional):
+            raise _bad(path, "archs", f"'{arch}' takes {_data_kind(takes[arch])} but no dataset holds them")
     datasets = datasets + [d for d in optional if d not in datasets and dataset_available(d, data_root)]
     regimes = _names(path, raw, "regimes", regime_names())
     seeds = _names(path, raw, "seeds", [])
@@ -263,7 +278,7 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     specs, checked_models = [], set()
     for dataset in datasets:
         for arch in archs:
-            if arch_input_kind(arch) != kind[dataset] or (dataset, arch) in excluded:
+            if takes[arch] != kind[dataset] or (dataset, arch) in excluded:
                 continue
             override, origin = {}, {}    # origin: key -> the table it came from, for error messages
             for where, table in [(f"arch_overrides.{arch}", overrides.get(arch, {})),
@@ -279,7 +294,7 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                                                                          "at least one early exit before the last")
             check = (arch, classes[dataset], kind[dataset], model["head"], repr(model["exits"]))
             if check_models and check not in checked_models:
-                _check_model(path, dataset, arch, model, origin, classes[dataset], kind[dataset])
+                _check_model(path, dataset, arch, model, origin, classes[dataset], kind[dataset][0])
                 checked_models.add(check)
             for regime in regimes:
                 _, objective = parse_regime_name(regime)

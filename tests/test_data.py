@@ -290,7 +290,7 @@ def test_unknown_name_lists_the_valid_names():
 def test_dataset_table_describes_every_registered_dataset():
     table = data.dataset_table()
     assert [row["name"] for row in table] == data.dataset_names()
-    assert all(set(row) == {"name", "kind", "source", "classes", "description"} for row in table)
+    assert all(set(row) == {"name", "kind", "task", "source", "classes", "description"} for row in table)
     by_name = {row["name"]: row for row in table}
     assert by_name["digits"]["source"].startswith("embedded") and by_name["cifar100"]["classes"] == 100
 

@@ -1,9 +1,10 @@
 """Dataset registry: every dataset as in-memory tensors with fixed splits and batched augmentation.
 
 Layout: `registry` (names, sources, loading), `build` (the splits and normalisation every source goes through),
-`dataset` (the in-memory `Dataset` and its augmentation), and one module per source — `sklearn_digits`, `mnist5k`,
-`torchvision_sets`, `tinyimagenet`, `basicmotions`, `uci_har`, and the generated `cluttered_mnist` and `mnist_pairs`
-(with `mnist_sources`, the disjoint source digits they share).
+`dataset` (the in-memory `Dataset` and its augmentation), `folders` (decoding and caching what the folder datasets
+share), and one module per source — `sklearn_digits`, `mnist5k`, `torchvision_sets`, `tinyimagenet`, `basicmotions`,
+`uci_har`, the generated `cluttered`, `digit_addition`, `mnist_pairs` and `mnist_scenes` (with `digit_sources`, the
+disjoint source digits they share), and the segmentation folders `voc` and `cityscapes`.
 
 Why tensors and not DataLoaders: the benchmark's datasets are small enough to live in (GPU)
 memory, and a per-sample Python transform would dominate training time on small networks.
@@ -12,9 +13,10 @@ Protocol (identical on every call and every machine):
 - Splits. Datasets with an official test split keep it; validation is a stratified 10 % of the
   official training set (5 000 images for CIFAR). The embedded datasets have no official test
   split: a stratified 20 % of the whole set becomes test, then 10 % of the rest validation.
-  All splits use ``SPLIT_SEED``, never a run seed, so every run sees the same examples. The generated tasks
-  (cluttered_mnist, mnist_pairs) build all three splits themselves, each from its own disjoint set of source
-  digits (`mnist_sources`), and nothing is carved from them.
+  All splits use ``SPLIT_SEED``, never a run seed, so every run sees the same examples; segmentation tasks, whose
+  labels are maps with no class to stratify by, are carved by a permutation drawn with it. The generated tasks
+  build all three splits themselves, each from its own disjoint set of source digits (`digit_sources`), and
+  nothing is carved from them.
 - Pixels are scaled to [0, 1], then normalised per channel with the mean/std of the training
   split only (validation and test must not leak into the statistics). Sensor series (N, C, T)
   are normalised the same way from their raw units.
@@ -30,10 +32,11 @@ Protocol (identical on every call and every machine):
 """
 
 from benchmark.data.build import channel_statistics, stratified_split
-from benchmark.data.dataset import AUGMENTATIONS, SPLITS, Dataset, crop_and_flip, eight_bit_pixels, pixel_lookup
+from benchmark.data.dataset import (AUGMENTATIONS, IGNORE_INDEX, SPLITS, TASKS, Dataset, crop_and_flip,
+                                    eight_bit_pixels, pixel_lookup)
 from benchmark.data.registry import (clear_cache, dataset_available, dataset_kind, dataset_names, dataset_table,
-                                     load_dataset)
+                                     dataset_task, load_dataset)
 
-__all__ = ["AUGMENTATIONS", "SPLITS", "Dataset", "channel_statistics", "clear_cache", "crop_and_flip",
-           "dataset_available", "dataset_kind", "dataset_names", "dataset_table", "eight_bit_pixels", "load_dataset",
-           "pixel_lookup", "stratified_split"]
+__all__ = ["AUGMENTATIONS", "IGNORE_INDEX", "SPLITS", "TASKS", "Dataset", "channel_statistics", "clear_cache",
+           "crop_and_flip", "dataset_available", "dataset_kind", "dataset_names", "dataset_table", "dataset_task",
+           "eight_bit_pixels", "load_dataset", "pixel_lookup", "stratified_split"]

@@ -21,7 +21,8 @@ VALIDATION_FRACTION = 0.1
 
 # ---------------------------------------------------------------------------------------------
 # Readers (one module per source): each returns (x_train, y_train, x_test, y_test) as numpy arrays, images (N, C, H, W)
-# with pixel values in [0, 1] (or uint8 pixels) or series (N, C, T) in the sensor's units, labels 0..classes-1.
+# with pixel values in [0, 1] (or uint8 pixels) or series (N, C, T) in the sensor's units, labels 0..classes-1 (a
+# segmentation task's: uint8 label maps (N, H, W), 255 where no class counts).
 # For the embedded image datasets "train" is the whole set (test is carved out later with the fixed seed). A reader
 # whose splits must come from disjoint sources (the generated tasks: no source digit in two splits) returns its own
 # validation split too, (x_train, y_train, x_test, y_test, x_val, y_val), and nothing is carved.
@@ -47,11 +48,12 @@ def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
             x_train, x_test, x_val = [pixels.pop(0) if x is not None else None for x in (x_train, x_test, x_val)]
     if x_train.dtype == np.uint8 and any(x is not None and x.dtype != np.uint8 for x in (x_test, x_val)):
         raise ValueError(f"{name}: the reader gave uint8 training pixels but float test or validation images")
+    held_out = stratified_split if entry.task == "classification" else seeded_split     # label maps have no strata
     if x_test is None:
-        train_index, test_index = stratified_split(y_train, TEST_FRACTION)
+        train_index, test_index = held_out(y_train, TEST_FRACTION)
         x_train, y_train, x_test, y_test = x_train[train_index], y_train[train_index], x_train[test_index], y_train[test_index]
     if x_val is None:
-        train_index, val_index = stratified_split(y_train, VALIDATION_FRACTION)
+        train_index, val_index = held_out(y_train, VALIDATION_FRACTION)
         x_train, y_train, x_val, y_val = (x_train[train_index], y_train[train_index], x_train[val_index],
                                           y_train[val_index])
 
@@ -61,7 +63,7 @@ def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
         return torch.from_numpy(np.ascontiguousarray((x - mean) / std, dtype=np.float32))
 
     def labels(y: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64 if entry.task == "classification" else np.uint8))
 
     if x_train.dtype == np.uint8:
         x_train, x_val, x_test = (torch.from_numpy(np.ascontiguousarray(x)) for x in (x_train, x_val, x_test))
@@ -74,7 +76,7 @@ def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
         x_val=x_val, y_val=labels(y_val),
         x_test=x_test, y_test=labels(y_test),
         augmentation=entry.augmentation, crop_padding=entry.crop_padding,
-        mean=tuple(mean.ravel().tolist()), std=tuple(std.ravel().tolist()),
+        mean=tuple(mean.ravel().tolist()), std=tuple(std.ravel().tolist()), task=entry.task,
     )
 
 
@@ -89,6 +91,17 @@ def stratified_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, n
         np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=SPLIT_SEED
     )
     return np.sort(kept), np.sort(held_out)
+
+
+def seeded_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) with ``fraction`` of the examples held out (at least one), drawn with SPLIT_SEED:
+    the split of tasks whose labels are maps (segmentation), which have no classes to stratify by.
+
+    Both index arrays are sorted, so the splits keep the source order.
+    """
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
+    count = max(1, round(fraction * len(labels)))
+    return np.sort(order[count:]), np.sort(order[:count])
 
 
 def channel_statistics(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

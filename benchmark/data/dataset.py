@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 AUGMENTATIONS = ("none", "crop", "crop+flip")
+TASKS = ("classification", "segmentation")
+IGNORE_INDEX = 255
+"""A segmentation label that no loss or metric counts: object borders (Pascal VOC), void (Cityscapes), padding."""
 
 
 PIXEL_LEVELS = 255
@@ -49,6 +52,10 @@ class Dataset:
 
     ``mean``/``std`` are the per-channel training statistics on the [0, 1] pixel scale; they are
     kept so that results can record them and so that crops can pad with true black.
+
+    ``task`` "classification": ``y_*`` are int64 class indices (N,). "segmentation": ``y_*`` are per-pixel class
+    indices (N, H, W), held as uint8 (a quarter of VOC's labels as int64 would be 0.8 GB) with ``IGNORE_INDEX``
+    where no class counts; a loss casts its batch.
     """
 
     name: str
@@ -65,8 +72,18 @@ class Dataset:
     crop_padding: int = 0  # pixels of padding for the random crop
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    task: str = "classification"  # one of TASKS
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
+        if self.task == "segmentation":
+            for split in SPLITS:
+                x, y = self.stored(split), getattr(self, f"y_{split}")
+                if self.kind != "image" or y.dtype != torch.uint8 or tuple(y.shape) != (len(x), *x.shape[2:]):
+                    raise ValueError(f"segmentation labels must be uint8 (N, H, W) maps of (N, C, H, W) images; "
+                                     f"split {split} has {self.kind} inputs {tuple(x.shape)} and labels "
+                                     f"{tuple(y.shape)} {y.dtype}")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}")
         if self.augmentation != "none" and not len(self.mean) == len(self.std) == self.input_shape[0]:
@@ -80,7 +97,7 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset(name={self.name!r}, kind={self.kind!r}, num_classes={self.num_classes}, "
                 f"input_shape={self.input_shape}, storage={self.storage!r}, augmentation={self.augmentation!r}, "
-                f"crop_padding={self.crop_padding}, mean={self.mean}, std={self.std})")
+                f"crop_padding={self.crop_padding}, mean={self.mean}, std={self.std}, task={self.task!r})")
 
     def stored(self, split: str) -> Tensor:
         """The split ("train", "val" or "test") as held: uint8 pixels or normalised float32 inputs."""
@@ -116,6 +133,18 @@ class Dataset:
         """Training rows ``index``, augmented (as held: uint8 crops pad with raw 0), then normalised."""
         return self.normalise(self.augment(self.stored("train")[index], generator))
 
+    def training_pair(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Segmentation: training rows ``index`` and their label maps, both cropped and mirrored alike (the labels'
+        padding is ``IGNORE_INDEX``), the images normalised."""
+        x, y = self.stored("train")[index], self.y_train[index]
+        if self.augmentation == "none":
+            return self.normalise(x), y
+        top, left, flip = self._crop_draws(len(x), generator)
+        moved = [t.to(x.device) for t in (top, left, flip)]
+        ignore = torch.full((1,), IGNORE_INDEX, dtype=y.dtype, device=y.device)
+        return (self.normalise(crop_and_flip(x, *moved, self.crop_padding, self._black(x))),
+                crop_and_flip(y[:, None], *moved, self.crop_padding, ignore)[:, 0])
+
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """A randomly shifted (and, for "crop+flip", randomly mirrored) copy of the batch ``x``.
 
@@ -128,20 +157,26 @@ class Dataset:
         """
         if self.augmentation == "none":
             return x
-        n, span = x.shape[0], 2 * self.crop_padding + 1
+        top, left, flip = self._crop_draws(len(x), generator)
+        return crop_and_flip(x, top.to(x.device), left.to(x.device), flip.to(x.device), self.crop_padding,
+                             self._black(x))
+
+    def _crop_draws(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row crop offsets and mirror flags, drawn from ``generator`` in a fixed order: top, left, flip."""
+        span = 2 * self.crop_padding + 1
         top = torch.randint(0, span, (n,), generator=generator)
         left = torch.randint(0, span, (n,), generator=generator)
         if self.augmentation == "crop+flip":
             flip = torch.rand(n, generator=generator) < 0.5
         else:
             flip = torch.zeros(n, dtype=torch.bool)
+        return top, left, flip
+
+    def _black(self, x: Tensor) -> Tensor:
+        """The per-channel padding of a crop of ``x``, as ``x`` holds values: raw 0 or the normalised black."""
         if x.dtype == torch.uint8:
-            black = torch.zeros(len(self.mean), dtype=torch.uint8)
-        else:
-            black = -torch.tensor(self.mean) / torch.tensor(self.std)
-        return crop_and_flip(
-            x, top.to(x.device), left.to(x.device), flip.to(x.device), self.crop_padding, black.to(x.device)
-        )
+            return torch.zeros(len(self.mean), dtype=torch.uint8, device=x.device)
+        return (-torch.tensor(self.mean) / torch.tensor(self.std)).to(x.device)
 
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with every split on ``device``, held as it is here (the cached CPU dataset is left untouched)."""

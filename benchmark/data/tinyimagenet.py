@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.build import RawSplits
+from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, opened_image
 from benchmark.errors import DataUnavailable
 
 
@@ -75,27 +76,14 @@ def _tiny_imagenet_files(root: Path) -> tuple[list[str], list[Path], np.ndarray,
 
 def _decode_images(root: Path, files: list[Path]) -> np.ndarray:
     """uint8 (N, 3, 64, 64) from JPEG files; greyscale files (a few hundred in TinyImageNet) become RGB."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image, UnidentifiedImageError
-
     def decode(path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as error:
-            raise _tiny_imagenet_problem(root, f"image {path} cannot be decoded ({error})") from error
+        pixels = np.asarray(opened_image(path, lambda problem: _tiny_imagenet_problem(root, problem)).convert("RGB"))
         if pixels.shape != (TINY_IMAGENET_SIDE, TINY_IMAGENET_SIDE, 3):
             raise _tiny_imagenet_problem(root, f"image {path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, "
                                                f"not {TINY_IMAGENET_SIDE}x{TINY_IMAGENET_SIDE}")
         return pixels
 
-    images = np.empty((len(files), TINY_IMAGENET_SIDE, TINY_IMAGENET_SIDE, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        for i, pixels in enumerate(pool.map(decode, files)):
-            images[i] = pixels
-    return images.transpose(0, 3, 1, 2)
+    return decode_all(files, decode, (TINY_IMAGENET_SIDE, TINY_IMAGENET_SIDE, 3)).transpose(0, 3, 1, 2)
 
 
 def _read_tiny_imagenet(root: Path, download: bool) -> RawSplits:
@@ -110,50 +98,11 @@ def _read_tiny_imagenet(root: Path, download: bool) -> RawSplits:
     A data root that is not writable only loses the cache.
     """
     wnids, train_files, y_train, val_files, y_test = _tiny_imagenet_files(root)
-    fingerprint = _tiny_imagenet_fingerprint(root, train_files, val_files)
-    cache = root / f"{TINY_IMAGENET_FOLDER}.exitbench.npz"
-    cached = _read_tiny_imagenet_cache(cache, fingerprint)
-    if cached is not None:
-        x_train, x_test = cached
-    else:
-        x_train, x_test = _decode_images(root, train_files), _decode_images(root, val_files)
-        _write_tiny_imagenet_cache(cache, fingerprint, x_train, x_test)
-    return x_train, y_train, x_test, y_test       # uint8 pixels: `_build` holds them as they are
-
-
-def _tiny_imagenet_fingerprint(root: Path, train_files: list[Path], val_files: list[Path]) -> str:
-    import hashlib
-
     folder = root / TINY_IMAGENET_FOLDER
-    digest = hashlib.sha256(f"v{TINY_IMAGENET_CACHE_VERSION}".encode())
-    for path in (folder / "wnids.txt", folder / "val" / "val_annotations.txt"):
-        digest.update(path.read_bytes())
-    for path in (*train_files, *val_files):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-    return digest.hexdigest()
-
-
-def _read_tiny_imagenet_cache(cache: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached pixels if the cache exists, reads and matches the folder; else None (decode again)."""
-    if not cache.is_file():
-        return None
-    try:
-        with np.load(cache, allow_pickle=False) as stored:
-            if str(stored["fingerprint"]) != fingerprint:
-                return None
-            return stored["x_train"], stored["x_test"]
-    except (OSError, ValueError, KeyError, EOFError):      # truncated or foreign file: rebuilt below
-        return None
-
-
-def _write_tiny_imagenet_cache(cache: Path, fingerprint: str, x_train: np.ndarray, x_test: np.ndarray) -> None:
-    from benchmark.store import _atomic
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.asarray(fingerprint), x_train=x_train, x_test=x_test)
-
-    try:
-        _atomic(cache, write)
-    except OSError:
-        pass        # a read-only data root: every read decodes the JPEGs again
+    fingerprint = folder_fingerprint(f"v{TINY_IMAGENET_CACHE_VERSION}", folder,
+                                     [folder / "wnids.txt", folder / "val" / "val_annotations.txt"],
+                                     [*train_files, *val_files])
+    pixels = cached_arrays(root / f"{TINY_IMAGENET_FOLDER}.exitbench.npz", fingerprint,
+                           lambda: {"x_train": _decode_images(root, train_files),
+                                    "x_test": _decode_images(root, val_files)})
+    return pixels["x_train"], y_train, pixels["x_test"], y_test       # uint8 pixels: `_build` holds them as they are

@@ -2,7 +2,7 @@
 
 from benchmark.models.multi_exit import MultiExitNet
 from benchmark.models.registry import (
-    EXIT_TOLERANCE, ExitPlacement, arch_input_kind, arch_names, arch_table, build_model, exit_placement,
+    EXIT_TOLERANCE, ExitPlacement, arch_input_kind, arch_names, arch_table, arch_task, build_model, exit_placement,
     exit_placement_warnings, register_arch,
 )
 
@@ -10,4 +10,4 @@ from benchmark.models.registry import (
 from benchmark.models import msdnet, small, timm_nets, torchvision_nets  # noqa: E402,F401  isort: skip
 
 __all__ = ["EXIT_TOLERANCE", "ExitPlacement", "MultiExitNet", "arch_input_kind", "arch_names", "arch_table",
-           "build_model", "exit_placement", "exit_placement_warnings", "register_arch"]
+           "arch_task", "build_model", "exit_placement", "exit_placement_warnings", "register_arch"]

@@ -55,6 +55,7 @@ class ArchSpec:
     tokens: bool  # blocks pass (B, N, D) token sequences (ViT) rather than feature maps
     multi_scale: bool  # blocks pass a list of feature maps, finest scale first (MSDNet), rather than one
     build: BackboneBuilder
+    task: str = "classification"  # the datasets' task it predicts (benchmark.data.TASKS)
 
     @property
     def has_pretrained_weights(self) -> bool:
@@ -67,11 +68,13 @@ _ARCHS: dict[str, ArchSpec] = {}
 def register_arch(
     name: str, *, family: str, source: str, description: str,
     cpu_sized: bool = False, input_kind: str = "image", tokens: bool = False, multi_scale: bool = False,
+    task: str = "classification",
 ) -> Callable[[BackboneBuilder], BackboneBuilder]:
     def register(build: BackboneBuilder) -> BackboneBuilder:
         if name in _ARCHS:
             raise ValueError(f"arch '{name}' is registered twice")
-        _ARCHS[name] = ArchSpec(name, family, source, description, cpu_sized, input_kind, tokens, multi_scale, build)
+        _ARCHS[name] = ArchSpec(name, family, source, description, cpu_sized, input_kind, tokens, multi_scale, build,
+                                task)
         return build
     return register
 
@@ -85,6 +88,13 @@ def arch_input_kind(arch: str) -> str:
     if arch not in _ARCHS:
         raise UnknownName("arch", arch, _ARCHS)
     return _ARCHS[arch].input_kind
+
+
+def arch_task(arch: str) -> str:
+    """"classification" or "segmentation": which datasets' labels this arch predicts."""
+    if arch not in _ARCHS:
+        raise UnknownName("arch", arch, _ARCHS)
+    return _ARCHS[arch].task
 
 
 def arch_table() -> list[dict]:

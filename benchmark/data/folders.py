@@ -1,0 +1,97 @@
+"""What the folder datasets a user brings with --data-root (TinyImageNet, Pascal VOC, Cityscapes) share: decoding
+thousands of image files on threads, and caching the decoded arrays beside the folder.
+
+The cache (<root>/<name>.exitbench.npz) is written atomically (a temporary file renamed into place) and read only
+while its fingerprint — of the listing files and of every decoded file's name — matches the folder, so a folder
+that changed is decoded again; a data root that is not writable only loses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+
+def decode_all(files: list[Path], decode: Callable[[Path], np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 (len(files), *shape): `decode(path)` of every file, on threads (PIL decodes without the GIL)."""
+    decoded = np.empty((len(files), *shape), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, array in enumerate(pool.map(decode, files)):
+            decoded[i] = array
+    return decoded
+
+
+def folder_fingerprint(version: str, folder: Path, contents: Iterable[Path], names: Iterable[Path]) -> str:
+    """sha256 of a cache version, the bytes of the `contents` files (the listings) and the names of the decoded
+    files relative to `folder`."""
+    digest = hashlib.sha256(version.encode())
+    for path in contents:
+        digest.update(path.read_bytes())
+    for path in names:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def cached_arrays(cache: Path, fingerprint: str, decode: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays stored in `cache` if it reads and carries `fingerprint`; else `decode()`'s, written to `cache`."""
+    stored = _read_cache(cache, fingerprint)
+    if stored is not None:
+        return stored
+    arrays = decode()
+    _write_cache(cache, fingerprint, arrays)
+    return arrays
+
+
+def _read_cache(cache: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["fingerprint"]) != fingerprint:
+                return None
+            return {key: stored[key] for key in stored.files if key != "fingerprint"}
+    except (OSError, ValueError, KeyError, EOFError):      # truncated or foreign file: decoded again
+        return None
+
+
+def _write_cache(cache: Path, fingerprint: str, arrays: dict[str, np.ndarray]) -> None:
+    from benchmark.store import _atomic
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.asarray(fingerprint), **arrays)
+
+    try:
+        _atomic(cache, write)
+    except OSError:
+        pass        # a read-only data root: every read decodes again
+
+
+def letterboxed(image, side: int, resample: int, fill: int | tuple[int, ...]) -> np.ndarray:
+    """A PIL image scaled (aspect kept) so that its longer side is `side`, centred on a side x side canvas of
+    `fill`: nothing cropped, nothing stretched; HxW(xC) uint8."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image.resize(size, resample), ((side - size[0]) // 2, (side - size[1]) // 2))
+    return np.asarray(canvas)
+
+
+def opened_image(path: Path, problem: Callable[[str], Exception]):
+    """The PIL image at `path`, decoded; a file PIL cannot decode raises `problem(...)` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as error:
+        raise problem(f"file {path} cannot be decoded ({error})") from error
+    return image
