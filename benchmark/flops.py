@@ -1,7 +1,9 @@
 """Per-sample FLOPs of a multi-exit network's blocks, heads and classifier, and the cost of leaving at each exit.
 
 Counted with ``torch.utils.flop_counter.FlopCounterMode``: **1 multiply-add = 2 FLOPs** (a conv or linear
-layer with M multiply-adds counts 2M); BatchNorm, activations, pooling, additions and biases count 0.
+layer with M multiply-adds counts 2M); bilinear upsampling counts its 4 multiply-adds per output value (a
+segmentation exit upsamples its logits to the input's size: issue 23); BatchNorm, activations, pooling, additions
+and biases count 0.
 Numbers are per sample (batch 1), in eval mode, on a copy of the model on the meta device: only shapes
 matter, the model itself is not touched, and attention is counted (on CPU, PyTorch's fused
 scaled-dot-product attention escapes the counter: a ViT-Tiny at 32 px reads 0.69 GFLOPs there instead of 0.73).
@@ -10,6 +12,7 @@ scaled-dot-product attention escapes the counter: a ViT-Tiny at 32 px reads 0.69
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -32,10 +35,23 @@ def convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride,
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def bilinear_upsampling_flops(*_, out_shape=None, **__) -> int:
+    """Each output value of a bilinear upsampling is a weighted sum of 4 inputs: 4 multiply-adds (PyTorch counts 0)."""
+    return 2 * 4 * math.prod(out_shape)
+
+
+def bilinear_upsampling_backward_flops(grad_out_shape, *_, **__) -> int:
+    """The backward spreads each output gradient over its 4 inputs: what the forward costs."""
+    return 2 * 4 * math.prod(grad_out_shape)
+
+
 def counting_flops() -> FlopCounterMode:
-    """The FLOP counter of every training-cost number: PyTorch's, with the grouped-convolution backward corrected."""
-    return FlopCounterMode(display=False,
-                           custom_mapping={torch.ops.aten.convolution_backward: convolution_backward_flops})
+    """The FLOP counter of every FLOPs number: PyTorch's, with the grouped-convolution backward corrected and bilinear
+    upsampling counted."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten.convolution_backward: convolution_backward_flops,
+        torch.ops.aten.upsample_bilinear2d: bilinear_upsampling_flops,
+        torch.ops.aten.upsample_bilinear2d_backward: bilinear_upsampling_backward_flops})
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ def _combiner_flops(combiner: torch.nn.Module, head_logits: list[torch.Tensor]) 
     """FLOPs of an exit combiner's step at each exit, fed the heads' logits in order."""
     flops, state = [], None
     for k, logits in enumerate(head_logits):
-        with FlopCounterMode(display=False) as counter:
+        with counting_flops() as counter:
             _, state = combiner.step(k, logits, state)
         flops.append(float(counter.get_total_flops()))
     return flops
@@ -97,7 +113,7 @@ def hidden_shape(hidden: torch.Tensor | list[torch.Tensor]) -> tuple[int, ...] |
 
 def _counted(module: torch.nn.Module,
              x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor | list[torch.Tensor], float]:
-    with FlopCounterMode(display=False) as counter:
+    with counting_flops() as counter:
         out = module(x)
     return out, float(counter.get_total_flops())
 

@@ -219,6 +219,11 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     for arch in archs:
         if not any(takes[arch] == kind[d] for d in datasets + optional):
             raise _bad(path, "archs", f"'{arch}' takes {_data_kind(takes[arch])} but no dataset holds them")
+    dense = [d for d in datasets + optional if kind[d][1] == "segmentation"]
+    if dense:       # issue 23: the data and the networks are in place; training and evaluating them are not yet
+        raise _bad(path, "datasets", f"{', '.join(repr(d) for d in dense)}: segmentation runs cannot be trained yet "
+                                     "(per-pixel losses, per-exit mIoU and per-image exit policies are not "
+                                     "implemented); the datasets and archs are for building on")
     datasets = datasets + [d for d in optional if d not in datasets and dataset_available(d, data_root)]
     regimes = _names(path, raw, "regimes", regime_names())
     seeds = _names(path, raw, "seeds", [])
@@ -359,7 +364,8 @@ def _check_model(path: Path, dataset: str, arch: str, model: dict[str, Any], ori
         return _bad(path, f"{origin.get(key, 'model')}.{key}", f"{error} (cell {dataset}/{arch})")
 
     try:
-        resolve_head_kind(model["head"], _ARCHS[arch].tokens, arch, multi_scale=_ARCHS[arch].multi_scale)
+        resolve_head_kind(model["head"], _ARCHS[arch].tokens, arch, multi_scale=_ARCHS[arch].multi_scale,
+                          task=_ARCHS[arch].task)
     except UserError as e:
         raise bad("head", e) from None
     try:

@@ -135,8 +135,14 @@ def test_a_seeded_split_holds_out_a_fixed_share_and_at_least_one():
 
 def test_a_segmentation_task_needs_an_arch_that_predicts_per_pixel_labels(grid_file):
     with pytest.raises(UserError, match=re.escape("'mnist_scenes' holds image inputs with per-pixel labels "
-                                                  "(segmentation) but no arch in archs takes them")):
+                                                  "(segmentation) but no arch in archs takes them (registered "
+                                                  "archs that do: seg_cnn)")):
         load_grid(str(grid_file(datasets=("mnist_scenes",))))
+    with pytest.raises(UserError, match=re.escape("'seg_cnn' takes image inputs with per-pixel labels "
+                                                  "(segmentation) but no dataset holds them")):
+        load_grid(str(grid_file(archs=("small_cnn", "seg_cnn"))))
+    with pytest.raises(UserError, match="segmentation runs cannot be trained yet"):
+        load_grid(str(grid_file(datasets=("mnist_scenes",), archs=("seg_cnn",), extra='')))
     assert dataset_task("mnist_scenes") == dataset_task("voc2012") == dataset_task("cityscapes") == "segmentation"
     assert dataset_task("cluttered_mnist") == "classification"
 

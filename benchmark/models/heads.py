@@ -1,9 +1,20 @@
 """Internal exit heads. The head type is a grid axis: ``pool`` (SDN), ``conv``, ``cls`` (ViT CLS token) and
-``msdnet`` (MSDNet's own classifier).
+``msdnet`` (MSDNet's own classifier) for classification; ``seg_linear`` and ``seg_aspp`` for segmentation.
 
 Conv heads read feature maps (B, C, H, W) or, for series backbones, (B, C, L); the ``cls`` head reads
 token sequences (B, N, D) whose first token is the class token; the ``msdnet`` head reads the list of
 multi-scale feature maps a multi-scale backbone (MSDNet) passes between blocks, and uses its coarsest scale.
+
+Segmentation heads (issue 23) read feature maps and output logits (B, C, H, W) at the input's size, so every exit
+predicts every pixel:
+- ``seg_linear``: a 1x1 convolution to the classes, bilinear upsampling — the lightest head, an FCN-32s-style
+  readout of the block's features;
+- ``seg_aspp``: a small atrous spatial pyramid (Chen et al., DeepLabV3 2017; the exit heads of MESS networks,
+  Kouris et al. 2022, are searched among such): a 1x1 branch, three 3x3 branches dilated 1, 2 and 3, and an
+  image-pooling branch, concatenated, projected by a 1x1 convolution, then a 1x1 convolution to the classes and
+  bilinear upsampling.
+Bilinear upsampling costs 4 multiply-adds per output value (`benchmark.flops` counts it), so an exit is charged for
+producing a full-resolution map.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from torch import nn
 from benchmark.errors import UnknownName, UserError
 
 HEAD_KINDS = ("pool", "conv", "cls", "msdnet")
+SEG_HEAD_KINDS = ("seg_linear", "seg_aspp")
 POOLED_SIZE = 4  # SDN pools every internal feature map to 4x4 before its linear layer
 MSDNET_HEAD_WIDTH = 128  # channels of both convolutions of MSDNet's CIFAR classifier
 
@@ -120,13 +132,80 @@ class MSDNetHead(nn.Module):
         return self.linear(self.features(scales[-1]))
 
 
-def resolve_head_kind(head: str, tokens: bool, arch: str, multi_scale: bool = False) -> str:
-    """Resolve "auto" ("cls" for token backbones, "msdnet" for multi-scale ones, "pool" otherwise); a head that
-    cannot read the hidden state is a UserError."""
+ASPP_RATES = (1, 2, 3)
+"""Dilations of the 3x3 branches: DeepLabV3's 6/12/18 are for output stride 16 on 513 px; small maps need small
+ones (a rate beyond the map's side only sees padding)."""
+
+
+class Upsampled(nn.Module):
+    """``module``'s logits, bilinearly upsampled to ``size`` (the input's H, W)."""
+
+    def __init__(self, module: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.module, self.size = module, tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.module(x), size=self.size, mode="bilinear", align_corners=False)
+
+
+class SegLinearHead(Upsampled):
+    """A 1x1 convolution to the classes, upsampled to the input's size."""
+
+    def __init__(self, channels: int, num_classes: int, size: tuple[int, int]):
+        super().__init__(nn.Conv2d(channels, num_classes, 1), size)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling at ``width`` channels per branch (DeepLabV3), projected back to ``width``."""
+
+    def __init__(self, channels: int, width: int, rates: tuple[int, ...] = ASPP_RATES):
+        super().__init__()
+
+        def branch(kernel: int, dilation: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(channels, width, kernel, padding=dilation * (kernel // 2),
+                                           dilation=dilation, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, rate) for rate in rates)])
+        self.pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, width, 1, bias=False),
+                                    nn.ReLU(inplace=True))    # no BatchNorm on a 1x1 map: batch-1 eval must work
+        self.project = nn.Sequential(nn.Conv2d(width * (len(rates) + 2), width, 1, bias=False),
+                                     nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled(x).expand(-1, -1, *x.shape[2:])
+        return self.project(torch.cat([*(b(x) for b in self.branches), pooled], dim=1))
+
+
+class SegASPPHead(Upsampled):
+    """ASPP, a 1x1 convolution to the classes, upsampled to the input's size."""
+
+    def __init__(self, channels: int, num_classes: int, size: tuple[int, int], width: int | None = None):
+        width = width or min(channels, 64)
+        super().__init__(nn.Sequential(ASPP(channels, width), nn.Conv2d(width, num_classes, 1)), size)
+
+
+def make_segmentation_head(kind: str, hidden_shape: tuple[int, ...], num_classes: int,
+                           input_shape: tuple[int, ...]) -> nn.Module:
+    """A segmentation head of ``kind`` for feature maps of ``hidden_shape`` (C, h, w), predicting at the input's
+    (H, W)."""
+    channels, size = hidden_shape[0], tuple(input_shape[1:])
+    return {"seg_linear": SegLinearHead, "seg_aspp": SegASPPHead}[kind](channels, num_classes, size)
+
+
+
+def resolve_head_kind(head: str, tokens: bool, arch: str, multi_scale: bool = False,
+                      task: str = "classification") -> str:
+    """Resolve "auto" ("seg_linear" for segmentation backbones, "cls" for token backbones, "msdnet" for multi-scale
+    ones, "pool" otherwise); a head that cannot read the hidden state, or predicts for another task, is a
+    UserError."""
     if head == "auto":
-        return "cls" if tokens else "msdnet" if multi_scale else "pool"
-    if head not in HEAD_KINDS:
-        raise UnknownName("head", head, [*HEAD_KINDS, "auto"])
+        return "seg_linear" if task == "segmentation" else "cls" if tokens else "msdnet" if multi_scale else "pool"
+    if head not in (*HEAD_KINDS, *SEG_HEAD_KINDS):
+        raise UnknownName("head", head, [*HEAD_KINDS, *SEG_HEAD_KINDS, "auto"])
+    if (task == "segmentation") != (head in SEG_HEAD_KINDS):
+        wanted = SEG_HEAD_KINDS if task == "segmentation" else ("pool", "conv")
+        raise UserError(f"head '{head}' {'predicts per pixel' if head in SEG_HEAD_KINDS else 'predicts one class'}, "
+                        f"but {arch} is a {task} backbone; use head {' or '.join(repr(k) for k in wanted)}")
     if multi_scale and head != "msdnet":
         raise UserError(f"head '{head}' reads one hidden tensor, but {arch} passes a list of multi-scale feature maps "
                         "between blocks; use head 'msdnet' (MSDNet's own classifier, on the coarsest scale)")
@@ -141,9 +220,13 @@ def resolve_head_kind(head: str, tokens: bool, arch: str, multi_scale: bool = Fa
     return head
 
 
-def make_head(kind: str, hidden_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def make_head(kind: str, hidden_shape: tuple[int, ...], num_classes: int,
+              input_shape: tuple[int, ...] = ()) -> nn.Module:
     """A head of ``kind`` for hidden states of shape ``hidden_shape`` (batch dimension excluded); for a multi-scale
-    hidden state, ``hidden_shape`` holds one shape per scale, finest first."""
+    hidden state, ``hidden_shape`` holds one shape per scale, finest first. Segmentation heads predict at the
+    (H, W) of ``input_shape`` (C, H, W)."""
+    if kind in SEG_HEAD_KINDS:
+        return make_segmentation_head(kind, hidden_shape, num_classes, input_shape)
     multi_scale = bool(hidden_shape) and not isinstance(hidden_shape[0], int)
     if (kind == "msdnet") != multi_scale:
         raise UserError(f"head '{kind}' cannot read a hidden state of shape {hidden_shape}")

@@ -128,14 +128,14 @@ def build_model(
     FLOPs is closest to each fraction of the backbone's FLOPs (duplicates merged); or ``"all"``.
     """
     spec, input_shape = _checked_spec(arch, input_shape)
-    head_kind = resolve_head_kind(head, spec.tokens, arch, multi_scale=spec.multi_scale)
+    head_kind = resolve_head_kind(head, spec.tokens, arch, multi_scale=spec.multi_scale, task=spec.task)
     if pretrained and not spec.has_pretrained_weights:
         raise UserError(f"{arch} is defined by exitbench and has no pretrained weights; use pretrained=False")
 
     backbone = _build_backbone(spec, num_classes, input_shape, pretrained)
     profile = _profile_backbone(spec, backbone, input_shape)
     exit_blocks = place_exits(exits, profile.blocks, profile.classifier)
-    heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes) for b in exit_blocks]
+    heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes, input_shape) for b in exit_blocks]
     return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks, multi_scale=spec.multi_scale)
 
 

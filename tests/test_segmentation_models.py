@@ -1,0 +1,63 @@
+"""Multi-exit segmentation networks (issue 23): every exit predicts every pixel at the input's size, heads are placed
+by FLOPs like classification heads, and an exit is charged for its upsampling."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.errors import UserError
+from benchmark.flops import counting_flops, exit_costs, profile_flops
+from benchmark.models import build_model, exit_placement
+from benchmark.models.heads import SegASPPHead, SegLinearHead
+
+SHAPE = (1, 32, 42)        # mnist_scenes' canvas: neither side a power of two
+
+
+@pytest.mark.parametrize("head", ["seg_linear", "seg_aspp", "auto"])
+def test_every_exit_predicts_every_pixel_at_the_input_size(head):
+    torch.manual_seed(0)
+    model = build_model("seg_cnn", 11, SHAPE, head=head, exits="flops:0.15,0.3,0.5,0.75").eval()
+    outputs = model(torch.randn(3, *SHAPE))
+    assert len(outputs) == model.num_exits == 5
+    assert all(tuple(o.shape) == (3, 11, 32, 42) for o in outputs)
+    expected = SegLinearHead if head in ("seg_linear", "auto") else SegASPPHead
+    assert all(type(h) is expected for h in model.heads)
+
+
+def test_segmentation_exits_are_placed_by_flops_within_tolerance():
+    placements = exit_placement("seg_cnn", 11, SHAPE, "flops:0.15,0.3,0.5,0.75")
+    assert [p.block for p in placements] == build_model("seg_cnn", 11, SHAPE, head="seg_linear",
+                                                        exits="flops:0.15,0.3,0.5,0.75").exit_blocks
+    assert all(p.within_tolerance for p in placements), placements
+
+
+def test_a_linear_heads_flops_are_its_convolution_plus_four_multiply_adds_per_upsampled_value():
+    model = build_model("seg_cnn", 11, SHAPE, head="seg_linear", exits=[2])
+    channels, h, w = profile_flops(model, SHAPE).block_output_shapes[2]
+    convolution = 2 * channels * 11 * h * w + 0            # a 1x1 conv (its bias counts 0)
+    upsampling = 2 * 4 * 11 * 32 * 42
+    assert profile_flops(model, SHAPE).heads == [convolution + upsampling]
+    costs = exit_costs(model, SHAPE)
+    assert costs[0] < costs[-1] and costs == sorted(costs)
+
+
+def test_bilinear_upsampling_is_counted_forward_and_backward():
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    with counting_flops() as counter:
+        out = F.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)
+    assert counter.get_total_flops() == 8 * 2 * 3 * 10 * 14
+    with counting_flops() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 8 * 2 * 3 * 10 * 14
+
+
+def test_a_head_for_the_other_task_is_refused_naming_the_right_ones():
+    with pytest.raises(UserError, match="seg_cnn is a segmentation backbone; use head 'seg_linear' or 'seg_aspp'"):
+        build_model("seg_cnn", 11, SHAPE, head="pool")
+    with pytest.raises(UserError, match="small_cnn is a classification backbone; use head 'pool' or 'conv'"):
+        build_model("small_cnn", 10, (1, 16, 16), head="seg_aspp")
+
+
+def test_the_aspp_head_evaluates_one_image_in_eval_mode():
+    """Its image-pooling branch has no BatchNorm: a 1x1 map of one image must not break eval (or batch-1 latency)."""
+    head = SegASPPHead(16, 11, (32, 42)).eval()
+    assert tuple(head(torch.randn(1, 16, 4, 6)).shape) == (1, 11, 32, 42)
