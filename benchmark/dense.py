@@ -1,0 +1,88 @@
+"""What a segmentation run stores per (exit, image) instead of logits, and the metrics computed from it (issue 23).
+
+Per-pixel logits of every exit (K x N x C x H x W: 5 x 1 449 x 21 x 256 x 256 floats is 40 GB for VOC's test split)
+do not scale. Everything the metrics and the per-image exit policies need is kept per (exit, image), exactly:
+- ``confusion`` (C, C) int64: pixel counts by (true class, predicted class) over the pixels whose label is not
+  IGNORE_INDEX. Summing the matrices of any per-image exit assignment gives that assignment's confusion over the
+  split, so its mIoU and pixel accuracy are exact — mIoU is not a mean over images and cannot be stored as one;
+- ``summaries``: label-free confidences of the image's prediction over all its pixels, what a deployed policy
+  can compute before deciding (MESS networks decide per image from such a summary): the mean and the 10 %
+  quantile of the per-pixel max softmax, and one minus the mean normalised entropy.
+
+mIoU (Long et al., FCN 2015; the Pascal VOC and Cityscapes benchmarks): per class, IoU = TP / (TP + FP + FN) from
+the split's confusion matrix, averaged over the classes that occur in the labels or the predictions of the split
+(a class absent from both has no IoU, as in torchmetrics' and mmseg's ``nan``-skipping mean).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from benchmark.data import IGNORE_INDEX
+
+LOW_QUANTILE = 0.1
+"""The quantile of the per-pixel max softmax in ``summaries``: how sure the image's least sure tenth of pixels is."""
+SUMMARY_RULES = ("mean_max_softmax", "low_quantile_max_softmax", "entropy")
+
+
+def confusion_per_image(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, C, C) int64 pixel counts [image, true class, predicted class] of logits (N, C, H, W) against label maps
+    (N, H, W); pixels labelled IGNORE_INDEX are not counted."""
+    n = len(labels)
+    labels = labels.long()
+    counted = labels != IGNORE_INDEX
+    predicted = logits.argmax(dim=1)
+    image = torch.arange(n, device=labels.device).view(n, 1, 1).expand_as(labels)
+    index = (image * num_classes + labels) * num_classes + predicted
+    flat = torch.bincount(index[counted], minlength=n * num_classes * num_classes)
+    return flat.view(n, num_classes, num_classes)
+
+
+def summaries(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image, float64 (N,): the mean and LOW_QUANTILE quantile of the per-pixel max softmax, and one minus the
+    mean per-pixel entropy normalised by log C (1 = every pixel one-hot, 0 = uniform), over all pixels."""
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    top = log_p.max(dim=1).values.exp().flatten(1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1).flatten(1) / np.log(logits.shape[1])
+    return {"mean_max_softmax": top.mean(dim=1), "low_quantile_max_softmax": torch.quantile(top, LOW_QUANTILE, dim=1),
+            "entropy": 1.0 - entropy.mean(dim=1)}
+
+
+def mean_iou(confusion: np.ndarray) -> np.ndarray:
+    """mIoU of confusion matrices (..., C, C) [true, predicted]: the mean IoU over the classes present in the labels
+    or the predictions; NaN where no pixel was counted."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diagonal(confusion, axis1=-2, axis2=-1)
+    union = confusion.sum(axis=-1) + confusion.sum(axis=-2) - true_positive
+    present = union > 0
+    iou = np.divide(true_positive, union, out=np.zeros_like(true_positive), where=present)
+    count = present.sum(axis=-1)
+    return np.divide(iou.sum(axis=-1), count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def class_iou(confusion: np.ndarray) -> np.ndarray:
+    """Per-class IoU (..., C) of confusion matrices (..., C, C); NaN for a class absent from labels and predictions."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diagonal(confusion, axis1=-2, axis2=-1)
+    union = confusion.sum(axis=-1) + confusion.sum(axis=-2) - true_positive
+    return np.divide(true_positive, union, out=np.full_like(true_positive, np.nan), where=union > 0)
+
+
+def pixel_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Share of counted pixels predicted right, of confusion matrices (..., C, C)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    total = confusion.sum(axis=(-2, -1))
+    correct = np.trace(confusion, axis1=-2, axis2=-1)
+    return np.divide(correct, total, out=np.full(np.shape(total), np.nan), where=total > 0)
+
+
+def assignment_miou(exits: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """mIoU over a split of per-image exit assignments ``exits`` (..., N), from per-(exit, image) confusion matrices
+    (K, N, C, C): each image's pixels counted at the exit it leaves at — the dense counterpart of a classification
+    operating point's accuracy."""
+    exits = np.asarray(exits)
+    images = np.arange(exits.shape[-1])
+    flat = exits.reshape(-1, exits.shape[-1])
+    totals = np.stack([confusion[row, images].sum(axis=0) for row in flat])
+    return mean_iou(totals).reshape(exits.shape[:-1])
