@@ -61,3 +61,31 @@ def test_the_aspp_head_evaluates_one_image_in_eval_mode():
     """Its image-pooling branch has no BatchNorm: a 1x1 map of one image must not break eval (or batch-1 latency)."""
     head = SegASPPHead(16, 11, (32, 42)).eval()
     assert tuple(head(torch.randn(1, 16, 4, 6)).shape) == (1, 11, 32, 42)
+
+
+@pytest.mark.parametrize("arch, blocks", [("fcn_resnet50", 16), ("deeplabv3_resnet50", 16),
+                                          ("deeplabv3_mobilenet_v3_large", 16)])
+def test_torchvision_segmentation_networks_are_cut_into_blocks_with_their_own_head_last(arch, blocks):
+    """Real torchvision networks (no weights: nothing is downloaded), on one-channel scenes: a new first convolution,
+    their head upsampled to the input as the last exit, internal exits placed by FLOPs."""
+    torch.manual_seed(0)
+    model = build_model(arch, 11, SHAPE, head="seg_linear", exits="flops:0.25,0.5").eval()
+    assert len(model.blocks) == blocks and model.exit_blocks == [p.block for p in exit_placement(arch, 11, SHAPE,
+                                                                                                   "flops:0.25,0.5")]
+    with torch.no_grad():
+        outputs = model(torch.randn(1, *SHAPE))
+    assert all(tuple(o.shape) == (1, 11, 32, 42) for o in outputs)
+    assert model.blocks[0][0][0].in_channels == 1        # the stem's (or first layer's) convolution, new
+
+
+@pytest.mark.parametrize("arch", ["seg_cnn", "deeplabv3_mobilenet_v3_large"])
+def test_backbone_and_head_parameters_partition_a_segmentation_net_and_seeds_fix_its_weights(arch):
+    def built(seed):
+        torch.manual_seed(seed)
+        return build_model(arch, 11, SHAPE, head="seg_aspp", exits="flops:0.3")
+    net = built(0)
+    backbone, heads = {id(p) for p in net.backbone_parameters()}, {id(p) for p in net.head_parameters()}
+    assert heads and backbone.isdisjoint(heads) and backbone | heads == {id(p) for p in net.parameters()}
+    first, again, other = net.state_dict(), built(0).state_dict(), built(1).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())

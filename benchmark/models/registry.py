@@ -101,7 +101,7 @@ def arch_table() -> list[dict]:
     """One row per architecture (for ``bench list``), from the registration alone: nothing is built, so listing
     imports neither torchvision nor timm (a block count would need every backbone built)."""
     return [
-        {"name": s.name, "family": s.family, "source": s.source, "input": s.input_kind,
+        {"name": s.name, "family": s.family, "source": s.source, "input": s.input_kind, "task": s.task,
          "cpu_sized": s.cpu_sized, "description": s.description}
         for s in (_ARCHS[n] for n in arch_names())
     ]
