@@ -9,7 +9,7 @@ import numpy as np
 
 from benchmark.data.build import RawSplits
 from benchmark.data.dataset import IGNORE_INDEX
-from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, opened_image
+from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, folder_unavailable, opened_image
 from benchmark.errors import DataUnavailable
 
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
@@ -31,11 +31,9 @@ CITYSCAPES_CACHE_VERSION = 1
 
 
 def _cityscapes_problem(root: Path, problem: str) -> DataUnavailable:
-    return DataUnavailable(
-        f"Cityscapes {problem}: exitbench expects {CITYSCAPES_LAYOUT.format(root=root)}. Fix: download "
-        f"leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from {CITYSCAPES_URL} (an account is needed) and "
-        f"unzip both into {root}. exitbench does not download it, with or without --download."
-    )
+    return folder_unavailable("Cityscapes", problem, CITYSCAPES_LAYOUT.format(root=root),
+                              f"download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+                              f"{CITYSCAPES_URL} (an account is needed) and unzip both into {root}")
 
 
 def _cityscapes_files(root: Path) -> dict[str, tuple[list[Path], list[Path]]]:

@@ -16,6 +16,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from benchmark.errors import DataUnavailable
+
+
+def folder_unavailable(dataset: str, problem: str, layout: str, fix: str) -> DataUnavailable:
+    """The one-line error of a folder dataset that is missing or malformed: what is wrong, the layout expected,
+    how to get the data — exitbench never downloads these."""
+    return DataUnavailable(f"{dataset} {problem}: exitbench expects {layout}. Fix: {fix}. exitbench does not download "
+                           "it, with or without --download.")
+
 
 def decode_all(files: list[Path], decode: Callable[[Path], np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     """uint8 (len(files), *shape): `decode(path)` of every file, on threads (PIL decodes without the GIL)."""

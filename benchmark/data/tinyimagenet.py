@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.build import RawSplits
-from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, opened_image
+from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, folder_unavailable, opened_image
 from benchmark.errors import DataUnavailable
 
 
@@ -25,11 +25,9 @@ TINY_IMAGENET_CACHE_VERSION = 1
 
 
 def _tiny_imagenet_problem(root: Path, problem: str) -> DataUnavailable:
-    return DataUnavailable(
-        f"TinyImageNet {problem}: exitbench expects {TINY_IMAGENET_LAYOUT.format(root=root)}. Fix: download "
-        f"{TINY_IMAGENET_URL} and unzip it into {root} (it unpacks to {TINY_IMAGENET_FOLDER}/). exitbench does not "
-        "download it, with or without --download."
-    )
+    return folder_unavailable("TinyImageNet", problem, TINY_IMAGENET_LAYOUT.format(root=root),
+                              f"download {TINY_IMAGENET_URL} and unzip it into {root} (it unpacks to "
+                              f"{TINY_IMAGENET_FOLDER}/)")
 
 
 def _tiny_imagenet_files(root: Path) -> tuple[list[str], list[Path], np.ndarray, list[Path], np.ndarray]:

@@ -9,7 +9,8 @@ import numpy as np
 
 from benchmark.data.build import RawSplits
 from benchmark.data.dataset import IGNORE_INDEX
-from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, letterboxed, opened_image
+from benchmark.data.folders import (cached_arrays, decode_all, folder_fingerprint, folder_unavailable, letterboxed,
+                                    opened_image)
 from benchmark.errors import DataUnavailable
 
 VOC_FOLDER = "VOCdevkit/VOC2012"
@@ -28,11 +29,8 @@ VOC_CACHE_VERSION = 1
 
 
 def _voc_problem(root: Path, problem: str) -> DataUnavailable:
-    return DataUnavailable(
-        f"Pascal VOC 2012 {problem}: exitbench expects {VOC_LAYOUT.format(root=root)}. Fix: download {VOC_URL} and "
-        f"untar it into {root} (it unpacks to VOCdevkit/VOC2012/). exitbench does not download it, with or without "
-        "--download."
-    )
+    return folder_unavailable("Pascal VOC 2012", problem, VOC_LAYOUT.format(root=root),
+                              f"download {VOC_URL} and untar it into {root} (it unpacks to VOCdevkit/VOC2012/)")
 
 
 def _voc_files(root: Path) -> dict[str, tuple[list[Path], list[Path]]]:
