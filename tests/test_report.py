@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,18 @@ def test_bench_report_works_from_the_tables_alone_and_names_missing_figures(fixt
     assert result.returncode == 0, result.stderr
     text = (store.root / "REPORT.md").read_text()
     assert "Not drawn yet:" in text and "`bench analyze --grid report_grid`" in text
+
+
+def test_analyses_a_grid_leaves_out_are_named_as_left_out_not_as_pending(fixture_store):
+    grid, store = fixture_store
+    grid = replace(grid, analyses={**grid.analyses, "model": ["rank"]})
+    text, _ = build_report(grid, store, store.root / "figures", STAMP)
+    assert "Not part of grid `report_grid`: its [analyses] model list leaves robustness out." in text
+    left_out = next(line for line in text.splitlines() if line.startswith("Not part of grid `report_grid`: `"))
+    assert "`landscape_1d_*.png`" in left_out and "`robustness_*.png`" in left_out
+    assert "leaves out information, landscape, robustness." in left_out and "rank_profiles" not in left_out
+    pending = next(line for line in text.splitlines() if line.startswith("Not drawn yet:"))
+    assert "`rank_profiles.png`" in pending and "landscape" not in pending
 
 
 def test_bench_report_without_runs_is_one_line_exit_2(tmp_path):
