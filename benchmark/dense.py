@@ -16,10 +16,13 @@ the split's confusion matrix, averaged over the classes that occur in the labels
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from benchmark.data import IGNORE_INDEX
+from benchmark.evaluate import DENSE_POLICY_RULE, Evaluation, evaluation_of
 
 LOW_QUANTILE = 0.1
 """The quantile of the per-pixel max softmax in ``summaries``: how sure the image's least sure tenth of pixels is."""
@@ -86,3 +89,37 @@ def assignment_miou(exits: np.ndarray, confusion: np.ndarray) -> np.ndarray:
     flat = exits.reshape(-1, exits.shape[-1])
     totals = np.stack([confusion[row, images].sum(axis=0) for row in flat])
     return mean_iou(totals).reshape(exits.shape[:-1])
+
+
+@dataclass(frozen=True)
+class DenseExitOutputs:
+    """One split's per-(exit, image) scores under one summary rule, and its confusion matrices: all a per-image
+    policy needs — the dense counterpart of `evaluate.ExitOutputs`, whose accuracy becomes mIoU."""
+
+    score: np.ndarray       # (K, N) float64: a `summaries` rule per exit and image
+    confusion: np.ndarray   # (K, N, C, C) int64
+
+    @property
+    def n_exits(self) -> int:
+        return self.score.shape[0]
+
+    def quality(self, exits: np.ndarray) -> np.ndarray:
+        """mIoU of exit assignments `exits` (..., N) over the split."""
+        return assignment_miou(exits, self.confusion)
+
+    def exit_quality(self) -> np.ndarray:
+        """mIoU of every exit alone (K,)."""
+        return mean_iou(self.confusion.sum(axis=1))
+
+
+def evaluate_dense(val_scores: dict[str, np.ndarray], val_confusion: np.ndarray, test_scores: dict[str, np.ndarray],
+                   test_confusion: np.ndarray, exit_costs: np.ndarray, backbone_cost: float) -> Evaluation:
+    """`evaluate` for a segmentation run: every exit, per-image policy curve (DENSE_POLICY_RULE) and summary number
+    from its stored summaries (rule -> (K, N)) and confusion matrices (K, N, C, C). The tables' accuracy columns hold
+    mIoU (the primary area is the validation-selected staircase of mIoU over FLOPs); exits gain the test pixel
+    accuracy and the summary the final exit's."""
+    outputs = {rule: (DenseExitOutputs(val_scores[rule], val_confusion),
+                      DenseExitOutputs(test_scores[rule], test_confusion)) for rule in SUMMARY_RULES}
+    pixels = pixel_accuracy(np.asarray(test_confusion).sum(axis=1))
+    return evaluation_of(outputs, DENSE_POLICY_RULE, exit_costs, float(backbone_cost),
+                         {"test_pixel_accuracy": pixels}, {"final_pixel_accuracy": float(pixels[-1])})

@@ -44,7 +44,14 @@ on the max softmax (param tau); `budgeted`: MSDNet/L2W budgeted batch, per-exit 
 1..K-1; PBEE: PABEE's `patience` t is p = t + 1, its t = 0 is no early exit); `ensemble`: one global tau on the
 geometric-mean ensemble's max probability (ZTW, unweighted)."""
 
-POLICY_ORDER = tuple(POLICY_RULE)
+DENSE_POLICY_RULE = {"exit": "mean_max_softmax", "threshold": "mean_max_softmax", "budgeted": "mean_max_softmax",
+                     "quantile": "low_quantile_max_softmax", "entropy": "entropy"}
+"""The policies of segmentation runs, which decide per image from a confidence summary of the exit's prediction
+(`benchmark.dense.summaries`, as MESS networks do): `threshold`, `budgeted` and `exit` on the mean per-pixel max
+softmax, `quantile` on its 10 % quantile, `entropy` on one minus the mean normalised entropy. patience and ensemble
+do not carry over: they compare or combine exits pixel by pixel, which the stored per-image summaries cannot."""
+
+POLICY_ORDER = (*POLICY_RULE, "quantile")
 """The order of the policies in curves.csv; with the point index it breaks the last ties of validation selection.
 The protocol-2 policies come first, so a tie between an old and a new policy keeps the old choice."""
 
@@ -79,6 +86,15 @@ class ExitOutputs:
     @property
     def n_exits(self) -> int:
         return self.score.shape[0]
+
+    def quality(self, exits: np.ndarray) -> np.ndarray:
+        """Accuracy (fraction) of exit assignments `exits` (..., N): what an operating point reports. Segmentation's
+        outputs (`benchmark.dense.DenseExitOutputs`) report the assignment's mIoU through the same method."""
+        return self.correct[exits, np.arange(np.shape(exits)[-1])].mean(axis=-1)
+
+    def exit_quality(self) -> np.ndarray:
+        """Accuracy of every exit alone (K,)."""
+        return self.correct.mean(axis=1)
 
 
 @dataclass
@@ -168,16 +184,16 @@ def exit_decisions(score: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return exits
 
 
-def operating_point(exits: np.ndarray, correct: np.ndarray, exit_costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy (fraction) and mean FLOPs per sample of the exit assignment `exits` (..., N).
+def operating_point(exits: np.ndarray, outputs: ExitOutputs, exit_costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy (fraction; mIoU for segmentation outputs) and mean FLOPs per sample of the exit assignment `exits`
+    (..., N).
 
-    correct: (K, N) per-exit correctness; exit_costs: (K,) FLOPs of leaving at each exit.
+    outputs: the split's per-exit outputs (`quality` scores an assignment); exit_costs: (K,) FLOPs of leaving at each
+    exit.
     """
     exits = np.asarray(exits)
-    samples = np.arange(exits.shape[-1])
-    accuracy = correct[exits, samples].mean(axis=-1)
     mean_flops = np.asarray(exit_costs, dtype=np.float64)[exits].mean(axis=-1)
-    return accuracy, mean_flops
+    return outputs.quality(exits), mean_flops
 
 
 def fit_budgeted_thresholds(confidence: np.ndarray, shares: np.ndarray) -> np.ndarray:
@@ -214,7 +230,7 @@ def policy_params(policy: str, n_exits: int) -> np.ndarray:
         return BUDGET_Q
     if policy == "patience":
         return np.arange(1, n_exits, dtype=np.float64)
-    if policy in POLICY_RULE:
+    if policy in POLICY_RULE or policy in DENSE_POLICY_RULE:
         return THRESHOLD_GRID
     raise ValueError(f"unknown policy '{policy}'; known: {', '.join(POLICY_ORDER)}")
 
@@ -244,8 +260,8 @@ def policy_curve(policy: str, val: ExitOutputs, test: ExitOutputs, exit_costs: n
     to validation and test alike. `val` and `test` are under the policy's rule (POLICY_RULE)."""
     params = policy_params(policy, val.n_exits)
     thresholds = policy_thresholds(policy, params, val.score)
-    val_accuracy, val_flops = operating_point(exit_decisions(val.score, thresholds), val.correct, exit_costs)
-    test_accuracy, test_flops = operating_point(exit_decisions(test.score, thresholds), test.correct, exit_costs)
+    val_accuracy, val_flops = operating_point(exit_decisions(val.score, thresholds), val, exit_costs)
+    test_accuracy, test_flops = operating_point(exit_decisions(test.score, thresholds), test, exit_costs)
     return pd.DataFrame({"policy": policy, "point": np.arange(len(params)), "param": params,
                          "val_accuracy": val_accuracy, "val_flops": val_flops,
                          "test_accuracy": test_accuracy, "test_flops": test_flops})
@@ -406,10 +422,12 @@ def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.nd
                         covered_budgets(exit_costs, backbone_cost))
 
 
-def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray) -> pd.DataFrame:
-    """curves.csv's rows of every policy in POLICY_ORDER, from each rule's (validation, test) outputs."""
-    return pd.concat([policy_curve(policy, *outputs[rule], exit_costs) for policy, rule in POLICY_RULE.items()],
-                     ignore_index=True)
+def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray,
+                  rules: dict[str, str] = POLICY_RULE) -> pd.DataFrame:
+    """curves.csv's rows of every policy of `rules` (POLICY_RULE; DENSE_POLICY_RULE for segmentation), in
+    POLICY_ORDER, from each rule's (validation, test) outputs."""
+    return pd.concat([policy_curve(policy, *outputs[rules[policy]], exit_costs)
+                      for policy in POLICY_ORDER if policy in rules], ignore_index=True)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -458,16 +476,25 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
         raise ValueError(f"backbone_cost must be positive, got {backbone_cost}")
     outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule), ExitOutputs.from_logits(test_logits, test_y, rule))
                for rule in dict.fromkeys(POLICY_RULE.values())}
-    val, test = outputs["max_softmax"]
     test_y = np.asarray(test_y)
+    macro = [macro_f1(test_y, prediction) for prediction in outputs["max_softmax"][1].prediction]
+    return evaluation_of(outputs, POLICY_RULE, exit_costs, backbone_cost, {"test_macro_f1": macro},
+                         {"final_macro_f1": float(macro[-1])})
 
+
+def evaluation_of(outputs: dict, rules: dict[str, str], exit_costs: np.ndarray, backbone_cost: float,
+                  exit_columns: dict[str, list], final: dict[str, float]) -> Evaluation:
+    """`evaluate`'s tables from each rule's (validation, test) outputs — classification's `ExitOutputs` or
+    segmentation's `DenseExitOutputs`, whose `quality` is accuracy or mIoU: the one evaluation of both tasks.
+    `exit_columns` and `final` add the task's own per-exit and final-exit numbers (macro-F1; pixel accuracy)."""
+    exit_costs = np.asarray(exit_costs, dtype=np.float64)
+    val, test = outputs[rules["threshold"]]
     exits = pd.DataFrame({
         "exit": np.arange(len(exit_costs)), "flops": exit_costs, "flops_fraction": exit_costs / backbone_cost,
-        "val_accuracy": val.correct.mean(axis=1), "test_accuracy": test.correct.mean(axis=1),
-        "test_macro_f1": [macro_f1(test_y, prediction) for prediction in test.prediction],
+        "val_accuracy": val.exit_quality(), "test_accuracy": test.exit_quality(), **exit_columns,
     })
 
-    curves = policy_curves(outputs, exit_costs)
+    curves = policy_curves(outputs, exit_costs, rules)
     curves["test_flops_fraction"] = curves["test_flops"] / backbone_cost
     selected = selected_points(curves, backbone_cost)
     at_budget = selected.set_index("selection")["test_accuracy"]      # the points chosen once, read here
@@ -475,7 +502,7 @@ def evaluate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray,
 
     summary = {
         "final_accuracy": float(exits["test_accuracy"].iloc[-1]),
-        "final_macro_f1": float(exits["test_macro_f1"].iloc[-1]),
+        **final,
         **{f"accuracy_at_{name}": float(at_budget[f"at_{name}"]) for name in BUDGET_FRACTIONS},
         "auc_normalised": selected_auc(selected, "test", covered_from),
         "val_auc_normalised": selected_auc(selected, "val", covered_from),

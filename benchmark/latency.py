@@ -360,7 +360,7 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         outputs = test[POLICY_RULE.get(point.policy, "max_softmax")]
         decided = exit_decisions(outputs.score, point.thresholds)
         stored_prediction = outputs.prediction[decided, np.arange(len(decided))]
-        stored_accuracy, evaluated_flops = operating_point(decided, outputs.correct, exit_costs)
+        stored_accuracy, evaluated_flops = operating_point(decided, outputs, exit_costs)
         _check_against_selected(selected, point, float(stored_accuracy), float(evaluated_flops), folder)
         if point.policy == "backbone":
             evaluated_flops = backbone_flops

@@ -22,7 +22,7 @@ from benchmark.analyze import leaderboard
 from benchmark.claims import (CLAIMS_FILE, POWER, VERDICT_RULE, claim_findings, claims_phrase, evaluate_claims, holm,
                               load_claims)
 from benchmark.errors import UserError
-from benchmark.evaluate import POLICY_ORDER
+from benchmark.evaluate import POLICY_ORDER, POLICY_RULE
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, read_csv, write_text
 from benchmark.tuning import NOT_TUNED
 
@@ -310,7 +310,7 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
     width = staircase.budget_to - staircase.budget_from
     rows = [[f"`{policy}`", _percent((budgets.policy == policy).mean()),
              _percent(width[staircase.policy == policy].sum() / width.sum() if width.sum() > 0 else np.nan)]
-            for policy in POLICY_ORDER]
+            for policy in POLICY_ORDER if policy in POLICY_RULE or policy in set(selected.policy)]
     out += ["Share of the selections validation made, over every done run: at the four budgets (25/50/75/100 %), "
             "and of the budget range the primary area averages over (first exit's cost to 100 %).", "",
             *_table(["policy", "budget selections (%)", "primary area's budget range (%)"], rows), ""]

@@ -60,3 +60,38 @@ def test_summaries_read_uniform_as_least_and_one_hot_as_most_confident():
     assert summaries(half)["low_quantile_max_softmax"].item() == pytest.approx(0.25)
     assert summaries(half)["mean_max_softmax"].item() == pytest.approx((2 + 0.25) / 3)
     assert all(v.dtype == torch.float64 and v.shape == (1,) for v in summaries(half).values())
+
+
+def toy_dense_run(seed=0, exits=3, images=40, classes=3):
+    """Per-(exit, image) confusion matrices of random pixel predictions that get better with depth, and scores."""
+    rng = np.random.default_rng(seed)
+    confusion = np.zeros((exits, images, classes, classes), dtype=np.int64)
+    for k in range(exits):
+        for i in range(images):
+            truth = rng.integers(0, classes, 50)
+            right = rng.random(50) < 0.4 + 0.25 * k
+            guess = np.where(right, truth, rng.integers(0, classes, 50))
+            np.add.at(confusion[k, i], (truth, guess), 1)
+    scores = {rule: rng.random((exits, images)) for rule in ("mean_max_softmax", "low_quantile_max_softmax",
+                                                             "entropy")}
+    return scores, confusion
+
+
+def test_dense_evaluation_reads_miou_where_classification_reads_accuracy():
+    from benchmark.dense import DenseExitOutputs, evaluate_dense
+    from benchmark.evaluate import DENSE_POLICY_RULE, POLICY_ORDER, exit_decisions, policy_thresholds
+    (val_scores, val_conf), (test_scores, test_conf) = toy_dense_run(0), toy_dense_run(1)
+    costs = np.array([1.0, 2.0, 4.0])
+    result = evaluate_dense(val_scores, val_conf, test_scores, test_conf, costs, 4.0)
+    assert list(dict.fromkeys(result.curves.policy)) == [p for p in POLICY_ORDER if p in DENSE_POLICY_RULE]
+    assert result.exits.test_accuracy.tolist() == pytest.approx([float(mean_iou(test_conf[k].sum(0))) for k in range(3)])
+    assert result.summary["final_accuracy"] == pytest.approx(mean_iou(test_conf[-1].sum(0)))
+    assert result.summary["final_pixel_accuracy"] == pytest.approx(pixel_accuracy(test_conf[-1].sum(0)))
+    quantile = result.curves[result.curves.policy == "quantile"].iloc[40]           # one point, recomputed by hand
+    thresholds = policy_thresholds("quantile", [quantile.param], val_scores["low_quantile_max_softmax"])[0]
+    leave = exit_decisions(test_scores["low_quantile_max_softmax"], thresholds)
+    by_hand = mean_iou(sum(test_conf[k, i] for i, k in enumerate(leave)))
+    assert quantile.test_accuracy == pytest.approx(by_hand) and quantile.test_flops == pytest.approx(costs[leave].mean())
+    assert 0 <= result.summary["auc_normalised"] <= 1 and result.selected.policy.notna().all()
+    assert DenseExitOutputs(val_scores["entropy"], val_conf).quality(np.full(40, 2)) == pytest.approx(
+        mean_iou(val_conf[2].sum(0)))

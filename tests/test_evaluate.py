@@ -124,7 +124,7 @@ def test_exit_rule_matches_per_sample_loop(seed, n_exits):
     outputs = ExitOutputs.from_logits(logits, labels)
 
     exits = exit_decisions(outputs.score, thresholds)
-    accuracy, mean_flops = operating_point(exits, outputs.correct, exit_costs)
+    accuracy, mean_flops = operating_point(exits, outputs, exit_costs)
 
     loop_exits, loop_accuracy, loop_flops = loop_exit_policy(logits, labels, exit_costs, thresholds)
     assert len(set(loop_exits)) > 1, "thresholds should spread samples over several exits"
@@ -151,7 +151,7 @@ def test_tau_zero_sends_all_to_first_exit_and_tau_above_one_to_last(seed):
     assert (everyone_first == 0).all()
 
     everyone_last = exit_decisions(outputs.score, np.full(3, 1.01))
-    accuracy, mean_flops = operating_point(everyone_last, outputs.correct, exit_costs)
+    accuracy, mean_flops = operating_point(everyone_last, outputs, exit_costs)
     assert (everyone_last == 3).all()
     assert accuracy == outputs.correct[-1].mean()
     assert mean_flops == pytest.approx(exit_costs[-1], rel=1e-12)
