@@ -62,17 +62,40 @@ def collect_logits(model, x: torch.Tensor, batch_size: int = 512,
     values into model inputs (`Dataset.normalise` for uint8 pixels); the batch size is fixed per device type
     (`eval_batch_size`).
     """
+    return torch.cat([logits.cpu() for _, logits in eval_forward(model, x, batch_size, prepare)], dim=1).numpy()
+
+
+def eval_forward(model, x: torch.Tensor, batch_size: int = 512,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """THE evaluation forward, batch by batch: yields (start, per-exit float32 logits (K, B, ...)) on the model's
+    device, under the settings `collect_logits` states (eval mode, eager, no TF32). Classification stores the logits;
+    segmentation reduces each batch to what `benchmark.dense` stores (`collect_dense`)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    chunks = []
     try:
         with evaluating(model), eager():
             for start in range(0, len(x), batch_size):
                 batch = x[start:start + batch_size]
-                chunks.append(torch.stack(model(batch if prepare is None else prepare(batch))).float().cpu())
+                yield start, torch.stack(model(batch if prepare is None else prepare(batch))).float()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return torch.cat(chunks, dim=1).numpy()
+
+
+def collect_dense(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 512,
+                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """A segmentation split's per-(exit, image) confusion matrices (K, N, C, C) int64 and confidence summaries
+    (rule -> (K, N) float64) from the one evaluation forward (`eval_forward`): what dense.npz stores instead of
+    per-pixel logits (`benchmark.dense`)."""
+    from benchmark.dense import SUMMARY_RULES, confusion_per_image, summaries
+
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("confusion", *SUMMARY_RULES)}
+    for start, logits in eval_forward(model, x, batch_size, prepare):
+        labels = y[start:start + logits.shape[1]].to(logits.device)
+        per_exit = [summaries(z) for z in logits]
+        parts["confusion"].append(torch.stack([confusion_per_image(z, labels, num_classes) for z in logits]).cpu())
+        for rule in SUMMARY_RULES:
+            parts[rule].append(torch.stack([summary[rule] for summary in per_exit]).cpu())
+    return {key: torch.cat(chunks, dim=1).numpy() for key, chunks in parts.items()}
 
 
 def _split(data, split: str, device: torch.device) -> tuple[torch.Tensor, int, Callable]:

@@ -95,3 +95,22 @@ def test_dense_evaluation_reads_miou_where_classification_reads_accuracy():
     assert 0 <= result.summary["auc_normalised"] <= 1 and result.selected.policy.notna().all()
     assert DenseExitOutputs(val_scores["entropy"], val_conf).quality(np.full(40, 2)) == pytest.approx(
         mean_iou(val_conf[2].sum(0)))
+
+
+def test_the_dense_eval_forward_stores_exactly_what_the_per_pixel_logits_give():
+    """collect_dense on a real seg_cnn: per-(exit, image) confusion and summaries equal those of collect_logits'
+    per-pixel logits (the same eval forward), batch size and all."""
+    from benchmark.models import build_model
+    from benchmark.pipeline import collect_dense, collect_logits
+    torch.manual_seed(0)
+    model = build_model("seg_cnn", 5, (1, 16, 20), head="seg_linear", exits=[1, 4])
+    x = torch.randn(7, 1, 16, 20)
+    y = torch.randint(0, 5, (7, 16, 20)).to(torch.uint8)
+    y[:, :2] = IGNORE_INDEX
+    stored = collect_dense(model, x, y, 5, batch_size=3)
+    logits = torch.from_numpy(collect_logits(model, x, batch_size=3))           # (K, N, C, H, W)
+    assert stored["confusion"].shape == (3, 7, 5, 5) and stored["confusion"].sum() == 3 * 7 * 14 * 20
+    for k in range(3):
+        assert np.array_equal(stored["confusion"][k], confusion_per_image(logits[k], y, 5).numpy())
+        for rule, values in summaries(logits[k]).items():
+            np.testing.assert_allclose(stored[rule][k], values.numpy(), rtol=1e-12)
