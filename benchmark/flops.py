@@ -71,8 +71,20 @@ class FlopsProfile:
 def profile_flops(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsProfile:
     """Run one sample through a meta-device copy of ``model``, counting each block, head and the classifier.
 
-    Works on a network without heads too, which is how exit placement by FLOPs sees the bare backbone.
+    Works on a network without heads too, which is how exit placement by FLOPs sees the bare backbone. Counted with
+    deterministic algorithms off: under them (every run turns them on) a meta-device bilinear upsampling decomposes
+    into indexing and elementwise ops the counter does not see, and a segmentation exit's upsampling read 0 FLOPs;
+    on the meta device nothing is computed, so the flag changes nothing else.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        return _profile(model, input_shape)
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def _profile(model: MultiExitNet, input_shape: tuple[int, ...]) -> FlopsProfile:
     shadow = copy.deepcopy(model).to("meta").eval()
     head_at = dict(zip(shadow.exit_blocks, shadow.heads))
     blocks, heads, shapes, outputs = [], [], [], []

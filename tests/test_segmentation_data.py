@@ -136,7 +136,8 @@ def test_a_seeded_split_holds_out_a_fixed_share_and_at_least_one():
 def test_a_segmentation_task_needs_an_arch_that_predicts_per_pixel_labels(grid_file):
     with pytest.raises(UserError, match=re.escape("'mnist_scenes' holds image inputs with per-pixel labels "
                                                   "(segmentation) but no arch in archs takes them (registered "
-                                                  "archs that do: seg_cnn)")):
+                                                  "archs that do: deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, "
+                                                  "fcn_resnet50, seg_cnn)")):
         load_grid(str(grid_file(datasets=("mnist_scenes",))))
     with pytest.raises(UserError, match=re.escape("'seg_cnn' takes image inputs with per-pixel labels "
                                                   "(segmentation) but no dataset holds them")):

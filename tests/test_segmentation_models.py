@@ -30,12 +30,21 @@ def test_segmentation_exits_are_placed_by_flops_within_tolerance():
     assert all(p.within_tolerance for p in placements), placements
 
 
-def test_a_linear_heads_flops_are_its_convolution_plus_four_multiply_adds_per_upsampled_value():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_linear_heads_flops_are_its_convolution_plus_four_multiply_adds_per_upsampled_value(deterministic):
+    """Whatever the deterministic-algorithms flag (runs set it; under it a meta-device upsampling decomposes into ops
+    the counter does not see)."""
     model = build_model("seg_cnn", 11, SHAPE, head="seg_linear", exits=[2])
     channels, h, w = profile_flops(model, SHAPE).block_output_shapes[2]
     convolution = 2 * channels * 11 * h * w + 0            # a 1x1 conv (its bias counts 0)
     upsampling = 2 * 4 * 11 * 32 * 42
-    assert profile_flops(model, SHAPE).heads == [convolution + upsampling]
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        assert profile_flops(model, SHAPE).heads == [convolution + upsampling]
+        assert torch.are_deterministic_algorithms_enabled() == deterministic          # the flag is left as it was
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     costs = exit_costs(model, SHAPE)
     assert costs[0] < costs[-1] and costs == sorted(costs)
 
