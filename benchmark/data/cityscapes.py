@@ -9,7 +9,8 @@ import numpy as np
 
 from benchmark.data.build import RawSplits
 from benchmark.data.dataset import IGNORE_INDEX
-from benchmark.data.folders import cached_arrays, decode_all, folder_fingerprint, folder_unavailable, opened_image
+from benchmark.data.folders import (decode_all, folder_fingerprint, folder_unavailable, official_splits, opened_image,
+                                    opened_label)
 from benchmark.errors import DataUnavailable
 
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
@@ -64,24 +65,21 @@ def _decode_pairs(root: Path, frames: list[Path], labels: list[Path]) -> tuple[n
     train_id[list(TRAIN_IDS)] = list(TRAIN_IDS.values())
     frame_of = dict(zip(labels, frames))
 
-    def opened(path: Path):
-        image = opened_image(path, lambda problem: _cityscapes_problem(root, problem))
+    def problem(text: str) -> Exception:
+        return _cityscapes_problem(root, text)
+
+    def twice_as_wide(image, path: Path):
         if image.size[0] != 2 * image.size[1]:
-            raise _cityscapes_problem(root, f"file {path} is {image.size[0]}x{image.size[1]} pixels; Cityscapes "
-                                            "frames are twice as wide as high (2048x1024)")
+            raise problem(f"file {path} is {image.size[0]}x{image.size[1]} pixels; Cityscapes frames are twice as "
+                          "wide as high (2048x1024)")
         return image
 
     def frame(path: Path) -> np.ndarray:
-        return np.asarray(opened(path).convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
+        image = twice_as_wide(opened_image(path, problem), path)
+        return np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
 
     def label(path: Path) -> np.ndarray:
-        ids = opened(path)
-        if ids.mode not in ("L", "P"):
-            raise _cityscapes_problem(root, f"label {path} is a {ids.mode} image, not the 8-bit labelIds PNG")
-        with Image.open(frame_of[path]) as photo:
-            if photo.size != ids.size:
-                raise _cityscapes_problem(root, f"label {path} is {ids.size[0]}x{ids.size[1]} pixels but its frame "
-                                                f"is {photo.size[0]}x{photo.size[1]}")
+        ids = twice_as_wide(opened_label(path, frame_of[path], problem, "the 8-bit labelIds PNG", "frame"), path)
         return train_id[np.asarray(ids.resize((width, height), Image.Resampling.NEAREST))]
 
     return (decode_all(frames, frame, (height, width, 3)).transpose(0, 3, 1, 2),
@@ -98,9 +96,5 @@ def _read_cityscapes(root: Path, download: bool) -> RawSplits:
     fingerprint = folder_fingerprint(f"v{CITYSCAPES_CACHE_VERSION} size {CITYSCAPES_SIZE}", root, [],
                                      [path for split in ("train", "val") for files in listed[split] for path in files])
 
-    def decode() -> dict[str, np.ndarray]:
-        (x_train, y_train), (x_test, y_test) = (_decode_pairs(root, *listed[split]) for split in ("train", "val"))
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-
-    arrays = cached_arrays(root / "cityscapes.exitbench.npz", fingerprint, decode)
-    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+    return official_splits(root / "cityscapes.exitbench.npz", fingerprint, listed,
+                           lambda frames, labels: _decode_pairs(root, frames, labels))

@@ -104,3 +104,31 @@ def opened_image(path: Path, problem: Callable[[str], Exception]):
     except (OSError, UnidentifiedImageError) as error:
         raise problem(f"file {path} cannot be decoded ({error})") from error
     return image
+
+
+def opened_label(path: Path, image_path: Path, problem: Callable[[str], Exception], expected: str,
+                 image_noun: str = "image"):
+    """The label PNG at `path`, decoded: 8-bit class values ("L" or palette "P" mode, else `problem` names the
+    `expected` file) of the same size as its image at `image_path`."""
+    from PIL import Image
+
+    label = opened_image(path, problem)
+    if label.mode not in ("L", "P"):
+        raise problem(f"label {path} is a {label.mode} image, not {expected}")
+    with Image.open(image_path) as photo:
+        if photo.size != label.size:
+            raise problem(f"label {path} is {label.size[0]}x{label.size[1]} pixels but its {image_noun} is "
+                          f"{photo.size[0]}x{photo.size[1]}")
+    return label
+
+
+def official_splits(cache: Path, fingerprint: str, listed: dict[str, tuple[list[Path], list[Path]]],
+                    decode_pairs: Callable[[list[Path], list[Path]], tuple[np.ndarray, np.ndarray]]) -> tuple:
+    """A segmentation folder's reader arrays (x_train, y_train, x_test, y_test): its official train split, and its
+    official val split as test (their test labels are not public), decoded once and cached (`cached_arrays`)."""
+    def decode() -> dict[str, np.ndarray]:
+        (x_train, y_train), (x_test, y_test) = (decode_pairs(*listed[split]) for split in ("train", "val"))
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+    arrays = cached_arrays(cache, fingerprint, decode)
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]

@@ -9,8 +9,8 @@ import numpy as np
 
 from benchmark.data.build import RawSplits
 from benchmark.data.dataset import IGNORE_INDEX
-from benchmark.data.folders import (cached_arrays, decode_all, folder_fingerprint, folder_unavailable, letterboxed,
-                                    opened_image)
+from benchmark.data.folders import (decode_all, folder_fingerprint, folder_unavailable, letterboxed, official_splits,
+                                    opened_image, opened_label)
 from benchmark.errors import DataUnavailable
 
 VOC_FOLDER = "VOCdevkit/VOC2012"
@@ -70,19 +70,12 @@ def _decode_pairs(root: Path, images: list[Path], labels: list[Path]) -> tuple[n
         return letterboxed(opened(path).convert("RGB"), VOC_SIDE, Image.Resampling.BILINEAR, (0, 0, 0))
 
     def label(path: Path) -> np.ndarray:
-        png = opened(path)
-        if png.mode not in ("P", "L"):
-            raise _voc_problem(root, f"label {path} is a {png.mode} image, not the official palette PNG of class "
-                                     "indices")
-        classes = np.asarray(png)
+        classes = np.asarray(opened_label(path, image_of[path], lambda problem: _voc_problem(root, problem),
+                                          "the official palette PNG of class indices"))
         unknown = sorted(set(np.unique(classes).tolist()) - {*range(VOC_CLASSES), IGNORE_INDEX})
         if unknown:
             raise _voc_problem(root, f"label {path} holds values {unknown[:5]}, which are neither a class "
                                      f"(0..{VOC_CLASSES - 1}) nor the border {IGNORE_INDEX}")
-        with Image.open(image_of[path]) as photo:
-            if photo.size != png.size:
-                raise _voc_problem(root, f"label {path} is {png.size[0]}x{png.size[1]} pixels but its image is "
-                                         f"{photo.size[0]}x{photo.size[1]}")
         return letterboxed(Image.fromarray(classes), VOC_SIDE, Image.Resampling.NEAREST, IGNORE_INDEX)
 
     return (decode_all(images, image, (VOC_SIDE, VOC_SIDE, 3)).transpose(0, 3, 1, 2),
@@ -101,10 +94,5 @@ def _read_voc2012(root: Path, download: bool) -> RawSplits:
     fingerprint = folder_fingerprint(f"v{VOC_CACHE_VERSION} side {VOC_SIDE}", folder,
                                      [sets / "train.txt", sets / "val.txt"],
                                      [path for split in ("train", "val") for files in listed[split] for path in files])
-
-    def decode() -> dict[str, np.ndarray]:
-        (x_train, y_train), (x_test, y_test) = (_decode_pairs(root, *listed[split]) for split in ("train", "val"))
-        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-
-    arrays = cached_arrays(root / "voc2012.exitbench.npz", fingerprint, decode)
-    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+    return official_splits(root / "voc2012.exitbench.npz", fingerprint, listed,
+                           lambda images, labels: _decode_pairs(root, images, labels))
