@@ -2,12 +2,14 @@
 
 The golden table `results/<grid>/golden.csv` has one row per (key, metric): `key` names a run by what it is —
 "dataset/arch/regime/seed", and "dataset/arch/regime/seed/exit=k" for per-exit rows — never by a path, a time or
-a run id; `metric` is one of RUN_METRICS (runs.csv) or EXIT_METRIC (exits.csv); `expected` is the value of the run
-that wrote the table; `tolerance` is how far a rerun may land from it (both ways) and still pass. Every metric is
+a run id; `metric` is one of RUN_METRICS (runs.csv), EXIT_METRIC (exits.csv) or "<table>.<column>" of an analysis
+table (ANALYSIS_ROWS: calibration, rank, information, sharpness, robustness, hypervolume — the rerun runs the grid's
+analyses, so a change to an analysis fails the check too); `expected` is the value of the run that wrote the table;
+`tolerance` is how far a rerun may land from it (both ways) and still pass. Every run and exit metric is
 higher-is-better, so a rerun below `expected - tolerance` is a *regression* and one above `expected + tolerance` an
-*improvement*; both fail, as do a *missing* row (a run that failed or an exit that vanished) and an *unexpected*
-one (the table must then be updated on purpose: `bench check --update`). A NaN (no operating point fits a budget)
-matches only a NaN.
+*improvement*; an analysis number outside its tolerance has *moved* (it has no better side); all fail, as do a
+*missing* row (a run that failed or an exit that vanished) and an *unexpected* one (the table must then be updated
+on purpose: `bench check --update`). A NaN (no operating point fits a budget) matches only a NaN.
 
 Why tolerances at all. CPU training is bitwise deterministic on one machine for a fixed thread count and fixed
 instruction-set (ISA) settings — but not across them: the floating-point summation order of oneDNN's convolutions,
@@ -50,6 +52,21 @@ RUN_METRICS = ("final_accuracy", "auc_normalised", "accuracy_at_25pct", "accurac
 EXIT_METRIC = "test_accuracy"
 VALIDATION_METRICS = ("val_auc_normalised",)
 GOLDEN_COLUMNS = ["key", "metric", "expected", "tolerance"]
+ANALYSIS_ROWS = {
+    # table: (rows kept, key columns after the run's or cell's, metrics); a checked row's metric is "table.column"
+    "calibration": ({"split": "test"}, ["exit"], ["ece", "nll"]),
+    "rank": (None, ["block"], ["effective_rank"]),
+    "information": ({"estimator": "renyi", "stage": "final"}, ["block"], ["I_XT_bits", "I_TY_bits"]),
+    "sharpness": (None, ["exit"], ["sharpness"]),
+    "robustness_summary": ({"point": ["area", "final"]}, ["point"], ["corrupted_accuracy"]),
+    "hypervolume": (None, [], ["hypervolume_normalised"]),
+}
+"""The analysis tables' checked numbers (issue 21: a change to an analysis passed CI unseen). Per run where the table
+has runs (calibration, rank, information, sharpness), per (cell, regime) otherwise. Left out, with the reason:
+landscape.csv (its slices are summarised by sharpness), pareto.csv (its fronts by the hypervolume), summary.csv
+and leaderboard.csv (seed means and ranks of the run metrics checked above), robustness.csv (by its summary)."""
+ANALYSIS_FLOOR = 1e-4
+"""Smallest tolerance of an analysis number (its unit varies: bits, ranks, ECE): the table's 4-decimal rounding."""
 CHECK_THREADS = 1
 """`bench check` trains with 1 thread by default: every machine has one, so the thread count never differs
 between the run that wrote the golden table and the one checking it (it changes the numbers)."""
@@ -70,7 +87,7 @@ SPREAD_MARGIN = 1.5
 
 @dataclass(frozen=True)
 class Difference:
-    kind: str              # regression | improvement | missing | unexpected
+    kind: str              # regression | improvement | moved (an analysis number) | missing | unexpected
     key: str
     metric: str
     expected: float
@@ -117,13 +134,37 @@ def observed(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for _, row in exits[exits["run_id"].isin(done)].iterrows():
             rows.append({"key": f"{run_key(row)}/exit={int(row['exit'])}", "metric": EXIT_METRIC,
                          "value": float(row[EXIT_METRIC])})
-    return pd.DataFrame(rows, columns=["key", "metric", "value"])
+    for name, (kept, key_columns, metrics) in ANALYSIS_ROWS.items():
+        table = tables.get(name, pd.DataFrame())
+        if table.empty:
+            continue
+        for column, allowed in (kept or {}).items():
+            table = table[table[column].isin(allowed if isinstance(allowed, list) else [allowed])]
+        if "run_id" in table:
+            table = table[table["run_id"].isin(done)]
+        for _, row in table.iterrows():
+            owner = run_key(row) if "seed" in table else f"{row['dataset']}/{row['arch']}/{row['regime']}/seeds"
+            key = "/".join([owner, *(f"{c}={_label(row[c])}" for c in key_columns)])
+            rows.extend({"key": key, "metric": f"{name}.{metric}", "value": float(row[metric])} for metric in metrics)
+    frame = pd.DataFrame(rows, columns=["key", "metric", "value"])
+    twice = frame[frame.duplicated(["key", "metric"])]
+    if not twice.empty:      # a table grew a column that tells its rows apart: ANALYSIS_ROWS must name it
+        raise ValueError(f"several rows for {twice.iloc[0]['key']} {twice.iloc[0]['metric']}: add the column that "
+                         f"tells them apart to ANALYSIS_ROWS")
+    return frame
+
+
+def _label(value) -> str:
+    """A key part: integers without '.0' (block=3, exit=0), anything else as it reads."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def sample_floor(keys_metrics: pd.DataFrame, split_sizes: dict[str, tuple[int, int]]) -> pd.Series:
     """One sample's worth per row: 1 / test samples, 1 / validation samples for validation metrics.
     `split_sizes`: dataset -> (validation samples, test samples)."""
     def floor(row) -> float:
+        if row["metric"].split(".", 1)[0] in ANALYSIS_ROWS:
+            return ANALYSIS_FLOOR
         n_val, n_test = split_sizes[row["key"].split("/", 1)[0]]
         return 1.0 / (n_val if row["metric"] in VALIDATION_METRICS else n_test)
     return pd.Series([floor(r) for _, r in keys_metrics.iterrows()], index=pd.MultiIndex.from_frame(
@@ -131,8 +172,12 @@ def sample_floor(keys_metrics: pd.DataFrame, split_sizes: dict[str, tuple[int, i
 
 
 def spread_group(key: str, metric: str) -> str:
-    """The rows whose spread is pooled: one (dataset, arch) cell's test metrics, or its validation metrics."""
-    return "/".join(key.split("/")[:2]) + ("|validation" if metric in VALIDATION_METRICS else "|test")
+    """The rows whose spread is pooled: one (dataset, arch) cell's test metrics, its validation metrics, or one of
+    its analysis numbers (each has its own unit)."""
+    cell = "/".join(key.split("/")[:2])
+    if metric.split(".", 1)[0] in ANALYSIS_ROWS:
+        return f"{cell}|{metric}"
+    return cell + ("|validation" if metric in VALIDATION_METRICS else "|test")
 
 
 def measured_tolerances(base: pd.DataFrame, reruns: list[pd.DataFrame], floors: pd.Series,
@@ -187,10 +232,13 @@ def compare(golden: pd.DataFrame, actual: pd.DataFrame) -> list[Difference]:
                 differences.append(Difference(kind, key, metric, expected, value, tolerance))
             continue
         tolerance = 0.0 if math.isnan(tolerance) else tolerance
+        directional = metric.split(".", 1)[0] not in ANALYSIS_ROWS
         if value < expected - tolerance - 1e-12:
-            differences.append(Difference("regression", key, metric, expected, value, tolerance))
+            differences.append(Difference("regression" if directional else "moved", key, metric, expected, value,
+                                          tolerance))
         elif value > expected + tolerance + 1e-12:
-            differences.append(Difference("improvement", key, metric, expected, value, tolerance))
+            differences.append(Difference("improvement" if directional else "moved", key, metric, expected, value,
+                                          tolerance))
     for (key, metric), value in got.items():
         if (key, metric) not in known:
             differences.append(Difference("unexpected", key, metric, math.nan, float(value), math.nan))
@@ -261,9 +309,13 @@ def read_golden(path: Path) -> pd.DataFrame:
 
 def rerun(grid, root: Path, *, threads: int, data_root: Path) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Train the grid's reported runs (its tuning runs first, where it has [tuning]) into `root` on the CPU, as
-    `bench run` would, without the analyses; return the tables and the failed runs (run id -> error)."""
+    `bench run` would, then run the grid's analyses; return the run and analysis tables and the failed runs (run id
+    -> error)."""
+    import torch
+
+    from benchmark.analyze import analyze_grid
     from benchmark.runner import run_grid
-    from benchmark.store import ResultsStore
+    from benchmark.store import ResultsStore, write_csv
     from benchmark.tables import build_tables
     from benchmark.tuning import make_plan
 
@@ -280,10 +332,21 @@ def rerun(grid, root: Path, *, threads: int, data_root: Path) -> tuple[dict[str,
         raise UserError(f"grid {grid.name} cannot be rerun in full: {'; '.join(reasons)}")
     settings = grid.analyses
     outcome = run_grid(plan.reported, store, snapshot_every=settings["snapshot_every"],
-                       snapshot_samples=settings["snapshot_samples"], **common)
+                       snapshot_samples=settings["snapshot_samples"], save_models=bool(settings["model"]), **common)
     if outcome.interrupted:
         raise KeyboardInterrupt
-    return build_tables(store, {s.run_id for s in plan.reported}, plan.provenance), outcome.failed
+    tables = build_tables(store, {s.run_id for s in plan.reported}, plan.provenance)
+    for name in ("runs", "exits", "curves", "selected"):
+        write_csv(store.tables_dir / f"{name}.csv", tables[name])       # what the analyses read
+    analyze_grid(plan.reported, store, settings, data_root=data_root, device=torch.device("cpu"), threads=threads)
+    return {**tables, **analysis_tables(root)}, outcome.failed
+
+
+def analysis_tables(root: Path) -> dict[str, pd.DataFrame]:
+    """The checked analysis tables of a results folder (an absent one: empty)."""
+    from benchmark.store import read_csv
+    paths = {name: root / "tables" / f"{name}.csv" for name in ANALYSIS_ROWS}
+    return {name: read_csv(path) if path.is_file() else pd.DataFrame() for name, path in paths.items()}
 
 
 def _perturbed_rerun(grid_path: Path, root: Path, threads: int, environment: dict[str, str],
@@ -294,7 +357,7 @@ def _perturbed_rerun(grid_path: Path, root: Path, threads: int, environment: dic
     if result.returncode != 0:
         raise RuntimeError(f"perturbed rerun {' '.join(command)} failed:\n{result.stderr[-2000:]}")
     from benchmark.store import read_csv
-    return {name: read_csv(root / "tables" / f"{name}.csv") for name in ("runs", "exits")}
+    return {**{name: read_csv(root / "tables" / f"{name}.csv") for name in ("runs", "exits")}, **analysis_tables(root)}
 
 
 def split_sizes(datasets, data_root: Path) -> dict[str, tuple[int, int]]:
@@ -352,13 +415,10 @@ def check(grid_name: str, *, update: bool = False, golden: Path | None = None, d
 
 def _main(argv: list[str]) -> None:
     """`python -m benchmark.check GRID ROOT THREADS DATA_ROOT`: one perturbed rerun (its own process, so that the
-    ISA variables it was started with take effect); writes ROOT/tables/{runs,exits}.csv."""
+    ISA variables it was started with take effect); `rerun` leaves its run and analysis tables in ROOT/tables."""
     from benchmark.grid import load_grid
-    from benchmark.store import write_csv
     grid_path, root, threads, data_root = argv
-    tables, _ = rerun(load_grid(grid_path, data_root), Path(root), threads=int(threads), data_root=Path(data_root))
-    for name in ("runs", "exits"):
-        write_csv(Path(root) / "tables" / f"{name}.csv", tables[name])
+    rerun(load_grid(grid_path, data_root), Path(root), threads=int(threads), data_root=Path(data_root))
 
 
 if __name__ == "__main__":

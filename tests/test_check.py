@@ -1,7 +1,8 @@
 """`bench check`: a real rerun of a tiny grid against a golden table written by `bench check --update`.
 
-The table is written once per test session (one run: digits x small_cnn x joint, 2 epochs; tolerances measured from
-two perturbed reruns instead of the default six, to keep the module under a minute); each test then edits a copy.
+The table is written once per test session (one run: digits x small_cnn x joint, 2 epochs, every analysis at a small
+size; tolerances measured from two perturbed reruns instead of the default six, to keep the module short); each
+test then edits a copy.
 """
 import math
 import re
@@ -21,6 +22,12 @@ from conftest import write_grid
 pytestmark = pytest.mark.xdist_group("check")   # one xdist worker: the other would wait for `written` doing nothing
 
 FEW_PERTURBATIONS = (("2 threads", 2, {}), ("ATen AVX2", 1, {"ATEN_CPU_CAPABILITY": "avx2"}))
+SMALL_ANALYSES = ("[analyses]\nsamples = 100\nlandscape_samples = 64\nlandscape_points_1d = 5\n"
+                  "landscape_points_2d = 3\ninterpolation_points = 3\nseverities = [3]\n")
+"""Every analysis, at a size that keeps the module's reruns short."""
+ANALYSIS_METRICS = {"calibration.ece", "calibration.nll", "rank.effective_rank", "information.I_XT_bits",
+                    "information.I_TY_bits", "sharpness.sharpness", "robustness_summary.corrupted_accuracy",
+                    "hypervolume.hypervolume_normalised"}
 
 
 def bench(*args):
@@ -39,7 +46,7 @@ def written(shared_folder):
     """(grid file, golden table written by --update, the command's output), once per session; read-only (tests
     that edit the table use `golden_copy`)."""
     def build(folder):
-        grid = write_grid(folder / "tiny.toml", regimes=("joint",), epochs=2)
+        grid = write_grid(folder / "tiny.toml", regimes=("joint",), epochs=2, extra=SMALL_ANALYSES)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(check_module, "PERTURBATIONS", FEW_PERTURBATIONS)
             result = bench("check", "--grid", grid, "--golden", folder / "golden.csv", "--update")
@@ -62,8 +69,16 @@ def test_update_writes_a_table_that_then_passes(written):
     assert "wrote" in output and "new golden table" in output and "2 perturbed reruns" in output
     table = pd.read_csv(golden)
     assert list(table.columns) == GOLDEN_COLUMNS
-    assert len(table) == 7 + 4                  # 7 run metrics + test accuracy of each of the 4 exits
-    assert (table["tolerance"] >= 1 / 360 - 1e-9).all()        # at least one of digits' 360 test samples
+    runs = table[~table.metric.str.contains(".", regex=False)]
+    assert len(runs) == 7 + 4                   # 7 run metrics + test accuracy of each of the 4 exits
+    assert (runs["tolerance"] >= 1 / 360 - 1e-9).all()         # at least one of digits' 360 test samples
+    per_metric = table.groupby("metric").size()
+    blocks = 9                                                  # small_cnn's blocks: rank and information per block
+    assert {m: per_metric[m] for m in ANALYSIS_METRICS} == {
+        "calibration.ece": 4, "calibration.nll": 4, "sharpness.sharpness": 4, "rank.effective_rank": blocks,
+        "information.I_XT_bits": blocks, "information.I_TY_bits": blocks,
+        "robustness_summary.corrupted_accuracy": 2, "hypervolume.hypervolume_normalised": 2}   # joint's and the cell's
+    assert (table.loc[table.metric.isin(ANALYSIS_METRICS), "tolerance"] >= check_module.ANALYSIS_FLOOR).all()
     result = bench("check", "--grid", grid, "--golden", golden)
     assert result.exit_code == 0, result.output
     assert "within tolerance (every value identical" in result.output   # same machine, same threads: bitwise
@@ -72,9 +87,10 @@ def test_update_writes_a_table_that_then_passes(written):
 def test_keys_name_runs_never_paths_or_times(written):
     grid, golden, _ = written
     table = pd.read_csv(golden)
-    assert all(re.fullmatch(r"digits/small_cnn/joint/0(/exit=[0-3])?", key) for key in table["key"]), table["key"]
+    pattern = r"digits/small_cnn/(joint/(0(/exit=[0-3]|/block=[0-8])?|seeds(/point=(area|final))?)|\(all\)/seeds)"
+    assert all(re.fullmatch(pattern, key) for key in table["key"]), table["key"]
     assert not any(str(grid.parent) in key or "seconds" in metric for key, metric in zip(table.key, table.metric))
-    assert set(table["metric"]) == {*check_module.RUN_METRICS, check_module.EXIT_METRIC}
+    assert set(table["metric"]) == {*check_module.RUN_METRICS, check_module.EXIT_METRIC, *ANALYSIS_METRICS}
 
 
 def _edit(path, change):
@@ -90,8 +106,14 @@ def _shift(sign):
     return change
 
 
+def _shift_analysis(table):
+    row = table.index[(table.key == "digits/small_cnn/joint/0/block=4") & (table.metric == "rank.effective_rank")][0]
+    table.loc[row, "expected"] += table.loc[row, "tolerance"] + 0.5
+    return table
+
+
 def _remove_exit_row(table):
-    return table[table.key != "digits/small_cnn/joint/0/exit=2"]
+    return table[(table.key != "digits/small_cnn/joint/0/exit=2") | (table.metric != "test_accuracy")]
 
 
 def _add_row(table):
@@ -102,6 +124,7 @@ def _add_row(table):
 @pytest.mark.parametrize("change, kind, key", [
     (_shift(+1), "regression", "digits/small_cnn/joint/0 "),          # golden above the rerun: rerun regressed
     (_shift(-1), "improvement", "digits/small_cnn/joint/0 "),         # golden below: an unannounced improvement
+    (_shift_analysis, "moved", "digits/small_cnn/joint/0/block=4"),    # an analysis number has no better side
     (_remove_exit_row, "unexpected", "digits/small_cnn/joint/0/exit=2"),   # the rerun has a row the table lacks
     (_add_row, "missing", "digits/small_cnn/joint/1"),                 # the table has a row the rerun lacks
 ])
