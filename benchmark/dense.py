@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from benchmark.data import IGNORE_INDEX
-from benchmark.evaluate import DENSE_POLICY_RULE, Evaluation, evaluation_of
+from benchmark.evaluate import DENSE_POLICY_RULE, Evaluation, evaluation_of, validation_area_of
 
 LOW_QUANTILE = 0.1
 """The quantile of the per-pixel max softmax in ``summaries``: how sure the image's least sure tenth of pixels is."""
@@ -123,3 +123,10 @@ def evaluate_dense(val_scores: dict[str, np.ndarray], val_confusion: np.ndarray,
     pixels = pixel_accuracy(np.asarray(test_confusion).sum(axis=1))
     return evaluation_of(outputs, DENSE_POLICY_RULE, exit_costs, float(backbone_cost),
                          {"test_pixel_accuracy": pixels}, {"final_pixel_accuracy": float(pixels[-1])})
+
+
+def dense_validation_area(val_scores: dict[str, np.ndarray], val_confusion: np.ndarray, exit_costs: np.ndarray,
+                          backbone_cost: float) -> float:
+    """`evaluate_dense`'s val_auc_normalised from the validation split alone: a tuning rung's score."""
+    outputs = {rule: DenseExitOutputs(val_scores[rule], val_confusion) for rule in dict.fromkeys(DENSE_POLICY_RULE.values())}
+    return validation_area_of(outputs, DENSE_POLICY_RULE, exit_costs, backbone_cost)

@@ -413,13 +413,18 @@ def selected_auc(selected: pd.DataFrame, split: str, covered_from: float) -> flo
 
 def validation_area(val_logits: np.ndarray, val_y: np.ndarray, exit_costs: np.ndarray, backbone_cost: float) -> float:
     """`evaluate`'s val_auc_normalised from validation logits alone — the score of a successive-halving rung, where
-    no test data may be read. The same curves and selection as `evaluate`: validation stands in for the test columns,
-    which `selected_auc(..., "val")` never reads."""
-    outputs = {rule: (ExitOutputs.from_logits(val_logits, val_y, rule),) * 2
-               for rule in dict.fromkeys(POLICY_RULE.values())}
-    curves = policy_curves(outputs, np.asarray(exit_costs, dtype=np.float64))
-    return selected_auc(selected_points(curves, float(backbone_cost)), "val",
-                        covered_budgets(exit_costs, backbone_cost))
+    no test data may be read."""
+    outputs = {rule: ExitOutputs.from_logits(val_logits, val_y, rule) for rule in dict.fromkeys(POLICY_RULE.values())}
+    return validation_area_of(outputs, POLICY_RULE, exit_costs, backbone_cost)
+
+
+def validation_area_of(val_outputs: dict, rules: dict[str, str], exit_costs: np.ndarray, backbone_cost: float) -> float:
+    """val_auc_normalised from each rule's validation outputs (`ExitOutputs`, or `dense.DenseExitOutputs`) under the
+    policies of `rules`: the same curves and selection as `evaluation_of`, validation standing in for the test
+    columns, which `selected_auc(..., "val")` never reads."""
+    curves = policy_curves({rule: (out, out) for rule, out in val_outputs.items()},
+                           np.asarray(exit_costs, dtype=np.float64), rules)
+    return selected_auc(selected_points(curves, float(backbone_cost)), "val", covered_budgets(exit_costs, backbone_cost))
 
 
 def policy_curves(outputs: dict[str, tuple[ExitOutputs, ExitOutputs]], exit_costs: np.ndarray,

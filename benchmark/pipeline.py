@@ -26,7 +26,7 @@ from benchmark.models.eval_mode import evaluating
 from benchmark.snapshots import InformationSnapshots
 from benchmark.spec import RunSpec
 from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, folder_digests, read_csv, read_json,
-                             read_logits, read_torch, write_csv, write_json, write_npz, write_torch)
+                             read_dense, read_logits, read_torch, write_csv, write_json, write_npz, write_torch)
 from benchmark.provenance import code_version
 from benchmark.tuning import TUNING_METRIC
 from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
@@ -238,15 +238,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                   "seed": spec.seed}
         write_csv(folder / "information_snapshots.csv", taken.assign(**labels)[[*labels, *taken.columns]])
 
-    val_logits = collect_logits(model, *_split(data, "val", device))
-    test_logits = collect_logits(model, *_split(data, "test", device))
-    val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
-    write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
-              exit_flops=np.asarray(costs["exits"]))
-    # metrics come from what is on disk, read back and checked, nothing else
-    stored = read_logits(folder / "logits.npz", model.num_exits, len(val_y), len(test_y))
-    evaluation = evaluate(stored["val"], stored["val_y"], stored["test"], stored["test_y"],
-                          stored["exit_flops"], costs["backbone"])
+    evaluation = stored_evaluation(model, data, folder, device, costs)
     write_csv(folder / "exits.csv", evaluation.exits.assign(**placement_columns(spec, data), run_id=spec.run_id))
     write_csv(folder / "curves.csv", evaluation.curves.assign(run_id=spec.run_id))
     write_csv(folder / "selected.csv", evaluation.selected.assign(run_id=spec.run_id))
@@ -265,6 +257,50 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     }
     write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done
     return metrics
+
+
+def stored_evaluation(model, data, folder: Path, device: torch.device, costs: dict):
+    """Evaluate the trained model on validation and test: store the outputs every metric is computed from —
+    logits.npz, or dense.npz for segmentation (`benchmark.dense`) — and evaluate what is on disk, read back and
+    checked, nothing else."""
+    exit_flops = np.asarray(costs["exits"])
+    if data.task == "segmentation":
+        from benchmark.dense import SUMMARY_RULES, evaluate_dense
+        arrays = {f"{split}_{key}": value for split in ("val", "test")
+                  for key, value in _dense_outputs(model, data, split, device).items()}
+        write_npz(folder / "dense.npz", **arrays, exit_flops=exit_flops)
+        stored = read_dense(folder / "dense.npz", model.num_exits, len(data.y_val), len(data.y_test),
+                            data.num_classes, SUMMARY_RULES)
+        scores = {split: {rule: stored[f"{split}_{rule}"] for rule in SUMMARY_RULES} for split in ("val", "test")}
+        return evaluate_dense(scores["val"], stored["val_confusion"], scores["test"], stored["test_confusion"],
+                              stored["exit_flops"], costs["backbone"])
+    val_logits = collect_logits(model, *_split(data, "val", device))
+    test_logits = collect_logits(model, *_split(data, "test", device))
+    val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
+    write_npz(folder / "logits.npz", val=val_logits, test=test_logits, val_y=val_y, test_y=test_y,
+              exit_flops=exit_flops)
+    stored = read_logits(folder / "logits.npz", model.num_exits, len(val_y), len(test_y))
+    return evaluate(stored["val"], stored["val_y"], stored["test"], stored["test_y"],
+                    stored["exit_flops"], costs["backbone"])
+
+
+def validation_scores(model, data, device: torch.device, costs: dict) -> tuple[float, list[float]]:
+    """A tuning rung's score from the validation split alone (no test data is read): the validation area and every
+    exit's validation accuracy (mIoU for segmentation)."""
+    if data.task == "segmentation":
+        from benchmark.dense import dense_validation_area, mean_iou
+        outputs = _dense_outputs(model, data, "val", device)
+        area = dense_validation_area(outputs, outputs["confusion"], np.asarray(costs["exits"]), costs["backbone"])
+        return area, mean_iou(outputs["confusion"].sum(axis=1)).tolist()
+    val_logits = collect_logits(model, *_split(data, "val", device))
+    val_y = data.y_val.cpu().numpy()
+    area = validation_area(val_logits, val_y, np.asarray(costs["exits"]), costs["backbone"])
+    return area, (val_logits.argmax(-1) == val_y).mean(axis=1).tolist()
+
+
+def _dense_outputs(model, data, split: str, device: torch.device) -> dict[str, np.ndarray]:
+    x, batch_size, prepare = _split(data, split, device)
+    return collect_dense(model, x, getattr(data, f"y_{split}"), data.num_classes, batch_size, prepare)
 
 
 def _run_cost(phase_costs: list[dict], p1_reused: bool, started: float, resumed: dict | None) -> dict:
@@ -303,9 +339,7 @@ def _finish_rung(spec: RunSpec, store: ResultsStore, folder: Path, model, object
                  environment, *, history, phase_costs, p1_reused, phase_rows, phase_state, resumed) -> dict:
     """A tuning rung stops here: its validation area (no test data is read), its history, and checkpoint.pt —
     everything the next rung or the full run needs to go on bitwise — then metrics.json, last."""
-    val_logits = collect_logits(model, *_split(data, "val", device))
-    val_y = data.y_val.cpu().numpy()
-    area = validation_area(val_logits, val_y, np.asarray(costs["exits"]), costs["backbone"])
+    area, val_accuracy = validation_scores(model, data, device, costs)
     partial = {"phase": phase_rows[-1]["phase"], "epochs_done": phase_rows[-1]["epoch"], **phase_state["cost"]}
     cost = _run_cost(phase_costs + [partial], p1_reused, started, resumed)
     write_csv(folder / "history.csv", _history_frame(history + phase_rows, spec))
@@ -317,7 +351,7 @@ def _finish_rung(spec: RunSpec, store: ResultsStore, folder: Path, model, object
     metrics = {
         "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
         "stop_after": spec.stop_after,
-        "summary": {TUNING_METRIC: area, "val_accuracy": (val_logits.argmax(-1) == val_y).mean(axis=1).tolist()},
+        "summary": {TUNING_METRIC: area, "val_accuracy": val_accuracy},
         "cost": cost, "num_exits": model.num_exits, "environment": environment,
         "checkpoint_sha256": file_digest(folder / CHECKPOINT),
         "files": {name: digest for name, digest in folder_digests(folder).items() if name != CHECKPOINT},

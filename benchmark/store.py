@@ -105,13 +105,7 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> dict[str, np.ndarray]:
     """logits.npz, checked against the run it belongs to: (K, N, C) logits per split, N labels, K exit costs."""
-    try:
-        with np.load(path) as stored:
-            arrays = {key: stored[key] for key in ("val", "val_y", "test", "test_y", "exit_flops")}
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
-            raise
-        raise CorruptFile(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
+    arrays = _load_npz(path, ("val", "val_y", "test", "test_y", "exit_flops"))
     expected = {"val": (num_exits, val_size), "val_y": (val_size,), "test": (num_exits, test_size),
                 "test_y": (test_size,), "exit_flops": (num_exits,)}
     for key, shape in expected.items():
@@ -119,6 +113,33 @@ def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> di
             raise CorruptFile(f"{path}: '{key}' has shape {arrays[key].shape}, expected {shape}"
                               f"{' + (classes,)' if key in ('val', 'test') else ''} for this run")
     return arrays
+
+
+def read_dense(path: Path, num_exits: int, val_size: int, test_size: int, num_classes: int,
+               rules: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """dense.npz (a segmentation run's outputs, `benchmark.dense`), checked against the run it belongs to: per split
+    `<split>_confusion` (K, N, C, C) pixel counts and `<split>_<rule>` (K, N) confidence summaries, K exit costs."""
+    sizes = {"val": val_size, "test": test_size}
+    expected = {"exit_flops": (num_exits,)}
+    for split, n in sizes.items():
+        expected[f"{split}_confusion"] = (num_exits, n, num_classes, num_classes)
+        expected.update({f"{split}_{rule}": (num_exits, n) for rule in rules})
+    arrays = _load_npz(path, tuple(expected))
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise CorruptFile(f"{path}: '{key}' has shape {arrays[key].shape}, expected {shape} for this run")
+    return arrays
+
+
+def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz file; a damaged or incomplete file is a CorruptFile naming it."""
+    try:
+        with np.load(path) as stored:
+            return {key: stored[key] for key in keys}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            raise
+        raise CorruptFile(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
 
 
 def write_torch(path: Path, obj: Any) -> None:

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from benchmark.dense import confusion_per_image, mean_iou
 from benchmark.determinism import derive_seed, eval_batch_size
 from benchmark.flops import counting_flops
 from benchmark.errors import NonFiniteLoss
 from benchmark.models.eval_mode import evaluating
 from regimes.base import Objective, Phase, StepContext
+from regimes.losses import cross_entropy
 
 
 @dataclass
@@ -169,8 +170,9 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
 
 
 def backbone_step(model, x, y, optimizer, ctx) -> dict:
-    """P1: the backbone alone, cross-entropy on its own classifier whatever the objective."""
-    loss = F.cross_entropy(model.forward_final(x), y)
+    """P1: the backbone alone, cross-entropy on its own classifier (its decoder, pixel-averaged, for segmentation)
+    whatever the objective."""
+    loss = cross_entropy(model.forward_final(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -179,17 +181,24 @@ def backbone_step(model, x, y, optimizer, ctx) -> dict:
 
 def exit_accuracies(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast,
                     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
-    """Per-exit accuracy on (x, y) in batches; `prepare` turns a batch of stored values into model inputs
-    (`Dataset.normalise` for uint8 pixels), so a whole split is never normalised at once."""
-    correct = None
+    """Per-exit accuracy on (x, y) in batches — for label maps (N, H, W), mIoU over the split's labelled pixels (the
+    accuracy columns' segmentation metric, `benchmark.dense`); `prepare` turns a batch of stored values into model
+    inputs (`Dataset.normalise` for uint8 pixels), so a whole split is never normalised at once."""
+    dense = y.dim() == 3
+    counts = None
     with evaluating(model), eager():                       # evaluation never runs a compiled (--fast) graph
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size]
+            batch, labels = x[start:start + batch_size], y[start:start + batch_size]
             with autocast():
                 logits = model(batch if prepare is None else prepare(batch))
-            hits = torch.stack([(z.argmax(1) == y[start:start + batch_size]).sum() for z in logits])
-            correct = hits if correct is None else correct + hits
-    return (correct.double() / len(x)).tolist()
+            if dense:
+                found = torch.stack([confusion_per_image(z, labels, z.shape[1]).sum(0) for z in logits])
+            else:
+                found = torch.stack([(z.argmax(1) == labels).sum() for z in logits])
+            counts = found if counts is None else counts + found
+    if dense:
+        return mean_iou(counts.cpu().numpy()).tolist()
+    return (counts.double() / len(x)).tolist()
 
 
 def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, pairing_seed: int,
@@ -240,14 +249,17 @@ def run_phase(model, phase: Phase, objective: Objective, data, train: dict, *, p
         optimizer_steps = drawn = 0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            x = prepare(data.augment(x_train[idx], generator))     # uint8 pixels: normalised after the crop
+            if data.task == "segmentation":                         # label maps move with their images
+                x, y = data.training_pair(idx, generator)
+            else:
+                x, y = prepare(data.augment(x_train[idx], generator)), data.y_train[idx]  # normalised after the crop
             if device.type == "cuda" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx.step = step
             kind = step_kind(ctx)
             counter = None if kind in result.cost.step_flops else counting_flops()
             with nullcontext() if counter is None else counter, eager(counter is not None), autocast():
-                out = step_fn(model, x, data.y_train[idx], optimizer, ctx)
+                out = step_fn(model, x, y, optimizer, ctx)
             if counter is not None:
                 result.cost.step_flops[kind] = float(counter.get_total_flops())
             result.cost.train_flops += result.cost.step_flops[kind]

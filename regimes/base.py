@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from benchmark.models.multi_exit import Hidden
+from regimes.losses import cross_entropy
 
 TRAINS = ("backbone", "all", "heads", "combiner")
 
@@ -213,9 +213,10 @@ class Objective:
 
 
 def exit_cross_entropies(logits: list[Tensor], y: Tensor) -> Tensor:
-    """Per-exit mean cross-entropy, detached: what history.csv logs whatever the objective."""
+    """Per-exit mean cross-entropy (over samples, or labelled pixels), detached: what history.csv logs whatever the
+    objective."""
     with torch.no_grad():
-        return torch.stack([F.cross_entropy(z.float(), y) for z in logits])
+        return torch.stack([cross_entropy(z.float(), y) for z in logits])
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`distill`: exits distil from a later exit (Phuong & Lampert, ICCV 2019; BYOT variants, Zhang et al., ICCV 2019).
 
 L = (1-c) CE_K + sum_{k<K} [(1-c) CE_k + c T^2 KL(softmax(sg(z_teacher)/T) || softmax(z_k/T))], KL averaged over
-the batch. The teacher never receives gradient from the distillation term (sg). `teacher` picks it:
+the batch (segmentation: per pixel, averaged over the labelled pixels; `regimes.losses`). The teacher never
+receives gradient from the distillation term (sg). `teacher` picks it:
 `last` — the final exit teaches every internal exit (Phuong & Lampert; BYOT's deepest-teacher setting);
 `next` — exit k+1 teaches exit k (a chain); `later` — the mean of the softened predictions of all exits after k.
 """
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from regimes.base import HParam, Objective
+from regimes.losses import cross_entropy, kl_divergence
 from regimes.registry import register_objective
 
 TEACHERS = ("last", "next", "later")
@@ -38,10 +40,10 @@ class Distill(Objective):
 
     def loss(self, logits, y, ctx):
         c, T = self.hp["weight"], self.hp["temperature"]
-        total = (1 - c) * F.cross_entropy(logits[-1], y)
+        total = (1 - c) * cross_entropy(logits[-1], y)
         for k, z in enumerate(logits[:-1]):
             target = soft_targets(logits, k, self.hp["teacher"], T)
             student = F.log_softmax(z.float() / T, dim=1)
-            kl = F.kl_div(student, target, reduction="batchmean")
-            total = total + (1 - c) * F.cross_entropy(z, y) + c * T * T * kl
+            kl = kl_divergence(student, target, y)
+            total = total + (1 - c) * cross_entropy(z, y) + c * T * T * kl
         return total

@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from regimes.base import Objective, StepContext
+from regimes.losses import cross_entropy
 
 
 @dataclass
@@ -127,11 +127,11 @@ class GradientCombination(Objective):
 
     def loss(self, logits: list[Tensor], y: Tensor, ctx: StepContext) -> Tensor:
         """The sum of the exits' cross-entropies: what every method here descends when the exits do not conflict."""
-        return torch.stack([F.cross_entropy(z, y) for z in logits]).sum()
+        return torch.stack([cross_entropy(z, y) for z in logits]).sum()
 
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         logits = self.forward(model, x)
-        exit_losses = [F.cross_entropy(z.float(), y) for z in logits]
+        exit_losses = [cross_entropy(z.float(), y) for z in logits]
         grads = exit_gradients(model, exit_losses)
         losses = torch.stack(exit_losses).detach()
         direction, weights = self.combine(grads.shared, ctx)

@@ -13,6 +13,7 @@ import torch
 
 from benchmark.models.multi_exit import on_coarsest_scale
 from regimes.base import Objective
+from regimes.losses import cross_entropy
 from regimes.registry import register_objective
 
 
@@ -53,4 +54,4 @@ class GradientEquilibrium(Objective):
         return on_coarsest_scale(lambda h: ScaleGradient.apply(h, float(self._n[i + 1])), hidden)
 
     def loss(self, logits, y, ctx):
-        return torch.stack([torch.nn.functional.cross_entropy(z, y) for z in logits]).sum()
+        return torch.stack([cross_entropy(z, y) for z in logits]).sum()

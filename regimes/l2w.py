@@ -22,13 +22,13 @@ optimizer steps twice per batch. Choices where the official code and REGIMES.md 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmark.budgeted import budget_shares, budgeted_exits
 from regimes.base import HParam, Objective
+from regimes.losses import sample_confidence, sample_cross_entropy
 from regimes.registry import register_objective
 
 CENTRINGS = ("col", "mat")
@@ -52,8 +52,8 @@ def centre_weights(raw: Tensor, mode: str) -> Tensor:
 
 
 def per_sample_exit_ce(logits: list[Tensor], y: Tensor) -> Tensor:
-    """ℓ ∈ R^{n×K}: each sample's cross-entropy at each exit, in float32."""
-    return torch.stack([F.cross_entropy(z.float(), y, reduction="none") for z in logits], dim=1)
+    """ℓ ∈ R^{n×K}: each sample's cross-entropy at each exit (an image's: over its labelled pixels), in float32."""
+    return torch.stack([sample_cross_entropy(z.float(), y) for z in logits], dim=1)
 
 
 def weighted_exit_loss(weights: Tensor, losses: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ def budgeted_exit_loss(logits: list[Tensor], y: Tensor, q: float) -> Tensor:
     gets no sample contributes nothing."""
     losses = per_sample_exit_ce(logits, y)
     with torch.no_grad():
-        confidences = torch.stack([z.float().softmax(dim=1).amax(dim=1) for z in logits])
+        confidences = torch.stack([sample_confidence(z) for z in logits])
         exits = torch.arange(len(logits), device=losses.device)
         chosen = (allocate_to_exits(confidences, q)[:, None] == exits).to(losses.dtype)   # one_hot syncs on CUDA
     return ((losses * chosen).sum(dim=0) / chosen.sum(dim=0).clamp(min=1)).sum()

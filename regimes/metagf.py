@@ -29,12 +29,12 @@ the auxiliary terms (the official list ends there, with 1).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
 from regimes.base import HParam, StepContext
 from regimes.exit_gradients import GradientCombination, exit_gradients
+from regimes.losses import cross_entropy
 from regimes.registry import register_objective
 from regimes.sdn import sdn_weights
 
@@ -115,7 +115,7 @@ class MetaGF(GradientCombination):
 
     def step(self, model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         logits = self.forward(model, x)
-        exit_losses = [F.cross_entropy(z.float(), y) for z in logits]
+        exit_losses = [cross_entropy(z.float(), y) for z in logits]
         grads = exit_gradients(model, exit_losses)
         losses = torch.stack(exit_losses).detach()
         if self.meta_weights is None:
@@ -152,7 +152,7 @@ class MetaGF(GradientCombination):
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         logits = functional_call(model, {**ahead, **buffers}, (x,))
         weights = self.meta_loss_weights(ctx).to(fused.device)
-        meta_loss = (weights * torch.stack([F.cross_entropy(z.float(), y) for z in logits])).sum()
+        meta_loss = (weights * torch.stack([cross_entropy(z.float(), y) for z in logits])).sum()
         previous = self.meta_weights.detach().clone()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.meta_weights.grad, = torch.autograd.grad(meta_loss, self.meta_weights)

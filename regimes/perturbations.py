@@ -13,10 +13,13 @@ the fill value 0 is the channel's training mean.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark.data.dataset import IGNORE_INDEX
 from regimes.base import HParam
 
 # kind -> strength name -> declaration. The only place these live: `cet` declares them as its hyperparameters, and
@@ -46,6 +49,13 @@ TIME_WARP_KNOTS = 4  # interior knots of the speed curve, as in Um et al.; 2 mor
 
 def perturb(x: Tensor, kind: str, generator: torch.Generator, **strengths: float) -> Tensor:
     """x̃ for a batch of ``kind`` ("image" or "series"); strengths left out take their defaults in STRENGTHS."""
+    return perturb_with_shift(x, kind, generator, **strengths)[0]
+
+
+def perturb_with_shift(x: Tensor, kind: str, generator: torch.Generator,
+                       **strengths: float) -> tuple[Tensor, Shift | None]:
+    """`perturb`, and the geometric part of an image perturbation (None: none, or a series), which a segmentation
+    objective applies to the labels and the clean prediction too; the same draws as `perturb`, so the same x̃."""
     if kind not in STRENGTHS:
         raise ValueError(f"unknown input kind {kind!r}; expected one of {sorted(STRENGTHS)}")
     unknown = set(strengths) - set(STRENGTHS[kind])
@@ -55,16 +65,17 @@ def perturb(x: Tensor, kind: str, generator: torch.Generator, **strengths: float
         raise ValueError(f"{kind} batches have rank {INPUT_RANKS[kind]}, got shape {tuple(x.shape)}")
     s = {name: strengths.get(name, declared.default) for name, declared in STRENGTHS[kind].items()}
     if kind == "image":
-        out = shift_and_flip(x, generator, s["crop"], s["flip"])
+        shift = draw_shift(x, generator, s["crop"], s["flip"])
+        out = x if shift is None else shift.move(x)
         out = cutout(out, generator, s["cutout"])
         out = additive_noise(out, generator, s["noise"])
         if out is not x and x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)  # keep the trainer's GPU layout
-        return out
+        return out, shift
     out = time_warp(x, generator, s["time_warp"])
     out = permute_segments(out, generator, int(s["permutation"]))
     out = scale_channels(out, generator, s["scaling"])
-    return additive_noise(out, generator, s["jitter"])
+    return additive_noise(out, generator, s["jitter"]), None
 
 
 def _draw(draw, *args, generator: torch.Generator, like: Tensor, **kwargs) -> Tensor:
@@ -85,23 +96,49 @@ def additive_noise(x: Tensor, generator: torch.Generator, sigma: float) -> Tenso
 # --- images (N, C, H, W) ---------------------------------------------------------------------------------
 
 
-def shift_and_flip(x: Tensor, generator: torch.Generator, crop: float, flip: float) -> Tensor:
-    """Shift every image by its own offset in [-int(crop*H), int(crop*H)] x [-int(crop*W), int(crop*W)], then
-    mirror it with probability ``flip``. Pixels shifted in from outside repeat the edge (a random crop of the
-    edge-padded image): for digits the edge is background, and no constant seam is invented for photos.
-    One gather with clamped indices."""
+@dataclass(frozen=True)
+class Shift:
+    """One batch's random shift (and mirror): where each output pixel reads from, (n, h*w) flat indices into its
+    own image, and whether that source lies inside the image (False: the edge repeated in). Applying it to the
+    label maps and to the clean prediction lets a segmentation objective compare x̃'s pixels with their sources."""
+
+    index: Tensor
+    inside: Tensor
+
+    def move(self, t: Tensor) -> Tensor:
+        """``t`` (n, c, h, w) with every image moved as its input was. One gather."""
+        n, c, h, w = t.shape
+        return t.reshape(n, c, h * w).gather(2, self.index[:, None].expand(n, c, h * w)).view(n, c, h, w)
+
+    def move_labels(self, y: Tensor) -> Tensor:
+        """Label maps (n, h, w) moved likewise; a pixel whose source lies outside the image gets IGNORE_INDEX."""
+        moved = self.move(y[:, None])[:, 0]
+        return moved.masked_fill(~self.inside.view_as(moved), IGNORE_INDEX)
+
+
+def draw_shift(x: Tensor, generator: torch.Generator, crop: float, flip: float) -> Shift | None:
+    """Every image's own offset in [-int(crop*H), int(crop*H)] x [-int(crop*W), int(crop*W)], then a mirror with
+    probability ``flip``; pixels shifted in from outside repeat the edge (a random crop of the edge-padded image):
+    for digits the edge is background, and no constant seam is invented for photos. None when both are off."""
     if crop == 0 and flip == 0:
-        return x
-    n, c, h, w = x.shape
+        return None
+    n, _, h, w = x.shape
     max_dy, max_dx = int(crop * h), int(crop * w)
     dy = _draw(torch.randint, -max_dy, max_dy + 1, (n, 1), generator=generator, like=x)
     dx = _draw(torch.randint, -max_dx, max_dx + 1, (n, 1), generator=generator, like=x)
     mirrored = _draw(torch.rand, (n, 1), generator=generator, like=x) < flip
-    rows = (torch.arange(h, device=x.device) + dy).clamp(0, h - 1)                    # (n, h)
+    rows = torch.arange(h, device=x.device) + dy                                      # (n, h)
     columns = torch.arange(w, device=x.device).expand(n, w)
-    columns = (torch.where(mirrored, w - 1 - columns, columns) + dx).clamp(0, w - 1)  # (n, w)
-    index = (rows[:, :, None] * w + columns[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+    columns = torch.where(mirrored, w - 1 - columns, columns) + dx                    # (n, w)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((columns >= 0) & (columns < w))[:, None, :]
+    index = rows.clamp(0, h - 1)[:, :, None] * w + columns.clamp(0, w - 1)[:, None, :]
+    return Shift(index.view(n, h * w), inside.view(n, h * w))
+
+
+def shift_and_flip(x: Tensor, generator: torch.Generator, crop: float, flip: float) -> Tensor:
+    """``x`` shifted and mirrored by `draw_shift`'s draw."""
+    shift = draw_shift(x, generator, crop, flip)
+    return x if shift is None else shift.move(x)
 
 
 def cutout(x: Tensor, generator: torch.Generator, size: float) -> Tensor:

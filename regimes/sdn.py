@@ -6,9 +6,9 @@ the phase, so early training shapes the backbone for the final exit first. t is 
 and E its length, as in the official code's training loop.
 """
 import numpy as np
-import torch.nn.functional as F
 
 from regimes.base import HParam, Objective
+from regimes.losses import cross_entropy
 from regimes.registry import register_objective
 
 
@@ -30,7 +30,7 @@ class SDN(Objective):
 
     def loss(self, logits, y, ctx):
         taus = sdn_weights(ctx.epoch + 1, ctx.epochs, len(logits) - 1, self.hp["c_min"], self.hp["c_max"])
-        total = F.cross_entropy(logits[-1], y)
+        total = cross_entropy(logits[-1], y)
         for tau, z in zip(taus, logits[:-1]):
-            total = total + float(tau) * F.cross_entropy(z, y)
+            total = total + float(tau) * cross_entropy(z, y)
         return total

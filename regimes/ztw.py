@@ -14,6 +14,8 @@ ztw_cv/methods/early_exit.py and its image scripts, e.g. ztw_cv/scripts/ztw_vit.
   else frozen: Adam, lr 1e-3, no weight decay, 2 epochs, mean cross-entropy of the exits' outputs (the official
   image scripts' ensembling stage; 5 epochs at lr 0.1 belong to its NLP scripts). From then on exit k outputs e_k,
   at inference too.
+- **Segmentation** (issue 23): all of this per pixel — each pixel's class vector is cascaded, normalised and
+  ensembled as a classification exit's logits are; D is the input channels of the head's last 1x1 convolution.
 Deviations, stated: the head's own feature columns keep the head's initialisation (fan-in D, shared with every regime
 of the cell so that regimes start from the same weights), sqrt((D + C)/D) larger than the official concatenated
 layer's (1.07x at D = 64, C = 10); the ensemble phase uses the grid's batch size (the official: 64). Where the
@@ -34,11 +36,13 @@ from regimes.uniform import Uniform
 
 
 def head_features(head: nn.Module) -> int:
-    """D: the input features of a head's last linear layer (the one the official cascading head widens by C)."""
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    """D: the input features of a head's last linear layer (the one the official cascading head widens by C); of a
+    segmentation head, its last 1x1 convolution's input channels (a linear layer applied at every pixel)."""
+    linears = [m.in_features for m in head.modules() if isinstance(m, nn.Linear)]
+    pixelwise = [m.in_channels for m in head.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    if not linears and not pixelwise:
         raise ValueError(f"ztw's cascades need a head that ends in a linear layer; {type(head).__name__} has none")
-    return linears[-1].in_features
+    return (linears or pixelwise)[-1]
 
 
 class GeometricEnsemble(nn.Module):
@@ -90,6 +94,10 @@ class ZeroTimeWaste(nn.Module):
     def step(self, k: int, head_logits: Tensor, state) -> tuple[Tensor, tuple]:
         if k == self.final_exit:
             return head_logits, state
+        if head_logits.dim() == 4:      # segmentation: every pixel's class vector, as a classification exit's
+            n, c, h, w = head_logits.shape
+            out, state = self.step(k, head_logits.permute(0, 2, 3, 1).reshape(n * h * w, c), state)
+            return out.view(n, h, w, c).permute(0, 3, 1, 2), state
         previous, log_probs = state if state is not None else (None, [])
         cascaded = head_logits if k == 0 else head_logits + self.cascades[k - 1](self.norms[k - 1](previous.detach()))
         log_probs = [*log_probs, torch.log_softmax(cascaded, dim=-1)]

@@ -81,7 +81,8 @@ def test_identity_perturbation_makes_the_term_zero_and_the_loss_the_sum_of_exit_
     model, x, y = model_and_batch
     expected = cross_entropies(copy.deepcopy(model)(x), y).sum()
     objective = cet(**IMAGE_OFF)
-    assert objective.perturb(x, context(model)) is x
+    x_tilde, shift = objective.perturb(x, context(model))
+    assert x_tilde is x and shift is None
     clean = model(x)
     assert torch.equal(objective.perturbed_terms(clean, model(x), y), torch.zeros(model.num_exits))
     out = objective.step(model, x, y, frozen_sgd(model), context(model))
@@ -105,7 +106,7 @@ def test_kl_gradient_reaches_the_perturbed_branch_only(model_and_batch):
     """sg: the clean prediction is a target. Checked on the logits, then on the step's parameter gradients."""
     model, x, y = model_and_batch
     objective = cet()
-    x_tilde = objective.perturb(x, context(model, seed=3))
+    x_tilde, _ = objective.perturb(x, context(model, seed=3))
     clean, perturbed = model(x), model(x_tilde)
     terms = objective.perturbed_terms(clean, perturbed, y).sum()
     into_clean = torch.autograd.grad(terms, clean + perturbed, allow_unused=True, retain_graph=True)

@@ -142,7 +142,7 @@ def test_a_segmentation_task_needs_an_arch_that_predicts_per_pixel_labels(grid_f
     with pytest.raises(UserError, match=re.escape("'seg_cnn' takes image inputs with per-pixel labels "
                                                   "(segmentation) but no dataset holds them")):
         load_grid(str(grid_file(archs=("small_cnn", "seg_cnn"))))
-    with pytest.raises(UserError, match="segmentation runs cannot be trained yet"):
+    with pytest.raises(UserError, match="segmentation grids cannot run yet"):
         load_grid(str(grid_file(datasets=("mnist_scenes",), archs=("seg_cnn",), extra='')))
     assert dataset_task("mnist_scenes") == dataset_task("voc2012") == dataset_task("cityscapes") == "segmentation"
     assert dataset_task("cluttered_mnist") == "classification"
