@@ -13,6 +13,10 @@ Per exit, on the clean test split:
   by C to compare.
 The confidence is `benchmark.evaluate.max_softmax` (float64 from the stored float32 logits), the one rule the
 exit policies use, so "confidence" means the same thing everywhere.
+
+Segmentation runs are calibrated over the labelled pixels of the test split (`pixel_calibration`), from the sums
+dense.npz stores per (exit, image) (`benchmark.dense.calibration_sums`: the same bins, the same float64 softmax):
+ECE, NLL, Brier and accuracy exactly as if every pixel were a sample; KS is NaN (it needs every pixel's confidence).
 """
 from __future__ import annotations
 
@@ -45,17 +49,25 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
     several runs pool by addition)."""
     confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     index = _bin_index(confidence, n_bins)
+    return _bins_frame(np.bincount(index, minlength=n_bins), np.bincount(index, weights=confidence, minlength=n_bins),
+                       np.bincount(index, weights=correct, minlength=n_bins))
+
+
+def _bins_frame(count, confidence_sum, correct_sum) -> pd.DataFrame:
+    n_bins = len(count)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return pd.DataFrame({"bin": np.arange(n_bins), "lo": edges[:-1], "hi": edges[1:],
-                         "count": np.bincount(index, minlength=n_bins),
-                         "confidence_sum": np.bincount(index, weights=confidence, minlength=n_bins),
-                         "correct_sum": np.bincount(index, weights=correct, minlength=n_bins)})
+    return pd.DataFrame({"bin": np.arange(n_bins), "lo": edges[:-1], "hi": edges[1:], "count": count,
+                         "confidence_sum": confidence_sum, "correct_sum": correct_sum})
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
     """ECE with `n_bins` equal-width confidence bins (Guo et al. 2017): sum over bins of
     (bin count / N) * |mean correctness - mean confidence|."""
-    bins = reliability_bins(confidence, correct, n_bins)
+    return binned_calibration_error(reliability_bins(confidence, correct, n_bins))
+
+
+def binned_calibration_error(bins: pd.DataFrame) -> float:
+    """ECE from reliability bins (`reliability_bins`, or pixel bins summed from dense.npz)."""
     total = bins["count"].sum()
     if total == 0:
         return float("nan")
@@ -105,14 +117,36 @@ def exit_calibration(logits: np.ndarray, labels: np.ndarray, n_bins: int = N_BIN
     return pd.DataFrame(rows), reliability[["exit", "split", *reliability.columns[:-2]]]
 
 
-def calibration_table(runs: Iterable[tuple[dict, np.ndarray, np.ndarray]],
-                      n_bins: int = N_BINS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`runs`: (labels {run_id, dataset, arch, regime, seed}, test logits (K, N, C), test labels (N,)) per run.
+def pixel_calibration(reliability: np.ndarray, likelihood: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`exit_calibration` of a segmentation run over the labelled pixels of its test split, from dense.npz's
+    per-(exit, image) sums: reliability (K, N, bins, 3) [pixels, confidence sum, pixels right] and likelihood
+    (K, N, 2) [NLL sum, Brier sum]. `samples` counts pixels; `ks` is NaN: the binning-free KS error needs every
+    pixel's confidence, which is not stored."""
+    rows, bins = [], []
+    for k, (exit_bins, exit_sums) in enumerate(zip(np.asarray(reliability), np.asarray(likelihood))):
+        count, confidence_sum, correct_sum = exit_bins.sum(axis=0).T
+        nll_sum, brier_sum = exit_sums.sum(axis=0)
+        frame = _bins_frame(count.astype(np.int64), confidence_sum, correct_sum)
+        pixels = count.sum()
+        rows.append({"exit": k, "split": "test", "accuracy": correct_sum.sum() / pixels,
+                     "mean_confidence": confidence_sum.sum() / pixels, "ece": binned_calibration_error(frame),
+                     "ks": float("nan"), "nll": nll_sum / pixels, "brier": brier_sum / pixels, "samples": int(pixels)})
+        bins.append(frame.assign(exit=k, split="test"))
+    reliability_frame = pd.concat(bins, ignore_index=True)
+    return pd.DataFrame(rows), reliability_frame[["exit", "split", *reliability_frame.columns[:-2]]]
+
+
+def calibration_table(runs: Iterable[tuple[dict, np.ndarray, np.ndarray]], n_bins: int = N_BINS,
+                      dense_runs: Iterable[tuple[dict, np.ndarray, np.ndarray]] = ()) -> tuple[pd.DataFrame,
+                                                                                                pd.DataFrame]:
+    """`runs`: (labels {run_id, dataset, arch, regime, seed}, test logits (K, N, C), test labels (N,)) per run;
+    `dense_runs`: (labels, reliability, likelihood) per segmentation run (`pixel_calibration`).
     Returns the tidy calibration table (run_id, dataset, arch, regime, seed, exit, split, accuracy,
     mean_confidence, ece, ks, nll, brier, samples) and the reliability bins of every (run, exit)."""
     tables, bins = [], []
-    for labels, logits, y in runs:
-        table, reliability = exit_calibration(logits, y, n_bins)
+    computed = [(labels, exit_calibration(logits, y, n_bins)) for labels, logits, y in runs]
+    computed += [(labels, pixel_calibration(reliability, likelihood)) for labels, reliability, likelihood in dense_runs]
+    for labels, (table, reliability) in computed:
         tags = {key: labels[key] for key in LABELS}
         tables.append(table.assign(**tags)[[*LABELS, *table.columns]])
         bins.append(reliability.assign(**tags)[[*LABELS, *reliability.columns]])

@@ -36,7 +36,8 @@ from benchmark.pipeline import collect_logits, initial_model
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import ResultsStore, read_csv, read_json, read_logits, read_torch, write_csv, write_npz
+from benchmark.store import (ResultsStore, read_csv, read_dense, read_json, read_logits, read_torch, write_csv,
+                             write_npz)
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
@@ -252,7 +253,8 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         robustness.plot_severity_curves(robust, figures)
 
     runs_path = tables / "runs.csv"
-    calib, bins = calibration.calibration_table(stored_test_logits(everything, store))
+    calib, bins = calibration.calibration_table(stored_test_logits(everything, store),
+                                                dense_runs=stored_test_calibration(everything, store))
     emit("calibration", calib)
     emit("reliability", bins)
     if not bins.empty:
@@ -292,6 +294,24 @@ def stored_test_logits(specs: list[RunSpec], store: ResultsStore):
         labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
                   "seed": spec.seed}
         yield labels, stored["test"], stored["test_y"]
+
+
+def stored_test_calibration(specs: list[RunSpec], store: ResultsStore):
+    """(labels, test reliability sums (K, N, bins, 3), test likelihood sums (K, N, 2)) of every segmentation run in
+    `specs` (those with dense.npz), read with the shape checks of `read_dense` (sizes from the file's own arrays)."""
+    from benchmark.dense import SUMMARY_RULES
+    for spec in specs:
+        path = store.run_dir(spec.run_id) / "dense.npz"
+        if not path.is_file():
+            continue
+        num_exits = read_json(store.run_dir(spec.run_id) / "metrics.json")["num_exits"]
+        with np.load(path) as sizes:
+            val_size, test_size = len(sizes["val_confusion"][0]), len(sizes["test_confusion"][0])
+            classes, bins = sizes["test_confusion"].shape[-1], sizes["test_reliability"].shape[2]
+        stored = read_dense(path, num_exits, val_size, test_size, classes, SUMMARY_RULES, bins)
+        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
+                  "seed": spec.seed}
+        yield labels, stored["test_reliability"], stored["test_likelihood"]
 
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:

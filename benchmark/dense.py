@@ -7,7 +7,12 @@ do not scale. Everything the metrics and the per-image exit policies need is kep
   split, so its mIoU and pixel accuracy are exact — mIoU is not a mean over images and cannot be stored as one;
 - ``summaries``: label-free confidences of the image's prediction over all its pixels, what a deployed policy
   can compute before deciding (MESS networks decide per image from such a summary): the mean and the 10 %
-  quantile of the per-pixel max softmax, and one minus the mean normalised entropy.
+  quantile of the per-pixel max softmax, and one minus the mean normalised entropy;
+- ``reliability`` (B, 3) and ``likelihood`` (2,): calibration over the image's labelled pixels — per equal-width
+  bin of the max softmax (`analysis.calibration`'s bins) the pixel count, the sum of confidence and the number
+  predicted right, and the sums of the pixels' negative log-likelihood and Brier score. Summed over images they
+  give the split's ECE, NLL and Brier over pixels exactly; the binning-free KS error needs every pixel's confidence
+  and is not stored.
 
 mIoU (Long et al., FCN 2015; the Pascal VOC and Cityscapes benchmarks): per class, IoU = TP / (TP + FP + FN) from
 the split's confusion matrix, averaged over the classes that occur in the labels or the predictions of the split
@@ -50,6 +55,29 @@ def summaries(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     entropy = -(log_p.exp() * log_p).sum(dim=1).flatten(1) / np.log(logits.shape[1])
     return {"mean_max_softmax": top.mean(dim=1), "low_quantile_max_softmax": torch.quantile(top, LOW_QUANTILE, dim=1),
             "entropy": 1.0 - entropy.mean(dim=1)}
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, over its labelled pixels: ``reliability`` (N, n_bins, 3) float64 — per equal-width bin (lo, hi] of
+    the max softmax (a confidence of 0 in the first): pixel count, confidence sum, pixels predicted right — and
+    ``likelihood`` (N, 2) float64: the sums of -log p(true class) and of the Brier score sum_c (p_c - [c = y])^2."""
+    n = len(labels)
+    labels = labels.long()
+    counted = labels != IGNORE_INDEX
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    top, predicted = log_p.max(dim=1)
+    confidence = top.exp()
+    true = labels.where(counted, 0)[:, None]
+    log_p_true = log_p.gather(1, true)[:, 0]
+    brier = log_p.exp().pow(2).sum(dim=1) - 2 * log_p_true.exp() + 1
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    index = (torch.arange(n, device=labels.device).view(n, 1, 1) * n_bins + bins)[counted]
+    sums = [torch.bincount(index, weights=weights, minlength=n * n_bins) for weights in
+            (torch.ones_like(confidence[counted]), confidence[counted], (predicted == labels)[counted].double())]
+    reliability = torch.stack(sums, dim=-1).view(n, n_bins, 3)
+    weight = counted.double()
+    likelihood = torch.stack([(-log_p_true * weight).flatten(1).sum(1), (brier * weight).flatten(1).sum(1)], dim=-1)
+    return reliability, likelihood
 
 
 def mean_iou(confusion: np.ndarray) -> np.ndarray:

@@ -83,16 +83,21 @@ def eval_forward(model, x: torch.Tensor, batch_size: int = 512,
 
 def collect_dense(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 512,
                   prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, np.ndarray]:
-    """A segmentation split's per-(exit, image) confusion matrices (K, N, C, C) int64 and confidence summaries
-    (rule -> (K, N) float64) from the one evaluation forward (`eval_forward`): what dense.npz stores instead of
-    per-pixel logits (`benchmark.dense`)."""
-    from benchmark.dense import SUMMARY_RULES, confusion_per_image, summaries
+    """A segmentation split's per-(exit, image) confusion matrices (K, N, C, C) int64, confidence summaries
+    (rule -> (K, N) float64) and calibration sums (reliability (K, N, B, 3), likelihood (K, N, 2)) from the one
+    evaluation forward (`eval_forward`): what dense.npz stores instead of per-pixel logits (`benchmark.dense`)."""
+    from analysis.calibration import N_BINS
+    from benchmark.dense import SUMMARY_RULES, calibration_sums, confusion_per_image, summaries
 
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("confusion", *SUMMARY_RULES)}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("confusion", "reliability", "likelihood",
+                                                                *SUMMARY_RULES)}
     for start, logits in eval_forward(model, x, batch_size, prepare):
         labels = y[start:start + logits.shape[1]].to(logits.device)
         per_exit = [summaries(z) for z in logits]
         parts["confusion"].append(torch.stack([confusion_per_image(z, labels, num_classes) for z in logits]).cpu())
+        calibration = [calibration_sums(z, labels, N_BINS) for z in logits]
+        parts["reliability"].append(torch.stack([bins for bins, _ in calibration]).cpu())
+        parts["likelihood"].append(torch.stack([sums for _, sums in calibration]).cpu())
         for rule in SUMMARY_RULES:
             parts[rule].append(torch.stack([summary[rule] for summary in per_exit]).cpu())
     return {key: torch.cat(chunks, dim=1).numpy() for key, chunks in parts.items()}
@@ -265,12 +270,13 @@ def stored_evaluation(model, data, folder: Path, device: torch.device, costs: di
     checked, nothing else."""
     exit_flops = np.asarray(costs["exits"])
     if data.task == "segmentation":
+        from analysis.calibration import N_BINS
         from benchmark.dense import SUMMARY_RULES, evaluate_dense
         arrays = {f"{split}_{key}": value for split in ("val", "test")
                   for key, value in _dense_outputs(model, data, split, device).items()}
         write_npz(folder / "dense.npz", **arrays, exit_flops=exit_flops)
         stored = read_dense(folder / "dense.npz", model.num_exits, len(data.y_val), len(data.y_test),
-                            data.num_classes, SUMMARY_RULES)
+                            data.num_classes, SUMMARY_RULES, N_BINS)
         scores = {split: {rule: stored[f"{split}_{rule}"] for rule in SUMMARY_RULES} for split in ("val", "test")}
         return evaluate_dense(scores["val"], stored["val_confusion"], scores["test"], stored["test_confusion"],
                               stored["exit_flops"], costs["backbone"])

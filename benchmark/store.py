@@ -116,13 +116,16 @@ def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> di
 
 
 def read_dense(path: Path, num_exits: int, val_size: int, test_size: int, num_classes: int,
-               rules: tuple[str, ...]) -> dict[str, np.ndarray]:
+               rules: tuple[str, ...], n_bins: int) -> dict[str, np.ndarray]:
     """dense.npz (a segmentation run's outputs, `benchmark.dense`), checked against the run it belongs to: per split
-    `<split>_confusion` (K, N, C, C) pixel counts and `<split>_<rule>` (K, N) confidence summaries, K exit costs."""
+    `<split>_confusion` (K, N, C, C) pixel counts, `<split>_<rule>` (K, N) confidence summaries,
+    `<split>_reliability` (K, N, bins, 3) and `<split>_likelihood` (K, N, 2) calibration sums; K exit costs."""
     sizes = {"val": val_size, "test": test_size}
     expected = {"exit_flops": (num_exits,)}
     for split, n in sizes.items():
         expected[f"{split}_confusion"] = (num_exits, n, num_classes, num_classes)
+        expected[f"{split}_reliability"] = (num_exits, n, n_bins, 3)
+        expected[f"{split}_likelihood"] = (num_exits, n, 2)
         expected.update({f"{split}_{rule}": (num_exits, n) for rule in rules})
     arrays = _load_npz(path, tuple(expected))
     for key, shape in expected.items():

@@ -3,18 +3,22 @@ label counts nowhere), each objective's definition carries over per pixel, and a
 dense.npz — the classification calls stay the ones they were."""
 from contextlib import nullcontext
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis.calibration import N_BINS, calibration_table, exit_calibration, pixel_calibration
+from benchmark.analyze import stored_test_calibration
 from benchmark.data import IGNORE_INDEX, load_dataset
-from benchmark.dense import SUMMARY_RULES, confusion_per_image, mean_iou, summaries
+from benchmark.dense import SUMMARY_RULES, calibration_sums, confusion_per_image, mean_iou, summaries
 from benchmark.evaluate import DENSE_POLICY_RULE
 from benchmark.models import build_model
 from benchmark.pipeline import stored_evaluation, validation_scores
-from benchmark.store import read_dense
+from benchmark.store import ResultsStore, read_dense, write_json
 from benchmark.train import exit_accuracies, run_phase
 from regimes.base import Budget
 from regimes.losses import cross_entropy, kl_divergence, sample_confidence, sample_cross_entropy
@@ -84,6 +88,25 @@ def test_an_images_confidence_is_the_summary_the_per_image_budgeted_policy_alloc
     logits, _ = dense_batch()
     assert DENSE_POLICY_RULE["budgeted"] == "mean_max_softmax"
     torch.testing.assert_close(sample_confidence(logits).double(), summaries(logits.detach())["mean_max_softmax"])
+
+
+# --- calibration over pixels ---------------------------------------------------------------------------------------
+
+
+def test_pixel_calibration_from_stored_sums_is_the_calibration_of_the_labelled_pixels_themselves():
+    generator = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(2, 3, 4, 5, 6, generator=generator)          # 2 exits, 3 images, 4 classes
+    labels = torch.randint(0, 4, (3, 5, 6), generator=generator).to(torch.uint8)
+    labels[torch.rand(labels.shape, generator=generator) < 0.2] = IGNORE_INDEX
+    sums = [calibration_sums(z, labels, N_BINS) for z in logits]
+    table, bins = pixel_calibration(torch.stack([r for r, _ in sums]).numpy(), torch.stack([s for _, s in sums]).numpy())
+    keep = labels != IGNORE_INDEX
+    pixel_logits = logits.permute(0, 1, 3, 4, 2)[:, keep].numpy()         # (exits, labelled pixels, classes)
+    reference, reference_bins = exit_calibration(pixel_logits, labels[keep].long().numpy())
+    for column in ("accuracy", "mean_confidence", "ece", "nll", "brier", "samples"):
+        assert table[column].to_numpy() == pytest.approx(reference[column].to_numpy(), rel=1e-12), column
+    assert table["ks"].isna().all()                                        # needs every pixel: not stored
+    pd.testing.assert_frame_equal(bins[["exit", "bin", "count"]], reference_bins[["exit", "bin", "count"]])
 
 
 # --- cet's geometric perturbation moves the labels too ----------------------------------------------------------------
@@ -169,9 +192,11 @@ def test_every_regime_trains_a_segmentation_network_and_its_run_evaluates_from_d
 
     costs = {"backbone": 1e6, "exits": [2.5e5 * (k + 1) for k in range(model.num_exits)]}
     evaluation = stored_evaluation(model, scenes, tmp_path, CPU, costs)
-    stored = read_dense(tmp_path / "dense.npz", model.num_exits, 24, 24, scenes.num_classes, SUMMARY_RULES)
+    stored = read_dense(tmp_path / "dense.npz", model.num_exits, 24, 24, scenes.num_classes, SUMMARY_RULES, N_BINS)
     assert not (tmp_path / "logits.npz").exists()
     assert evaluation.exits["test_accuracy"].tolist() == mean_iou(stored["test_confusion"].sum(axis=1)).tolist()
+    calibration, _ = pixel_calibration(stored["test_reliability"], stored["test_likelihood"])
+    assert calibration["accuracy"].to_numpy() == pytest.approx(evaluation.exits["test_pixel_accuracy"].to_numpy())
     area, val_miou = validation_scores(model, scenes, CPU, costs)
     assert area == evaluation.summary["val_auc_normalised"]
     assert val_miou == evaluation.exits["val_accuracy"].tolist()
@@ -185,3 +210,18 @@ def test_validation_miou_in_history_is_the_split_confusions_miou(scenes):
         logits = model.eval()(scenes.x_val)
     expected = [float(mean_iou(confusion_per_image(z, scenes.y_val, scenes.num_classes).sum(0).numpy())) for z in logits]
     assert got == pytest.approx(expected) and len(set(got)) > 1
+
+
+def test_the_grids_calibration_table_reads_a_segmentation_runs_pixel_calibration_from_dense_npz(scenes, tmp_path):
+    store = ResultsStore(tmp_path)
+    folder = store.run_dir("scene-run")
+    folder.mkdir(parents=True)
+    model, _, _ = scene_model_and_batch("joint", scenes)
+    costs = {"backbone": 1e6, "exits": [2e5 * (k + 1) for k in range(model.num_exits)]}
+    stored_evaluation(model, scenes, folder, CPU, costs)
+    write_json(folder / "metrics.json", {"num_exits": model.num_exits})
+    spec = SimpleNamespace(run_id="scene-run", dataset="mnist_scenes", arch="seg_cnn", regime="joint", seed=0)
+    table, bins = calibration_table([], dense_runs=stored_test_calibration([spec], store))
+    labelled = int((scenes.y_test != IGNORE_INDEX).sum())
+    assert table.exit.tolist() == list(range(model.num_exits)) and (table.samples == labelled).all()
+    assert set(bins.run_id) == {"scene-run"} and (bins.groupby("exit")["count"].sum() == labelled).all()
