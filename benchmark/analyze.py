@@ -32,7 +32,7 @@ from analysis import calibration, information, landscape, pareto, rank, robustne
 from benchmark.corruptions import CORRUPTIONS, SEVERITIES, corrupted_inputs, corruptions_for
 from benchmark.data import dataset_kind, load_dataset
 from benchmark.determinism import eval_batch_size
-from benchmark.pipeline import collect_logits, initial_model
+from benchmark.pipeline import collect_logits, initial_model, labelled
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
@@ -75,12 +75,6 @@ def p1_state(spec: RunSpec, store: ResultsStore) -> dict | None:
     return read_torch(path) if path is not None and path.is_file() else None
 
 
-def _labelled(frame: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
-    labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
-              "seed": spec.seed}
-    return frame.assign(**labels)[[*labels, *frame.columns]]
-
-
 def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device) -> None:
     """Compute the missing per-run analyses of one done run (each file written atomically)."""
     folder = store.run_dir(spec.run_id)
@@ -95,17 +89,17 @@ def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: P
     model = load_trained(spec, store, data, device)
     x, y = analysis_subset(data, settings["samples"])          # the same samples for rank and information
     if "rank" in todo:
-        write_csv(folder / "rank.csv", _labelled(rank.rank_table(model, x, n_samples=None), spec))
+        write_csv(folder / "rank.csv", labelled(rank.rank_table(model, x, n_samples=None), spec))
     if "information" in todo:
         tables = [information.information_table(model, x, y, estimator=e, n_samples=None)
                   for e in ("renyi", "binning")]
         bound = information.exit_bound_table(model, x, y, n_samples=None).assign(estimator="H(Y)-CE bound")
         frame = pd.concat([*tables, bound], ignore_index=True).assign(stage="final")
-        write_csv(folder / "information.csv", _labelled(frame, spec))
+        write_csv(folder / "information.csv", labelled(frame, spec))
     if "landscape" in todo:
-        write_csv(folder / "landscape.csv", _labelled(run_landscape(spec, store, model, data, settings), spec))
+        write_csv(folder / "landscape.csv", labelled(run_landscape(spec, store, model, data, settings), spec))
     if "robustness" in todo:
-        write_csv(folder / "robustness.csv", _labelled(run_robustness(spec, store, model, data, settings, device), spec))
+        write_csv(folder / "robustness.csv", labelled(run_robustness(spec, store, model, data, settings, device), spec))
 
 
 def robustness_cases(spec: RunSpec, settings: dict) -> list[tuple[str, int]]:
@@ -291,9 +285,7 @@ def stored_test_logits(specs: list[RunSpec], store: ResultsStore):
         with np.load(folder / "logits.npz") as sizes:
             val_size, test_size = len(sizes["val_y"]), len(sizes["test_y"])
         stored = read_logits(folder / "logits.npz", num_exits, val_size, test_size)
-        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
-                  "seed": spec.seed}
-        yield labels, stored["test"], stored["test_y"]
+        yield spec.labels, stored["test"], stored["test_y"]
 
 
 def stored_test_calibration(specs: list[RunSpec], store: ResultsStore):
@@ -309,9 +301,7 @@ def stored_test_calibration(specs: list[RunSpec], store: ResultsStore):
             val_size, test_size = len(sizes["val_confusion"][0]), len(sizes["test_confusion"][0])
             classes, bins = sizes["test_confusion"].shape[-1], sizes["test_reliability"].shape[2]
         stored = read_dense(path, num_exits, val_size, test_size, classes, SUMMARY_RULES, bins)
-        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
-                  "seed": spec.seed}
-        yield labels, stored["test_reliability"], stored["test_likelihood"]
+        yield spec.labels, stored["test_reliability"], stored["test_likelihood"]
 
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:

@@ -391,8 +391,7 @@ def measure_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
             "cpu_model": environment["cpu_model"], "cpu_capability": environment["cpu_capability"],
         }
         for selection in point.selections:
-            rows.append({"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
-                         "seed": spec.seed, "selection": selection, "policy": point.policy, "point": point.point,
+            rows.append({**spec.labels, "selection": selection, "policy": point.policy, "point": point.point,
                          "param": point.param, "thresholds": " ".join(f"{t:.17g}" for t in point.thresholds),
                          **measured})
     rows.sort(key=lambda row: _selection_rank(row["selection"]))

@@ -239,9 +239,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     write_csv(folder / "history.csv", _history_frame(history, spec))
     if snapshots:
         taken = pd.concat([p1_snapshots, snapshots.table()], ignore_index=True)
-        labels = {"run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime,
-                  "seed": spec.seed}
-        write_csv(folder / "information_snapshots.csv", taken.assign(**labels)[[*labels, *taken.columns]])
+        write_csv(folder / "information_snapshots.csv", labelled(taken, spec))
 
     evaluation = stored_evaluation(model, data, folder, device, costs)
     write_csv(folder / "exits.csv", evaluation.exits.assign(**placement_columns(spec, data), run_id=spec.run_id))
@@ -251,7 +249,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         write_torch(folder / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
     metrics = {
-        "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
+        **spec.labels,
         "summary": evaluation.summary,
         "flops": {"unit": "FLOPs (1 multiply-add = 2 FLOPs), per sample", "backbone": costs["backbone"],
                   "exits": costs["exits"]},
@@ -262,6 +260,12 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     }
     write_json(folder / "metrics.json", metrics)     # last: its presence marks the run done
     return metrics
+
+
+def labelled(frame: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
+    """A per-run table with the run's labels (`RunSpec.labels`) as its first columns."""
+    labels = spec.labels
+    return frame.assign(**labels)[[*labels, *frame.columns]]
 
 
 def stored_evaluation(model, data, folder: Path, device: torch.device, costs: dict):
@@ -355,7 +359,7 @@ def _finish_rung(spec: RunSpec, store: ResultsStore, folder: Path, model, object
         "history": history, "phase_costs": phase_costs, "p1_reused": p1_reused,
         "run_wall_seconds": cost["run_wall_seconds"]})
     metrics = {
-        "run_id": spec.run_id, "dataset": spec.dataset, "arch": spec.arch, "regime": spec.regime, "seed": spec.seed,
+        **spec.labels,
         "stop_after": spec.stop_after,
         "summary": {TUNING_METRIC: area, "val_accuracy": val_accuracy},
         "cost": cost, "num_exits": model.num_exits, "environment": environment,

@@ -61,6 +61,12 @@ class RunSpec:
         return replace(self, stop_after=epochs)
 
     @property
+    def labels(self) -> dict[str, Any]:
+        """What every per-run table row and metrics.json name the run by, in this column order."""
+        return {"run_id": self.run_id, "dataset": self.dataset, "arch": self.arch, "regime": self.regime,
+                "seed": self.seed}
+
+    @property
     def run_id(self) -> str:
         return _digest(self.semantic())
 

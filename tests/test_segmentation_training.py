@@ -3,7 +3,6 @@ label counts nowhere), each objective's definition carries over per pixel, and a
 dense.npz — the classification calls stay the ones they were."""
 from contextlib import nullcontext
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from benchmark.dense import SUMMARY_RULES, calibration_sums, confusion_per_image
 from benchmark.evaluate import DENSE_POLICY_RULE
 from benchmark.models import build_model
 from benchmark.pipeline import stored_evaluation, validation_scores
+from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, read_dense, write_json
 from benchmark.train import exit_accuracies, run_phase
 from regimes.base import Budget
@@ -214,14 +214,14 @@ def test_validation_miou_in_history_is_the_split_confusions_miou(scenes):
 
 def test_the_grids_calibration_table_reads_a_segmentation_runs_pixel_calibration_from_dense_npz(scenes, tmp_path):
     store = ResultsStore(tmp_path)
-    folder = store.run_dir("scene-run")
+    spec = RunSpec(dataset="mnist_scenes", arch="seg_cnn", regime="joint", seed=0, train={}, model={})
+    folder = store.run_dir(spec.run_id)
     folder.mkdir(parents=True)
     model, _, _ = scene_model_and_batch("joint", scenes)
     costs = {"backbone": 1e6, "exits": [2e5 * (k + 1) for k in range(model.num_exits)]}
     stored_evaluation(model, scenes, folder, CPU, costs)
     write_json(folder / "metrics.json", {"num_exits": model.num_exits})
-    spec = SimpleNamespace(run_id="scene-run", dataset="mnist_scenes", arch="seg_cnn", regime="joint", seed=0)
     table, bins = calibration_table([], dense_runs=stored_test_calibration([spec], store))
     labelled = int((scenes.y_test != IGNORE_INDEX).sum())
     assert table.exit.tolist() == list(range(model.num_exits)) and (table.samples == labelled).all()
-    assert set(bins.run_id) == {"scene-run"} and (bins.groupby("exit")["count"].sum() == labelled).all()
+    assert set(bins.run_id) == {spec.run_id} and set(table.dataset) == {"mnist_scenes"} and (bins.groupby("exit")["count"].sum() == labelled).all()
