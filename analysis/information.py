@@ -27,6 +27,12 @@ Estimators
 cross-entropy in bits (a decoder's cross-entropy upper-bounds H(Y|T)); it is negative for a poor head. The bound
 is about Shannon information: matrix-based values are a different functional on their own scale (a trained
 small_cnn on digits reads ~2.4 bits there against a bound of ~3.2), so compare each with itself, not the two.
+
+Segmentation (label maps (N, H, W)): I(X;T) is measured as for classification, on the block's flattened maps.
+I(T;Y) is not: both estimators need one label symbol per sample, and a label map is a structured object (the same
+digits at other places are another symbol), so every image would be its own class and I(T;Y) would read H(T); the
+columns are NaN. The exit bound carries over per pixel — Y a labelled pixel's class, CE the pixel-averaged
+cross-entropy over the labelled pixels — and bounds what the exit's output at a pixel tells about its label.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import Tensor, nn
 
 from analysis.style import (BASELINE, new_figure, place_legend, regime_handles, regime_order, regime_style, save,
                             schedule_groups)
+from benchmark.data.dataset import IGNORE_INDEX
 from benchmark.models.eval_mode import evaluating
 from benchmark.models.multi_exit import Hidden, coarsest_scale
 
@@ -56,11 +63,13 @@ def stratified_indices(y: Tensor | np.ndarray, n_samples: int | None, seed: int 
     """Sorted indices of a fixed, class-stratified subset of size ``n_samples`` (all indices if None or too big).
 
     The same (y, n_samples, seed) gives the same subset on every call, so every model is measured on the same
-    samples.
+    samples. Label maps (N, H, W) have no class per sample to stratify by: their subset is a seeded uniform draw.
     """
     labels = np.asarray(torch.as_tensor(y).cpu())
     if n_samples is None or n_samples >= len(labels):
         return np.arange(len(labels))
+    if labels.ndim > 1:
+        return np.sort(np.random.default_rng(seed).choice(len(labels), size=n_samples, replace=False))
     from sklearn.model_selection import train_test_split  # ~0.8 s, so not at import: `bench run` imports this module
 
     chosen, _ = train_test_split(np.arange(len(labels)), train_size=n_samples, stratify=labels, random_state=seed)
@@ -157,8 +166,13 @@ def discrete_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
 # -------------------------------------------------------------------------------- exit lower bound
 
 def exit_information_lower_bound(logits: Tensor, y: Tensor) -> dict[str, float]:
-    """H(Y), the head's cross-entropy and the bound I(T;Y) >= H(Y) - CE, all in bits, on the given samples."""
+    """H(Y), the head's cross-entropy and the bound I(T;Y) >= H(Y) - CE, all in bits, on the given samples (on
+    their labelled pixels for per-pixel logits (N, C, H, W) and label maps (N, H, W))."""
     y = torch.as_tensor(y).cpu()
+    logits = torch.as_tensor(logits)
+    if y.dim() > 1:
+        counted = y != IGNORE_INDEX
+        logits, y = logits.movedim(1, -1)[counted.to(logits.device)], y[counted].long()
     cross_entropy = F.cross_entropy(torch.as_tensor(logits).double().cpu(), y).item() / math.log(2)
     label_entropy = discrete_entropy(y.numpy())
     return {"H_Y_bits": label_entropy, "CE_bits": cross_entropy,
@@ -204,12 +218,15 @@ def information_table(model: nn.Module, x: Tensor, y: Tensor, *, estimator: str 
     index = torch.as_tensor(stratified_indices(y, n_samples, seed))
     x, y = x[index], torch.as_tensor(y)[index]
     representations, _ = _forward_collect(model, x, batch_size)
+    per_sample_labels = y.dim() == 1          # label maps: no I(T;Y) (module docstring)
     rows = []
     if estimator == "renyi":
         inputs = x.flatten(1).to(representations[0].device)
         sigma_x = silverman_sigma(inputs, sigma_scale)
-        gram_x, gram_y = gaussian_gram(inputs, sigma_x), label_gram(y.to(inputs.device))
-        entropy_x, entropy_y = renyi_entropy(gram_x, alpha=alpha), renyi_entropy(gram_y, alpha=alpha)
+        gram_x = gaussian_gram(inputs, sigma_x)
+        gram_y = label_gram(y.to(inputs.device)) if per_sample_labels else None
+        entropy_x = renyi_entropy(gram_x, alpha=alpha)
+        entropy_y = renyi_entropy(gram_y, alpha=alpha) if per_sample_labels else math.nan
         for block, t in enumerate(representations):
             sigma_t = silverman_sigma(t, sigma_scale)
             gram_t = gaussian_gram(t, sigma_t)
@@ -217,7 +234,8 @@ def information_table(model: nn.Module, x: Tensor, y: Tensor, *, estimator: str 
             rows.append({
                 "block": block, "estimator": estimator,
                 "I_XT_bits": entropy_x + entropy_t - renyi_entropy(gram_x, gram_t, alpha=alpha),
-                "I_TY_bits": entropy_t + entropy_y - renyi_entropy(gram_t, gram_y, alpha=alpha),
+                "I_TY_bits": (entropy_t + entropy_y - renyi_entropy(gram_t, gram_y, alpha=alpha)
+                              if per_sample_labels else math.nan),
                 "H_T_bits": entropy_t, "H_Y_bits": entropy_y, "n_samples": len(y), "features": t.shape[1],
                 "alpha": alpha, "sigma_T": sigma_t, "sigma_X": sigma_x,
             })
@@ -227,10 +245,10 @@ def information_table(model: nn.Module, x: Tensor, y: Tensor, *, estimator: str 
             symbols = binned_symbols(t, bins)
             entropy_t = discrete_entropy(symbols)
             rows.append({
-                "block": block, "estimator": estimator,
-                "I_XT_bits": entropy_t, "I_TY_bits": discrete_mutual_information(symbols, labels),
-                "H_T_bits": entropy_t, "H_Y_bits": discrete_entropy(labels), "n_samples": len(y),
-                "features": t.shape[1], "bins": bins,
+                "block": block, "estimator": estimator, "I_XT_bits": entropy_t,
+                "I_TY_bits": discrete_mutual_information(symbols, labels) if per_sample_labels else math.nan,
+                "H_T_bits": entropy_t, "H_Y_bits": discrete_entropy(labels) if per_sample_labels else math.nan,
+                "n_samples": len(y), "features": t.shape[1], "bins": bins,
             })
     return pd.DataFrame(rows)
 

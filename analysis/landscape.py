@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from analysis.style import new_figure, regime_colour, regime_order, regime_style, save
+from benchmark.data.dataset import IGNORE_INDEX
 from benchmark.models.eval_mode import evaluating
 
 # Defaults sized for the quick grid on a 2-core CPU. A point costs one forward of the subset (256 images by
@@ -84,26 +85,42 @@ def _filter_norms(t: Tensor) -> Tensor:
 def exit_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> Measure:
     """The Measure of a multi-exit ``model`` on (x, y): mean cross-entropy (nats) and accuracy per exit.
 
+    For label maps y (N, H, W) (segmentation) both are over the labelled pixels: the pixel-averaged cross-entropy the
+    regimes train on (`regimes.losses.cross_entropy`) and pixel accuracy — the landscape of the segmentation loss.
     Tensors not given keep the model's own values (buffers, in a slice). The model is put in eval mode for
     the call and every module is given back the mode it was in (``evaluating``).
     """
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
+    dense = y.dim() > 1
+    counted = int((y != IGNORE_INDEX).sum()) if dense else len(y)
 
     def measure(tensors: Mapping[str, Tensor]) -> list[tuple[float, float]]:
         loss_sum, correct = None, None
         with evaluating(model):
             for start in range(0, len(y), batch_size):
                 xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                logits = torch.stack(functional_call(model, dict(tensors), (xb,))).float()  # (K, B, C)
-                batch_loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1),
-                                             reduction="none").double().sum(1)
-                batch_correct = (logits.argmax(2) == yb).sum(1)
+                logits = torch.stack(functional_call(model, dict(tensors), (xb,))).float()  # (K, B, C[, H, W])
+                if dense:
+                    batch_loss, batch_correct = _pixel_sums(logits, yb.long())
+                else:
+                    batch_loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1),
+                                                 reduction="none").double().sum(1)
+                    batch_correct = (logits.argmax(2) == yb).sum(1)
                 loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
                 correct = batch_correct if correct is None else correct + batch_correct
-        return [(float(l) / len(y), float(c) / len(y)) for l, c in zip(loss_sum.cpu(), correct.cpu())]
+        return [(float(l) / counted, float(c) / counted) for l, c in zip(loss_sum.cpu(), correct.cpu())]
 
     return measure
+
+
+def _pixel_sums(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per exit, the cross-entropy summed over the labelled pixels of per-pixel logits (K, B, C, H, W) against label
+    maps (B, H, W), and the number of those pixels predicted right."""
+    target = y.expand(len(logits), *y.shape).flatten(0, 1)
+    per_pixel = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=IGNORE_INDEX, reduction="none")
+    right = (logits.argmax(2).flatten(0, 1) == target) & (target != IGNORE_INDEX)
+    return per_pixel.double().reshape(len(logits), -1).sum(1), right.reshape(len(logits), -1).sum(1)
 
 
 def sweep(measure: Measure, tensors_at: Callable[[Sequence[float]], Mapping[str, Tensor]],

@@ -5,7 +5,9 @@ increasing uncertainty" (arXiv 2109.13192). Every run is evaluated on the corrup
 (benchmark/corruptions.py: the same corrupted samples for every regime) by `benchmark.evaluate.evaluate` itself,
 with the clean *validation* logits: every threshold and operating point is still fit and chosen on clean
 validation, as a deployed model would be, and only the test side is corrupted. Severity 0 is the stored clean test
-logits, so its rows are the run's own clean numbers exactly.
+logits, so its rows are the run's own clean numbers exactly. A segmentation run (`run_dense_robustness`) is the same
+from its per-image outputs (dense.npz's arrays): its `accuracy` is mIoU — the corruptions are photometric, so the
+label maps stay as they are — and its calibration is over labelled pixels.
 
 Per run (robustness.csv, one row per corruption x severity x point): `point` is `exit_k` (everyone leaves at exit
 k: accuracy, macro-F1, the exit's FLOPs fraction, and its calibration — ECE with 15 equal-width bins, KS error, NLL,
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.calibration import exit_calibration, shown_exits
+from analysis.calibration import exit_calibration, pixel_calibration, shown_exits
 from analysis.style import new_figure, place_legend, regime_handles, regime_order, regime_style, save
 from benchmark.evaluate import BUDGET_FRACTIONS, POLICY_RULE, evaluate, macro_f1, point_outcome
 
@@ -41,26 +43,55 @@ def run_robustness(val_logits: np.ndarray, val_y: np.ndarray, clean_test_logits:
                    backbone_cost: float) -> pd.DataFrame:
     """robustness.csv rows of one run: the clean test logits as severity 0, then every (corruption, severity) of
     `corrupted` (test logits (K, N, C) each), each evaluated against the clean validation logits."""
-    cases = [((CLEAN, 0), clean_test_logits), *corrupted.items()]
-    frames = [_case_rows(val_logits, val_y, logits, test_y, exit_costs, backbone_cost).assign(
-        corruption=corruption, severity=severity) for (corruption, severity), logits in cases]
+    def case(test_logits):
+        evaluation = evaluate(val_logits, val_y, test_logits, test_y, exit_costs, backbone_cost)
+
+        def point_macro_f1(chosen) -> float:
+            _, prediction = point_outcome(chosen.policy, chosen.param, *evaluation.outputs[POLICY_RULE[chosen.policy]])
+            return macro_f1(test_y, prediction)
+        return _case_rows(evaluation, exit_calibration(test_logits, test_y)[0], point_macro_f1, backbone_cost)
+    return _cases(case, clean_test_logits, corrupted)
+
+
+def run_dense_robustness(val: dict[str, np.ndarray], clean_test: dict[str, np.ndarray],
+                         corrupted: dict[tuple[str, int], dict[str, np.ndarray]], exit_costs: np.ndarray,
+                         backbone_cost: float) -> pd.DataFrame:
+    """`run_robustness` for a segmentation run, from per-(exit, image) outputs (`pipeline.collect_dense`: confusion,
+    summaries, calibration sums) instead of logits: `accuracy` is mIoU, the calibration columns are over labelled
+    pixels (`pixel_calibration`; KS is NaN), and macro-F1, a classification metric, is NaN."""
+    from benchmark.dense import SUMMARY_RULES, evaluate_dense
+
+    def case(test):
+        evaluation = evaluate_dense({rule: val[rule] for rule in SUMMARY_RULES}, val["confusion"],
+                                    {rule: test[rule] for rule in SUMMARY_RULES}, test["confusion"], exit_costs,
+                                    backbone_cost)
+        calibration, _ = pixel_calibration(test["reliability"], test["likelihood"])
+        return _case_rows(evaluation, calibration, None, backbone_cost)
+    return _cases(case, clean_test, corrupted)
+
+
+def _cases(case, clean_test, corrupted: dict) -> pd.DataFrame:
+    """The rows of `case(test outputs)` for the clean test split (corruption "none", severity 0) and every
+    corrupted one."""
+    frames = [case(outputs).assign(corruption=corruption, severity=severity)
+              for (corruption, severity), outputs in [((CLEAN, 0), clean_test), *corrupted.items()]]
     return pd.concat(frames, ignore_index=True)[RUN_COLUMNS]
 
 
-def _case_rows(val_logits, val_y, test_logits, test_y, exit_costs, backbone_cost) -> pd.DataFrame:
-    evaluation = evaluate(val_logits, val_y, test_logits, test_y, exit_costs, backbone_cost)
-    calibration, _ = exit_calibration(test_logits, test_y)
+def _case_rows(evaluation, calibration: pd.DataFrame, point_macro_f1, backbone_cost: float) -> pd.DataFrame:
+    """One case's rows from its evaluation and per-exit calibration: every exit, the validation-selected budget
+    points (macro-F1 of a point by `point_macro_f1`, NaN where None) and the area."""
     exits = evaluation.exits.merge(calibration[["exit", "ece", "ks", "nll", "brier"]], on="exit")
     rows = [{"point": f"exit_{e.exit}", "exit": e.exit, "policy": "exit", "policy_point": e.exit, "param": e.exit,
-             "accuracy": e.test_accuracy, "macro_f1": e.test_macro_f1, "flops_fraction": e.flops_fraction,
-             "ece": e.ece, "ks": e.ks, "nll": e.nll, "brier": e.brier} for e in exits.itertuples(index=False)]
+             "accuracy": e.test_accuracy, "macro_f1": getattr(e, "test_macro_f1", np.nan),
+             "flops_fraction": e.flops_fraction, "ece": e.ece, "ks": e.ks, "nll": e.nll, "brier": e.brier}
+            for e in exits.itertuples(index=False)]
     for chosen in evaluation.selected[evaluation.selected.selection.isin(BUDGET_POINTS)].itertuples(index=False):
         row = {"point": chosen.selection, "accuracy": chosen.test_accuracy}
         if isinstance(chosen.policy, str):                   # NaN: no point fits the budget
-            _, prediction = point_outcome(chosen.policy, chosen.param,
-                                          *evaluation.outputs[POLICY_RULE[chosen.policy]])
             row.update(policy=chosen.policy, policy_point=chosen.point, param=chosen.param,
-                       macro_f1=macro_f1(test_y, prediction), flops_fraction=chosen.test_flops / backbone_cost)
+                       macro_f1=point_macro_f1(chosen) if point_macro_f1 else np.nan,
+                       flops_fraction=chosen.test_flops / backbone_cost)
         rows.append(row)
     rows.append({"point": "area", "accuracy": evaluation.summary["auc_normalised"]})
     return pd.DataFrame(rows)

@@ -32,7 +32,7 @@ from analysis import calibration, information, landscape, pareto, rank, robustne
 from benchmark.corruptions import CORRUPTIONS, SEVERITIES, corrupted_inputs, corruptions_for
 from benchmark.data import dataset_kind, load_dataset
 from benchmark.determinism import eval_batch_size
-from benchmark.pipeline import collect_logits, initial_model, labelled
+from benchmark.pipeline import collect_dense, collect_logits, initial_model, labelled
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
@@ -118,13 +118,26 @@ def _robustness_current(folder: Path, spec: RunSpec, settings: dict) -> bool:
 def run_robustness(spec: RunSpec, store: ResultsStore, model, data, settings: dict,
                    device: torch.device) -> pd.DataFrame:
     """Corrupted test logits of every declared (corruption, severity) by the one eval-forward (`collect_logits`),
-    stored as runs/<id>/robustness_logits.npz (keys "<corruption>@<severity>"), and the run's robustness rows."""
+    stored as runs/<id>/robustness_logits.npz (keys "<corruption>@<severity>"), and the run's robustness rows.
+    A segmentation run's corrupted outputs are dense.npz's per-image arrays (`collect_dense`), used and not kept:
+    the confusion matrices of ten cases would be ten times dense.npz."""
     folder = store.run_dir(spec.run_id)
+    backbone = read_json(folder / "metrics.json")["flops"]["backbone"]
+    if data.task == "segmentation":
+        from analysis.calibration import N_BINS
+        from benchmark.dense import SUMMARY_RULES
+        stored = read_dense(folder / "dense.npz", model.num_exits, len(data.y_val), len(data.y_test),
+                            data.num_classes, SUMMARY_RULES, N_BINS)
+        corrupted = {(c, s): collect_dense(model, corrupted_inputs(data, "test", c, s).to(device), data.y_test,
+                                           data.num_classes, eval_batch_size(device))
+                     for c, s in robustness_cases(spec, settings)}
+        split = {name: {key.removeprefix(f"{name}_"): value for key, value in stored.items()
+                        if key.startswith(f"{name}_")} for name in ("val", "test")}
+        return robustness.run_dense_robustness(split["val"], split["test"], corrupted, stored["exit_flops"], backbone)
     stored = read_logits(folder / "logits.npz", model.num_exits, len(data.y_val), len(data.y_test))
     corrupted = {(c, s): collect_logits(model, corrupted_inputs(data, "test", c, s).to(device), eval_batch_size(device))
                  for c, s in robustness_cases(spec, settings)}
     write_npz(folder / "robustness_logits.npz", **{f"{c}@{s}": logits for (c, s), logits in corrupted.items()})
-    backbone = read_json(folder / "metrics.json")["flops"]["backbone"]
     return robustness.run_robustness(stored["val"], stored["val_y"], stored["test"], stored["test_y"], corrupted,
                                      stored["exit_flops"], backbone)
 

@@ -39,11 +39,20 @@ def cell_warnings(specs: list[RunSpec], data_root: Path) -> list[str]:
         if spec.train["batch_size"] > n_train:
             warnings.append(f"{cell}: batch size {spec.train['batch_size']} exceeds the {n_train} training samples "
                             f"(one full-batch step per epoch); set a smaller batch_size in [cell_overrides]")
-        per_class = torch.bincount(data.y_val.cpu(), minlength=data.num_classes)
+        per_class = validation_samples_per_class(data.y_val.cpu(), data.num_classes)
         if int(per_class.min()) < MIN_VAL_PER_CLASS:
-            warnings.append(f"{cell}: the validation split has {int(per_class.min())} samples in its smallest class "
+            warnings.append(f"{cell}: the validation split has {int(per_class.min())} "
+                            f"{'images showing' if data.y_val.dim() > 1 else 'samples in'} its smallest class "
                             f"(minimum {MIN_VAL_PER_CLASS}): thresholds and validation selections are noise; "
                             f"leave this dataset out or use one with more data")
         warnings += [f"{cell}: {w}" for w in exit_placement_warnings(
             spec.arch, data.num_classes, data.input_shape, spec.model["exits"])]
     return warnings
+
+
+def validation_samples_per_class(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Validation samples per class; for label maps (N, H, W) the images each class appears in: per-image exit
+    policies fit their thresholds on images, so a class seen in a few images is a few samples however many pixels."""
+    if y.dim() == 1:
+        return torch.bincount(y, minlength=num_classes)
+    return torch.stack([(y == c).flatten(1).any(1).sum() for c in range(num_classes)])

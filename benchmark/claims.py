@@ -1,7 +1,10 @@
 """The papers' claims (benchmark/claims.toml, data only) tested as paired comparisons over (cell, seed) pairs.
 
 A claim says regime `a` beats regime `b` on a metric ("greater"), or is not worse than b by more than a margin
-("not_less"), in the (dataset, arch) cells its globs match. Runs pair by (dataset, arch, seed): within a cell the
+("not_less"), in the (dataset, arch) cells its globs match whose dataset is of the claim's task (`task`:
+classification by default; a segmentation claim reads the same metrics as mIoU — exits.csv and runs.csv hold a
+segmentation run's mIoU in their accuracy columns — so a claim stated for one task is never tested on the other's
+cells). Runs pair by (dataset, arch, seed): within a cell the
 two runs of a seed share data splits, initialisation and (disjoint/mixed) the P1 backbone, so the difference
 d = metric(a) - metric(b) removes the seed's effect. Pairs from different cells are pooled: the claims are about
 regimes in general, so the verdict is about the mean difference over the matched (cell, seed) pairs.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -61,7 +64,8 @@ the validation-selected area, the macro-F1 of the internal exits 0..K-2 (the CET
 early exits) and of the final exit. A results folder without robustness.csv leaves them missing (0 pairs)."""
 METRICS = RUN_METRICS + EXIT_METRICS + ROBUSTNESS_METRICS
 REQUIRED_KEYS = ("id", "statement", "source", "a", "b", "metric", "direction")
-KEYS = REQUIRED_KEYS + ("margin", "cells")
+KEYS = REQUIRED_KEYS + ("margin", "cells", "task")
+TASKS = ("classification", "segmentation")
 PAIR_KEY = ["dataset", "arch", "seed"]
 COLUMNS = ["id", "statement", "source", "a", "b", "metric", "direction", "margin", "cells", "n_pairs",
            "mean_difference", "ci_low", "ci_high", "effect_size", "p_value", "p_opposite", "p_holm", "p_opposite_holm",
@@ -87,6 +91,7 @@ class Claim:
     direction: str
     margin: float = 0.0                 # not_less only; 0 for greater
     cells: tuple[str, ...] = ("*/*",)   # "dataset/arch" globs
+    task: str | None = "classification"   # the task kind of the cells it is about; None: any (ad-hoc claims)
 
 
 def _hint(name: str, valid) -> str:
@@ -154,9 +159,12 @@ def _claim(path: Path, position: int, table: dict, regimes: list[str]) -> Claim:
     if (not isinstance(cells, list) or not cells
             or not all(isinstance(c, str) and c.count("/") == 1 and all(c.split("/")) for c in cells)):
         raise bad("cells", f'must be a non-empty list of "dataset/arch" globs, e.g. ["digits/*"], got {cells!r}')
+    task = table.get("task", "classification")
+    if task not in TASKS:
+        raise bad("task", f"unknown task {task!r}" + _hint(task, TASKS))
     return Claim(id=table["id"], statement=table["statement"].strip(), source=table["source"].strip(),
                  a=table["a"], b=table["b"], metric=table["metric"], direction=table["direction"],
-                 margin=float(margin or 0.0), cells=tuple(cells))
+                 margin=float(margin or 0.0), cells=tuple(cells), task=task)
 
 
 def exit_metrics(exits: pd.DataFrame) -> pd.DataFrame:
@@ -349,22 +357,31 @@ def test_claim(runs: pd.DataFrame, exits: pd.DataFrame, a: str, b: str, metric: 
                robustness: pd.DataFrame | None = None) -> pd.Series:
     """Any claim "a beats b on metric" (or "a is not worse than b by more than margin"), tested by the rules of the
     shipped claims (a family of one: list several in a claims file to correct them together). The same validation
-    as a claims file: an unknown regime, metric or direction is a UserError naming it."""
+    as a claims file: an unknown regime, metric or direction is a UserError naming it. Its cells are those `cells`
+    matches, of either task (narrow them to keep accuracy and mIoU apart)."""
     table = {"id": "ad-hoc", "statement": f"{a} vs {b} on {metric}", "source": "ad hoc", "a": a, "b": b,
              "metric": metric, "direction": direction, "cells": list(cells)}
     if margin is not None:
         table["margin"] = margin
     from regimes.registry import regime_names
-    claim = _claim(Path("<command line>"), 1, table, regime_names())
+    claim = replace(_claim(Path("<command line>"), 1, table, regime_names()), task=None)   # cells by globs alone
     return evaluate_claims(runs, exits, [claim], robustness).iloc[0]
 
 
 test_claim.__test__ = False       # a public API named like a test: pytest must not collect it
 
 
+def _task_of(dataset: str) -> str:
+    """A dataset's task kind; classification for a name no longer registered (an old or hand-made table)."""
+    from benchmark.data import dataset_names, dataset_task
+    return dataset_task(dataset) if dataset in dataset_names() else "classification"
+
+
 def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
     names = done["dataset"] + "/" + done["arch"]
-    matched = done.loc[np.array([any(fnmatchcase(c, glob) for glob in claim.cells) for c in names], dtype=bool)]
+    tasks = {dataset: _task_of(dataset) for dataset in set(done["dataset"])}
+    matched = done.loc[np.array([any(fnmatchcase(c, glob) for glob in claim.cells) and claim.task in (None, tasks[d])
+                                 for c, d in zip(names, done["dataset"])], dtype=bool)]
     sides = {side: matched[matched["regime"] == regime].set_index(PAIR_KEY)[claim.metric]
              for side, regime in (("a", claim.a), ("b", claim.b))}
     pairs = pd.concat(sides, axis=1, join="inner").dropna().sort_index()
@@ -373,7 +390,8 @@ def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
     notes = [result["note"]] if result["note"] else []
     for side, regime in (("a", claim.a), ("b", claim.b)):
         if sides[side].empty:
-            notes.append(f"no done run of {regime} in {', '.join(claim.cells)}")
+            notes.append(f"no done run of {regime} in {', '.join(claim.cells)}"
+                         + (f" ({claim.task} cells)" if claim.task == "segmentation" else ""))
     left_out = len(sides["a"]) + len(sides["b"]) - 2 * len(pairs)
     if left_out:
         notes.append(f"{left_out} done run{'' if left_out == 1 else 's'} left unpaired")

@@ -219,11 +219,6 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     for arch in archs:
         if not any(takes[arch] == kind[d] for d in datasets + optional):
             raise _bad(path, "archs", f"'{arch}' takes {_data_kind(takes[arch])} but no dataset holds them")
-    dense = [d for d in datasets + optional if kind[d][1] == "segmentation"]
-    if dense:       # issue 23: a run trains and evaluates (pipeline.execute_run); the grid's analyses do not yet
-        raise _bad(path, "datasets", f"{', '.join(repr(d) for d in dense)}: segmentation grids cannot run yet (a "
-                                     "run trains and is evaluated to dense.npz, but the analyses and the report do "
-                                     "not read dense outputs); the datasets and archs are for building on")
     datasets = datasets + [d for d in optional if d not in datasets and dataset_available(d, data_root)]
     regimes = _names(path, raw, "regimes", regime_names())
     seeds = _names(path, raw, "seeds", [])

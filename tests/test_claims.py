@@ -4,6 +4,7 @@ the committed cpu tables."""
 import math
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,7 @@ def test_a_valid_claims_file_loads(tmp_path):
     ({"direction": "not_less"}, "margin", "needs a margin"),
     ({"margin": 0.01}, "margin", "only direction 'not_less'"),
     ({"cells": ["digits"]}, "cells", "dataset/arch"),
+    ({"task": "detection"}, "task", "unknown task"),
     ({"source": None}, "source", "required"),
     ({"b": "mixed"}, "b", "with itself"),
 ])
@@ -218,6 +220,20 @@ def test_loader_names_the_file_claim_and_key(tmp_path, changes, key, problem):
     with pytest.raises(UserError, match=re.escape(f"claims file {path}: claim 'my-claim': key '{key}'")) as error:
         load_claims(path)
     assert problem in str(error.value)
+
+
+def test_a_claim_is_tested_on_the_cells_of_its_task_only_and_an_ad_hoc_claim_on_every_matched_cell():
+    digits = runs_table({"joint": BASE[:3], "mixed": np.add(BASE[:3], GAIN[:3])}, "digits", "small_cnn")
+    scenes = runs_table({"joint": BASE[3:6], "mixed": np.subtract(BASE[3:6], GAIN[3:6])}, "mnist_scenes", "seg_cnn")
+    runs = pd.concat([digits, scenes], ignore_index=True)
+    classification, segmentation = (replace(claim(), task=task) for task in ("classification", "segmentation"))
+    table = evaluate_claims(runs, NO_EXITS, [classification, replace(segmentation, id="s")]).set_index("id")
+    assert table.loc["c", "cells"] == "digits/small_cnn" and table.loc["c", "verdict"] == "reproduced"
+    assert table.loc["s", "cells"] == "mnist_scenes/seg_cnn" and table.loc["s", "verdict"] == "contradicted"
+    ad_hoc = test_claim(runs, NO_EXITS, "mixed", "joint", "final_accuracy")
+    assert ad_hoc["n_pairs"] == 6 and ad_hoc["cells"] == "digits/small_cnn, mnist_scenes/seg_cnn"
+    only = test_claim(runs, NO_EXITS, "mixed", "joint", "final_accuracy", cells=("mnist_scenes/*",))
+    assert only["n_pairs"] == 3 and only["mean_difference"] < 0
 
 
 def test_loader_rejects_repeated_ids_and_stray_top_level_keys(tmp_path):
@@ -243,7 +259,10 @@ def test_the_shipped_claims_evaluate_on_the_cpu_tables():
     print("\n".join(claim_findings(table)))
     assert table.columns.tolist() == COLUMNS and table["id"].tolist() == [c.id for c in claims]
     in_cpu = pd.Series([not any(glob.startswith(("uci_har", "basicmotions")) for glob in c.cells)   # no sensor data
+                        and c.task == "classification"                                       # nor segmentation
                         and {c.a, c.b} <= set(runs["regime"]) for c in claims], index=table.index)  # nor newer methods
+    segmentation = table["id"].isin([c.id for c in claims if c.task == "segmentation"])
+    assert segmentation.sum() == 2 and (table.loc[segmentation, "n_pairs"] == 0).all()   # cpu's digits cells
     assert in_cpu.sum() >= 8
     assert (table.loc[in_cpu, "n_pairs"] == 9).all() and table.loc[in_cpu, "p_value"].notna().all()
     assert (table.loc[~in_cpu, "n_pairs"] == 0).all() and (table.loc[~in_cpu, "verdict"] == "inconclusive").all()

@@ -27,7 +27,7 @@ from benchmark.data.dataset import IGNORE_INDEX
 from benchmark.data.digit_sources import mnist_sources, reader_splits, split_seed
 
 MNIST_SCENES = {"digit": 14, "canvas": (32, 42), "digits": (1, 3), "ink": 128, "seed": 2018,
-                "scenes": {"train": 3000, "val": 1000, "test": 2000}}
+                "scenes": {"train": 2000, "val": 1000, "test": 1000}}
 BACKGROUND = 10
 """The background's class: after the ten digits, as in M2NIST's masks."""
 SCENE_CLASSES = 11
