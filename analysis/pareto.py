@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.style import (comparison_panels, new_figure, place_legend, regime_colour, regime_handles, regime_order,
-                            regime_style, save)
+from analysis.style import (comparison_panels, new_figure, place_legend, quality_word, regime_colour, regime_handles,
+                            regime_order, regime_style, save)
 from benchmark.evaluate import pareto_mask
 
 CELL = ["dataset", "arch"]
@@ -185,7 +185,7 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{dataset} / {arch}" if column == 0 else "", fontsize="medium", loc="left")
             if column == 0:
-                ax.set_ylabel("test accuracy")
+                ax.set_ylabel(f"test {quality_word([dataset])}")
             if row == len(cells) - 1:
                 ax.set_xlabel("test FLOPs ÷ backbone's (log)")
     handles = [*regime_handles(regime_order(points["regime"]), marker=None),
@@ -193,7 +193,8 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
                       markerfacecolor="white", markeredgecolor="black",
                       label="union front chosen on\nvalidation (marker:\nowning regime)")]
     place_legend(fig, handles, title=f"regime ({policy} policy)")
-    fig.suptitle("Accuracy vs FLOPs per sample, mean over seeds: each panel a few regimes beside joint; grey dashes: "
+    fig.suptitle(f"Test {quality_word(points['dataset'])} vs FLOPs per sample, mean over seeds: each panel a "
+                 "few regimes beside joint; grey dashes: "
                  "the cell's front\nchosen on validation (all regimes and policies) at its test numbers")
     save(fig, path)
 

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.calibration import exit_calibration, pixel_calibration, shown_exits
-from analysis.style import new_figure, place_legend, regime_handles, regime_order, regime_style, save
+from analysis.style import (new_figure, place_legend, quality_word, regime_handles, regime_order, regime_style,
+                            save)
 from benchmark.evaluate import BUDGET_FRACTIONS, POLICY_RULE, evaluate, macro_f1, point_outcome
 
 CLEAN = "none"
@@ -157,10 +158,10 @@ def plot_severity_curves(table: pd.DataFrame, figures: Path) -> list[Path]:
             ax.set_xlabel("severity (0 = clean)")
             ax.set_xticks(range(0, int(cell.severity.max()) + 1))
             ax.grid(alpha=0.3)
-        np.ravel(axes)[0].set_ylabel("test accuracy (%)")
+        np.ravel(axes)[0].set_ylabel(f"test {quality_word([dataset])} (%)")
         place_legend(fig, regime_handles(regimes), title="regime")
         corruptions = ", ".join(sorted(set(cell.corruption) - {CLEAN}))
-        fig.suptitle(f"{dataset} / {arch}: accuracy under corruption, mean over {corruptions} and seeds;\n"
+        fig.suptitle(f"{dataset} / {arch}: {quality_word([dataset])} under corruption, mean over {corruptions} and seeds;\n"
                      "thresholds and operating points chosen on clean validation")
         path = figures / f"robustness_{dataset}_{arch}.png"
         save(fig, path)

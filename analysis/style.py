@@ -178,3 +178,16 @@ def save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     _plotting()[0].close(fig)
+
+
+def task_kinds(datasets) -> frozenset[str]:
+    """The task kinds of `datasets` (classification for a name no longer registered)."""
+    from benchmark.data import dataset_names, dataset_task
+    return frozenset(dataset_task(d) if d in dataset_names() else "classification" for d in set(datasets))
+
+
+def quality_word(datasets) -> str:
+    """What the accuracy columns and axes over `datasets` hold: "accuracy", "mIoU" when every dataset is a
+    segmentation task (exits.csv and runs.csv keep the accuracy names for mIoU), or both named."""
+    return {frozenset({"segmentation"}): "mIoU", frozenset({"classification", "segmentation"}):
+            "accuracy (mIoU on segmentation cells)"}.get(task_kinds(datasets), "accuracy")

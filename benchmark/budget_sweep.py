@@ -59,7 +59,7 @@ def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.Data
         rows.append({"dataset": spec.dataset, "arch": spec.arch, "lr": spec.train["lr"], "budget": label,
                      "epochs": spec.train["epochs"],
                      "seed": spec.seed, "val_final_accuracy": float(exits["val_accuracy"].iloc[-1]),
-                     "val_samples": len(read_logits_labels(store.run_dir(spec.run_id)))})
+                     "val_samples": validation_size(store.run_dir(spec.run_id))})
     frame = pd.DataFrame(rows)
     table = (frame.groupby(["dataset", "arch", "lr", "budget", "epochs", "val_samples"],
                            sort=False)["val_final_accuracy"]
@@ -76,10 +76,14 @@ def sweep_table(runs: list[tuple[str, RunSpec]], store: ResultsStore) -> pd.Data
     return table.join(verdict, on=cells)
 
 
-def read_logits_labels(folder: Path) -> np.ndarray:
-    """The validation labels a run was evaluated on (its logits.npz): the split's size, read from the run."""
+def validation_size(folder: Path) -> int:
+    """The size of the validation split a run was evaluated on, read from the run: its logits.npz's labels, or the
+    per-image confusion matrices of a segmentation run's dense.npz."""
+    if (folder / "dense.npz").is_file():
+        with np.load(folder / "dense.npz") as stored:
+            return stored["val_confusion"].shape[1]
     with np.load(folder / "logits.npz") as stored:
-        return stored["val_y"]
+        return len(stored["val_y"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,14 @@ import pandas as pd
 from analysis.critical_difference import plot_critical_difference, rank_test
 from analysis.robustness import CLEAN, robustness_summary
 from analysis.statistics import paired_tests, summary_table
-from analysis.style import cell_panels, place_legend, regime_bar_style, regime_order, save
+from analysis.style import (cell_panels, place_legend, quality_word, regime_bar_style, regime_order, save,
+                            task_kinds)
 from benchmark import PROTOCOL_VERSION
 from benchmark.analyze import leaderboard
 from benchmark.claims import (CLAIMS_FILE, POWER, VERDICT_RULE, claim_findings, claims_phrase, evaluate_claims, holm,
                               load_claims)
 from benchmark.errors import UserError
-from benchmark.evaluate import POLICY_ORDER, POLICY_RULE
+from benchmark.evaluate import DENSE_POLICY_RULE, POLICY_ORDER, POLICY_RULE
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, read_csv, write_text
 from benchmark.tuning import NOT_TUNED
 
@@ -34,14 +35,14 @@ COST_COLUMNS = [("train_wall_seconds", "wall s", "{:.1f}"), ("train_flops", "tra
                 ("train_optimizer_steps", "steps", "{:.0f}")]
 LEADERBOARD_MARKERS = ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->")
 FIGURES = [   # (file glob in figures/, caption: what to look at)
-    ("pareto_fronts.png", "Test accuracy against mean FLOPs per sample (threshold policy, seed means), one row per "
+    ("pareto_fronts.png", "Test {metric} against mean FLOPs per sample (threshold policy, seed means), one row per "
                           "cell and a few regimes per panel beside joint, with the cell's front chosen on validation: "
                           "look for the regime that sits highest at the budget you care about."),
-    ("exit_accuracy.png", "Test accuracy of each exit, per regime: the early exits are where the regimes differ; the "
+    ("exit_accuracy.png", "Test {metric} of each exit, per regime: the early exits are where the regimes differ; the "
                           "final exit shows what training the heads cost the backbone."),
     ("critical_difference.png", "Average rank by the primary area over cells; regimes joined by a bar are not "
                                 "resolved apart by the Nemenyi test at α = 0.05."),
-    ("final_accuracy_ci.png", "Final-exit accuracy, mean and 95 % interval over seeds; a star marks a paired "
+    ("final_accuracy_ci.png", "Final-exit {metric}, mean and 95 % interval over seeds; a star marks a paired "
                               "difference from joint at p < 0.05."),
     ("rank_profiles.png", "Effective rank of each block's features (top: the three schedules; below: every regime "
                           "as a ratio to joint): where a regime's representation narrows or widens."),
@@ -51,7 +52,7 @@ FIGURES = [   # (file glob in figures/, caption: what to look at)
     ("interpolation_*.png", "Loss on the straight line from the joint to the mixed solution: a barrier means "
                             "separate basins."),
     ("landscape_2d_*.png", "Loss over a 2-D slice around each core regime's solution, final exit."),
-    ("robustness_*.png", "Test accuracy against corruption severity (0 = clean; mean over corruptions and seeds) at "
+    ("robustness_*.png", "Test {metric} against corruption severity (0 = clean; mean over corruptions and seeds) at "
                          "the first, a middle and the final exit and for the validation-selected area: a flatter "
                          "line holds up better when the inputs drift."),
     ("reliability_*.png", "Test accuracy against mean confidence per equal-width bin (seeds pooled) at the first, a "
@@ -62,6 +63,12 @@ FIGURE_ANALYSIS = {"rank_profiles.png": "rank", "information_plane.png": "inform
                    "landscape_1d_*.png": "landscape", "interpolation_*.png": "landscape",
                    "landscape_2d_*.png": "landscape", "robustness_*.png": "robustness"}
 """The per-run model analysis (a grid's [analyses] model list) each figure comes from; the others need none."""
+SEGMENTATION_NOTE = ("On segmentation cells every accuracy of the tables, figures and claims is mIoU (exits.csv and "
+                     "runs.csv keep their column names): per exit over the split's confusion matrix, at an operating "
+                     "point over the images' pixels counted at the exits the images leave at, decided per image; "
+                     "the primary area is the validation-selected staircase of mIoU over FLOPs. Calibration is over "
+                     "labelled pixels. Information: I(T;Y) needs one label per sample and is not computed for label "
+                     "maps (BENCHMARK.md).")
 
 
 def provenance(runs: pd.DataFrame) -> dict[str, str]:
@@ -176,14 +183,14 @@ def cell_leaderboard(cell_runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     return _table(header, rows, "rl" + "r" * (len(header) - 2)), means
 
 
-def covered_range_line(cell_exits: pd.DataFrame) -> str:
+def covered_range_line(cell_exits: pd.DataFrame, metric: str = "accuracy") -> str:
     """The budgets a cell's area averages over: from its first exit's cost to 100 % (exits.csv, exit 0)."""
     first = cell_exits.loc[cell_exits["exit"] == 0, "flops_fraction"]
     if first.empty:
         return "Area over budgets: not known (no exits.csv rows)."
     low, high = 100 * first.min(), 100 * first.max()
     span = f"{low:.1f} %" if np.isclose(low, high) else f"{low:.1f}–{high:.1f} % (by regime)"
-    return f"Area = mean accuracy over budgets from the first exit's cost, {span} of the backbone's FLOPs, to 100 %."
+    return f"Area = mean {metric} over budgets from the first exit's cost, {span} of the backbone's FLOPs, to 100 %."
 
 
 def resolved_text(test) -> str:
@@ -234,7 +241,7 @@ def plot_exit_accuracy(exits: pd.DataFrame, path) -> None:
             ax.bar(xs, 100 * means.loc[regime].to_numpy(), width=width, label=regime, **regime_bar_style(regime))
         ax.set_xticks(np.arange(means.shape[1]), [f"exit {k}" for k in means.columns])
         ax.set_ylim(0, 100)                     # bars from zero: a cut axis makes a 1-point gap look large
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {quality_word([dataset])} (%)")
         ax.set_title(f"{dataset} / {arch}")
     handles, labels = axes[0].get_legend_handles_labels()
     place_legend(fig, handles, labels, ncol=2 if len(labels) > 8 else 1)
@@ -256,7 +263,8 @@ def findings(runs: pd.DataFrame, cell_means: dict, claims: pd.DataFrame | None) 
         pairs = runs.pivot_table(index=["dataset", "arch", "seed"], columns="regime", values="accuracy_at_25pct")
         test = paired_tests(pairs["mixed"], pairs["joint"])
         p = "n/a" if not np.isfinite(test["p_value"]) else f"{test['p_value']:.2g}"
-        lines.append(f"- At 25 % of the backbone's FLOPs, mixed is more accurate than joint in {wins} of "
+        better = "is more accurate than" if quality_word(runs.dataset) == "accuracy" else "scores higher than"
+        lines.append(f"- At 25 % of the backbone's FLOPs, mixed {better} joint in {wins} of "
                      f"{len(both)} cells (seed means); over {test['n_pairs']} (cell, seed) pairs the mean difference "
                      f"is {100 * test['mean_difference']:+.1f} points (paired t, two-sided p = {p}).")
     if claims is not None:
@@ -276,7 +284,10 @@ def calibration_section(path: Path, runs: pd.DataFrame, grid_name: str) -> list[
     out += ["Test split, max-softmax confidence. ECE: expected calibration error with 15 equal-width bins (%); "
             "NLL: mean negative log-likelihood (nats); mean ± std over seeds. KS error and Brier score of every "
             "exit are in `tables/calibration.csv` (Brier summed over classes, range [0, 2], as Brier's 1950 "
-            "score; divide by the number of classes for the per-class mean some calibration code reports).", ""]
+            "score; divide by the number of classes for the per-class mean some calibration code reports)."
+            + (" Segmentation cells: over the labelled pixels of the test split, from the per-image sums in "
+               "dense.npz; their KS error needs every pixel's confidence and is not stored."
+               if "segmentation" in task_kinds(calib.dataset) else ""), ""]
     for (dataset, arch), cell in calib.groupby(["dataset", "arch"], sort=True):
         first, last = cell.exit.min(), cell.exit.max()
         rows = []
@@ -296,11 +307,16 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
     """Which exit policy validation selects (share of the runs' budget selections and of the primary area's budget
     range, from selected.csv) and, per cell, who owns each segment of the validation-selected Pareto front (from
     pareto.csv): consecutive front points with the same owners merge into one segment."""
+    tasks = task_kinds(runs["dataset"]) if "dataset" in runs else frozenset()
     out = ["## Exit policies", "",
            "Every policy's points compete in one validation selection (`evaluate.preference_order`): `exit` (each "
            "exit alone), `threshold` (max softmax), `budgeted` (MSDNet/L2W), `entropy`, `patience` (PBEE; its point p "
            "leaves once p consecutive exits agree, PABEE's patience p − 1) and "
-           "`ensemble` (geometric mean of the exits so far, ZTW-style, equal weights).", ""]
+           "`ensemble` (geometric mean of the exits so far, ZTW-style, equal weights)"
+           + ("; segmentation runs decide per image from a confidence summary — `exit`, `threshold` and `budgeted` "
+              "on the mean per-pixel max softmax, `quantile` on its 10 % quantile, `entropy` on the mean normalised "
+              "entropy — and have no `patience` or `ensemble` (they need each pixel's class at every exit)"
+              if "segmentation" in tasks else "") + ".", ""]
     if not (tables / "selected.csv").is_file():
         return out + [f"Not computed yet: `selected.csv` — `bench run --grid {grid_name}` regenerates the tables.", ""]
     selected = read_csv(tables / "selected.csv")
@@ -308,9 +324,11 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
     budgets = selected[selected.selection.str.startswith("at_")]
     staircase = selected[selected.selection == "staircase"]
     width = staircase.budget_to - staircase.budget_from
+    rules = {**(POLICY_RULE if tasks != {"segmentation"} else {}),
+             **(DENSE_POLICY_RULE if "segmentation" in tasks else {})}
     rows = [[f"`{policy}`", _percent((budgets.policy == policy).mean()),
              _percent(width[staircase.policy == policy].sum() / width.sum() if width.sum() > 0 else np.nan)]
-            for policy in POLICY_ORDER if policy in POLICY_RULE or policy in set(selected.policy)]
+            for policy in POLICY_ORDER if policy in rules or policy in set(selected.policy)]
     out += ["Share of the selections validation made, over every done run: at the four budgets (25/50/75/100 %), "
             "and of the budget range the primary area averages over (first exit's cost to 100 %).", "",
             *_table(["policy", "budget selections (%)", "primary area's budget range (%)"], rows), ""]
@@ -319,9 +337,10 @@ def policies_section(tables: Path, runs: pd.DataFrame, grid_name: str) -> list[s
     front = read_csv(tables / "pareto.csv")
     out += ["Who owns the front: the union front of each cell, chosen on validation from seed-mean points of every "
             "regime and policy, at its test numbers; consecutive points with the same owners form one segment "
-            "(FLOPs and accuracy in % of the backbone's FLOPs and of the test split).", ""]
+            "(FLOPs in % of the backbone's; accuracy, or mIoU, of the test split in %).", ""]
     for (dataset, arch), cell in front.groupby(["dataset", "arch"], sort=True):
-        out += [f"### {dataset} / {arch}", "", *_table(["test FLOPs (%)", "test accuracy (%)", "owner"],
+        out += [f"### {dataset} / {arch}", "", *_table(["test FLOPs (%)", f"test {quality_word([dataset])} (%)",
+                                                        "owner"],
                                                         _front_segments(cell), "rrl"), ""]
     return out
 
@@ -360,7 +379,7 @@ def robustness_section(tables: Path, runs: pd.DataFrame, grid_name: str, declare
                       f"`bench run --save-models`).", ""]
     summary = robustness_summary(table)
     corruptions = ", ".join(f"`{c}`" for c in sorted(set(table.corruption) - {CLEAN}))
-    out += [f"Test accuracy (%) on clean data and under {corruptions} at severities "
+    out += [f"Test {quality_word(table.dataset)} (%) on clean data and under {corruptions} at severities "
             f"{', '.join(map(str, sorted(set(table.severity) - {0})))} (mean over corruptions and severities, then "
             "seeds), with every threshold and operating point still chosen on *clean* validation. rel. mCE: mean over "
             "corruptions of the regime's summed error over severities divided by joint's (< 1: more robust than "
@@ -428,10 +447,12 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
         out += ["No run is done yet: `bench run --grid " + grid.name + "` trains them.", ""]
         return "\n".join(out), "\n".join(out)
 
-    out += ["## Leaderboards", "",
-            f"Ranked by the primary metric: **area** = the test accuracy of the point validation selects at each "
+    metric = quality_word(runs.dataset)
+    note = [SEGMENTATION_NOTE, ""] if metric != "accuracy" else []
+    out += ["## Leaderboards", "", *note,
+            f"Ranked by the primary metric: **area** = the test {metric} of the point validation selects at each "
             f"budget, averaged over the budgets the exits cover, from the first exit's cost to 100 % of the "
-            f"backbone's FLOPs (`{PRIMARY}`; it reads as an accuracy). Accuracy columns are test accuracy (%) at "
+            f"backbone's FLOPs (`{PRIMARY}`; it reads as an accuracy). Accuracy columns are test {metric} (%) at "
             f"the operating point validation selects within 25/50/75/100 % of the backbone's FLOPs, and of the final exit; mean ± std "
             f"over seeds. Cost: training wall time (s), measured training FLOPs and optimizer steps, seed means. "
             f"**vs joint**: ▲/▼ where a paired t-test against joint by seed gives p < {ALPHA:g} on the area after "
@@ -442,7 +463,8 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     for (dataset, arch), cell in runs.groupby(["dataset", "arch"], sort=True):
         lines, means = cell_leaderboard(cell)
         cell_means[dataset, arch] = means
-        out += [f"### {dataset} / {arch}", "", covered_range_line(exits[exits.run_id.isin(cell.run_id)]), "",
+        out += [f"### {dataset} / {arch}", "",
+                covered_range_line(exits[exits.run_id.isin(cell.run_id)], quality_word([dataset])), "",
                 *lines, ""]
 
     figures.mkdir(parents=True, exist_ok=True)
@@ -459,7 +481,9 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
         out += ["## The papers' claims, tested", "",
                 f"Each claim is a row of `{declared}`, tested by a paired comparison over every (cell, seed) "
                 "pair where both regimes are done; the claims are one family, corrected together (Holm). "
-                "Differences in points (accuracy × 100). Test a claim of your own with `bench claim`.", "",
+                f"Differences in points ({metric} × 100). A claim is tested on the cells of its task (`task` in "
+                "the claims file); claims of a task this grid has no cell of are left out. Test a claim of your own "
+                "with `bench claim`.", "",
                 *claims_section(claims), ""]
     out += policies_section(tables, runs, grid.name)
     out += robustness_section(tables, runs, grid.name, declared="robustness" in grid.analyses["model"])
@@ -470,7 +494,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     for pattern, caption in FIGURES:
         paths = sorted(figures.glob(pattern))
         for path in paths:
-            out += [f"**{path.stem.replace('_', ' ')}** — {caption}", "",
+            out += [f"**{path.stem.replace('_', ' ')}** — {caption.format(metric=metric)}", "",
                     f"![{path.stem}](figures/{path.name})", ""]
     absent = [pattern for pattern, _ in FIGURES if not list(figures.glob(pattern))]
     undeclared = [p for p in absent if FIGURE_ANALYSIS.get(p, "") not in ("", *grid.analyses["model"])]
@@ -493,8 +517,13 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
 
 def _claims(runs: pd.DataFrame, exits: pd.DataFrame, claims_file: Path | None,
             robustness_path: Path) -> pd.DataFrame | None:
+    """The claims of the tasks the grid's runs are of, tested as one family (Holm over them)."""
     robustness = read_csv(robustness_path) if robustness_path.is_file() else None
-    table = evaluate_claims(runs, exits, load_claims(claims_file or CLAIMS_FILE), robustness)
+    tasks = task_kinds(runs.dataset)
+    claims = [claim for claim in load_claims(claims_file or CLAIMS_FILE) if claim.task in tasks]
+    if not claims:
+        return None
+    table = evaluate_claims(runs, exits, claims, robustness)
     return table if not table.empty else None
 
 

@@ -62,6 +62,7 @@ def test_the_figure_shows_joint_mixed_and_the_best_joint_objective():
     assert shown_exits([0, 1, 2, 3]) == [0, 1, 3] and shown_exits([0]) == [0]
 
 
+@pytest.mark.slow
 def test_bench_analyze_writes_calibration_from_a_real_runs_logits(smoke_analyzed, tmp_path):
     grid, analyzed, returncode, stderr = smoke_analyzed     # joint, disjoint, mixed trained, then `bench analyze`
     assert returncode == 0, stderr

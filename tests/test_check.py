@@ -19,7 +19,8 @@ from benchmark.check import (GOLDEN_COLUMNS, Difference, compare, measured_toler
 from benchmark.cli import main
 from conftest import write_grid
 
-pytestmark = pytest.mark.xdist_group("check")   # one xdist worker: the other would wait for `written` doing nothing
+pytestmark = [pytest.mark.slow,                  # its session fixture reruns a grid: scheduled first (conftest.py)
+              pytest.mark.xdist_group("check")]  # one xdist worker: the other would wait for `written` doing nothing
 
 FEW_PERTURBATIONS = (("2 threads", 2, {}), ("ATen AVX2", 1, {"ATEN_CPU_CAPABILITY": "avx2"}))
 SMALL_ANALYSES = ("[analyses]\nsamples = 100\nlandscape_samples = 64\nlandscape_points_1d = 5\n"

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,10 @@ def cluster():
 
 
 def smoke_specs():
-    """The smoke grid's three schedules: what the executor must get right (objectives are checked by bench check)."""
-    return [s for s in load_grid("smoke").specs if s.regime in ("joint", "disjoint", "mixed")]
+    """The smoke grid's three schedules (what the executor must get right; objectives are checked by bench check),
+    at 4 epochs instead of 10: long enough for a worker to be killed mid-run, short for the suite."""
+    return [replace(s, train={**s.train, "epochs": 4}) for s in load_grid("smoke").specs
+            if s.regime in ("joint", "disjoint", "mixed")]
 
 
 def train(specs, root: Path, executor: str, **kwargs):

@@ -354,6 +354,7 @@ def interrupt_when(process, ready, timeout=240, sig=signal.SIGINT):
     return process.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, tmp_path, ctrl_c_reaches_children):
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank", "landscape"]\n'
                                              'landscape_points_2d = 41\nlandscape_2d_seeds = [0]\n')
@@ -368,6 +369,7 @@ def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, 
 
 @pytest.mark.parametrize("moment, sig", [("workers start", signal.SIGINT), ("workers train", signal.SIGINT),
                                          ("workers train", signal.SIGTERM)])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm_with_process_workers_prints_no_worker_tracebacks_and_stops_them(grid_file, tmp_path,
                                                                                           moment, sig,
                                                                                           ctrl_c_reaches_children):
@@ -417,6 +419,7 @@ def test_analyze_regenerates_missing_run_tables(results):
     assert (out / "tables" / "leaderboard.csv").is_file()
 
 
+@pytest.mark.slow
 def test_the_lock_is_held_from_training_to_the_end_of_the_analyses(grid_file, tmp_path):
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank"]\n')
     out = tmp_path / "out"

@@ -189,3 +189,17 @@ def test_each_cell_states_the_budgets_its_area_averages_over(fixture_store):
         low = 100 * cell["flops_fraction"].min()
         section = text.split(f"### {dataset} / {arch}\n", 1)[1]
         assert section.lstrip().startswith(f"Area = mean accuracy over budgets from the first exit's cost, {low:.1f}")
+
+
+def test_a_segmentation_grids_report_says_miou_and_tests_the_segmentation_claims_only(tmp_path):
+    """From the committed `seg` tables alone: its words are mIoU, its claims are the two segmentation claims (the
+    classification claims have no cell there and stay out of the Holm family), its policies are the per-image ones."""
+    shutil.copytree(REPO / "results" / "seg" / "tables", tmp_path / "tables")
+    text, _ = build_report(load_grid("seg"), ResultsStore(tmp_path), tmp_path / "figures", STAMP)
+    assert "the test mIoU of the point validation selects" in text and "Area = mean mIoU over budgets" in text
+    assert "every accuracy of the tables, figures and claims is mIoU" in text
+    claims = [line for line in text.splitlines() if line.startswith("| ") and "Han et al." in line]
+    assert len(claims) == 2 and all("segmentation network" in line for line in claims)
+    assert "over the family of 2 claims" in text and "Kubaty" not in text
+    policies = re.findall(r"^\| `(\w+)` \| [\d.–-]+ \| [\d.–-]+ \|$", text, flags=re.M)
+    assert set(policies) == {"exit", "threshold", "budgeted", "quantile", "entropy"}

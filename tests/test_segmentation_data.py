@@ -310,3 +310,20 @@ def test_missing_segmentation_folders_are_unavailable_and_nothing_is_written(tmp
     from benchmark.data import dataset_available
     assert not dataset_available("voc2012", tmp_path) and not dataset_available("cityscapes", tmp_path)
     assert not dataset_available("voc2012") and list(tmp_path.iterdir()) == []
+
+
+def test_full_gains_voc_and_cityscapes_cells_of_the_segmentation_archs_only_when_they_are_present(tmp_path):
+    write_voc(tmp_path)
+    write_cityscapes(tmp_path)
+    clear_cache()
+    try:
+        full = load_grid("full", tmp_path, check_models=False)
+    finally:
+        clear_cache()
+    segmentation = {(s.dataset, s.arch) for s in full.specs if s.dataset in ("voc2012", "cityscapes")}
+    archs = {"fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large"}
+    assert segmentation == {(d, a) for d in ("voc2012", "cityscapes") for a in archs}
+    assert not {s.arch for s in full.specs if s.dataset in ("cifar10", "cifar100")} & archs
+    voc = next(s for s in full.specs if s.dataset == "voc2012")
+    assert (voc.train["optimizer"], voc.train["epochs"], voc.train["batch_size"]) == ("adamw", 100, 16)
+    assert {s.regime for s in full.specs if s.dataset == "voc2012"} == {s.regime for s in full.specs}

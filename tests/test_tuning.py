@@ -8,7 +8,7 @@ import pytest
 from benchmark.grid import load_grid
 from benchmark.store import ResultsStore
 from benchmark.tuning import NOT_TUNED, TUNING_METRIC, candidates, make_plan
-from conftest import BENCH, REPO, record_run
+from conftest import BENCH, REPO, THREADS, record_run
 
 TUNING = '[tuning]\nseeds = [7, 8]\nlr = [0.1, 0.02]\n'
 
@@ -86,7 +86,7 @@ def test_bench_run_tunes_then_trains_the_reported_seeds_with_the_winner(grid_fil
     assert before.returncode == 0, before.stderr
     assert "2 reported runs await their cell's tuning" in before.stdout and "awaiting" in before.stdout
 
-    result = bench("--threads", "2")
+    result = bench("--threads", str(THREADS))
     assert result.returncode == 0, result.stderr
     assert "tuning runs of grid" in result.stdout
     tuning = pd.read_csv(out / "tables" / "tuning.csv")
