@@ -595,7 +595,7 @@ def measure_step(cell: CalibrationCell, device, warmup: int, steps: int) -> floa
     from contextlib import nullcontext
 
     from benchmark.determinism import seed_everything
-    from benchmark.models import build_model
+    from benchmark.models import arch_task, build_model
     from benchmark.train import make_optimizer
     from regimes.base import StepContext
     from regimes.registry import build_regime
@@ -614,7 +614,8 @@ def measure_step(cell: CalibrationCell, device, warmup: int, steps: int) -> floa
     x = torch.randn(cell.batch_size, *cell.input_shape, generator=generator).to(device)
     if device.type == "cuda" and image:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, cell.num_classes, (cell.batch_size,), generator=generator).to(device)
+    labels = (cell.batch_size, *cell.input_shape[1:]) if arch_task(cell.arch) == "segmentation" else (cell.batch_size,)
+    y = torch.randint(0, cell.num_classes, labels, generator=generator).to(device)      # label maps for segmentation
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     ctx = StepContext(phase="P2", epoch=0, epochs=1, step=0, num_exits=model.num_exits,
                       generator=torch.Generator().manual_seed(1), data_kind="image" if image else "series")

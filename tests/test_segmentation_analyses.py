@@ -99,3 +99,12 @@ def test_dense_robustness_reads_clean_rows_as_the_runs_evaluation_and_a_shift_mo
     assert copy.equals(clean.drop(columns=["corruption", "severity"]).reset_index(drop=True))
     shifted = rows[(rows.corruption == "dark") & rows.point.str.startswith("exit_")]
     assert not np.allclose(shifted.accuracy.to_numpy(), exits.accuracy.to_numpy())
+
+
+def test_the_cost_model_times_a_segmentation_step_on_label_maps():
+    """`--calibrate` times a joint step per cell: a segmentation cell's labels are maps, not one class per sample."""
+    from benchmark.cost_model import calibration_cells, measure_step
+    from benchmark.grid import load_grid
+    cell, = calibration_cells(load_grid("seg").specs)
+    assert (cell.arch, cell.input_shape, cell.batch_size) == ("seg_cnn", (1, 32, 42), 32)
+    assert 0 < measure_step(cell, CPU, warmup=0, steps=1) < 10
