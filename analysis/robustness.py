@@ -60,12 +60,10 @@ def run_dense_robustness(val: dict[str, np.ndarray], clean_test: dict[str, np.nd
     """`run_robustness` for a segmentation run, from per-(exit, image) outputs (`pipeline.collect_dense`: confusion,
     summaries, calibration sums) instead of logits: `accuracy` is mIoU, the calibration columns are over labelled
     pixels (`pixel_calibration`; KS is NaN), and macro-F1, a classification metric, is NaN."""
-    from benchmark.dense import SUMMARY_RULES, evaluate_dense
+    from benchmark.dense import evaluate_dense
 
     def case(test):
-        evaluation = evaluate_dense({rule: val[rule] for rule in SUMMARY_RULES}, val["confusion"],
-                                    {rule: test[rule] for rule in SUMMARY_RULES}, test["confusion"], exit_costs,
-                                    backbone_cost)
+        evaluation = evaluate_dense(val, test, exit_costs, backbone_cost)
         calibration, _ = pixel_calibration(test["reliability"], test["likelihood"])
         return _case_rows(evaluation, calibration, None, backbone_cost)
     return _cases(case, clean_test, corrupted)

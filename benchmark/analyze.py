@@ -131,9 +131,7 @@ def run_robustness(spec: RunSpec, store: ResultsStore, model, data, settings: di
         corrupted = {(c, s): collect_dense(model, corrupted_inputs(data, "test", c, s).to(device), data.y_test,
                                            data.num_classes, eval_batch_size(device))
                      for c, s in robustness_cases(spec, settings)}
-        split = {name: {key.removeprefix(f"{name}_"): value for key, value in stored.items()
-                        if key.startswith(f"{name}_")} for name in ("val", "test")}
-        return robustness.run_dense_robustness(split["val"], split["test"], corrupted, stored["exit_flops"], backbone)
+        return robustness.run_dense_robustness(stored["val"], stored["test"], corrupted, stored["exit_flops"], backbone)
     stored = read_logits(folder / "logits.npz", model.num_exits, len(data.y_val), len(data.y_test))
     corrupted = {(c, s): collect_logits(model, corrupted_inputs(data, "test", c, s).to(device), eval_batch_size(device))
                  for c, s in robustness_cases(spec, settings)}
@@ -314,7 +312,7 @@ def stored_test_calibration(specs: list[RunSpec], store: ResultsStore):
             val_size, test_size = len(sizes["val_confusion"][0]), len(sizes["test_confusion"][0])
             classes, bins = sizes["test_confusion"].shape[-1], sizes["test_reliability"].shape[2]
         stored = read_dense(path, num_exits, val_size, test_size, classes, SUMMARY_RULES, bins)
-        yield spec.labels, stored["test_reliability"], stored["test_likelihood"]
+        yield spec.labels, stored["test"]["reliability"], stored["test"]["likelihood"]
 
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:

@@ -140,21 +140,21 @@ class DenseExitOutputs:
         return mean_iou(self.confusion.sum(axis=1))
 
 
-def evaluate_dense(val_scores: dict[str, np.ndarray], val_confusion: np.ndarray, test_scores: dict[str, np.ndarray],
-                   test_confusion: np.ndarray, exit_costs: np.ndarray, backbone_cost: float) -> Evaluation:
+def evaluate_dense(val: dict[str, np.ndarray], test: dict[str, np.ndarray], exit_costs: np.ndarray,
+                   backbone_cost: float) -> Evaluation:
     """`evaluate` for a segmentation run: every exit, per-image policy curve (DENSE_POLICY_RULE) and summary number
-    from its stored summaries (rule -> (K, N)) and confusion matrices (K, N, C, C). The tables' accuracy columns hold
-    mIoU (the primary area is the validation-selected staircase of mIoU over FLOPs); exits gain the test pixel
-    accuracy and the summary the final exit's."""
-    outputs = {rule: (DenseExitOutputs(val_scores[rule], val_confusion),
-                      DenseExitOutputs(test_scores[rule], test_confusion)) for rule in SUMMARY_RULES}
-    pixels = pixel_accuracy(np.asarray(test_confusion).sum(axis=1))
+    from each split's outputs as `pipeline.collect_dense` gives them and dense.npz stores them — the confusion
+    matrices "confusion" (K, N, C, C) and each summary rule's scores (K, N). The tables' accuracy columns hold mIoU
+    (the primary area is the validation-selected staircase of mIoU over FLOPs); exits gain the test pixel accuracy
+    and the summary the final exit's."""
+    outputs = {rule: (DenseExitOutputs(val[rule], val["confusion"]), DenseExitOutputs(test[rule], test["confusion"]))
+               for rule in SUMMARY_RULES}
+    pixels = pixel_accuracy(np.asarray(test["confusion"]).sum(axis=1))
     return evaluation_of(outputs, DENSE_POLICY_RULE, exit_costs, float(backbone_cost),
                          {"test_pixel_accuracy": pixels}, {"final_pixel_accuracy": float(pixels[-1])})
 
 
-def dense_validation_area(val_scores: dict[str, np.ndarray], val_confusion: np.ndarray, exit_costs: np.ndarray,
-                          backbone_cost: float) -> float:
-    """`evaluate_dense`'s val_auc_normalised from the validation split alone: a tuning rung's score."""
-    outputs = {rule: DenseExitOutputs(val_scores[rule], val_confusion) for rule in dict.fromkeys(DENSE_POLICY_RULE.values())}
+def dense_validation_area(val: dict[str, np.ndarray], exit_costs: np.ndarray, backbone_cost: float) -> float:
+    """`evaluate_dense`'s val_auc_normalised from the validation split's outputs alone: a tuning rung's score."""
+    outputs = {rule: DenseExitOutputs(val[rule], val["confusion"]) for rule in dict.fromkeys(DENSE_POLICY_RULE.values())}
     return validation_area_of(outputs, DENSE_POLICY_RULE, exit_costs, backbone_cost)

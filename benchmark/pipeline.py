@@ -281,9 +281,7 @@ def stored_evaluation(model, data, folder: Path, device: torch.device, costs: di
         write_npz(folder / "dense.npz", **arrays, exit_flops=exit_flops)
         stored = read_dense(folder / "dense.npz", model.num_exits, len(data.y_val), len(data.y_test),
                             data.num_classes, SUMMARY_RULES, N_BINS)
-        scores = {split: {rule: stored[f"{split}_{rule}"] for rule in SUMMARY_RULES} for split in ("val", "test")}
-        return evaluate_dense(scores["val"], stored["val_confusion"], scores["test"], stored["test_confusion"],
-                              stored["exit_flops"], costs["backbone"])
+        return evaluate_dense(stored["val"], stored["test"], stored["exit_flops"], costs["backbone"])
     val_logits = collect_logits(model, *_split(data, "val", device))
     test_logits = collect_logits(model, *_split(data, "test", device))
     val_y, test_y = data.y_val.cpu().numpy(), data.y_test.cpu().numpy()
@@ -300,7 +298,7 @@ def validation_scores(model, data, device: torch.device, costs: dict) -> tuple[f
     if data.task == "segmentation":
         from benchmark.dense import dense_validation_area, mean_iou
         outputs = _dense_outputs(model, data, "val", device)
-        area = dense_validation_area(outputs, outputs["confusion"], np.asarray(costs["exits"]), costs["backbone"])
+        area = dense_validation_area(outputs, np.asarray(costs["exits"]), costs["backbone"])
         return area, mean_iou(outputs["confusion"].sum(axis=1)).tolist()
     val_logits = collect_logits(model, *_split(data, "val", device))
     val_y = data.y_val.cpu().numpy()

@@ -116,10 +116,12 @@ def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> di
 
 
 def read_dense(path: Path, num_exits: int, val_size: int, test_size: int, num_classes: int,
-               rules: tuple[str, ...], n_bins: int) -> dict[str, np.ndarray]:
+               rules: tuple[str, ...], n_bins: int) -> dict:
     """dense.npz (a segmentation run's outputs, `benchmark.dense`), checked against the run it belongs to: per split
     `<split>_confusion` (K, N, C, C) pixel counts, `<split>_<rule>` (K, N) confidence summaries,
-    `<split>_reliability` (K, N, bins, 3) and `<split>_likelihood` (K, N, 2) calibration sums; K exit costs."""
+    `<split>_reliability` (K, N, bins, 3) and `<split>_likelihood` (K, N, 2) calibration sums; K exit costs.
+    Returned per split, as `pipeline.collect_dense` gives them — {"val": {"confusion": ..., rule: ...}, "test": {...},
+    "exit_flops": ...} — so what is evaluated from the file and what was computed in memory read alike."""
     sizes = {"val": val_size, "test": test_size}
     expected = {"exit_flops": (num_exits,)}
     for split, n in sizes.items():
@@ -131,7 +133,9 @@ def read_dense(path: Path, num_exits: int, val_size: int, test_size: int, num_cl
     for key, shape in expected.items():
         if arrays[key].shape != shape:
             raise CorruptFile(f"{path}: '{key}' has shape {arrays[key].shape}, expected {shape} for this run")
-    return arrays
+    per_split = {split: {key.removeprefix(f"{split}_"): value for key, value in arrays.items()
+                         if key.startswith(f"{split}_")} for split in sizes}
+    return {"exit_flops": arrays["exit_flops"], **per_split}
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

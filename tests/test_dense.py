@@ -82,7 +82,7 @@ def test_dense_evaluation_reads_miou_where_classification_reads_accuracy():
     from benchmark.evaluate import DENSE_POLICY_RULE, POLICY_ORDER, exit_decisions, policy_thresholds
     (val_scores, val_conf), (test_scores, test_conf) = toy_dense_run(0), toy_dense_run(1)
     costs = np.array([1.0, 2.0, 4.0])
-    result = evaluate_dense(val_scores, val_conf, test_scores, test_conf, costs, 4.0)
+    result = evaluate_dense({**val_scores, "confusion": val_conf}, {**test_scores, "confusion": test_conf}, costs, 4.0)
     assert list(dict.fromkeys(result.curves.policy)) == [p for p in POLICY_ORDER if p in DENSE_POLICY_RULE]
     assert result.exits.test_accuracy.tolist() == pytest.approx([float(mean_iou(test_conf[k].sum(0))) for k in range(3)])
     assert result.summary["final_accuracy"] == pytest.approx(mean_iou(test_conf[-1].sum(0)))

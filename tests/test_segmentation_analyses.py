@@ -9,7 +9,7 @@ import torch
 from analysis import information, landscape, robustness
 from analysis.information import exit_information_lower_bound, stratified_indices
 from benchmark.data import IGNORE_INDEX, load_dataset
-from benchmark.dense import SUMMARY_RULES, evaluate_dense, mean_iou
+from benchmark.dense import evaluate_dense, mean_iou
 from benchmark.models import build_model
 from benchmark.pipeline import collect_dense
 from benchmark.snapshots import analysis_subset
@@ -89,8 +89,7 @@ def test_dense_robustness_reads_clean_rows_as_the_runs_evaluation_and_a_shift_mo
     dark = collect_dense(model, data.x_test - 1.0, data.y_test, data.num_classes)
     rows = robustness.run_dense_robustness(val, test, {("copy", 1): test, ("dark", 1): dark}, costs, backbone)
     clean = rows[rows.corruption == robustness.CLEAN]
-    evaluation = evaluate_dense({r: val[r] for r in SUMMARY_RULES}, val["confusion"],
-                                {r: test[r] for r in SUMMARY_RULES}, test["confusion"], costs, backbone)
+    evaluation = evaluate_dense(val, test, costs, backbone)
     exits = clean[clean.point.str.startswith("exit_")]
     assert exits.accuracy.tolist() == mean_iou(test["confusion"].sum(axis=1)).tolist()
     assert clean[clean.point == "area"].accuracy.item() == evaluation.summary["auc_normalised"]

@@ -194,8 +194,8 @@ def test_every_regime_trains_a_segmentation_network_and_its_run_evaluates_from_d
     evaluation = stored_evaluation(model, scenes, tmp_path, CPU, costs)
     stored = read_dense(tmp_path / "dense.npz", model.num_exits, 24, 24, scenes.num_classes, SUMMARY_RULES, N_BINS)
     assert not (tmp_path / "logits.npz").exists()
-    assert evaluation.exits["test_accuracy"].tolist() == mean_iou(stored["test_confusion"].sum(axis=1)).tolist()
-    calibration, _ = pixel_calibration(stored["test_reliability"], stored["test_likelihood"])
+    assert evaluation.exits["test_accuracy"].tolist() == mean_iou(stored["test"]["confusion"].sum(axis=1)).tolist()
+    calibration, _ = pixel_calibration(stored["test"]["reliability"], stored["test"]["likelihood"])
     assert calibration["accuracy"].to_numpy() == pytest.approx(evaluation.exits["test_pixel_accuracy"].to_numpy())
     area, val_miou = validation_scores(model, scenes, CPU, costs)
     assert area == evaluation.summary["val_auc_normalised"]
