@@ -173,7 +173,7 @@ def exit_information_lower_bound(logits: Tensor, y: Tensor) -> dict[str, float]:
     if y.dim() > 1:
         counted = y != IGNORE_INDEX
         logits, y = logits.movedim(1, -1)[counted.to(logits.device)], y[counted].long()
-    cross_entropy = F.cross_entropy(torch.as_tensor(logits).double().cpu(), y).item() / math.log(2)
+    cross_entropy = F.cross_entropy(logits.double().cpu(), y).item() / math.log(2)
     label_entropy = discrete_entropy(y.numpy())
     return {"H_Y_bits": label_entropy, "CE_bits": cross_entropy,
             "I_TY_lower_bound_bits": label_entropy - cross_entropy}

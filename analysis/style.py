@@ -181,9 +181,9 @@ def save(fig, path) -> None:
 
 
 def task_kinds(datasets) -> frozenset[str]:
-    """The task kinds of `datasets` (classification for a name no longer registered)."""
-    from benchmark.data import dataset_names, dataset_task
-    return frozenset(dataset_task(d) if d in dataset_names() else "classification" for d in set(datasets))
+    """The task kinds of a table's `datasets` (`benchmark.data.table_task`)."""
+    from benchmark.data import table_task
+    return frozenset(map(table_task, set(datasets)))
 
 
 def quality_word(datasets) -> str:

@@ -154,6 +154,11 @@ def observed(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
+def is_analysis_metric(metric: str) -> bool:
+    """Whether a golden row's metric is an analysis table's number ("<table>.<column>", ANALYSIS_ROWS)."""
+    return metric.split(".", 1)[0] in ANALYSIS_ROWS
+
+
 def _label(value) -> str:
     """A key part: integers without '.0' (block=3, exit=0), anything else as it reads."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
@@ -163,7 +168,7 @@ def sample_floor(keys_metrics: pd.DataFrame, split_sizes: dict[str, tuple[int, i
     """One sample's worth per row: 1 / test samples, 1 / validation samples for validation metrics.
     `split_sizes`: dataset -> (validation samples, test samples)."""
     def floor(row) -> float:
-        if row["metric"].split(".", 1)[0] in ANALYSIS_ROWS:
+        if is_analysis_metric(row["metric"]):
             return ANALYSIS_FLOOR
         n_val, n_test = split_sizes[row["key"].split("/", 1)[0]]
         return 1.0 / (n_val if row["metric"] in VALIDATION_METRICS else n_test)
@@ -175,7 +180,7 @@ def spread_group(key: str, metric: str) -> str:
     """The rows whose spread is pooled: one (dataset, arch) cell's test metrics, its validation metrics, or one of
     its analysis numbers (each has its own unit)."""
     cell = "/".join(key.split("/")[:2])
-    if metric.split(".", 1)[0] in ANALYSIS_ROWS:
+    if is_analysis_metric(metric):
         return f"{cell}|{metric}"
     return cell + ("|validation" if metric in VALIDATION_METRICS else "|test")
 
@@ -232,7 +237,7 @@ def compare(golden: pd.DataFrame, actual: pd.DataFrame) -> list[Difference]:
                 differences.append(Difference(kind, key, metric, expected, value, tolerance))
             continue
         tolerance = 0.0 if math.isnan(tolerance) else tolerance
-        directional = metric.split(".", 1)[0] not in ANALYSIS_ROWS
+        directional = not is_analysis_metric(metric)
         if value < expected - tolerance - 1e-12:
             differences.append(Difference("regression" if directional else "moved", key, metric, expected, value,
                                           tolerance))

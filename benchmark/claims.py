@@ -371,15 +371,10 @@ def test_claim(runs: pd.DataFrame, exits: pd.DataFrame, a: str, b: str, metric: 
 test_claim.__test__ = False       # a public API named like a test: pytest must not collect it
 
 
-def _task_of(dataset: str) -> str:
-    """A dataset's task kind; classification for a name no longer registered (an old or hand-made table)."""
-    from benchmark.data import dataset_names, dataset_task
-    return dataset_task(dataset) if dataset in dataset_names() else "classification"
-
-
 def _evaluate(claim: Claim, done: pd.DataFrame) -> dict:
     names = done["dataset"] + "/" + done["arch"]
-    tasks = {dataset: _task_of(dataset) for dataset in set(done["dataset"])}
+    from benchmark.data import table_task
+    tasks = {dataset: table_task(dataset) for dataset in set(done["dataset"])}
     matched = done.loc[np.array([any(fnmatchcase(c, glob) for glob in claim.cells) and claim.task in (None, tasks[d])
                                  for c, d in zip(names, done["dataset"])], dtype=bool)]
     sides = {side: matched[matched["regime"] == regime].set_index(PAIR_KEY)[claim.metric]

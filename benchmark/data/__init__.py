@@ -35,8 +35,8 @@ from benchmark.data.build import channel_statistics, stratified_split
 from benchmark.data.dataset import (AUGMENTATIONS, IGNORE_INDEX, SPLITS, TASKS, Dataset, crop_and_flip,
                                     eight_bit_pixels, pixel_lookup)
 from benchmark.data.registry import (clear_cache, dataset_available, dataset_kind, dataset_names, dataset_table,
-                                     dataset_task, load_dataset)
+                                     dataset_task, load_dataset, table_task)
 
 __all__ = ["AUGMENTATIONS", "IGNORE_INDEX", "SPLITS", "TASKS", "Dataset", "channel_statistics", "clear_cache",
            "crop_and_flip", "dataset_available", "dataset_kind", "dataset_names", "dataset_table", "dataset_task",
-           "eight_bit_pixels", "load_dataset", "pixel_lookup", "stratified_split"]
+           "eight_bit_pixels", "load_dataset", "pixel_lookup", "stratified_split", "table_task"]

@@ -175,6 +175,12 @@ def dataset_task(name: str) -> str:
     return _REGISTRY[name].task
 
 
+def table_task(name: str) -> str:
+    """The task kind of a results table's dataset: `dataset_task`, or classification for a name no longer registered
+    (an old or hand-made table, which can only be classification's)."""
+    return _REGISTRY[name].task if name in _REGISTRY else "classification"
+
+
 def dataset_table() -> list[dict]:
     """One row per dataset for `bench list datasets`."""
     return [
