@@ -354,17 +354,18 @@ def evaluate_claims(runs: pd.DataFrame, exits: pd.DataFrame, claims: list[Claim]
 
 def test_claim(runs: pd.DataFrame, exits: pd.DataFrame, a: str, b: str, metric: str, direction: str = "greater",
                margin: float | None = None, cells: tuple[str, ...] = ("*/*",),
-               robustness: pd.DataFrame | None = None) -> pd.Series:
+               robustness: pd.DataFrame | None = None, entries: tuple[str, ...] = ()) -> pd.Series:
     """Any claim "a beats b on metric" (or "a is not worse than b by more than margin"), tested by the rules of the
     shipped claims (a family of one: list several in a claims file to correct them together). The same validation
     as a claims file: an unknown regime, metric or direction is a UserError naming it. Its cells are those `cells`
-    matches, of either task (narrow them to keep accuracy and mIoU apart)."""
+    matches, of either task (narrow them to keep accuracy and mIoU apart). `entries`: names of external entries
+    (`benchmark.external.entry_runs`, rows of `runs` and `exits` with the entry's name as regime) a or b may be."""
     table = {"id": "ad-hoc", "statement": f"{a} vs {b} on {metric}", "source": "ad hoc", "a": a, "b": b,
              "metric": metric, "direction": direction, "cells": list(cells)}
     if margin is not None:
         table["margin"] = margin
     from regimes.registry import regime_names
-    claim = replace(_claim(Path("<command line>"), 1, table, regime_names()), task=None)   # cells by globs alone
+    claim = replace(_claim(Path("<command line>"), 1, table, [*regime_names(), *entries]), task=None)   # cells by globs
     return evaluate_claims(runs, exits, [claim], robustness).iloc[0]
 
 

@@ -350,6 +350,56 @@ def _echo_completeness(grid, store) -> None:
         click.echo(line.removeprefix("- ").replace("**", ""))
 
 
+@main.command(short_help="Evaluate per-exit outputs of models trained elsewhere under the suite's protocol.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--grid", "grid_name", default=None,
+              help="Add the entries to this grid's report (results/<grid>/external/; each must declare one of the "
+                   "grid's datasets and hold its test split).")
+@click.option("--as", "as_name", default=None, help="The entries' name [default: each file's own name, else its stem].")
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
+              help="Results folder [default: results/<grid> with --grid, else results/external].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True, help="Where the grid's datasets are (to check an entry's test split against).")
+def evaluate(files, grid_name, as_name, results, data_root):
+    """Evaluate FILES — per-exit validation and test outputs of models exitbench did not train (BENCHMARK.md,
+    'Models trained elsewhere': the .npz format) — by the suite's own evaluation: every exit policy, the operating
+    points and areas validation selects, calibration, and robustness where corrupted test outputs are given. Each
+    file is an entry folder of the same per-run tables a trained run has, with its report section. Every file is
+    checked before anything is written. Python: `benchmark.external`."""
+    from benchmark.external import EXTERNAL_FOLDER, read_outputs, write_entry
+    from benchmark.report import external_report
+    from benchmark.store import ResultsStore
+
+    entries = [(path, read_outputs(path, as_name)) for path in files]
+    seen = {}
+    for path, outputs in entries:
+        if outputs.entry_id in seen:
+            raise UserError(f"{seen[outputs.entry_id]} and {path} are both entry '{outputs.entry_id}' (same name and "
+                            f"seed): give each file its own 'seed' (or name)")
+        seen[outputs.entry_id] = path
+    grid = None
+    if grid_name is not None:
+        from benchmark.external import check_against_grid
+        from benchmark.grid import load_grid
+        grid = load_grid(grid_name, data_root, check_models=False)
+        for path, outputs in entries:
+            check_against_grid(path, outputs, grid, data_root)
+    store = ResultsStore(results or Path("results") / (grid.name if grid else EXTERNAL_FOLDER))
+    root = store.root / EXTERNAL_FOLDER if grid else store.root
+    with store.lock():
+        for path, outputs in entries:
+            folder, summary = write_entry(root, outputs, path, grid.name if grid else None)
+            click.echo(f"{outputs.entry_id}: area {100 * summary['auc_normalised']:.1f} %, final exit "
+                       f"{100 * summary['final_accuracy']:.1f} % -> {folder}")
+        if grid is None:
+            from benchmark.store import write_text
+            write_text(store.root / "REPORT.md", external_report(root))
+            click.echo(f"report: {store.root / 'REPORT.md'}")
+    if grid is not None:
+        click.echo(f"added to grid '{grid.name}': `bench report --grid {grid_name}"
+                   f"{'' if results is None else f' --results {results}'}` writes it into {store.root / 'REPORT.md'}")
+
+
 @main.command(short_help="Write results/<grid>/REPORT.md: leaderboards, claims, findings, figures.")
 @click.option("--grid", "grid_name", default="quick", show_default=True,
               help="Registered grid name or path to a grid .toml file.")
@@ -405,6 +455,7 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
     import pandas as pd
 
     from benchmark.claims import ALPHA, VERDICT_RULE, claim_findings, claims_phrase, test_claim
+    from benchmark.external import EXTERNAL_FOLDER, entry_runs, read_entries
     from benchmark.grid import load_grid
     from benchmark.store import ResultsStore, read_csv
 
@@ -414,8 +465,14 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
     if not (tables / "runs.csv").is_file():
         raise UserError(f"no runs table of grid '{grid.name}' in {tables}; run `bench run --grid {grid_name}` first")
     robustness = read_csv(tables / "robustness.csv") if (tables / "robustness.csv").is_file() else None
-    row = test_claim(read_csv(tables / "runs.csv"), read_csv(tables / "exits.csv"), a, b, metric, direction,
-                     margin, tuple(cells), robustness)
+    runs, exits = read_csv(tables / "runs.csv"), read_csv(tables / "exits.csv")
+    entries = read_entries(store.root / EXTERNAL_FOLDER)
+    if entries and {a, b} & {metrics["regime"] for metrics, _ in entries}:     # an external entry is a side
+        entry_rows, entry_exits = entry_runs(entries)
+        runs, exits = pd.concat([runs, entry_rows], ignore_index=True), pd.concat([exits, entry_exits],
+                                                                                 ignore_index=True)
+    row = test_claim(runs, exits, a, b, metric, direction, margin, tuple(cells), robustness,
+                     entries=tuple(metrics["regime"] for metrics, _ in entries))
     click.echo(claim_findings(pd.DataFrame([row]))[0])
     click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=claims_phrase(int(row.family_size)))}.")
 

@@ -24,6 +24,7 @@ from benchmark.claims import (CLAIMS_FILE, POWER, VERDICT_RULE, claim_findings, 
                               load_claims)
 from benchmark.errors import UserError
 from benchmark.evaluate import DENSE_POLICY_RULE, POLICY_ORDER, POLICY_RULE
+from benchmark.external import EXTERNAL_FOLDER, read_entries
 from benchmark.store import DONE, FAILED, PENDING, ResultsStore, read_csv, write_text
 from benchmark.tuning import NOT_TUNED
 
@@ -488,6 +489,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
     out += policies_section(tables, runs, grid.name)
     out += robustness_section(tables, runs, grid.name, declared="robustness" in grid.analyses["model"])
     out += calibration_section(tables / "calibration.csv", runs, grid.name)
+    out += external_section(store.root / EXTERNAL_FOLDER, runs)
     out += ["## Findings", "", "Written by `bench report` from the tables above.", "",
             *findings(runs, cell_means, claims), ""]
     out += ["## Figures", ""]
@@ -549,3 +551,89 @@ def write_report(grid, store: ResultsStore, *, stamp: dict[str, str] | None = No
     if benchmark_file is not None:
         update_benchmark(benchmark_file, block)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models trained elsewhere (`bench evaluate`, benchmark/external.py)
+
+
+def entry_section(metrics: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """An external entry's report section, from its metrics.json and tables: where it came from, its areas, every
+    exit, the operating points validation selects and, where corrupted outputs were given, its robustness."""
+    origin, summary = metrics["external"], metrics["summary"]
+    declared = ", ".join(f"{key} `{metrics[key]}`" for key in ("dataset", "arch", "seed")
+                         if metrics.get(key) not in (None, ""))
+    lines = [f"### {metrics['regime']} (external: `{metrics['run_id']}`)", "",
+             f"Trained elsewhere, evaluated by exitbench from its per-exit outputs: "
+             f"{origin['provenance'] or 'no provenance given'}" + (f" ({origin['url']})" if origin["url"] else "")
+             + f". File `{origin['source']}`, SHA-256 `{origin['sha256'][:16]}…`; "
+             + (declared or "declares no dataset, arch or seed")
+             + f"; {origin['val_samples']} validation and {origin['test_samples']} test samples, "
+               f"{origin['num_classes']} classes. No training cost is measured for it.", "",
+             f"Area **{_percent(summary['auc_normalised'])} %** (test accuracy of the points validation selects, over "
+             f"the budgets the exits cover); validation area {_percent(summary['val_auc_normalised'])} %; oracle area "
+             f"{_percent(summary['oracle_auc_normalised'])} % (best test point at each budget: ranks nothing).", ""]
+    exits = tables["exits"].merge(tables["calibration"][["exit", "ece", "nll"]], on="exit")
+    lines += _table(["exit", "FLOPs", "% backbone", "val acc %", "test acc %", "macro-F1 %", "ECE %", "NLL"],
+                    [[str(int(r.exit)), f"{r.flops:.3g}", _percent(r.flops_fraction), _percent(r.val_accuracy),
+                      _percent(r.test_accuracy), _percent(r.test_macro_f1), _percent(r.ece), f"{r.nll:.3f}"]
+                     for r in exits.itertuples()]) + [""]
+    chosen = tables["selected"][tables["selected"].selection != "staircase"]
+    lines += ["Operating points validation selects within each budget (% of the backbone's FLOPs):", "",
+              *_table(["budget", "policy", "param", "val acc %", "test acc %", "test FLOPs %"],
+                      [[r.selection.removeprefix("at_").replace("pct", " %"),
+                        str(r.policy) if pd.notna(r.policy) else "none fits",
+                        f"{r.param:.3g}" if pd.notna(r.param) else "–", _percent(r.val_accuracy),
+                        _percent(r.test_accuracy), _percent(r.test_flops / metrics["flops"]["backbone"])]
+                       for r in chosen.itertuples()]), ""]
+    if "robustness" in tables:
+        robustness = tables["robustness"]
+        area = robustness[robustness.point == "area"]
+        final = robustness[robustness.point == f"exit_{metrics['num_exits'] - 1}"]
+        rows = [[str(c), str(int(s)), _percent(a), _percent(f)] for (c, s, a), f in
+                zip(area[["corruption", "severity", "accuracy"]].itertuples(index=False), final.accuracy)]
+        lines += ["Under corrupted test inputs (thresholds still chosen on clean validation):", "",
+                  *_table(["corruption", "severity", "area %", "final exit %"], rows, "lrrr"), ""]
+    return lines
+
+
+def external_section(folder: Path, runs: pd.DataFrame) -> list[str]:
+    """The grid report's models trained elsewhere: per dataset, each entry beside joint and the best regime by
+    area of every arch of the grid on that dataset (seed means), then each entry's own section. Empty without
+    entries."""
+    entries = read_entries(folder)
+    if not entries:
+        return []
+    out = ["## Models trained elsewhere", "",
+           "External entries (`bench evaluate FILE --grid GRID --as NAME`): per-exit outputs of models exitbench did "
+           "not train, on the same test samples as the grid's runs, evaluated by the same code — every policy, "
+           "thresholds and operating points chosen on the entry's own validation outputs. They carry no training "
+           "cost and take no part in the claims above; `bench claim NAME REGIME` pairs an entry with the grid's "
+           "runs where its dataset, arch and seed match a run's. Test %, mean over the entry's seeds.", ""]
+    columns = [column for column, _ in ACCURACY_COLUMNS]
+    header = ["", "kind", *(label for _, label in ACCURACY_COLUMNS)]
+    for dataset in sorted({metrics["dataset"] for metrics, _ in entries}):
+        rows = []
+        for arch, cell in runs[runs.dataset == dataset].groupby("arch", sort=True):
+            means = cell.groupby("regime")[columns].mean()
+            for regime in dict.fromkeys(["joint", means[PRIMARY].idxmax()]):
+                if regime in means.index:
+                    rows.append([f"{regime} ({arch})", "grid", *(_percent(means.loc[regime, c]) for c in columns)])
+        summaries = pd.DataFrame([{"regime": metrics["regime"], **metrics["summary"]} for metrics, _ in entries
+                                  if metrics["dataset"] == dataset])
+        for regime, mean in summaries.groupby("regime", sort=True)[columns].mean().iterrows():
+            rows.append([f"**{regime}**", "external", *(_percent(mean[c]) for c in columns)])
+        out += [f"### {dataset}", "", *_table(header, rows, "ll" + "r" * len(columns)), ""]
+    for metrics, tables in entries:
+        out += entry_section(metrics, tables)
+    return out
+
+
+def external_report(folder: Path) -> str:
+    """REPORT.md of a folder of entries evaluated outside any grid (`bench evaluate FILE...`)."""
+    out = ["# exitbench — models trained elsewhere", "",
+           "Per-exit outputs evaluated by `bench evaluate` under the suite's protocol (BENCHMARK.md): every exit "
+           "policy, thresholds and operating points chosen on validation only, test read for the final numbers.", ""]
+    for metrics, tables in read_entries(folder):
+        out += entry_section(metrics, tables)
+    return "\n".join(out).rstrip() + "\n"

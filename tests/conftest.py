@@ -119,6 +119,28 @@ def smoke_analyzed(shared_folder, smoke_results):
             (folder / "stderr.txt").read_text())
 
 
+@pytest.fixture(scope="session")
+def analysed(shared_folder):
+    """A real joint run (digits x small_cnn, 2 epochs) trained with --save-models, then `bench analyze` with the
+    robustness analysis only, two corruptions at two severities; once per session (read-only: tests copy it)."""
+    from click.testing import CliRunner
+
+    from benchmark.cli import main
+
+    def build(root):
+        grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2,
+                          extra='\n[analyses]\nmodel = ["robustness"]\ncorruptions = ["gaussian_noise", "contrast"]\n'
+                                'severities = [1, 5]\n')
+        runner = CliRunner()
+        trained = runner.invoke(main, ["run", "--grid", str(grid), "--results", str(root / "out"), "--save-models",
+                                       "--threads", str(THREADS)])
+        assert trained.exit_code == 0, trained.output
+        result = runner.invoke(main, ["analyze", "--grid", str(grid), "--results", str(root / "out")])
+        assert result.exit_code == 0, result.output
+    root = shared_folder("robustness", build)
+    return root / "grid.toml", root / "out"
+
+
 class TorchCallCounter(TorchFunctionMode):
     """Counts the torch functions and tensor methods called while it is active."""
 

@@ -12,7 +12,7 @@ from benchmark.cli import main
 from benchmark.evaluate import evaluate
 from benchmark.store import ResultsStore, read_json
 from click.testing import CliRunner
-from conftest import THREADS, write_grid
+from conftest import write_grid
 
 
 def random_logits(seed, n_exits=3, n_samples=80, n_classes=4):
@@ -61,24 +61,6 @@ def test_relative_mce_on_a_hand_case():
     assert summary.loc[("joint", "final"), "relative_mce"] == pytest.approx(1.0)
     assert summary.loc[("mixed", "exit_0"), "corrupted_accuracy"] == pytest.approx(1 - 0.15)
     assert summary.loc[("mixed", "exit_0"), "drop"] == pytest.approx(0.95 - 0.85)
-
-
-@pytest.fixture(scope="session")
-def analysed(shared_folder):
-    """A real joint run (digits x small_cnn, 2 epochs) trained with --save-models, then `bench analyze` with the
-    robustness analysis only, two corruptions at two severities; once per session (read-only: tests copy it)."""
-    def build(root):
-        grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2,
-                          extra='\n[analyses]\nmodel = ["robustness"]\ncorruptions = ["gaussian_noise", "contrast"]\n'
-                                'severities = [1, 5]\n')
-        runner = CliRunner()
-        trained = runner.invoke(main, ["run", "--grid", str(grid), "--results", str(root / "out"), "--save-models",
-                                       "--threads", str(THREADS)])
-        assert trained.exit_code == 0, trained.output
-        result = runner.invoke(main, ["analyze", "--grid", str(grid), "--results", str(root / "out")])
-        assert result.exit_code == 0, result.output
-    root = shared_folder("robustness", build)
-    return root / "grid.toml", root / "out"
 
 
 def test_bench_analyze_writes_robustness_whose_severity_zero_is_the_run(analysed):
