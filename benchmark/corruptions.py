@@ -27,7 +27,6 @@ thresholds still fit on clean validation: a deployed model does not know the shi
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

@@ -2,7 +2,6 @@
 message naming it, and a small version trains, measures robustness under the sensor corruptions and tests the
 consistency-training claim on it, end to end on real files (a generated UCI HAR folder)."""
 import re
-from pathlib import Path
 
 import pandas as pd
 import torch

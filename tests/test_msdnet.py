@@ -1,7 +1,6 @@
 """MSDNet (CIFAR configuration) against the official code's own counts, and the list hidden state it passes between
 blocks going through the multi-exit contract: hooks, regimes, FLOPs profiling and analyses."""
 import copy
-from itertools import accumulate
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.pipeline import CHECKPOINT, execute_run, latest_checkpoint
+from benchmark.pipeline import CHECKPOINT, execute_run
 from benchmark.store import ResultsStore, read_json, read_torch
 from regimes.registry import objective_names
 from tests.conftest import digits_spec
