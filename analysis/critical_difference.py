@@ -76,13 +76,23 @@ def rank_test(runs: pd.DataFrame, metric: str, alpha: float = 0.05, higher_is_be
 def plot_critical_difference(test: RankTest, path, title: str) -> None:
     """Demšar's diagram: the rank axis on top, each regime at its average rank, a thick bar joining regimes
     within CD of each other (differences not resolved at alpha), the CD as a scale bar."""
+    half, top = _label_rows(test)
+    fig, axes = new_figure(width=8.0, height=1.4 + 0.32 * (half + top))
+    draw_critical_difference(axes[0][0], test, title)
+    save(fig, path)
+
+
+def _label_rows(test: RankTest) -> tuple[int, float]:
+    """(label rows on each side, where they start below the axis): what sizes the diagram."""
+    return (len(test.ranks) + 1) // 2, 1.0 + 0.25 * len(test.groups())
+
+
+def draw_critical_difference(ax, test: RankTest, title: str = "") -> None:
+    """`plot_critical_difference`'s diagram on the matplotlib axis `ax` (give it ~8 inches of width)."""
     names, ranks = list(test.ranks.index), test.ranks.to_numpy()
     k = len(names)
-    half = (k + 1) // 2
+    half, top = _label_rows(test)
     cliques = test.groups()
-    top = 1.0 + 0.25 * len(cliques)                 # label rows start below the clique bars
-    fig, axes = new_figure(width=8.0, height=1.4 + 0.32 * (half + top))
-    ax = axes[0][0]
     low, high = 1, max(k, 2)
     margin = 1.0 + 0.3 * k                         # room for the labels beyond both ends of the rank axis
     ax.set_xlim(low - margin, high + margin)
@@ -115,4 +125,3 @@ def plot_critical_difference(test: RankTest, path, title: str) -> None:
     p = "n/a" if not np.isfinite(test.friedman_p) else f"{test.friedman_p:.3g}"
     ax.set_title(f"{title}\nFriedman p = {p} over {test.n_cells} cells; Nemenyi α = {test.alpha:g}", fontsize=10,
                  pad=14)
-    save(fig, path)

@@ -146,6 +146,37 @@ FRONT_COLOUR, FRONT_LINESTYLE = "0.45", (0, (4, 2))
 """The union front's staircase: grey dashes, so it is never taken for a regime's solid line (cagrad is black)."""
 
 
+def draw_front_panel(ax, cell: pd.DataFrame, cell_front: pd.DataFrame, regimes, policy: str) -> None:
+    """One panel of one cell: the seed-mean curves (`mean_curves` rows) of `regimes` under `policy` as lines, the
+    cell's validation-selected union front (`pareto_table` rows) as a grey dashed staircase whose markers take the
+    owning regime's colour and marker, on a log-scaled FLOPs axis."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # not at import: style._plotting
+    for regime in regimes:
+        curve = cell[(cell["regime"] == regime) & (cell["policy"] == policy)].sort_values("test_flops_fraction")
+        ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], linewidth=1.5,
+                **{**regime_style(regime), "marker": None})
+    ax.step(np.r_[cell_front["test_flops_fraction"], cell["test_flops_fraction"].max()],
+            np.r_[cell_front["test_accuracy"], cell_front["test_accuracy"].iloc[-1]],
+            where="post", color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, zorder=3)
+    for regime, owned in cell_front.groupby("regime", sort=False):
+        ax.scatter(owned["test_flops_fraction"], owned["test_accuracy"], s=22, zorder=4,
+                   color=regime_colour(regime), marker=regime_style(regime)["marker"],
+                   edgecolors="black", linewidths=0.5)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def front_legend_handles(regimes) -> list:
+    """Legend entries of `draw_front_panel`: a line per regime, then the union front's staircase."""
+    from matplotlib.lines import Line2D  # not at import: see analysis.style._plotting
+    return [*regime_handles(regime_order(regimes), marker=None),
+            Line2D([], [], color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, marker="o",
+                   markerfacecolor="white", markeredgecolor="black",
+                   label="union front chosen on\nvalidation (marker:\nowning regime)")]
+
+
 def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") -> None:
     """Seed-averaged accuracy-FLOPs curves of ``policy`` as small multiples: one row per (dataset, arch), one panel
     per group of at most three regimes drawn beside joint (`comparison_panels`), with the cell's union Pareto front
@@ -154,9 +185,6 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
     the first exit's cost) and the y axis spans the row's own accuracies, so panels compare with each other and
     nothing is stretched beyond the data. The legend sits outside on the right.
     """
-    from matplotlib.lines import Line2D  # not at import: see analysis.style._plotting
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
     points = mean_curves(curves)
     front = pareto_table(curves)
     cells = list(points.groupby(CELL, sort=True))
@@ -167,32 +195,13 @@ def plot_pareto_fronts(curves: pd.DataFrame, path, policy: str = "threshold") ->
         cell_front = front[(front["dataset"] == dataset) & (front["arch"] == arch)]
         for column, group in enumerate(panels):
             ax = axes[row, column]
-            for regime in group:
-                curve = (cell[(cell["regime"] == regime) & (cell["policy"] == policy)]
-                         .sort_values("test_flops_fraction"))
-                ax.plot(curve["test_flops_fraction"], curve["test_accuracy"], linewidth=1.5,
-                        **{**regime_style(regime), "marker": None})
-            ax.step(np.r_[cell_front["test_flops_fraction"], cell["test_flops_fraction"].max()],
-                    np.r_[cell_front["test_accuracy"], cell_front["test_accuracy"].iloc[-1]],
-                    where="post", color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, zorder=3)
-            for regime, owned in cell_front.groupby("regime", sort=False):
-                ax.scatter(owned["test_flops_fraction"], owned["test_accuracy"], s=22, zorder=4,
-                           color=regime_colour(regime), marker=regime_style(regime)["marker"],
-                           edgecolors="black", linewidths=0.5)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            draw_front_panel(ax, cell, cell_front, group, policy)
             ax.set_title(f"{dataset} / {arch}" if column == 0 else "", fontsize="medium", loc="left")
             if column == 0:
                 ax.set_ylabel(f"test {quality_word([dataset])}")
             if row == len(cells) - 1:
                 ax.set_xlabel("test FLOPs ÷ backbone's (log)")
-    handles = [*regime_handles(regime_order(points["regime"]), marker=None),
-               Line2D([], [], color=FRONT_COLOUR, linewidth=0.9, linestyle=FRONT_LINESTYLE, marker="o",
-                      markerfacecolor="white", markeredgecolor="black",
-                      label="union front chosen on\nvalidation (marker:\nowning regime)")]
-    place_legend(fig, handles, title=f"regime ({policy} policy)")
+    place_legend(fig, front_legend_handles(points["regime"]), title=f"regime ({policy} policy)")
     fig.suptitle(f"Test {quality_word(points['dataset'])} vs FLOPs per sample, mean over seeds: each panel a "
                  "few regimes beside joint; grey dashes: "
                  "the cell's front\nchosen on validation (all regimes and policies) at its test numbers")

@@ -47,8 +47,8 @@ PROBABILITY_TOLERANCE = 1e-3
 """How far a row of given probabilities may sum from 1 (float32 softmax outputs of 1000 classes sum within ~1e-5)."""
 
 
-class BadOutputsFile(UserError):
-    """An external outputs file that does not follow FORMAT; the message names the file and the problem."""
+class BadOutputs(UserError, ValueError):
+    """Per-exit outputs that do not follow FORMAT; the message names the file (or function) and the problem."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ def sha256_of(path: Path) -> str:
 
 def read_outputs(path: str | Path, name: str | None = None) -> ExternalOutputs:
     """The file at `path`, checked against FORMAT; `name` overrides the file's own name (default: the file's stem).
-    Raises BadOutputsFile with one line naming the problem."""
+    Raises BadOutputs with one line naming the problem."""
     path = Path(path)
-    fail = lambda problem: BadOutputsFile(f"{path}: {problem}")  # noqa: E731
+    fail = lambda problem: BadOutputs(f"{path}: {problem}")  # noqa: E731
     if not path.is_file():
         raise fail("no such file")
     if not zipfile.is_zipfile(path):
@@ -107,6 +107,14 @@ def read_outputs(path: str | Path, name: str | None = None) -> ExternalOutputs:
         raise fail(f"holds pickled objects ({error}); store plain numeric and string arrays (np.savez)") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise fail(f"is not a readable .npz file ({type(error).__name__}: {error})") from None
+    return checked_outputs(arrays, str(path), name, path.stem, sha256_of(path))
+
+
+def checked_outputs(arrays: dict[str, np.ndarray], where: str, name: str | None, fallback_name: str,
+                    sha256: str = "") -> ExternalOutputs:
+    """`arrays` (FORMAT's keys) checked whole and turned into ExternalOutputs, named `name`, else by the arrays'
+    own name, else `fallback_name`; a BadOutputs error starts with `where` (the file, or the function given them)."""
+    fail = lambda problem: BadOutputs(f"{where}: {problem}")  # noqa: E731
     declared = _text(arrays, "format", fail)
     if declared != FORMAT:
         raise fail(f"format is {declared!r}, expected {FORMAT!r} (BENCHMARK.md, 'Models trained elsewhere')")
@@ -146,11 +154,11 @@ def read_outputs(path: str | Path, name: str | None = None) -> ExternalOutputs:
                        f"copy of the test split has its shape")
     seed = _integer(arrays, "seed", fail) if "seed" in arrays else None
     return ExternalOutputs(
-        name=name or texts.get("name") or path.stem, val_logits=outputs["val"], val_labels=labels["val"],
+        name=name or texts.get("name") or fallback_name, val_logits=outputs["val"], val_labels=labels["val"],
         test_logits=outputs["test"], test_labels=labels["test"], exit_flops=exit_flops, backbone_flops=float(backbone),
         num_classes=num_classes, corrupted=corrupted, provenance=texts.get("provenance", ""),
         url=texts.get("url", ""), dataset=texts.get("dataset"), arch=texts.get("arch"), seed=seed,
-        run_id=texts.get("run_id"), sha256=sha256_of(path))
+        run_id=texts.get("run_id"), sha256=sha256)
 
 
 def _text(arrays: dict, key: str, fail) -> str:
@@ -230,11 +238,23 @@ def write_outputs(path: str | Path, *, val_logits, val_labels, test_logits, test
                   **text) -> Path:
     """Write a file in FORMAT (logits; `text`: any of name, provenance, url, dataset, arch, run_id, and seed)."""
     from benchmark.store import write_npz
+    path = Path(path)
+    write_npz(path, **format_arrays(val_logits=val_logits, val_labels=val_labels, test_logits=test_logits,
+                                    test_labels=test_labels, exit_flops=exit_flops, num_classes=num_classes,
+                                    backbone_flops=backbone_flops, corrupted=corrupted, **text))
+    return path
+
+
+def format_arrays(*, val_logits, val_labels, test_logits, test_labels, exit_flops, num_classes: int,
+                  backbone_flops: float | None = None, corrupted: dict[tuple[str, int], np.ndarray] | None = None,
+                  kind: str = "logits", **text) -> dict[str, np.ndarray]:
+    """FORMAT's arrays of the given outputs (`kind` "logits" or "probs"), unchecked (`checked_outputs` checks
+    them)."""
     unknown = set(text) - {*TEXT_KEYS, "seed"}
     if unknown:
         raise TypeError(f"unknown keys {sorted(unknown)}; known: {[*TEXT_KEYS, 'seed']}")
-    arrays = {"format": np.str_(FORMAT), "val_logits": np.asarray(val_logits), "val_labels": np.asarray(val_labels),
-              "test_logits": np.asarray(test_logits), "test_labels": np.asarray(test_labels),
+    arrays = {"format": np.str_(FORMAT), f"val_{kind}": np.asarray(val_logits), "val_labels": np.asarray(val_labels),
+              f"test_{kind}": np.asarray(test_logits), "test_labels": np.asarray(test_labels),
               "exit_flops": np.asarray(exit_flops, dtype=np.float64), "num_classes": np.int64(num_classes),
               **{key: np.str_(value) for key, value in text.items() if key != "seed" and value is not None}}
     if text.get("seed") is not None:
@@ -242,10 +262,8 @@ def write_outputs(path: str | Path, *, val_logits, val_labels, test_logits, test
     if backbone_flops is not None:
         arrays["backbone_flops"] = np.float64(backbone_flops)
     for (corruption, severity), logits in (corrupted or {}).items():
-        arrays[f"test_logits@{corruption}@{severity}"] = np.asarray(logits)
-    path = Path(path)
-    write_npz(path, **arrays)
-    return path
+        arrays[f"test_{kind}@{corruption}@{severity}"] = np.asarray(logits)
+    return arrays
 
 
 def export_run(store, run_id: str, path: str | Path, provenance: str = "") -> Path:
@@ -362,10 +380,10 @@ def check_against_grid(path: Path, outputs: ExternalOutputs, grid, data_root: Pa
     from benchmark.data import load_dataset
     datasets = sorted({spec.dataset for spec in grid.specs})
     if outputs.dataset not in datasets:
-        raise BadOutputsFile(f"{path}: declares dataset {outputs.dataset!r}; grid '{grid.name}' has "
+        raise BadOutputs(f"{path}: declares dataset {outputs.dataset!r}; grid '{grid.name}' has "
                              f"{', '.join(datasets)} — give the file a 'dataset' string naming one of them")
     if outputs.name in {spec.regime for spec in grid.specs}:
-        raise BadOutputsFile(f"{path}: its name '{outputs.name}' is a regime of grid '{grid.name}'; name the entry "
+        raise BadOutputs(f"{path}: its name '{outputs.name}' is a regime of grid '{grid.name}'; name the entry "
                              f"apart with --as")
     data = load_dataset(outputs.dataset, data_root)
     expected = data.y_test.cpu().numpy()
@@ -375,6 +393,6 @@ def check_against_grid(path: Path, outputs: ExternalOutputs, grid, data_root: Pa
                  if expected.shape != outputs.test_labels.shape else
                  f"{outputs.num_classes} classes against {data.num_classes}" if data.num_classes != outputs.num_classes
                  else f"{int((expected != outputs.test_labels).sum())} labels differ")
-        raise BadOutputsFile(f"{path}: its test labels are not {outputs.dataset}'s test split as exitbench holds it "
+        raise BadOutputs(f"{path}: its test labels are not {outputs.dataset}'s test split as exitbench holds it "
                              f"({found}); entries are compared on the grid's test samples, in the order of "
                              f"benchmark.data.load_dataset({outputs.dataset!r}).y_test")
