@@ -1,4 +1,4 @@
-"""Is each cell's epoch budget enough? The committed evidence: `python -m benchmark.budget_sweep --grid quick`.
+"""Is each cell's epoch budget enough? The committed evidence: `bench budget-sweep --grid quick`.
 
 A ranking at a budget where nothing has converged measures early speed, not the regimes. For every (dataset,
 arch) cell of a grid this trains `joint` (the grid's [train] lr, the grid's seeds) at E/2, E and 2E epochs —
@@ -11,19 +11,14 @@ samples). Test data is never read.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from benchmark.cli import DEFAULT_DATA_ROOT
-from benchmark.grid import load_grid, parse_filters, select
-from benchmark.runner import run_grid
 from benchmark.spec import RunSpec
-from benchmark.store import DONE, ResultsStore, read_csv, write_csv
+from benchmark.store import DONE, ResultsStore, read_csv
 
 PLATEAU_POINTS = 0.005
 """Largest final-exit validation accuracy gain from E to 2E epochs for which E counts as converged."""
@@ -86,31 +81,7 @@ def validation_size(folder: Path) -> int:
         return len(stored["val_y"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="quick")
-    parser.add_argument("--results", type=Path, default=None, help="results folder [default: results/<grid>]")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to sweep [default: the grid's]")
-    parser.add_argument("--executor", choices=["local", "process"], default="local")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--only", nargs="*", default=[], help="KEY=VALUE filters, as bench run --only")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="sweep at this lr instead of the grid's [train] lr (writes budget_sweep_lr<LR>.csv)")
-    args = parser.parse_args(argv)
-    grid = load_grid(args.grid, args.data_root)
-    store = ResultsStore(args.results or Path("results") / grid.name)
-    runs = sweep_specs(select(grid.specs, parse_filters(args.only)), args.seeds, args.lr)
-    outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=args.data_root,
-                       executor=args.executor, jobs=args.jobs, threads=args.threads,
-                       desc=f"budget sweep {grid.name}", write_tables=lambda: None)
-    table = sweep_table(runs, store)
-    name = "budget_sweep.csv" if args.lr is None else f"budget_sweep_lr{args.lr:g}.csv"
-    write_csv(store.tables_dir / name, table)
-    print(table.to_string(index=False))
-    return 1 if outcome.failed or outcome.interrupted else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def table_path(store: ResultsStore, lr: float | None = None) -> Path:
+    """Where the sweep's table goes: tables/budget_sweep.csv, or budget_sweep_lr<LR>.csv for a sweep at `lr` instead
+    of the grid's [train] lr."""
+    return store.tables_dir / ("budget_sweep.csv" if lr is None else f"budget_sweep_lr{lr:g}.csv")

@@ -709,5 +709,167 @@ def latency(run_id, grid_name, results, data_root, device, threads, repeats, sam
                + f"; {store.tables_dir / 'latency.csv'}")
 
 
+@main.command(name="budget-sweep", short_help="Train joint at E/2, E and 2E epochs per cell: is each budget converged?")
+@click.option("--grid", "grid_name", default="quick", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--only", multiple=True, metavar="KEY=GLOB",
+              help="Sweep the cells and seeds of the runs whose KEY matches GLOB, as `bench run --only`; repeatable.")
+@click.option("--seeds", multiple=True, type=int, metavar="SEED",
+              help="A seed to sweep (of the grid's); repeatable: --seeds 0 --seeds 1 [default: the grid's seeds].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sweep at this lr instead of the grid's [train] lr (writes tables/budget_sweep_lr<LR>.csv).")
+@click.option("--executor", type=click.Choice(["local", "process"]), default="local", show_default=True,
+              help="local: one run after another; process: --jobs worker processes.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel runs for --executor process.")
+@click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
+              help="Results folder [default: results/<grid>].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per run [default: all cores, split between --jobs].")
+def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root, threads):
+    """Is each cell's epoch budget E enough? Train `joint` in every (dataset, arch) cell of the grid, at the grid's
+    seeds and [train] lr (or --seeds, --lr), at E/2, E and 2E epochs — ordinary runs of the grid's results folder,
+    so they are cached — and write tables/budget_sweep.csv: the seed-mean final-exit validation accuracy per budget
+    and whether E has plateaued (at most 0.5 points gained from E to 2E, on a validation split that can show 0.5
+    points). Test data is never read. Python: `benchmark.budget_sweep`.
+
+    Exits 1 when a run failed, 130 when interrupted (rerun the same command to resume: finished runs are kept)."""
+    from benchmark.budget_sweep import sweep_specs, sweep_table, table_path
+    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.runner import run_grid
+    from benchmark.store import ResultsStore, write_csv
+
+    grid = load_grid(grid_name, data_root)
+    specs = select(grid.specs, parse_filters(only))
+    if not specs:
+        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    missing = sorted(set(seeds) - {s.seed for s in specs})
+    if missing:
+        raise UserError(f"--seeds {' '.join(map(str, missing))}: not among the seeds of grid '{grid.name}' "
+                        f"({', '.join(map(str, sorted({s.seed for s in specs})))})")
+    runs = sweep_specs(specs, list(seeds) or None, lr)
+    store = ResultsStore(results or Path("results") / grid.name)
+    with store.lock():
+        outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=data_root,
+                           executor=executor, jobs=jobs, threads=threads, desc=f"budget sweep {grid.name}",
+                           write_tables=lambda: None)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        for run_id, message in outcome.failed.items():
+            click.echo(f"  failed {run_id}: {message}", err=True)
+        table = sweep_table(runs, store)
+        write_csv(table_path(store, lr), table)
+    click.echo(table.to_string(index=False))
+    click.echo(f"budget sweep of grid {grid.name}: {len(outcome.done)} trained, {len(outcome.skipped)} already done, "
+               f"{len(outcome.failed)} failed; {table_path(store, lr)}")
+    if outcome.failed:
+        sys.exit(1)
+
+
+@main.command(short_help="Training images/s of the trainer against a plain DataLoader loop and an in-memory loop.")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--arch", default="small_cnn", show_default=True, help="Registered arch (`bench list archs`).")
+@click.option("--dataset", default="mnist5k", show_default=True,
+              help="Registered dataset (`bench list datasets`), or synthetic-cifar: random 8-bit 3x32x32 images held "
+                   "as CIFAR is, to measure throughput without CIFAR's files.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
+              show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Epochs per timed repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed repeats; the median is reported.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to train.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads [default: torch's own, all cores unless OMP_NUM_THREADS says otherwise].")
+@click.option("--workers", type=click.IntRange(min=0), default=min(8, os.cpu_count() or 1), show_default=True,
+              help="DataLoader worker processes of the plain loop.")
+@click.option("--objectives", is_flag=True,
+              help="Instead: the cost per step of the objectives NAME... (every registered one if none is named) "
+                   "relative to uniform, beside each one's arithmetic minimum.")
+def perf(names, arch, dataset, data_root, epochs, repeats, device, threads, workers, objectives):
+    """Training throughput of exitbench's trainer against the plain PyTorch loop a researcher would write, on the
+    same model, data and batch size: a torchvision DataLoader loop with per-sample transforms (--workers processes,
+    float32), the minimal in-memory loop over the data as exitbench holds it (with its precision and layout: what is
+    left is the trainer's own overhead), and the trainer itself (its validation pass reported apart). Goals: the
+    trainer at most 5 % slower per step than the in-memory loop; on a GPU at least 2x the DataLoader loop for CIFAR
+    ResNet-18 (`--arch resnet18 --dataset synthetic-cifar --device cuda`).
+
+    With --objectives: each objective's P2 (and P3) step time relative to uniform, its arithmetic minimum (the FLOPs
+    its procedure cannot do without) relative to uniform's, and measured / minimum. Python: `benchmark.perf`;
+    BENCHMARK.md, "Training throughput"."""
+    import torch
+
+    from benchmark.data import load_dataset
+    from benchmark.determinism import configure, resolve_device
+    from benchmark.perf import compare_loops, objective_costs, synthetic_cifar
+    from regimes.registry import objective_names
+
+    if names and not objectives:
+        raise UserError(f"objective names ({' '.join(names)}) are for --objectives: `bench perf --objectives "
+                        f"{' '.join(names)}`")
+    unknown = sorted(set(names) - set(objective_names()))
+    if unknown:
+        raise UserError(f"unknown objective(s) {', '.join(unknown)}; registered: {', '.join(objective_names())}")
+    device = resolve_device(device)
+    threads = threads or torch.get_num_threads()
+    configure(device, threads)
+    data = synthetic_cifar() if dataset == "synthetic-cifar" else load_dataset(dataset, data_root)
+    data = data.to(device)
+    if objectives:
+        objective_costs(arch, data, epochs, repeats, device, list(names), echo=click.echo)
+    elif not compare_loops(arch, data, epochs, repeats, device, threads, workers, echo=click.echo):
+        sys.exit(1)
+
+
+@main.command(short_help="Measure seconds per training step of a grid's cells: the cost estimate's calibration.")
+@click.option("--grid", "grid_name", default="full", show_default=True,
+              help="Registered grid name or path to a grid .toml file.")
+@click.option("--only", multiple=True, metavar="KEY=GLOB",
+              help="Calibrate (or estimate) only the runs whose KEY matches GLOB, as `bench run --only`; repeatable.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="The device to calibrate: the one the grid will run on.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads (CPU calibration).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed steps first [default: cuda 5, cpu 1].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Timed steps, the median taken [default: cuda 20, cpu 2].")
+@click.option("--memory-fraction", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="CPU: skip cells whose step would need more than this share of the available memory.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration file the measured rows are merged into (and --estimate reads) [default: "
+                   "benchmark/cost_calibration.csv, or $EXITBENCH_COST_CALIBRATION].")
+@click.option("--estimate", is_flag=True,
+              help="Measure nothing: print the grid's estimated cost from the calibration file, as `bench run "
+                   "--dry-run` prints it under its run listing.")
+def calibrate(grid_name, only, device, threads, warmup, steps, memory_fraction, output, estimate):
+    """Measure the seconds of one `joint` training step of every (arch, input shape, batch size, optimizer) of the
+    grid — a random batch at the grid's batch size, as the trainer runs it on this device, the median of --steps
+    timed steps after --warmup — and merge the rows into the calibration file, which the cost estimate of
+    `bench run --dry-run` reads (benchmark/cost_model.py). On the CPU a cell whose step would not fit in memory is
+    skipped and named. Run it on the GPU the grid will run on (`--device cuda`) and commit the rows it adds."""
+    from benchmark import cost_model
+    from benchmark.determinism import resolve_device
+    from benchmark.grid import load_grid, parse_filters, select
+
+    grid = load_grid(grid_name, check_models=False)
+    specs = select(grid.specs, parse_filters(only))
+    if not specs:
+        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    device_type = resolve_device(device).type
+    if estimate:
+        for line in cost_model.grid_estimate(grid, specs, grid_name, device_type, output):
+            click.echo(line)
+        return
+    cuda, path = device_type == "cuda", output or cost_model.calibration_path()
+    rows = cost_model.calibrate(specs, device_type, threads=threads,
+                                warmup=(5 if cuda else 1) if warmup is None else warmup,
+                                steps=steps or (20 if cuda else 2), memory_fraction=memory_fraction, output=path,
+                                echo=click.echo)
+    click.echo(f"calibration of grid {grid.name} on {device_type}: {len(rows)} rows merged into {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Estimated device-hours of a grid's runs: a per-arch cost model calibrated by measured training steps.
 
-    python -m benchmark.cost_model --calibrate --grid full --device cuda     # on the GPU the grid will run on
-    python -m benchmark.cost_model --calibrate --grid full --device cpu --threads 1 --steps 2
-    python -m benchmark.cost_model --grid full                                # the estimate alone (no run listing)
+    bench calibrate --grid full --device cuda                       # on the GPU the grid will run on
+    bench calibrate --grid full --device cpu --threads 1 --steps 2
+    bench calibrate --grid full --estimate                          # the estimate alone (no run listing)
 
 `bench run --grid GRID --dry-run` prints the same estimate under its run listing.
 
@@ -15,7 +15,7 @@ plus its evaluation, where
 - s is the **calibration**: the measured seconds of one `joint` training step of the cell's model — a random batch
   of the grid's batch size at the dataset's input shape, forward through every exit, mean cross-entropy, backward,
   the cell's optimizer step; bf16 autocast and channels-last on CUDA as in the trainer — the median of a few timed
-  steps after warm-up, written by `--calibrate` to benchmark/cost_calibration.csv (device name, arch, input shape,
+  steps after warm-up, written by `bench calibrate` to benchmark/cost_calibration.csv (device name, arch, input shape,
   batch size, seconds per step, torch version, date). Data indexing and augmentation (one gather on the device)
   are not in it;
 - m is the phase's **training FLOPs per step relative to a joint (uniform) step** (`STEP_MULTIPLIERS`), derived from
@@ -41,14 +41,12 @@ A CPU calibration skips a cell whose step would need more than `--memory-fractio
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import functools
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,14 +456,13 @@ def _clock(seconds: float) -> str:
 def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str) -> list[str]:
     """The lines `bench run --dry-run` prints under its run listing."""
     grid = grid_name or "GRID"
-    command = f"python -m benchmark.cost_model --calibrate --grid {grid} --device cuda"
+    command = f"bench calibrate --grid {grid} --device cuda"
     calibration = estimate.calibration
     lines = []
     if calibration is None:
         lines.append(f"estimated cost: no calibration of this machine's {device_type} "
                      f"({this_device_name(device_type)}) nor of a GPU in {calibration_path()}, so device-hours are not estimated (training FLOPs are); "
-                     f"calibrate this machine with `python -m benchmark.cost_model --calibrate --grid {grid} --device "
-                     f"{device_type}`")
+                     f"calibrate this machine with `bench calibrate --grid {grid} --device {device_type}`")
         unit = "hours"
     else:
         lines.append(f"estimated cost (benchmark/cost_model.py), calibration {calibration.describe()} from "
@@ -501,8 +498,8 @@ def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str)
     if calibration is not None and missing:
         lines.append(f"n/c: {len(missing)} cells have no calibration row on {calibration.device_name} "
                      f"({', '.join(f'{c.dataset}/{c.arch}' for c in missing)}): the total leaves them out; "
-                     f"calibrate them with `python -m benchmark.cost_model --calibrate --grid {grid} --device "
-                     f"{calibration.device_type}` on that device")
+                     f"calibrate them with `bench calibrate --grid {grid} --device {calibration.device_type}` on "
+                     f"that device")
     if estimate.unknown_objectives:
         lines.append(f"note: objectives {', '.join(sorted(estimate.unknown_objectives))} have no FLOPs multiplier "
                      f"(STEP_MULTIPLIERS): counted as 1x a joint step")
@@ -519,6 +516,18 @@ def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str)
         lines.append(f"GPU-hours: not calibrated yet for {where} (no CUDA rows in {calibration_path().name}); on the "
                      f"GPU the grid will run on, run `{command}` and commit the rows it adds")
     return lines
+
+
+def grid_estimate(grid, specs: list[RunSpec], grid_name: str, device_type: str,
+                  calibration_file: Path | None = None) -> list[str]:
+    """`format_estimate`'s lines for `specs` of `grid` without the run listing (`bench calibrate --estimate`): the
+    tuning and reported runs its results/<grid> plans, from `calibration_file` [default: `calibration_path()`]."""
+    from benchmark.store import ResultsStore
+    from benchmark.tuning import make_plan
+    plan = make_plan(specs, grid.tuning, ResultsStore(Path("results") / grid.name))
+    runs = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported + plan.awaiting]
+    calibration = choose_calibration(read_calibration(calibration_file), device_type)
+    return format_estimate(estimate(runs, calibration), grid_name, device_type)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -677,55 +686,3 @@ def calibrate(specs: list[RunSpec], device_type: str, *, threads: int, warmup: i
         echo(f"{label}: {seconds:.4g} s/step{achieved}")
         write_calibration([row], output)            # row by row: an interrupted calibration keeps what it measured
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.cost_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="full", help="registered grid name or path to a grid .toml file")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="measure seconds per step of every (arch, input shape, batch size) of the grid")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU calibration)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [cuda 5, cpu 1]")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps, median taken [cuda 20, cpu 2]")
-    parser.add_argument("--only", action="append", default=[], metavar="KEY=GLOB",
-                        help="calibrate or estimate only matching runs (as bench run --only); repeatable")
-    parser.add_argument("--memory-fraction", type=float, default=0.5,
-                        help="CPU: skip cells whose step would need more than this share of the available memory")
-    parser.add_argument("--output", type=Path, default=None, help=f"calibration file [default: {CALIBRATION_FILE}]")
-    args = parser.parse_args(argv)
-
-    from benchmark.determinism import resolve_device
-    from benchmark.errors import UserError
-    from benchmark.grid import load_grid, parse_filters, select
-
-    try:
-        grid = load_grid(args.grid, check_models=False)
-        specs = select(grid.specs, parse_filters(tuple(args.only)))
-        device_type = resolve_device(args.device).type
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.calibrate:
-        cuda = device_type == "cuda"
-        calibrate(specs, device_type, threads=args.threads, warmup=args.warmup or (5 if cuda else 1),
-                  steps=args.steps or (20 if cuda else 2), memory_fraction=args.memory_fraction,
-                  output=args.output or calibration_path())
-        return 0
-    from benchmark.store import ResultsStore
-    from benchmark.tuning import make_plan
-    plan = make_plan(specs, grid.tuning, ResultsStore(Path("results") / grid.name))
-    runs = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported + plan.awaiting]
-    calibration = choose_calibration(read_calibration(args.output), device_type)
-    for line in format_estimate(estimate(runs, calibration), args.grid, device_type):
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,10 @@
 """Training throughput of exitbench's trainer against the plain PyTorch loop a researcher would write, on the same
 model, data and batch size.
 
-    python -m benchmark.perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
-    python -m benchmark.perf --arch resnet18 --dataset synthetic-cifar --device cuda    # the GPU figure
-    python -m benchmark.perf --objectives        # cost per step of every objective relative to `uniform`
-    python -m benchmark.perf --objectives ztw metagf    # of these (and `uniform`, the reference) only
+    bench perf [--arch small_cnn] [--dataset mnist5k] [--epochs 3] [--repeats 3] [--device cpu]
+    bench perf --arch resnet18 --dataset synthetic-cifar --device cuda    # the GPU figure
+    bench perf --objectives        # cost per step of every objective relative to `uniform`
+    bench perf --objectives ztw metagf    # of these (and `uniform`, the reference) only
 
 `--objectives` prints beside each objective's measured P2 step time relative to `uniform` its arithmetic minimum
 relative to `uniform` (`minimum_step_costs`: the FLOPs its procedure cannot do without, from the model's counted
@@ -28,9 +28,7 @@ as exitbench holds CIFAR: it measures throughput on machines without CIFAR files
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import math
 import statistics
 import time
@@ -38,8 +36,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmark.data import Dataset, load_dataset
-from benchmark.determinism import configure, derive_seed, resolve_device, seed_everything
+from benchmark.data import Dataset
+from benchmark.determinism import derive_seed, seed_everything
 from benchmark.flops import counting_flops
 from benchmark.models import build_model
 from benchmark.train import cosine_schedule, make_optimizer, run_phase
@@ -229,7 +227,8 @@ def minimum_step_costs(model, input_shape: tuple[int, ...], num_classes: int, na
     return {name: flops(name) / reference for name in names}
 
 
-def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: list[str]) -> None:
+def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: list[str],
+                    echo=print) -> None:
     """Median seconds per step of a P2 phase (all parameters) and a P3 phase (heads only) for the named objectives
     (every registered one if none) and `uniform`, relative to `uniform` on the same model, data and batches, with
     each objective's arithmetic minimum in P2 relative to `uniform` (`minimum_step_costs`) and measured / minimum.
@@ -251,82 +250,54 @@ def objective_costs(arch: str, data, epochs: int, repeats: int, device, names: l
                                TRAIN, pairing_seed=0, epoch_offset=0, device=device)
             samples[name, trains].append(result.cost.wall_seconds / steps)
     times = {case: statistics.median(values) for case, values in samples.items()}
-    print(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
-          f"{steps} steps x {repeats} repeats (median); relative to uniform; minimum: the P2 step's FLOPs the "
-          f"objective needs relative to uniform's")
+    echo(f"objective cost per step, {arch} on {data.name}, {device}, batch {TRAIN['batch_size']}, "
+         f"{steps} steps x {repeats} repeats (median); relative to uniform; minimum: the P2 step's FLOPs the "
+         f"objective needs relative to uniform's")
     for name in names:
         p2, p3 = times[name, "all"], times.get((name, "heads"))
         measured = p2 / times["uniform", "all"]
-        print(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{measured:4.2f}  minimum x{minimum[name]:4.2f}  "
-              f"measured/minimum {measured / minimum[name]:4.2f}    "
-              + (f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}" if p3 else "P3  (no P3)"))
+        echo(f"  {name:8}  P2 {1000 * p2:7.1f} ms  x{measured:4.2f}  minimum x{minimum[name]:4.2f}  "
+             f"measured/minimum {measured / minimum[name]:4.2f}    "
+             + (f"P3 {1000 * p3:7.1f} ms  x{p3 / times['uniform', 'heads']:4.2f}" if p3 else "P3  (no P3)"))
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.perf", description=__doc__,
-                                     formatter_class=Formatter)
-    parser.add_argument("--arch", default="small_cnn", help="registered arch (`bench list archs`)")
-    parser.add_argument("--dataset", default="mnist5k",
-                        help="registered dataset (`bench list datasets`) or synthetic-cifar")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per timed repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where to train")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="DataLoader worker processes of the plain loop")
-    parser.add_argument("--objectives", nargs="*", metavar="NAME",
-                        help="instead: cost per step of the named objectives (all if none named) relative to uniform")
-    args = parser.parse_args()
-    unknown = sorted(set(args.objectives or ()) - set(objective_names()))
-    if unknown:
-        parser.error(f"unknown objective(s) {', '.join(unknown)}; registered: {', '.join(objective_names())}")
-    device = resolve_device(args.device)
-    configure(device, args.threads)
-    data = synthetic_cifar() if args.dataset == "synthetic-cifar" else load_dataset(args.dataset, "~/.cache/exitbench")
-    data = data.to(device)
-    if args.objectives is not None:
-        objective_costs(args.arch, data, args.epochs, args.repeats, device, args.objectives)
-        return
-    steps = len(data.y_train) // TRAIN["batch_size"] * args.epochs
+def compare_loops(arch: str, data, epochs: int, repeats: int, device, threads: int, workers: int,
+                  echo=print) -> bool:
+    """Time the plain DataLoader loop (`workers` worker processes), the in-memory loop and the trainer on the same
+    model, data and batch size — one warm-up epoch each, then `repeats` interleaved repeats of `epochs` epochs — and
+    print each one's median throughput; False when the trainer's time is not finite."""
+    steps = len(data.y_train) // TRAIN["batch_size"] * epochs
     loader = torch.utils.data.DataLoader(_TransformedSplit(data), batch_size=TRAIN["batch_size"], shuffle=True,
-                                         drop_last=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    plain_model = fresh_model(args.arch, data, device, channels_last=False)
-    hand_model, trainer_model = fresh_model(args.arch, data, device), fresh_model(args.arch, data, device)
+                                         drop_last=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    plain_model = fresh_model(arch, data, device, channels_last=False)
+    hand_model, trainer_model = fresh_model(arch, data, device), fresh_model(arch, data, device)
     dataloader_loop(plain_model, loader, 1, device)               # warm-up every path (workers start here)
     hand_loop(hand_model, data, 1, device)
     trainer(trainer_model, data, 1, device)
     plain, hand, ours, evals = [], [], [], []
-    for _ in range(args.repeats):                                # interleaved, so drift hits all alike
-        plain.append(dataloader_loop(plain_model, loader, args.epochs, device))
-        hand.append(hand_loop(hand_model, data, args.epochs, device))
-        train_s, eval_s = trainer(trainer_model, data, args.epochs, device)
+    for _ in range(repeats):                                     # interleaved, so drift hits all alike
+        plain.append(dataloader_loop(plain_model, loader, epochs, device))
+        hand.append(hand_loop(hand_model, data, epochs, device))
+        train_s, eval_s = trainer(trainer_model, data, epochs, device)
         ours.append(train_s)
         evals.append(eval_s)
     p, h, t = statistics.median(plain), statistics.median(hand), statistics.median(ours)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"{args.arch} on {args.dataset}, {device} ({name}), {args.threads} threads, {args.workers} DataLoader "
-          f"workers, batch {TRAIN['batch_size']}, {steps} steps x {args.repeats} repeats (median), torch "
-          f"{torch.__version__}")
+    echo(f"{arch} on {data.name}, {device} ({name}), {threads} threads, {workers} DataLoader "
+         f"workers, batch {TRAIN['batch_size']}, {steps} steps x {repeats} repeats (median), torch "
+         f"{torch.__version__}")
     images = steps * TRAIN["batch_size"]
-    print(f"  plain DataLoader loop : {1000 * p / steps:8.2f} ms/step  {images / p:10.0f} images/s")
-    print(f"  in-memory loop        : {1000 * h / steps:8.2f} ms/step  {images / h:10.0f} images/s")
-    print(f"  exitbench trainer     : {1000 * t / steps:8.2f} ms/step  {images / t:10.0f} images/s   "
-          f"{p / t:.2f}x the plain loop, overhead {100 * (t / h - 1):+.1f} % over the in-memory loop")
-    print(f"  + validation pass     : {1000 * statistics.median(evals) / args.epochs:8.1f} ms/epoch "
-          f"({100 * statistics.median(evals) / t:.1f} % of training time)")
-    if not math.isfinite(t):
-        raise SystemExit(1)
+    echo(f"  plain DataLoader loop : {1000 * p / steps:8.2f} ms/step  {images / p:10.0f} images/s")
+    echo(f"  in-memory loop        : {1000 * h / steps:8.2f} ms/step  {images / h:10.0f} images/s")
+    echo(f"  exitbench trainer     : {1000 * t / steps:8.2f} ms/step  {images / t:10.0f} images/s   "
+         f"{p / t:.2f}x the plain loop, overhead {100 * (t / h - 1):+.1f} % over the in-memory loop")
+    echo(f"  + validation pass     : {1000 * statistics.median(evals) / epochs:8.1f} ms/epoch "
+         f"({100 * statistics.median(evals) / t:.1f} % of training time)")
+    return math.isfinite(t)
 
 
 def _cpu_name() -> str:
     from benchmark.determinism import cpu_environment
     return cpu_environment().get("cpu_model") or "cpu"
 
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,12 @@
-"""The budget sweep's runs and its plateau verdict, on hand-made final-exit validation accuracies."""
+"""The budget sweep's runs and its plateau verdict, on hand-made final-exit validation accuracies; `bench
+budget-sweep` on runs already done."""
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from benchmark.budget_sweep import sweep_specs, sweep_table
+from benchmark.cli import main
 from benchmark.grid import load_grid
 from benchmark.store import ResultsStore
 from conftest import record_run
@@ -47,3 +50,34 @@ def test_converged_means_at_most_half_a_point_from_E_to_2E_on_a_split_that_can_s
     assert bool(table.loc["E", "validation_resolves"]) is (val_samples >= 1000)
     assert table.loc["E", "val_samples"] == val_samples
     assert table.loc["2E", "epochs"] == 12 and table.loc["E/2", "seeds"] == 2
+
+
+def test_bench_budget_sweep_writes_the_table_of_its_runs_at_the_asked_seeds_and_lr(grid_file, tmp_path):
+    """The command end to end, on runs already done (recorded by hand: nothing trains): --seeds (repeatable) and --lr
+    pick the runs, whose table goes to tables/budget_sweep_lr<LR>.csv."""
+    path = grid_file(regimes=("joint",), seeds=(0, 1, 2), epochs=6)
+    store = ResultsStore(tmp_path / "out")
+    runs = sweep_specs(load_grid(str(path)).specs, [0, 1], lr=0.2)
+    for label, spec in runs:
+        record(store, spec, {"E/2": 0.8, "E": 0.9, "2E": 0.902}[label])
+    result = CliRunner().invoke(main, ["budget-sweep", "--grid", str(path), "--seeds", "0", "--seeds", "1", "--lr",
+                                       "0.2", "--results", str(store.root), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(store.tables_dir / "budget_sweep_lr0.2.csv").set_index("budget")
+    assert table.loc["E", "seeds"] == 2 and bool(table.loc["E", "plateaued"]) and set(table["lr"]) == {0.2}
+    assert "0 trained, 6 already done, 0 failed" in result.stdout
+    assert not (store.tables_dir / "budget_sweep.csv").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--grid", "quik"], "unknown grid 'quik'"),
+    (["--seeds", "7"], "--seeds 7: not among the seeds"),
+    (["--only", "arch=resnet1000"], "--only arch=resnet1000 matches none"),
+])
+def test_bench_budget_sweep_says_a_users_mistake_in_one_line(grid_file, tmp_path, args, fragment):
+    args = ["--grid", str(grid_file()), *args] if args[0] != "--grid" else args
+    result = CliRunner().invoke(main, ["budget-sweep", *args, "--results", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -272,13 +272,34 @@ def test_calibration_rows_are_merged_by_device_and_cell(tmp_path):
 
 
 def test_calibrating_measures_a_step_and_writes_its_row(tmp_path, grid_file):
-    grid = load_grid(str(grid_file(regimes=("joint",))))
     output = tmp_path / "calibration.csv"
-    rows = cost_model.calibrate(grid.specs, "cpu", threads=1, warmup=1, steps=1, memory_fraction=0.5, output=output,
-                                echo=lambda line: None)
+    result = CliRunner().invoke(main, ["calibrate", "--grid", str(grid_file(regimes=("joint",))), "--device", "cpu",
+                                       "--threads", "1", "--warmup", "1", "--steps", "1", "--memory-fraction", "0.5",
+                                       "--output", str(output)])
+    assert result.exit_code == 0, result.output
     (row,) = cost_model.read_calibration(output)
     assert (row["arch"], row["input_shape"], row["batch_size"], row["threads"]) == ("small_cnn", "1x8x8", 64, "1")
-    assert row["seconds_per_step"] > 0 and row["device_name"] == cost_model.this_device_name("cpu") and rows
+    assert row["seconds_per_step"] > 0 and row["device_name"] == cost_model.this_device_name("cpu")
+    assert re.search(r"^small_cnn at 1x8x8, batch 64: [\d.e-]+ s/step", result.stdout, re.M), result.stdout
+    assert f"1 rows merged into {output}" in result.stdout
+
+    estimate = CliRunner().invoke(main, ["calibrate", "--grid", str(grid_file(regimes=("joint",))), "--estimate",
+                                         "--device", "cpu", "--output", str(output)])     # reads it, measures nothing
+    assert estimate.exit_code == 0, estimate.output
+    assert re.search(r"^total: 1 runs, [\d.]+ CPU-hours on ", estimate.stdout, re.M), estimate.stdout
+    assert cost_model.read_calibration(output) == [row]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--grid", "quik"], ["unknown grid 'quik'", "full"]),
+    (["--only", "arch=resnet1000"], ["--only arch=resnet1000 matches none"]),
+])
+def test_calibrate_says_a_users_mistake_in_one_line(tmp_path, args, fragments):
+    result = CliRunner().invoke(main, ["calibrate", *args, "--device", "cpu", "--output", str(tmp_path / "c.csv")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output and not (tmp_path / "c.csv").exists()
+    assert all(fragment in result.stderr for fragment in fragments), result.stderr
 
 
 # --- the dry run -------------------------------------------------------------------------------------------------
@@ -317,7 +338,7 @@ def test_dry_run_of_full_prints_cpu_hours_per_cell_and_in_total_and_says_gpus_ar
     assert total and total.group(2) == cost_model.this_device_name("cpu")
     assert float(total.group(1)) == pytest.approx(sum(hours.values()), rel=0.01)   # cells print rounded
     assert "GPU-hours: not calibrated yet for any CUDA device" in stdout
-    assert "python -m benchmark.cost_model --calibrate --grid full --device cuda" in stdout
+    assert "bench calibrate --grid full --device cuda" in stdout
 
 
 def test_dry_run_of_full_uses_a_gpu_calibration_where_one_is_committed(tmp_path, monkeypatch):

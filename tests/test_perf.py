@@ -1,22 +1,22 @@
-"""The performance script runs its three loops on real data and prints each one's throughput; its objective table
-prints each objective's arithmetic minimum per step beside the measured cost."""
+"""`bench perf` runs its three loops on real data and prints each one's throughput; its objective table prints each
+objective's arithmetic minimum per step beside the measured cost."""
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from benchmark.cli import main
 from benchmark.models.multi_exit import MultiExitNet
 from benchmark.perf import minimum_step_costs, pass_flops
+from conftest import bench_subprocess
 from regimes.registry import build_regime
 
 
 @pytest.mark.slow
 def test_perf_script_times_the_plain_loop_the_in_memory_loop_and_the_trainer():
-    result = subprocess.run([sys.executable, "-m", "benchmark.perf", "--dataset", "digits", "--epochs", "1",
-                             "--repeats", "1", "--threads", "1", "--workers", "1"],
-                            capture_output=True, text=True, timeout=300)
+    result = bench_subprocess("perf", "--dataset", "digits", "--epochs", "1", "--repeats", "1", "--threads", "1",
+                              "--workers", "1")          # a fresh process: its threads and DataLoader workers
     assert result.returncode == 0, result.stderr
     rates = {name: float(rate) for name, rate in
              re.findall(r"^\s+(plain DataLoader loop|in-memory loop|exitbench trainer)\s*:.*?(\d+) images/s",
@@ -27,10 +27,9 @@ def test_perf_script_times_the_plain_loop_the_in_memory_loop_and_the_trainer():
 
 
 def test_objective_costs_of_named_objectives_are_relative_to_uniform():
-    result = subprocess.run([sys.executable, "-m", "benchmark.perf", "--dataset", "digits", "--epochs", "1",
-                             "--repeats", "1", "--threads", "1", "--objectives", "boosted", "pcgrad"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, ["perf", "--dataset", "digits", "--epochs", "1", "--repeats", "1", "--threads",
+                                       "1", "--objectives", "boosted", "pcgrad"])
+    assert result.exit_code == 0, result.output
     rows = dict(re.findall(r"^\s+(\w+)\s+P2\s+[\d.]+ ms\s+x([\d.]+)", result.stdout, flags=re.M))
     assert set(rows) == {"uniform", "boosted", "pcgrad"}
     assert rows["uniform"] == "1.00"
@@ -43,11 +42,24 @@ def test_objective_costs_of_named_objectives_are_relative_to_uniform():
     assert re.search(r"^\s+pcgrad\s+P2 .*\(no P3\)", result.stdout, flags=re.M)      # refused under disjoint
 
 
+def assert_one_error_line(result, *fragments):
+    """A user mistake: exit code 2, one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output and not result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
 def test_perf_names_an_unknown_objective_and_the_registered_ones():
-    result = subprocess.run([sys.executable, "-m", "benchmark.perf", "--objectives", "pcgard"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "unknown objective(s) pcgard" in result.stderr and "pcgrad" in result.stderr
+    result = CliRunner().invoke(main, ["perf", "--objectives", "pcgard"])
+    assert_one_error_line(result, "unknown objective(s) pcgard", "pcgrad")
+
+
+def test_perf_objective_names_without_objectives_and_an_unknown_dataset_are_one_line_each():
+    assert_one_error_line(CliRunner().invoke(main, ["perf", "pcgrad"]), "--objectives pcgrad")
+    assert_one_error_line(CliRunner().invoke(main, ["perf", "--dataset", "cifar11"]), "unknown dataset 'cifar11'",
+                          "digits")
 
 
 def test_minimum_step_costs_of_a_linear_network_are_counted_by_hand():

@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -501,12 +500,11 @@ def test_show_rounds_for_display(results):
 def test_help_texts_are_whole_and_perf_explains_its_options():
     top = bench("--help")
     assert top.returncode == 0 and "..." not in top.stdout.split("Commands:")[1]
-    perf = subprocess.run([sys.executable, "-m", "benchmark.perf", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    perf = cli("perf", "--help")
     assert perf.returncode == 0 and "DESIGN.md" not in perf.stdout
     for option in ("--arch", "--dataset", "--epochs", "--repeats", "--device", "--threads"):
         line = perf.stdout[perf.stdout.index(f"  {option}"):].split("\n  -")[0]
-        assert "(default:" in line, line
+        assert "[default:" in line, line
 
 
 def test_analyze_after_joint_went_missing_leaves_no_stale_table_or_figure_and_states_completeness(results):

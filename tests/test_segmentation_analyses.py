@@ -101,7 +101,7 @@ def test_dense_robustness_reads_clean_rows_as_the_runs_evaluation_and_a_shift_mo
 
 
 def test_the_cost_model_times_a_segmentation_step_on_label_maps():
-    """`--calibrate` times a joint step per cell: a segmentation cell's labels are maps, not one class per sample."""
+    """`bench calibrate` times a joint step per cell: a segmentation cell's labels are maps, not one class per sample."""
     from benchmark.cost_model import calibration_cells, measure_step
     from benchmark.grid import load_grid
     cell, = calibration_cells(load_grid("seg").specs)
