@@ -323,8 +323,10 @@ def rerun(grid, root: Path, *, threads: int, data_root: Path) -> tuple[dict[str,
     from benchmark.store import ResultsStore, write_csv
     from benchmark.tables import build_tables
     from benchmark.tuning import make_plan
+    from benchmark.weights import stage as stage_weights
 
     store = ResultsStore(root)
+    stage_weights(store.root, grid.weights)
     common = {"grid_name": grid.name, "data_root": data_root, "device": "cpu", "threads": threads,
               "write_tables": lambda: None}
     plan = make_plan(grid.specs, grid.tuning, store)

@@ -115,6 +115,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     from benchmark.runner import damaged, run_grid
     from benchmark.store import DONE, FAILED, ResultsStore
     from benchmark.tuning import make_plan
+    from benchmark.weights import stage as stage_weights
 
     grid = load_grid(grid_name, data_root)
     if fast:       # part of every spec (and run id): tuning, tables and analyses of this command all see fast runs
@@ -153,6 +154,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                     snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
     lost = {}                           # Ray tasks that never came back: their runs stay pending
     with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
+        stage_weights(store.root, grid.weights)                # [model] weights: the copy every run loads
         if grid.screen is not None:
             specs = _screened(grid, specs, store, data_root, lost, common, reported)
             plan = make_plan(specs, grid.tuning, store)
@@ -489,7 +491,8 @@ def _print_plan(plan, store, device_type: str, analyses: bool) -> None:
     for role, spec in rows:
         state = store.state(spec.run_id)
         stored = p1_stored(spec, store, device_type)
-        p1 = "-" if stored is None else ("stored" if stored else "to train")
+        p1 = ("pretrained" if spec.model.get("weights") else "-") if stored is None else (
+            "stored" if stored else "to train")
         click.echo(f"{spec.run_id:12}  {state:8} {role:7} {spec.dataset:12} {spec.arch:16} {spec.regime:18} "
                    f"{spec.seed:4}  {spec.own_phase_train['lr']:8.4g}  {p1}")
         if state == FAILED:
@@ -740,6 +743,7 @@ def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root,
     from benchmark.grid import load_grid, parse_filters, select
     from benchmark.runner import run_grid
     from benchmark.store import ResultsStore, write_csv
+    from benchmark.weights import stage as stage_weights
 
     grid = load_grid(grid_name, data_root)
     specs = select(grid.specs, parse_filters(only))
@@ -752,6 +756,7 @@ def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root,
     runs = sweep_specs(specs, list(seeds) or None, lr)
     store = ResultsStore(results or Path("results") / grid.name)
     with store.lock():
+        stage_weights(store.root, grid.weights)
         outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=data_root,
                            executor=executor, jobs=jobs, threads=threads, desc=f"budget sweep {grid.name}",
                            write_tables=lambda: None)

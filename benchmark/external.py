@@ -27,7 +27,6 @@ Keys (K exits, N samples per split, C classes; the last exit is the model's fina
 """
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import UserError
+from benchmark.store import file_digest
 
 FORMAT = "exitbench-exit-outputs/1"
 EXTERNAL_FOLDER = "external"
@@ -83,14 +83,6 @@ class ExternalOutputs:
         return self.run_id or f"external-{self.name}" + ("" if self.seed is None else f"-s{self.seed}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_outputs(path: str | Path, name: str | None = None) -> ExternalOutputs:
     """The file at `path`, checked against FORMAT; `name` overrides the file's own name (default: the file's stem).
     Raises BadOutputs with one line naming the problem."""
@@ -107,7 +99,7 @@ def read_outputs(path: str | Path, name: str | None = None) -> ExternalOutputs:
         raise fail(f"holds pickled objects ({error}); store plain numeric and string arrays (np.savez)") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise fail(f"is not a readable .npz file ({type(error).__name__}: {error})") from None
-    return checked_outputs(arrays, str(path), name, path.stem, sha256_of(path))
+    return checked_outputs(arrays, str(path), name, path.stem, file_digest(path))
 
 
 def checked_outputs(arrays: dict[str, np.ndarray], where: str, name: str | None, fallback_name: str,

@@ -33,7 +33,7 @@ import difflib
 import math
 from fnmatch import fnmatchcase
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_every": 1,           # validation accuracy per exit every k epochs (history.csv)
 }
 MODEL_DEFAULTS: dict[str, Any] = {"head": "auto", "exits": "flops:0.25,0.5,0.75"}
+MODEL_KEYS: dict[str, Any] = {**MODEL_DEFAULTS, "weights": ""}
+"""What a [model] table may set: MODEL_DEFAULTS, and `weights`, the pretrained backbone (benchmark/weights.py: a
+state-dict file, relative to the grid file, or "imagenet"), which enters a run's `model` only when set."""
 OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 """What [regime_overrides] may change: settings of a regime's own optimizer, never batches or budgets (pairing)."""
 LIST_KEYS = ("datasets", "archs", "regimes", "seeds")
@@ -78,6 +81,7 @@ class Grid:
     tuning: dict[str, Any] | None  # the validated [tuning] table, or None: every value fixed by hand
     resources: dict[str, Any]      # the [resources] table merged over RESOURCE_DEFAULTS
     screen: dict[str, Any] | None = None   # the validated [screen] table (benchmark/screen.py), or None: no screen
+    weights: dict[str, Path] = field(default_factory=dict)   # "sha256:<hex>" -> the [model] weights file it hashes
 
 
 def grid_names() -> list[str]:
@@ -223,7 +227,7 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     regimes = _names(path, raw, "regimes", regime_names())
     seeds = _names(path, raw, "seeds", [])
     train_base = {**TRAIN_DEFAULTS, **_check_table(path, "train", raw.get("train", {}), TRAIN_DEFAULTS)}
-    model_base = {**MODEL_DEFAULTS, **_check_table(path, "model", raw.get("model", {}), MODEL_DEFAULTS)}
+    model_base = {**MODEL_DEFAULTS, **_check_table(path, "model", raw.get("model", {}), MODEL_KEYS)}
     _validate_train(path, "train", train_base)
 
     hparams = raw.get("hparams", {})
@@ -244,13 +248,13 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
     for arch, table in overrides.items():
         if arch not in archs:
             raise _bad(path, f"arch_overrides.{arch}", f"arch '{arch}' is not in this grid's archs {archs}")
-        _check_table(path, f"arch_overrides.{arch}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
+        _check_table(path, f"arch_overrides.{arch}", table, {**TRAIN_DEFAULTS, **MODEL_KEYS})
 
     cell_overrides = raw.get("cell_overrides", {})
     for pattern, table in cell_overrides.items():
         if not any(fnmatchcase(f"{d}/{a}", pattern) for d in datasets + optional for a in archs):
             raise _bad(path, f"cell_overrides.{pattern}", "matches no 'dataset/arch' cell of this grid")
-        _check_table(path, f"cell_overrides.{pattern}", table, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS})
+        _check_table(path, f"cell_overrides.{pattern}", table, {**TRAIN_DEFAULTS, **MODEL_KEYS})
 
     regime_overrides = raw.get("regime_overrides", {})
     for pattern, table in regime_overrides.items():
@@ -275,7 +279,7 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
         excluded.add((entry["dataset"], entry["arch"]))
 
     classes = {row["name"]: row["classes"] for row in dataset_table()}
-    specs, checked_models = [], set()
+    specs, checked_models, weights_files = [], set(), {}
     for dataset in datasets:
         for arch in archs:
             if takes[arch] != kind[dataset] or (dataset, arch) in excluded:
@@ -287,7 +291,12 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
                 override.update(table)
                 origin.update(dict.fromkeys(table, where))
             train = {**train_base, **{k: v for k, v in override.items() if k in TRAIN_DEFAULTS}}
-            model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_DEFAULTS}}
+            model = {**model_base, **{k: v for k, v in override.items() if k in MODEL_KEYS}}
+            weights = model.pop("weights", "")
+            if weights:
+                model["weights"] = _weights(path, origin.get("weights", "model"), weights, dataset, arch,
+                                            classes[dataset], regimes, weights_files,
+                                            data_root if check_models else None)
             _validate_train(path, f"overrides of {dataset}/{arch}", train)
             if isinstance(model["exits"], list) and not model["exits"]:
                 raise _bad(path, f"{origin.get('exits', 'model')}.exits", "lists no exit: a multi-exit benchmark needs "
@@ -315,7 +324,53 @@ def load_grid(name_or_path: str, data_root: str | Path | None = None, *, check_m
         raise _bad(path, "exclude", "removes every (dataset, arch) cell: the grid has no runs")
     return Grid(name=path.stem, path=path, description=str(raw.get("description", "")), specs=specs, raw=raw,
                 analyses=_analyses(path, raw.get("analyses", {})), tuning=tuning,
-                resources=_resources(path, raw.get("resources", {})), screen=screen)
+                resources=_resources(path, raw.get("resources", {})), screen=screen, weights=weights_files)
+
+
+def _weights(path: Path, where: str, value: str, dataset: str, arch: str, num_classes: int, regimes: list[str],
+             files: dict[str, Path], data_root: str | Path | None) -> str:
+    """A cell's `weights` as its runs hold it ("imagenet", or "sha256:<hex>" of the file, recorded in `files`),
+    checked: the arch has ImageNet weights, or the file exists and, with `data_root` (not when only listing), fits
+    the cell's network — every block tensor in shape, and a classifier for the dataset's classes where a regime
+    keeps the backbone frozen after P1 (disjoint)."""
+    from benchmark import weights as pretrained
+    from benchmark.models.registry import _ARCHS
+    from benchmark.store import file_digest
+    from regimes.base import Budget
+    from regimes.registry import build_regime
+    bad = lambda problem: _bad(path, f"{where}.weights", f"{problem} (cell {dataset}/{arch})")  # noqa: E731
+    if value == pretrained.IMAGENET:
+        if not _ARCHS[arch].has_pretrained_weights:
+            raise bad(f"{arch} is defined by exitbench and has no ImageNet weights; give a state-dict file instead")
+        return value
+    file = Path(value).expanduser()
+    file = file if file.is_absolute() else path.parent / file
+    if not file.is_file():
+        raise bad(f"no file {file} (a path relative to the grid file, or \"{pretrained.IMAGENET}\")")
+    digest = pretrained.DIGEST_PREFIX + file_digest(file)
+    files[digest] = file
+    if data_root is not None:
+        import torch
+
+        from benchmark.data import load_dataset
+        from benchmark.models import build_model
+        data = load_dataset(dataset, data_root)
+        with torch.device("meta"):
+            model = build_model(arch, num_classes, data.input_shape, head="auto", exits=[])
+        try:
+            state = pretrained.read_weights(file)
+        except UserError as error:
+            raise bad(str(error)) from None
+        try:
+            with_classifier = pretrained.classifier_fits(state, model)
+        except UserError as error:
+            raise bad(f"{file} {error}") from None
+        frozen = [r for r in regimes if not any(phase.trains == "all" for phase in build_regime(r).phases(Budget(2)))]
+        if frozen and not with_classifier:
+            raise bad(f"{file} has no classifier for {dataset}'s {num_classes} classes, which {', '.join(frozen)} "
+                      f"would never train (only heads train after P1): save the classifier with the backbone, or "
+                      f"leave {', '.join(frozen)} out")
+    return digest
 
 
 def _screen(path: Path, table: Any, regimes: list[str], tuning: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from benchmark.store import (DONE, RESOURCE_ERRNOS, ResultsStore, file_digest, f
                              read_dense, read_logits, read_torch, write_csv, write_json, write_npz, write_torch)
 from benchmark.provenance import code_version
 from benchmark.tuning import TUNING_METRIC
+from benchmark.weights import IMAGENET, load_backbone, staged_weights
 from benchmark.train import PhaseCost, compile_for_training, eager, held, run_phase
 from regimes.base import Budget, Phase
 from regimes.registry import build_regime
@@ -44,7 +45,7 @@ def initial_model(spec: RunSpec, data, device: torch.device):
     latency` — sees the exits' real outputs."""
     seed_everything(spec.pairing_seed)
     model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
-                        exits=spec.model["exits"])
+                        exits=spec.model["exits"], pretrained=spec.model.get("weights") == IMAGENET)
     model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner(model, data.num_classes)
     model = model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
@@ -188,6 +189,10 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
     data = load_dataset(spec.dataset, data_root).to(device)
     regime = build_regime(spec.regime, spec.hparams)
     model = initial_model(spec, data, device)
+    pretrained = spec.model.get("weights")
+    started_from = None if pretrained is None else {"weights": pretrained, "classifier_loaded": None}
+    if pretrained is not None and pretrained != IMAGENET:
+        started_from["classifier_loaded"] = load_backbone(model, staged_weights(store.root, pretrained))
     profile = flop_count.profile_flops(model, data.input_shape)          # one counting pass for every number
     costs = {"backbone": sum(profile.blocks) + profile.classifier,
              "exits": flop_count.exit_costs_of(profile, model.exit_blocks)}
@@ -204,6 +209,11 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
         history, phase_costs, p1_reused = resumed["history"], resumed["phase_costs"], resumed["p1_reused"]
     for phase in regime.phases(budget):
         if phase.epochs == 0:
+            continue
+        if phase.name == "P1" and pretrained is not None:      # the pretrained backbone is the backbone-first result
+            phase_costs.append({"phase": "P1", "trains": phase.trains, "epochs": 0, **asdict(PhaseCost()),
+                                "shared_p1_reused": False, "skipped": f"pretrained weights {pretrained}"})
+            epoch_offset += phase.epochs              # later phases keep the batches they see without weights
             continue
         end = epoch_offset + phase.epochs
         if end <= start:                       # trained before the checkpoint: its rows and cost are in it
@@ -255,6 +265,7 @@ def execute_run(spec: RunSpec, store: ResultsStore, *, data_root: Path, device: 
                   "exits": costs["exits"]},
         "cost": _run_cost(phase_costs, p1_reused, started, resumed),
         "num_exits": model.num_exits, "environment": environment,
+        **({"pretrained": started_from} if started_from else {}),
         "provenance": {**code_version(), "timing_batch": timing_batch},
         "files": folder_digests(folder),
     }

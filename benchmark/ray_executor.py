@@ -23,6 +23,7 @@ from benchmark.errors import UserError
 from benchmark.pipeline import safe_execute
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, pack_folder
+from benchmark.weights import IMAGENET, staged_file
 
 MAX_RETRIES = 3
 """Times Ray reruns a task whose worker died (killed, out of memory, node lost) before the run counts as lost."""
@@ -96,15 +97,20 @@ def resolve_resources(device: str, cpus_per_run: int | None, gpus_per_run: float
 
 
 def train_run(spec_json: dict, p1_id: str | None, backbone: dict[str, bytes] | None, data_root: str,
-              device_type: str, threads: int, extras: dict) -> tuple[tuple, dict[str, bytes] | None]:
+              device_type: str, threads: int, extras: dict,
+              weights: bytes | None = None) -> tuple[tuple, dict[str, bytes] | None]:
     """The body of a task: train one run in a private store, return ((run id, status, message, the run folder's
     files), the backbone's files if this run trained it) — two Ray objects, so dependants wait on the second alone.
-    Resource errors of the node propagate (the run stays pending)."""
+    `weights`: the staged pretrained weights file the run starts from (benchmark/weights.py), if any. Resource
+    errors of the node propagate (the run stays pending)."""
     import torch
 
     spec = RunSpec.from_json(spec_json)
     with tempfile.TemporaryDirectory(prefix="exitbench-run-") as root:
         store = ResultsStore(root)
+        if weights is not None:
+            staged_file(store.root, spec.model["weights"]).parent.mkdir(parents=True)
+            staged_file(store.root, spec.model["weights"]).write_bytes(weights)
         if backbone is not None:
             store.backbone_dir(p1_id).mkdir(parents=True)
             for name, content in backbone.items():
@@ -124,9 +130,13 @@ def submit_runs(stages: list[list[RunSpec]], store: ResultsStore, p1_of: dict[st
     task = ray.remote(train_run).options(name="exitbench.train_run", num_cpus=cpus, num_gpus=gpus,
                                          max_retries=MAX_RETRIES, retry_exceptions=False, num_returns=2)
     backbone_refs: dict[str, object] = {}
+    weights_refs: dict[str, object] = {}          # the staged pretrained weights, put once each
     refs, backbones = {}, {}
     for stage in stages:
         for spec in stage:
+            weights = spec.model.get("weights")
+            if weights is not None and weights != IMAGENET and weights not in weights_refs:
+                weights_refs[weights] = ray.put(staged_file(store.root, weights).read_bytes())
             p1_id = p1_of[spec.run_id]
             backbone = None
             if p1_id and p1_id not in backbone_refs and store.backbone_inspect(p1_id)[0]:
@@ -134,7 +144,7 @@ def submit_runs(stages: list[list[RunSpec]], store: ResultsStore, p1_of: dict[st
             if p1_id:
                 backbone = backbone_refs.get(p1_id)
             result, trained = task.remote(spec.to_json(), p1_id, backbone, str(data_root),
-                                          device_type, cpus, extras)
+                                          device_type, cpus, extras, weights_refs.get(weights))
             if p1_id and p1_id not in backbone_refs:
                 backbone_refs[p1_id] = trained
             refs[result], backbones[result] = spec, trained

@@ -194,6 +194,16 @@ def covered_range_line(cell_exits: pd.DataFrame, metric: str = "accuracy") -> st
     return f"Area = mean {metric} over budgets from the first exit's cost, {span} of the backbone's FLOPs, to 100 %."
 
 
+def pretrained_lines(cell_runs: pd.DataFrame) -> list[str]:
+    """Which pretrained backbone a cell's runs started from (`[model] weights`), and what that changes."""
+    if "weights" not in cell_runs or cell_runs["weights"].isna().all():
+        return []
+    names = ", ".join(f"`{w[:19]}…`" if w.startswith("sha256:") else f"`{w}`"
+                      for w in sorted(cell_runs.weights.dropna().unique()))
+    return [f"Runs start from pretrained weights {names}: their P1 phase is skipped (the pretrained backbone is the "
+            f"backbone-first result) — disjoint trains heads on it, joint and mixed fine-tune from it.", ""]
+
+
 def resolved_text(test) -> str:
     """Which pairs of regimes the Nemenyi test resolves, said plainly (issue 21: 'no pair' is the usual answer)."""
     if not np.isfinite(test.critical_difference):
@@ -466,7 +476,7 @@ def build_report(grid, store: ResultsStore, figures: Path, stamp: dict[str, str]
         cell_means[dataset, arch] = means
         out += [f"### {dataset} / {arch}", "",
                 covered_range_line(exits[exits.run_id.isin(cell.run_id)], quality_word([dataset])), "",
-                *lines, ""]
+                *pretrained_lines(cell), *lines, ""]
 
     figures.mkdir(parents=True, exist_ok=True)
     overall, test = overall_ranking(runs)

@@ -46,7 +46,10 @@ class GridOutcome:
 
 
 def p1_epochs(spec: RunSpec) -> int | None:
-    """The P1 budget of a run, or None if its schedule has no P1."""
+    """The P1 budget of a run, or None if its schedule has no P1 or it starts from pretrained weights (then P1 is
+    skipped: benchmark/weights.py)."""
+    if spec.model.get("weights") is not None:
+        return None
     phases = build_regime(spec.regime, spec.hparams).phases(
         Budget(spec.train["epochs"], spec.train["p1_epochs"]))
     return phases[0].epochs if phases[0].trains == "backbone" else None

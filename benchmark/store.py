@@ -169,6 +169,11 @@ def read_torch(path: Path) -> Any:
                           f"`bench run` to recompute it") from None
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """Copy `source` to `target` atomically (a reader never sees half a file)."""
+    _atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -20,11 +20,14 @@ RUN_STATUS_COLUMNS = ["status", "error"]
 
 
 def spec_row(spec: dict) -> dict:
-    """A run's identity and the training settings that matter to a reader, from its spec.json."""
+    """A run's identity and the training settings that matter to a reader, from its spec.json; `weights` (the
+    pretrained backbone it started from: benchmark/weights.py) only for runs that have one, so grids without
+    pretrained weights keep their columns."""
     own = {**spec["train"], **spec["own_phases"]}
+    weights = spec["model"].get("weights")
     return {**{key: spec[key] for key in SPEC_COLUMNS}, "epochs": spec["train"]["epochs"],
             "batch_size": spec["train"]["batch_size"], "lr": own["lr"], "p1_lr": spec["train"]["lr"],
-            "protocol": spec.get("protocol")}
+            "protocol": spec.get("protocol"), **({"weights": weights} if weights else {})}
 
 
 def run_row(metrics: dict, spec: dict) -> dict:

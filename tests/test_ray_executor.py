@@ -114,6 +114,30 @@ def test_ray_runs_equal_local_runs_and_share_one_backbone(cluster, tmp_path):
     assert not list((tmp_path / "ray").glob(".*.tmp"))       # no staging folder left behind
 
 
+def test_a_pretrained_run_gets_its_weights_on_the_worker(cluster, tmp_path):
+    """A run that starts from a grid's [model] weights trains in the worker's private store: the staged copy travels
+    with it, and the run equals the local executor's."""
+    import torch
+
+    from benchmark.models import build_model
+    from benchmark.store import file_digest
+    from benchmark.weights import stage
+    torch.manual_seed(3)
+    (spec,) = [s for s in smoke_specs() if s.regime == "disjoint"]
+    network = build_model("small_cnn", 10, (1, 8, 8), head=spec.model["head"], exits=spec.model["exits"])
+    torch.save(network.state_dict(), tmp_path / "w.pt")
+    digest = "sha256:" + file_digest(tmp_path / "w.pt")
+    spec = replace(spec, model={**spec.model, "weights": digest}, train={**spec.train, "epochs": 2})
+    for executor in ("local", "ray"):
+        stage(tmp_path / executor, {digest: tmp_path / "w.pt"})
+        outcome = train([spec], tmp_path / executor, executor, **({"threads": 1} if executor == "local" else
+                                                                 {"cpus_per_run": 1}))
+        assert outcome.done == [spec.run_id], outcome.failed
+    local, remote = (read_json(tmp_path / e / "runs" / spec.run_id / "metrics.json") for e in ("local", "ray"))
+    assert remote["pretrained"] == {"weights": digest, "classifier_loaded": True}
+    assert remote["files"]["logits.npz"] == local["files"]["logits.npz"]
+
+
 def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(cluster, tmp_path):
     killer = Killer(times=1, after=0.5)
     killer.start()
