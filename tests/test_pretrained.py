@@ -119,6 +119,15 @@ def test_a_missing_or_mismatched_file_is_one_line_exit_2(tmp_path, case, message
     assert not (tmp_path / "out").exists()
 
 
+def test_imagenet_weights_of_a_torchvision_arch_are_planned_without_downloading(tmp_path):
+    grid = write_grid(tmp_path / "grid.toml", archs=("resnet18",), regimes=("joint",),
+                      extra='weights = "imagenet"\n')
+    (spec,) = load_grid(str(grid), "/nonexistent").specs
+    assert spec.model["weights"] == "imagenet"
+    assert spec.run_id not in {s.run_id for s in load_grid(str(write_grid(tmp_path / "plain.toml", archs=("resnet18",),
+                                                                            regimes=("joint",))), "/nonexistent").specs}
+
+
 def test_without_a_classifier_joint_and_mixed_fine_tune_with_a_fresh_one(tmp_path):
     save_backbone(tmp_path / "w.pt", drop=("classifier.",))
     result = bench("run", "--grid", weights_grid(tmp_path, "w.pt", regimes=("joint", "mixed")), "--results",
