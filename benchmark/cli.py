@@ -100,10 +100,17 @@ def main() -> None:
               help="torch.compile the model (eager if compiling fails) and, on CUDA, let cuDNN pick benchmarked, "
                    "non-deterministic algorithms. Numbers may differ, so fast runs get their own run ids "
                    "[default results: results/<grid>-fast].")
+@click.option("--log", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              callback=lambda ctx, param, names: __import__("benchmark.trackers", fromlist=["require"]).require(names),
+              help="Log each run this command trains (history per epoch, final per-exit metrics, the spec) to "
+                   "TensorBoard (results/<grid>/tensorboard/) or W&B (offline unless WANDB_MODE=online; "
+                   "results/<grid>/wandb/), grouped by grid; repeatable. Needs the package: pip install -e "
+                   "'.[tensorboard]' or '.[wandb]'.")
 def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dry_run, results, data_root, download,
-        device, threads, retry_failed, allow_failed, save_models, fast):
+        device, threads, retry_failed, allow_failed, save_models, fast, log):
     """Train and evaluate every run of a grid that is not done yet, regenerate the tables, and name the command that
-    writes REPORT.md from them.
+    writes REPORT.md from them. With --log, each run is also logged to TensorBoard or W&B when it finishes (by this
+    process, whatever the executor; runs already done are not logged again).
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
     same command to resume: finished runs are kept)."""
@@ -114,6 +121,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     from benchmark.provenance import new_timing_batch
     from benchmark.runner import damaged, run_grid
     from benchmark.store import DONE, FAILED, ResultsStore
+    from benchmark.trackers import Trackers
     from benchmark.tuning import make_plan
     from benchmark.weights import stage as stage_weights
 
@@ -149,7 +157,8 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                   cpus_per_run=cpus_per_run or grid.resources["cpus_per_run"],
                   gpus_per_run=gpus_per_run if gpus_per_run is not None else grid.resources["gpus_per_run"],
                   write_tables=lambda: _write_grid_tables(grid, store),
-                  timing_batch=new_timing_batch(executor, jobs, threads))   # one sitting: every stage of this run
+                  timing_batch=new_timing_batch(executor, jobs, threads),   # one sitting: every stage of this run
+                  log=Trackers.of(log, grid))       # --log: tuning, screen and reported runs, as each finishes
     reported = dict(save_models=save_models or bool(settings["model"] and settings["run_after"]),
                     snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
     lost = {}                           # Ray tasks that never came back: their runs stay pending

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +30,9 @@ from benchmark.store import DONE, FAILED, ResultsStore, read_json
 from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
+
+if TYPE_CHECKING:
+    from benchmark.trackers import Trackers
 
 EXECUTORS = ("local", "process", "ray")
 LOST = "lost"  # a Ray task that never came back (its worker died every retry): the run stays pending
@@ -117,10 +120,12 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
              snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
              desc: str | None = None, address: str | None = None, cpus_per_run: int | None = None,
-             gpus_per_run: float | None = None, timing_batch: str | None = None) -> GridOutcome:
+             gpus_per_run: float | None = None, timing_batch: str | None = None,
+             log: Trackers | None = None) -> GridOutcome:
     """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
     every run in the folder). `address`, `cpus_per_run` and `gpus_per_run` are for the Ray executor; `timing_batch`
-    names the sitting the runs are timed in (`provenance.new_timing_batch`; default: a new one for this call)."""
+    names the sitting the runs are timed in (`provenance.new_timing_batch`; default: a new one for this call);
+    `log` (`benchmark.trackers.Trackers`, `bench run --log`) gets each run this call trains, once it is done."""
     outcome = GridOutcome()
     timing_batch = timing_batch or new_timing_batch(executor, jobs, threads)
     ray_started = False
@@ -133,7 +138,8 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
                          data_root=data_root, device=device, retry_failed=retry_failed, download=download,
                          threads=threads, extras={"keep_model": save_models, "snapshot_every": snapshot_every,
                                                   "snapshot_samples": snapshot_samples, "timing_batch": timing_batch},
-                         write_tables=write_tables, desc=desc, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+                         write_tables=write_tables, desc=desc, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                         log=log)
     finally:
         if ray_started:
             ray_executor.disconnect()
@@ -141,7 +147,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
 
 
 def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root, device, retry_failed, download,
-                 threads, extras, write_tables, desc, cpus_per_run, gpus_per_run) -> None:
+                 threads, extras, write_tables, desc, cpus_per_run, gpus_per_run, log=None) -> None:
     if executor == "ray":
         from benchmark import ray_executor
         device_type, ray_cpus, ray_gpus = ray_executor.resolve_resources(device, cpus_per_run or threads,
@@ -169,7 +175,7 @@ def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root,
         per_run_threads = threads or max(1, cores // jobs)
     else:
         per_run_threads = threads or cores
-    progress = Progress(len(pending), (desc or f"grid {grid_name}") + where, store)
+    progress = Progress(len(pending), (desc or f"grid {grid_name}") + where, store, log)
     try:
         if executor == "ray":
             _run_ray(stages(pending, store, torch_device.type), store, outcome, progress, data_root,
@@ -185,15 +191,18 @@ def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root,
         outcome.interrupted = True
     finally:
         progress.close()
+        for line in log.notes() if log else ():
+            print(line, file=sys.stderr, flush=True)
         (write_tables or (lambda: tables.write_tables(store)))()
 
 
 class Progress:
     """A bar with ETA on a terminal, one plain line per finished run when stderr is a file (a cluster log: no
-    carriage returns or cursor codes); either way one line per run saying how it ended."""
+    carriage returns or cursor codes); either way one line per run saying how it ended. Done runs go to the
+    trackers `log` (`bench run --log`), from this process whatever the executor."""
 
-    def __init__(self, total: int, desc: str, store: ResultsStore):
-        self.total, self.finished, self.store = total, 0, store
+    def __init__(self, total: int, desc: str, store: ResultsStore, log=None):
+        self.total, self.finished, self.store, self.log = total, 0, store, log
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, disable=not self.tty)
@@ -220,12 +229,17 @@ class Progress:
         eta = (time.monotonic() - self.started) / self.finished * left
         line = (f"{status} {spec.run_id} {spec.regime} {spec.dataset}/{spec.arch} seed {spec.seed}: {result}; "
                 f"{left} left, ETA {_clock(eta)}")
+        self._write(line)
+        for warning in self.log.log(self.store, spec) if self.log and status == DONE else ():
+            self._write(warning)
+        self.bar.update(1)
+        self.bar.set_postfix(done=len(outcome.done), failed=len(outcome.failed))
+
+    def _write(self, line: str) -> None:
         if self.tty:
             tqdm.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
-        self.bar.update(1)
-        self.bar.set_postfix(done=len(outcome.done), failed=len(outcome.failed))
 
     def close(self) -> None:
         self.bar.close()

@@ -14,6 +14,7 @@ import pytest
 BUILDING = ("torchvision", "timm")
 PLOTTING = ("matplotlib", "seaborn")
 DATA = ("sklearn", "scipy")
+TRACKERS = ("tensorboard", "wandb")   # imported only by `bench run --log` (benchmark/trackers.py)
 
 
 def run_bench(args: list[str], modules: tuple[str, ...]) -> tuple[str, set[str]]:
@@ -38,13 +39,13 @@ def run_bench(args: list[str], modules: tuple[str, ...]) -> tuple[str, set[str]]
     ("grids", ["smoke", "quick"]),
 ])
 def test_listing_imports_no_model_zoo_plotting_or_data_library(what, expected):
-    output, imported = run_bench(["list", what], BUILDING + PLOTTING + DATA)
+    output, imported = run_bench(["list", what], BUILDING + PLOTTING + DATA + TRACKERS)
     assert all(name in output for name in expected)
     assert imported == set()
 
 
 def test_a_dry_run_imports_no_model_zoo_nor_plotting(tmp_path):
     output, imported = run_bench(["run", "--grid", "smoke", "--dry-run", "--results", str(tmp_path / "results")],
-                                 BUILDING + PLOTTING)
+                                 BUILDING + PLOTTING + TRACKERS)
     assert "small_cnn" in output and "pending" in output
     assert imported == set()

@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 
 EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```(python|bash|toml)\n(.*?)```", re.S)
 EXPECTED = {"api", "external", "pretrained"}
-"""The examples README must show (issue 24): a test that finds fewer fails rather than passes on nothing."""
+"""The examples README must show (issue 24: the API, a model trained elsewhere, pretrained weights with a tracker):
+a test that finds fewer fails rather than passes on nothing."""
 
 
 def readme_examples() -> list[tuple[str, str, str]]:
@@ -53,3 +54,5 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     assert "external-my_cnn-s2" in report and "a notebook: benchmark.api.train_model" in report
     runs = pd.read_csv(tmp_path / "results" / "pretrained" / "tables" / "runs.csv")
     assert len(runs) == 3 and runs.weights.str.startswith("sha256:").all() and (runs.status == "done").all()
+    logged = {p.parent.name for p in (tmp_path / "results" / "pretrained" / "tensorboard").glob("*/events.out.*")}
+    assert logged == set(runs.run_id)
