@@ -223,7 +223,8 @@ def test_runs_record_what_tells_machines_apart():
     assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert environment["torch"] == torch.__version__ and environment["cpu_model"] and environment["threads"] == 1
     spec = {"run_id": "r", "dataset": "d", "arch": "a", "regime": "joint", "seed": 0,
-            "train": {"epochs": 2, "batch_size": 64, "lr": 0.05}, "own_phases": {}}
+            "train": {"epochs": 2, "batch_size": 64, "lr": 0.05}, "own_phases": {},
+            "model": {"head": "pool", "exits": "flops:0.5"}}
     metrics = {"cost": {"wall_seconds": 1.0, "optimizer_steps": 1, "examples_seen": 1, "train_flops": 1.0,
                         "p1_reused": False}, "num_exits": 1, "summary": {}, "flops": {"backbone": 1.0},
                "environment": environment}
