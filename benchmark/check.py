@@ -413,7 +413,8 @@ def check(grid_name: str, *, update: bool = False, golden: Path | None = None, d
     path.parent.mkdir(parents=True, exist_ok=True)
     from benchmark.store import write_csv
     write_csv(path, new)
-    echo(f"wrote {path} ({len(new)} rows; tolerances from {len(perturbations)} perturbed reruns: "
+    echo(f"wrote {path} ({len(new)} rows; tolerances from {len(perturbations)} perturbed "
+         f"rerun{'' if len(perturbations) == 1 else 's'}: "
          + ", ".join(name for name, _, _ in perturbations) + ")")
     for line in table_changes(old, new):
         echo(line)

@@ -8,8 +8,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from benchmark import PROTOCOL_VERSION
+from benchmark.cli import main
 from benchmark.provenance import code_version
 from conftest import BENCH, REPO, THREADS
 
@@ -103,11 +105,13 @@ def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     assert sorted(done.arch) == ["cifar_resnet8", "cifar_resnet8"] and done.error.isna().all()
     assert sorted(failed.arch) == ["small_cnn", "small_cnn"] and failed.final_accuracy.isna().all()
     assert sorted(failed.error) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
-    skipped = bench_run(grid, tmp_path / "out")          # failed runs are not retried unless asked, nor forgotten
-    assert "2 failed earlier" in skipped.stdout and skipped.returncode == 1
+    # the reruns train nothing: in this process (the first run checked the real entry point's exit code)
+    skipped = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out")])
+    assert "2 failed earlier" in skipped.stdout and skipped.exit_code == 1  # failed runs: not retried, not forgotten
     assert "2 reported runs of grid" in skipped.stderr and "--allow-failed" in skipped.stderr
-    allowed = bench_run(grid, tmp_path / "out", "--allow-failed")
-    assert allowed.returncode == 0, allowed.stderr
+    allowed = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"),
+                                        "--allow-failed"])
+    assert allowed.exit_code == 0, allowed.output
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
@@ -133,14 +137,22 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert not list(results.rglob("*.tmp")), "no temporary file may survive a completed rerun"
 
 
-def test_process_executor_runs_the_grid(grid_file, tmp_path):
+def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     grid = grid_file(epochs=2)
-    result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2")
+    result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2", "--log", "tensorboard")
     assert result.returncode == 0, result.stderr
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     assert len(runs) == 3 and runs.threads.eq(1).all()
     assert len(list((tmp_path / "out" / "backbones").iterdir())) == 1       # disjoint's and mixed's P1, trained once
     assert runs.p1_reused.sum() == 1                                        # by one worker, reused by the other
+    # --log: the workers' runs are logged by the main process, each once, with the run folder's numbers
+    assert sorted(p.name for p in (tmp_path / "out" / "tensorboard").iterdir()) == sorted(runs.run_id)
+    for run_id in runs.run_id:
+        events = EventAccumulator(str(tmp_path / "out" / "tensorboard" / run_id))
+        events.Reload()
+        final = pd.read_csv(tmp_path / "out" / "runs" / run_id / "exits.csv").test_accuracy.iloc[-1]
+        assert [e.value for e in events.Scalars("test_accuracy/exit_3")] == [pytest.approx(final, rel=1e-6)]
 
 
 ANALYSES = """

@@ -91,11 +91,32 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
+def pretrained_disjoint(folder: Path):
+    """The smoke grid's disjoint run started from a [model] weights file saved here (benchmark/weights.py)."""
+    import torch
+
+    from benchmark.models import build_model
+    from benchmark.store import file_digest
+    (spec,) = [s for s in smoke_specs() if s.regime == "disjoint"]
+    torch.manual_seed(3)
+    network = build_model("small_cnn", 10, (1, 8, 8), head=spec.model["head"], exits=spec.model["exits"])
+    torch.save(network.state_dict(), folder / "weights.pt")
+    digest = "sha256:" + file_digest(folder / "weights.pt")
+    return replace(spec, model={**spec.model, "weights": digest}), {digest: folder / "weights.pt"}
+
+
 def test_ray_runs_equal_local_runs_and_share_one_backbone(cluster, tmp_path):
-    specs = smoke_specs()
+    """Also a run started from pretrained weights: the staged copy travels to the worker's private store."""
+    from benchmark.weights import stage
+    pretrained, weights = pretrained_disjoint(tmp_path)
+    specs = [*smoke_specs(), pretrained]
+    for executor in ("local", "ray"):
+        stage(tmp_path / executor, weights)
     local = train(specs, tmp_path / "local", "local", threads=1)
     remote = train(specs, tmp_path / "ray", "ray", cpus_per_run=1)
     assert sorted(remote.done) == sorted(local.done) == sorted(s.run_id for s in specs)
+    assert read_json(tmp_path / "ray" / "runs" / pretrained.run_id / "metrics.json")["pretrained"] == {
+        "weights": pretrained.model["weights"], "classifier_loaded": True}
     for spec in specs:        # same thread count: bitwise the same logits and numbers
         a = read_json(tmp_path / "local" / "runs" / spec.run_id / "metrics.json")
         b = read_json(tmp_path / "ray" / "runs" / spec.run_id / "metrics.json")
@@ -107,35 +128,11 @@ def test_ray_runs_equal_local_runs_and_share_one_backbone(cluster, tmp_path):
     store = ResultsStore(tmp_path / "ray")
     assert store.backbone_inspect(backbones[0].name) == (True, None)
     reused = {s.regime: read_json(store.run_dir(s.run_id) / "metrics.json")["cost"]["p1_reused"]
-              for s in specs if s.regime != "joint"}
+              for s in specs if s.regime != "joint" and s is not pretrained}
     assert sorted(reused.values()) == [False, True]          # one run trained it, the other received it
     trained_by = read_json(backbones[0] / "cost.json")["trained_by"]
     assert reused[next(s.regime for s in specs if s.run_id == trained_by)] is False
     assert not list((tmp_path / "ray").glob(".*.tmp"))       # no staging folder left behind
-
-
-def test_a_pretrained_run_gets_its_weights_on_the_worker(cluster, tmp_path):
-    """A run that starts from a grid's [model] weights trains in the worker's private store: the staged copy travels
-    with it, and the run equals the local executor's."""
-    import torch
-
-    from benchmark.models import build_model
-    from benchmark.store import file_digest
-    from benchmark.weights import stage
-    torch.manual_seed(3)
-    (spec,) = [s for s in smoke_specs() if s.regime == "disjoint"]
-    network = build_model("small_cnn", 10, (1, 8, 8), head=spec.model["head"], exits=spec.model["exits"])
-    torch.save(network.state_dict(), tmp_path / "w.pt")
-    digest = "sha256:" + file_digest(tmp_path / "w.pt")
-    spec = replace(spec, model={**spec.model, "weights": digest}, train={**spec.train, "epochs": 2})
-    for executor in ("local", "ray"):
-        stage(tmp_path / executor, {digest: tmp_path / "w.pt"})
-        outcome = train([spec], tmp_path / executor, executor, **({"threads": 1} if executor == "local" else
-                                                                 {"cpus_per_run": 1}))
-        assert outcome.done == [spec.run_id], outcome.failed
-    local, remote = (read_json(tmp_path / e / "runs" / spec.run_id / "metrics.json") for e in ("local", "ray"))
-    assert remote["pretrained"] == {"weights": digest, "classifier_loaded": True}
-    assert remote["files"]["logits.npz"] == local["files"]["logits.npz"]
 
 
 def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(cluster, tmp_path):

@@ -1,6 +1,7 @@
 """`bench run --log tensorboard|wandb`: what the trackers hold is read back (TensorBoard's event files, W&B's offline
 run files) and compared with the run folders; a missing package is one line and exit 2 before anything is written;
-runs already done are not logged again."""
+runs already done are not logged again. (Runs of worker processes logged by the main process: tests/test_end_to_end.py,
+the process executor's test.)"""
 import importlib.util
 import json
 import struct
@@ -197,23 +198,6 @@ def test_a_full_run_of_a_tuning_seed_is_marked_tuning(logged):
     folder = next(folder for folder in runs.values() if (folder / "exits.csv").exists())    # the reported run, seed 0
     assert read_run(folder).tuning is False
     assert read_run(folder, tuning_seeds={0}).tuning is True
-
-
-def test_runs_of_worker_processes_are_logged_by_the_main_process(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    grid = write_grid(tmp_path / "grid.toml", regimes=("joint",), seeds=(0, 1), epochs=2)
-    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"), "--threads", "1",
-                                       "--executor", "process", "--jobs", "2", "--log", "tensorboard"])
-    assert result.exit_code == 0, result.output
-    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
-    assert sorted(p.name for p in (tmp_path / "out" / "tensorboard").iterdir()) == runs and len(runs) == 2
-    for run_id in runs:
-        events = EventAccumulator(str(tmp_path / "out" / "tensorboard" / run_id))
-        events.Reload()
-        final = pd.read_csv(tmp_path / "out" / "runs" / run_id / "exits.csv").test_accuracy.iloc[-1]
-        assert [e.value for e in events.Scalars("test_accuracy/exit_3")] == [pytest.approx(final, rel=1e-6)]
 
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb"])
