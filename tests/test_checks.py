@@ -1,9 +1,9 @@
 """Cells whose settings make their numbers noise are flagged before anything trains."""
-import subprocess
+from click.testing import CliRunner
 
 from benchmark.checks import MIN_VAL_PER_CLASS, cell_warnings
+from benchmark.cli import main
 from benchmark.grid import load_grid
-from conftest import BENCH, REPO
 
 
 def test_a_tiny_sensor_dataset_gets_both_warnings(grid_file, tmp_path):
@@ -21,9 +21,8 @@ def test_a_sound_cell_gets_no_data_warning(grid_file, tmp_path):
 
 def test_dry_run_prints_the_warnings(grid_file, tmp_path):
     grid = grid_file(datasets=("basicmotions",), archs=("small_cnn1d",))
-    result = subprocess.run([*BENCH, "run", "--grid", str(grid), "--results", str(tmp_path / "out"), "--dry-run"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
     assert "warning: basicmotions/small_cnn1d: batch size 64 exceeds" in result.stderr
 
 

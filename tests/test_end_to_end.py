@@ -74,8 +74,8 @@ def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results, tmp_path
     grid, results, _ = smoke_results
     results = copy_of(results, tmp_path)
     before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
-    again = bench_run(grid, results)
-    assert again.returncode == 0 and "0 trained, 3 already done" in again.stdout
+    again = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results)])   # trains nothing
+    assert again.exit_code == 0 and "0 trained, 3 already done" in again.stdout
     assert before == {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
     assert len(pd.read_csv(results / "tables" / "runs.csv")) == 3
 
@@ -192,9 +192,8 @@ def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
             "landscape_1d_digits_small_cnn.png", "landscape_2d_digits_small_cnn.png",
             "interpolation_digits_small_cnn.png", "final_accuracy_ci.png"} <= set(figures)
     cached = {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}
-    again = subprocess.run([*BENCH, "analyze", "--grid", str(grid), "--results", str(results)], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    again = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(results)])
+    assert again.exit_code == 0, again.output
     assert cached == {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}, "per-run analyses are cached"
 
 

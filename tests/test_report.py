@@ -8,19 +8,20 @@ read the diff of tests/fixtures/report/REPORT.md before committing it.
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from analysis.critical_difference import nemenyi_q, rank_test
+from benchmark.cli import main
 from benchmark.errors import UserError
 from benchmark.grid import load_grid
 from benchmark.report import LEADERBOARD_MARKERS, build_report, resolved_text, update_benchmark
 from benchmark.store import ResultsStore
-from conftest import BENCH, REPO
+from conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "report"
 STAMP = {"protocol version": "2", "runs trained at": "fixture", "exitbench": "0.1.0", "torch": "fixed",
@@ -65,9 +66,9 @@ def test_every_embedded_figure_exists_under_a_relative_path(fixture_store):
 
 def test_bench_report_works_from_the_tables_alone_and_names_missing_figures(fixture_store, tmp_path):
     grid, store = fixture_store
-    result = subprocess.run([*BENCH, "report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
-                             str(store.root)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, ["report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
+                                       str(store.root)])
+    assert result.exit_code == 0, result.output
     text = (store.root / "REPORT.md").read_text()
     assert "Not drawn yet:" in text and "`bench analyze --grid report_grid`" in text
 
@@ -85,9 +86,9 @@ def test_analyses_a_grid_leaves_out_are_named_as_left_out_not_as_pending(fixture
 
 
 def test_bench_report_without_runs_is_one_line_exit_2(tmp_path):
-    result = subprocess.run([*BENCH, "report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
-                             str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "bench run --grid" in result.stderr and "Traceback" not in result.stderr
+    result = CliRunner().invoke(main, ["report", "--grid", str(FIXTURE / "report_grid.toml"), "--results",
+                                       str(tmp_path / "none")])
+    assert result.exit_code == 2 and "bench run --grid" in result.stderr and "Traceback" not in result.output
 
 
 def test_update_benchmark_rewrites_only_between_the_markers(tmp_path):

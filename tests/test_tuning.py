@@ -1,14 +1,15 @@
 """The tuning protocol: candidates on tuning seeds, the choice by a validation metric, reported runs with the winner."""
 import math
-import subprocess
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from benchmark.cli import main
 from benchmark.grid import load_grid
 from benchmark.store import ResultsStore
 from benchmark.tuning import NOT_TUNED, TUNING_METRIC, candidates, make_plan
-from conftest import BENCH, REPO, THREADS, record_run
+from conftest import THREADS, record_run
 
 TUNING = '[tuning]\nseeds = [7, 8]\nlr = [0.1, 0.02]\n'
 
@@ -80,14 +81,13 @@ def test_grids_without_tuning_report_their_values_as_not_tuned(grid_file, tmp_pa
 def test_bench_run_tunes_then_trains_the_reported_seeds_with_the_winner(grid_file, tmp_path):
     grid = grid_file(regimes=("joint", "mixed"), epochs=2, extra='[tuning]\nseeds = [5]\nlr = [0.05, 1e30]\n')
     out = tmp_path / "out"
-    bench = lambda *extra: subprocess.run([*BENCH, "run", "--grid", str(grid), "--results", str(out), *extra],  # noqa: E731
-                                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    bench = lambda *extra: CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(out), *extra])  # noqa: E731
     before = bench("--dry-run")
-    assert before.returncode == 0, before.stderr
+    assert before.exit_code == 0, before.output
     assert "2 reported runs await their cell's tuning" in before.stdout and "awaiting" in before.stdout
 
     result = bench("--threads", str(THREADS))
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     assert "tuning runs of grid" in result.stdout
     tuning = pd.read_csv(out / "tables" / "tuning.csv")
     runs = pd.read_csv(out / "tables" / "runs.csv")

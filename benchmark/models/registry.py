@@ -133,7 +133,7 @@ def build_model(
         raise UserError(f"{arch} is defined by exitbench and has no pretrained weights; use pretrained=False")
 
     backbone = _build_backbone(spec, num_classes, input_shape, pretrained)
-    profile = _profile_backbone(spec, backbone, input_shape)
+    profile = _meta_profile(spec.name, int(num_classes), input_shape)     # what exit_placement counts, counted once
     exit_blocks = place_exits(exits, profile.blocks, profile.classifier)
     heads = [make_head(head_kind, profile.block_output_shapes[b], num_classes, input_shape) for b in exit_blocks]
     return MultiExitNet(backbone.blocks, backbone.classifier, heads, exit_blocks, multi_scale=spec.multi_scale)
