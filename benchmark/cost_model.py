@@ -410,6 +410,8 @@ def estimate(runs: Iterable[tuple[str, RunSpec]], calibration: Calibration | Non
             if window == 0:
                 continue
             if phase.trains == "backbone":
+                if spec.model.get("weights") is not None:
+                    continue                      # pretrained: P1 is skipped (benchmark/weights.py)
                 key = spec.p1_id(phase.epochs, device_type)
                 if key in seen_p1:
                     continue                      # shared: counted with the first run that needs it

@@ -133,3 +133,14 @@ def test_without_a_classifier_joint_and_mixed_fine_tune_with_a_fresh_one(tmp_pat
     result = bench("run", "--grid", weights_grid(tmp_path, "w.pt", regimes=("joint", "mixed")), "--results",
                    tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
+
+
+def test_the_cost_estimate_charges_a_pretrained_run_no_p1(tmp_path):
+    from benchmark import cost_model
+    save_backbone(tmp_path / "w.pt")
+    plain = load_grid(str(weights_grid(tmp_path, None, regimes=("disjoint",))), "/nonexistent").specs
+    pretrained = load_grid(str(weights_grid(tmp_path, "w.pt", regimes=("disjoint",))), "/nonexistent").specs
+    (with_p1,), (without,) = (cost_model.estimate([("report", s) for s in specs], None, device_type="cpu").cells
+                              for specs in (plain, pretrained))
+    assert (with_p1.shared_p1, without.shared_p1) == (1, 0)
+    assert without.train_flops < with_p1.train_flops
