@@ -63,7 +63,7 @@ DIRECTION_SEED = 12345             # the same random directions for every run of
 
 
 def load_trained(spec: RunSpec, store: ResultsStore, data, device: torch.device):
-    model = initial_model(spec, data, device)
+    model = initial_model(spec, data, device, pretrained=False)      # model.pt replaces every weight
     model.load_state_dict(read_torch(store.run_dir(spec.run_id) / "model.pt"))
     return model.eval()
 
@@ -172,7 +172,7 @@ def joint_to_mixed(specs: list[RunSpec], store: ResultsStore, settings: dict, da
         if not all(p.is_file() for p in paths):
             continue
         data = load_dataset(dataset, data_root).to(device)
-        model = initial_model(joint, data, device).eval()
+        model = initial_model(joint, data, device, pretrained=False).eval()
         x, y = analysis_subset(data, settings["landscape_samples"])
         ts = np.linspace(-0.25, 1.25, settings["interpolation_points"])
         table = landscape.interpolate(model, read_torch(paths[0]), read_torch(paths[1]), x, y, ts)

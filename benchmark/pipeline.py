@@ -39,13 +39,14 @@ CHECKPOINT = "checkpoint.pt"
 """A tuning rung's state (weights, optimizer, schedule, objective, random streams, history and cost so far)."""
 
 
-def initial_model(spec: RunSpec, data, device: torch.device):
+def initial_model(spec: RunSpec, data, device: torch.device, pretrained: bool = True):
     """Same weights for every regime of a (dataset, arch, seed): seeded by the pairing seed only. The regime's exit
     combiner (boosted's ensemble) is part of the model, so every forward — training, evaluation, analyses, `bench
-    latency` — sees the exits' real outputs."""
+    latency` — sees the exits' real outputs. `pretrained=False`: for a model whose trained weights are loaded next
+    (model.pt), so a run started from "imagenet" weights does not download them again."""
     seed_everything(spec.pairing_seed)
     model = build_model(spec.arch, data.num_classes, data.input_shape, head=spec.model["head"],
-                        exits=spec.model["exits"], pretrained=spec.model.get("weights") == IMAGENET)
+                        exits=spec.model["exits"], pretrained=pretrained and spec.model.get("weights") == IMAGENET)
     model.combiner = build_regime(spec.regime, spec.hparams).objective.exit_combiner(model, data.num_classes)
     model = model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:

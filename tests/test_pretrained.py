@@ -144,3 +144,17 @@ def test_the_cost_estimate_charges_a_pretrained_run_no_p1(tmp_path):
                               for specs in (plain, pretrained))
     assert (with_p1.shared_p1, without.shared_p1) == (1, 0)
     assert without.train_flops < with_p1.train_flops
+
+
+def test_a_trained_imagenet_run_loads_for_analysis_without_downloading_its_weights_again(tmp_path):
+    from benchmark.analyze import load_trained
+    from benchmark.store import write_torch
+    (spec,) = load_grid(str(write_grid(tmp_path / "grid.toml", archs=("resnet18",), regimes=("joint",),
+                                       extra='weights = "imagenet"\n')), "/nonexistent").specs
+    data = load_dataset("digits", "/nonexistent")
+    trained = build_model("resnet18", 10, data.input_shape, head=spec.model["head"], exits=spec.model["exits"])
+    store = ResultsStore(tmp_path / "out")
+    store.run_dir(spec.run_id).mkdir(parents=True)
+    write_torch(store.run_dir(spec.run_id) / "model.pt", trained.state_dict())
+    model = load_trained(spec, store, data, CPU)              # offline here: a download would fail
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
