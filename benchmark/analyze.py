@@ -36,8 +36,8 @@ from benchmark.pipeline import collect_dense, collect_logits, initial_model, lab
 from benchmark.runner import p1_epochs
 from benchmark.snapshots import analysis_subset
 from benchmark.spec import RunSpec
-from benchmark.store import (ResultsStore, read_csv, read_dense, read_json, read_logits, read_torch, write_csv,
-                             write_npz)
+from benchmark.store import (ResultsStore, read_csv, read_dense, read_json, read_logits, read_run_logits, read_torch,
+                             write_csv, write_npz)
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "run_after": False,            # `bench run` analyses the grid when it has trained it
@@ -287,15 +287,12 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
 
 def stored_test_logits(specs: list[RunSpec], store: ResultsStore):
     """(labels, test logits (K, N, C), test labels) of every run in `specs` that has logits.npz, read with the
-    shape checks of `read_logits` (K from the run's metrics.json; sizes from the file's own label arrays)."""
+    shape checks of `read_run_logits`."""
     for spec in specs:
         folder = store.run_dir(spec.run_id)
         if not (folder / "logits.npz").is_file():
             continue
-        num_exits = read_json(folder / "metrics.json")["num_exits"]
-        with np.load(folder / "logits.npz") as sizes:
-            val_size, test_size = len(sizes["val_y"]), len(sizes["test_y"])
-        stored = read_logits(folder / "logits.npz", num_exits, val_size, test_size)
+        stored = read_run_logits(folder, read_json(folder / "metrics.json")["num_exits"])
         yield spec.labels, stored["test"], stored["test_y"]
 
 

@@ -50,6 +50,21 @@ def _results_folder(ctx, param, value: Path | None) -> Path | None:
     return value
 
 
+def _selected(grid, only: tuple[str, ...]) -> list:
+    """The grid's runs that `--only` keeps; a filter that keeps none is the user's mistake (one line, exit 2)."""
+    from benchmark.grid import parse_filters, select
+    specs = select(grid.specs, parse_filters(only))
+    if not specs:
+        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    return specs
+
+
+def _require_trackers(ctx, param, names: tuple[str, ...]) -> tuple[str, ...]:
+    """--log: each tracker's package importable (benchmark.trackers.require), checked before anything else runs."""
+    from benchmark.trackers import require
+    return require(names)
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM (a cluster's time limit or preemption, `kill`) takes Ctrl-C's path: the run in flight stays pending,
     process workers are stopped, and the exit says how to resume. Python's default would die on the spot."""
@@ -101,7 +116,7 @@ def main() -> None:
                    "non-deterministic algorithms. Numbers may differ, so fast runs get their own run ids "
                    "[default results: results/<grid>-fast].")
 @click.option("--log", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
-              callback=lambda ctx, param, names: __import__("benchmark.trackers", fromlist=["require"]).require(names),
+              callback=_require_trackers,
               help="Log each run this command trains (history per epoch, final per-exit metrics, the spec) to "
                    "TensorBoard (results/<grid>/tensorboard/) or W&B (offline unless WANDB_MODE=online; "
                    "results/<grid>/wandb/), grouped by grid; repeatable. Needs the package: pip install -e "
@@ -117,7 +132,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     from benchmark.checks import cell_warnings
     from benchmark.data import load_dataset
     from benchmark.determinism import resolve_device
-    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.grid import load_grid
     from benchmark.provenance import new_timing_batch
     from benchmark.runner import damaged, run_grid
     from benchmark.store import DONE, FAILED, ResultsStore
@@ -128,9 +143,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     grid = load_grid(grid_name, data_root)
     if fast:       # part of every spec (and run id): tuning, tables and analyses of this command all see fast runs
         grid = dataclasses.replace(grid, specs=[dataclasses.replace(s, fast=True) for s in grid.specs])
-    specs = select(grid.specs, parse_filters(only))
-    if not specs:
-        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    specs = _selected(grid, only)
     store = ResultsStore(results or Path("results") / (f"{grid.name}-fast" if fast else grid.name))
     for warning in cell_warnings(specs, data_root):
         click.echo(f"warning: {warning}", err=True)
@@ -749,15 +762,13 @@ def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root,
 
     Exits 1 when a run failed, 130 when interrupted (rerun the same command to resume: finished runs are kept)."""
     from benchmark.budget_sweep import sweep_specs, sweep_table, table_path
-    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.grid import load_grid
     from benchmark.runner import run_grid
     from benchmark.store import ResultsStore, write_csv
     from benchmark.weights import stage as stage_weights
 
     grid = load_grid(grid_name, data_root)
-    specs = select(grid.specs, parse_filters(only))
-    if not specs:
-        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    specs = _selected(grid, only)
     missing = sorted(set(seeds) - {s.seed for s in specs})
     if missing:
         raise UserError(f"--seeds {' '.join(map(str, missing))}: not among the seeds of grid '{grid.name}' "
@@ -866,12 +877,10 @@ def calibrate(grid_name, only, device, threads, warmup, steps, memory_fraction, 
     skipped and named. Run it on the GPU the grid will run on (`--device cuda`) and commit the rows it adds."""
     from benchmark import cost_model
     from benchmark.determinism import resolve_device
-    from benchmark.grid import load_grid, parse_filters, select
+    from benchmark.grid import load_grid
 
     grid = load_grid(grid_name, check_models=False)
-    specs = select(grid.specs, parse_filters(only))
-    if not specs:
-        raise UserError(f"--only {' '.join(only)} matches none of the {len(grid.specs)} runs of grid '{grid.name}'")
+    specs = _selected(grid, only)
     device_type = resolve_device(device).type
     if estimate:
         for line in cost_model.grid_estimate(grid, specs, grid_name, device_type, output):

@@ -261,22 +261,21 @@ def format_arrays(*, val_logits, val_labels, test_logits, test_labels, exit_flop
 def export_run(store, run_id: str, path: str | Path, provenance: str = "") -> Path:
     """A done classification run of the suite as an external outputs file: its stored logits, costs and labels, its
     cached corrupted test logits (robustness_logits.npz) where analysed, and its identity."""
-    from benchmark.store import DONE, read_json, read_logits
+    from benchmark.store import DONE, read_json, read_run_logits
     if store.state(run_id) != DONE:
         raise UserError(f"run {run_id} is not done in {store.root}; `bench show {run_id}` says where it stands")
     folder = store.run_dir(run_id)
     if not (folder / "logits.npz").is_file():
         raise UserError(f"run {run_id} has no logits.npz: only classification runs can be exported")
     metrics = read_json(folder / "metrics.json")
-    with np.load(folder / "logits.npz") as sizes:
-        val_size, test_size, classes = len(sizes["val_y"]), len(sizes["test_y"]), sizes["val"].shape[-1]
-    stored = read_logits(folder / "logits.npz", metrics["num_exits"], val_size, test_size)
+    stored = read_run_logits(folder, metrics["num_exits"])
     corrupted = {}
     if (folder / "robustness_logits.npz").is_file():
         with np.load(folder / "robustness_logits.npz") as cached:
             corrupted = {(key.split("@")[0], int(key.split("@")[1])): cached[key] for key in cached.files}
     return write_outputs(path, val_logits=stored["val"], val_labels=stored["val_y"], test_logits=stored["test"],
-                         test_labels=stored["test_y"], exit_flops=stored["exit_flops"], num_classes=classes,
+                         test_labels=stored["test_y"], exit_flops=stored["exit_flops"],
+                         num_classes=stored["val"].shape[-1],
                          backbone_flops=metrics["flops"]["backbone"], corrupted=corrupted,
                          name=metrics["regime"], provenance=provenance or f"exitbench run {run_id}",
                          dataset=metrics["dataset"], arch=metrics["arch"], seed=metrics["seed"], run_id=run_id)
@@ -373,10 +372,10 @@ def check_against_grid(path: Path, outputs: ExternalOutputs, grid, data_root: Pa
     datasets = sorted({spec.dataset for spec in grid.specs})
     if outputs.dataset not in datasets:
         raise BadOutputs(f"{path}: declares dataset {outputs.dataset!r}; grid '{grid.name}' has "
-                             f"{', '.join(datasets)} — give the file a 'dataset' string naming one of them")
+                         f"{', '.join(datasets)} — give the file a 'dataset' string naming one of them")
     if outputs.name in {spec.regime for spec in grid.specs}:
         raise BadOutputs(f"{path}: its name '{outputs.name}' is a regime of grid '{grid.name}'; name the entry "
-                             f"apart with --as")
+                         f"apart with --as")
     data = load_dataset(outputs.dataset, data_root)
     expected = data.y_test.cpu().numpy()
     if data.num_classes != outputs.num_classes or expected.shape != outputs.test_labels.shape \
@@ -386,5 +385,5 @@ def check_against_grid(path: Path, outputs: ExternalOutputs, grid, data_root: Pa
                  f"{outputs.num_classes} classes against {data.num_classes}" if data.num_classes != outputs.num_classes
                  else f"{int((expected != outputs.test_labels).sum())} labels differ")
         raise BadOutputs(f"{path}: its test labels are not {outputs.dataset}'s test split as exitbench holds it "
-                             f"({found}); entries are compared on the grid's test samples, in the order of "
-                             f"benchmark.data.load_dataset({outputs.dataset!r}).y_test")
+                         f"({found}); entries are compared on the grid's test samples, in the order of "
+                         f"benchmark.data.load_dataset({outputs.dataset!r}).y_test")

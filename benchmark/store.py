@@ -115,6 +115,14 @@ def read_logits(path: Path, num_exits: int, val_size: int, test_size: int) -> di
     return arrays
 
 
+def read_run_logits(folder: Path, num_exits: int) -> dict[str, np.ndarray]:
+    """A run folder's logits.npz with `read_logits`'s shape checks, the split sizes taken from its own label arrays
+    (K from the run's metrics.json)."""
+    with np.load(folder / "logits.npz") as sizes:
+        val_size, test_size = len(sizes["val_y"]), len(sizes["test_y"])
+    return read_logits(folder / "logits.npz", num_exits, val_size, test_size)
+
+
 def read_dense(path: Path, num_exits: int, val_size: int, test_size: int, num_classes: int,
                rules: tuple[str, ...], n_bins: int) -> dict:
     """dense.npz (a segmentation run's outputs, `benchmark.dense`), checked against the run it belongs to: per split

@@ -215,8 +215,8 @@ class Trackers:
 
     @classmethod
     def of(cls, names, grid) -> "Trackers | None":
-        """`bench run --log ...`'s trackers for `grid` (a benchmark.grid.Grid), or None when none is asked for."""
-        names = require(names)
+        """`bench run --log ...`'s trackers (`names`, checked by `require` when the option was read) for `grid` (a
+        benchmark.grid.Grid), or None when none is asked for."""
         if not names:
             return None
         return cls(names, grid.name, frozenset((grid.tuning or {}).get("seeds", ())))
