@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import UnknownName, UserError
+from benchmark.models.pooling import pool_to
 
 HEAD_KINDS = ("pool", "conv", "cls", "msdnet")
 SEG_HEAD_KINDS = ("seg_linear", "seg_aspp")
@@ -47,10 +48,7 @@ class PoolHead(nn.Module):
         self.linear = nn.Linear(channels * math.prod(self.pooled), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            maxed, averaged = F.adaptive_max_pool2d(x, self.pooled), F.adaptive_avg_pool2d(x, self.pooled)
-        else:
-            maxed, averaged = F.adaptive_max_pool1d(x, self.pooled), F.adaptive_avg_pool1d(x, self.pooled)
+        maxed, averaged = pool_to(x, self.pooled, "max"), pool_to(x, self.pooled, "avg")
         mixed = self.alpha * maxed + (1 - self.alpha) * averaged
         return self.linear(mixed.flatten(1))
 

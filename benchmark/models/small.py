@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.models.pooling import AvgPoolTo
 from benchmark.models.registry import Backbone, register_arch
 
 # (width, convolutions) per stage; the stem (stride 2) joins the first convolution's block, and the first
@@ -40,10 +41,7 @@ def _small_cnn(num_classes: int, input_shape: tuple[int, ...], dims: int,
     one (55 px receptive field) does about as well either way (MNIST-5k, 12 epochs, 2 seeds: 0.99 at 4x4,
     0.985 at 1x1).
     """
-    conv, norm, pool = (
-        (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if dims == 2
-        else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
-    )
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
     kernel = 3 if dims == 2 else 5
 
     def layer(width_in: int, width: int, stride: int) -> list[nn.Module]:
@@ -59,7 +57,7 @@ def _small_cnn(num_classes: int, input_shape: tuple[int, ...], dims: int,
             width_in, final_size = width, (final_size - 1) // stride + 1
     blocks[0] = nn.Sequential(*stem, *blocks[0])
     grid = min(4 if dims == 2 else 8, final_size)
-    classifier = nn.Sequential(pool(grid), nn.Flatten(1), nn.Linear(width_in * grid ** dims, num_classes))
+    classifier = nn.Sequential(AvgPoolTo(grid, dims), nn.Flatten(1), nn.Linear(width_in * grid ** dims, num_classes))
     for block in blocks:
         _init_like_torchvision(block)
     return Backbone(blocks, classifier)
