@@ -102,6 +102,40 @@ def analyse_run(spec: RunSpec, store: ResultsStore, settings: dict, data_root: P
         write_csv(folder / "robustness.csv", labelled(run_robustness(spec, store, model, data, settings, device), spec))
 
 
+def analysis_threads(threads: int | None) -> int:
+    """Torch threads of the per-run analyses: `--threads`, else 1 (their small per-point tensors run faster on 1
+    thread than on 2: measured)."""
+    return threads or 1
+
+
+def _analysed(done: list[RunSpec], store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
+              threads: int, pool):
+    """(spec, None or why it has no model) for each run of `done` once its per-run analyses are written: one after
+    another here, or as many at once as `pool` has workers, each with `threads` torch threads as here (so the
+    numbers are the same)."""
+    if pool is None:
+        for spec in done:
+            yield spec, analyse_run_or_say_why(spec.to_json(), str(store.root), settings, str(data_root), str(device),
+                                               threads)
+        return
+    from concurrent.futures import as_completed
+    submitted = {pool.analyse(spec, store, settings, data_root, device, threads): spec for spec in done}
+    for future in as_completed(submitted):
+        yield submitted[future], future.result()
+
+
+def analyse_run_or_say_why(spec_json: dict, root: str, settings: dict, data_root: str, device: str,
+                           threads: int) -> str | None:
+    """`analyse_run` with `threads` torch threads, in this process or a worker's; a run without model.pt gives the
+    reason instead (the other errors propagate)."""
+    torch.set_num_threads(threads)
+    try:
+        analyse_run(RunSpec.from_json(spec_json), ResultsStore(root), settings, Path(data_root), torch.device(device))
+    except FileNotFoundError as error:
+        return str(error)
+    return None
+
+
 def robustness_cases(spec: RunSpec, settings: dict) -> list[tuple[str, int]]:
     """The (corruption, severity) pairs the grid declares for this run's dataset kind."""
     return [(c, s) for c in corruptions_for(dataset_kind(spec.dataset), settings["corruptions"])
@@ -197,25 +231,27 @@ ANALYSIS_FIGURES = ("rank_profiles.png", "information_plane.png", "landscape_*.p
 
 
 def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, data_root: Path,
-                 device: torch.device, threads: int, tables_of: list[RunSpec] | None = None) -> dict[str, int]:
-    """Per-run analyses for every done run in `specs`, then the grid-level tables and figures of every done run in
-    `tables_of` (default `specs`): the grid's whole plan, so that analysing an --only slice does not shrink the
-    tables to that slice."""
+                 device: torch.device, threads: int, tables_of: list[RunSpec] | None = None,
+                 pool=None) -> dict[str, int]:
+    """Per-run analyses for every done run in `specs` (on the workers of `pool`, a `runner.WorkerPool`, if given),
+    then the grid-level tables and figures of every done run in `tables_of` (default `specs`): the grid's whole
+    plan, so that analysing an --only slice does not shrink the tables to that slice."""
     torch.set_num_threads(threads)
     done = [s for s in specs if store.state(s.run_id) == "done"]
     everything = [s for s in (specs if tables_of is None else tables_of) if store.state(s.run_id) == "done"]
     started = time.perf_counter()
     failures = {}
     tty = sys.stderr.isatty()          # a redirected stderr (a log file) gets one plain line per run, not CR bars
-    for number, spec in enumerate(tqdm(done, desc="analyze runs", unit="run", dynamic_ncols=True, disable=not tty),
-                                  start=1):
-        try:
-            analyse_run(spec, store, settings, data_root, device)
-        except FileNotFoundError as error:
-            failures[spec.run_id] = str(error)
+    bar = tqdm(total=len(done), desc="analyze runs", unit="run", dynamic_ncols=True, disable=not tty)
+    for number, (spec, missing_model) in enumerate(_analysed(done, store, settings, data_root, device, threads, pool),
+                                                   start=1):
+        if missing_model:
+            failures[spec.run_id] = missing_model
+        bar.update(1)
         if not tty:
             print(f"analyzed {spec.run_id} {spec.regime} {spec.dataset}/{spec.arch} seed {spec.seed} "
                   f"({number}/{len(done)})", file=sys.stderr, flush=True)
+    bar.close()
     per_run_seconds = time.perf_counter() - started
     tables = store.tables_dir
     figures = store.root / "figures"

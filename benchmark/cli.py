@@ -134,7 +134,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid
     from benchmark.provenance import new_timing_batch
-    from benchmark.runner import damaged, run_grid
+    from benchmark.runner import damaged, run_grid, worker_pool
     from benchmark.store import DONE, FAILED, ResultsStore
     from benchmark.trackers import Trackers
     from benchmark.tuning import make_plan
@@ -175,7 +175,8 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
     reported = dict(save_models=save_models or bool(settings["model"] and settings["run_after"]),
                     snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
     lost = {}                           # Ray tasks that never came back: their runs stay pending
-    with store.lock(), _ray_session(executor, address):    # the lock: from the first write to the last
+    with store.lock(), _ray_session(executor, address), worker_pool(executor, jobs, threads, device) as pool:
+        common["pool"] = pool           # the lock: from the first write to the last; one pool for every stage
         stage_weights(store.root, grid.weights)                # [model] weights: the copy every run loads
         if grid.screen is not None:
             specs = _screened(grid, specs, store, data_root, lost, common, reported)
@@ -185,7 +186,8 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         if plan.at_edge:
             click.echo(f"note: {len(plan.at_edge)} cells chose the smallest or largest declared lr (a wider "
                        f"[tuning] lr set might do better): {'; '.join(plan.at_edge)}", err=True)
-        outcome = run_grid(plan.reported, store, **reported, **common)
+        outcome = run_grid(plan.reported, store, **reported, **common,
+                           analyses=settings if settings["run_after"] else None)   # started early on process workers
         _report(f"grid {grid.name}", outcome, store)
         lost.update(outcome.lost)
         for reason in plan.untunable.values():
@@ -193,7 +195,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         if outcome.interrupted:
             raise KeyboardInterrupt
         if settings["run_after"]:
-            _analyze(grid, plan.reported, _whole_plan(grid, store).reported, store, data_root, device, threads)
+            _analyze(grid, plan.reported, _whole_plan(grid, store).reported, store, data_root, device, threads, pool)
         # the main job's output is the report (issue 21): its one command, not drawn here (figures cost seconds on
         # every run, and a grid resumed in sittings needs it once, at the end)
         results_option = "" if results is None else f" --results {store.root}"
@@ -309,13 +311,13 @@ def _interrupted() -> None:
     sys.exit(code)
 
 
-def _analyze(grid, specs, whole, store, data_root, device, threads) -> None:
-    """Per-run analyses of `specs`, the grid's tables of `whole` (every reported run of the grid)."""
-    from benchmark.analyze import analyze_grid
+def _analyze(grid, specs, whole, store, data_root, device, threads, pool=None) -> None:
+    """Per-run analyses of `specs` (on `pool`'s workers, if given), the grid's tables of `whole` (every reported run
+    of the grid)."""
+    from benchmark.analyze import analysis_threads, analyze_grid
     from benchmark.determinism import resolve_device
     written = analyze_grid(specs, store, grid.analyses, data_root=data_root, device=resolve_device(device),
-                           threads=threads or 1,   # small per-point tensors: 1 thread beats 2 (measured)
-                           tables_of=whole)
+                           threads=analysis_threads(threads), tables_of=whole, pool=pool)
     tables = ", ".join(f"{name}.csv ({rows} rows)" for name, rows in written.items()
                        if name not in ("per_run_seconds", "missing_models"))
     click.echo(f"analyses of grid {grid.name}: {tables}; per-run analyses took {written['per_run_seconds']} s; "

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -115,17 +116,90 @@ def _worker(spec_json: dict, root: str, data_root: str, device: str, threads: in
     return spec.run_id, status, message
 
 
+class WorkerPool:
+    """The worker processes of `--executor process`, started once and kept for every stage a command runs (the
+    screen, each successive-halving stage, the reported runs, the per-run analyses): starting one imports torch and
+    exitbench, seconds of a core that a pool per stage paid again at every stage (issue 19).
+
+    Workers start with Ctrl-C blocked (a blocked signal stays blocked across their exec), so an interrupt reaches
+    only this process, which stops them: no tracebacks from workers, and the runs they had in flight stay pending.
+    A worker is spawned by a submit, so every submit blocks Ctrl-C while it runs; a Ctrl-C that arrives meanwhile
+    (another thread of this process may take it, so blocking it here is not enough) is noted and raised after."""
+
+    def __init__(self, jobs: int, threads: int):
+        self.jobs, self.threads = jobs, threads
+        self.executor = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_init, initargs=(threads,))
+        self.analysed: dict[str, futures.Future] = {}
+
+    def submit(self, fn, *args) -> futures.Future:
+        noted = []
+        handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            future = self.executor.submit(fn, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, handler)
+        if noted:
+            raise KeyboardInterrupt
+        return future
+
+    def analyse(self, spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
+                threads: int) -> futures.Future:
+        """The per-run analyses of a done run (`analyze.analyse_run_or_say_why`), submitted once per run: the
+        reported runs' stage starts them as each run finishes, on workers its last runs would leave idle, and the
+        analysis step of `bench run` waits on the same futures."""
+        from benchmark.analyze import analyse_run_or_say_why
+        if spec.run_id not in self.analysed:
+            self.analysed[spec.run_id] = self.submit(analyse_run_or_say_why, spec.to_json(), str(store.root),
+                                                     settings, str(data_root), str(device), threads)
+        return self.analysed[spec.run_id]
+
+    def terminate(self) -> None:
+        """Stop the workers now: at the end, when every result is in (an idle worker is stopped rather than asked to
+        exit, which would wait ~0.5 s for its interpreter's teardown), or on an interrupt or error."""
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@contextmanager
+def worker_pool(executor: str, jobs: int, threads: int | None, device: str):
+    """A `WorkerPool` for `--executor process --jobs N` (N > 1), kept until the block ends, then stopped (at once if it
+    ends by an exception, Ctrl-C included); None for the other executors."""
+    if executor != "process" or jobs <= 1:
+        yield None
+        return
+    pool = WorkerPool(jobs, pool_threads(jobs, threads, resolve_device(device)))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+
+
+def pool_threads(jobs: int, threads: int | None, device: torch.device) -> int:
+    """Torch threads of each of `jobs` workers: --threads, else the cores split between them on the CPU (all cores
+    on a GPU, where the device does the arithmetic)."""
+    cores = os.cpu_count() or 1
+    return threads or (max(1, cores // jobs) if device.type == "cpu" else cores)
+
+
 def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, executor: str = "local", jobs: int = 1,
              data_root: Path, device: str = "auto", retry_failed: bool = False, download: bool = False,
              threads: int | None = None, save_models: bool = False, snapshot_every: int = 0,
              snapshot_samples: int = 250, write_tables: Callable[[], object] | None = None,
              desc: str | None = None, address: str | None = None, cpus_per_run: int | None = None,
              gpus_per_run: float | None = None, timing_batch: str | None = None,
-             log: Trackers | None = None) -> GridOutcome:
+             log: Trackers | None = None, pool: WorkerPool | None = None,
+             analyses: dict | None = None) -> GridOutcome:
     """Train the pending runs of `specs`, then call `write_tables` (also when interrupted; default: tables of
     every run in the folder). `address`, `cpus_per_run` and `gpus_per_run` are for the Ray executor; `timing_batch`
     names the sitting the runs are timed in (`provenance.new_timing_batch`; default: a new one for this call);
-    `log` (`benchmark.trackers.Trackers`, `bench run --log`) gets each run this call trains, once it is done."""
+    `log` (`benchmark.trackers.Trackers`, `bench run --log`) gets each run this call trains, once it is done.
+    `pool`: the `WorkerPool` of `--executor process` to run on (`worker_pool`; default: one for this call), which
+    also starts the per-run analyses of `analyses` (the grid's [analyses] settings) of each run as soon as it is done
+    (the other executors leave them to `analyze.analyze_grid`)."""
     outcome = GridOutcome()
     timing_batch = timing_batch or new_timing_batch(executor, jobs, threads)
     ray_started = False
@@ -139,7 +213,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
                          threads=threads, extras={"keep_model": save_models, "snapshot_every": snapshot_every,
                                                   "snapshot_samples": snapshot_samples, "timing_batch": timing_batch},
                          write_tables=write_tables, desc=desc, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                         log=log)
+                         log=log, pool=pool, analyses=analyses)
     finally:
         if ray_started:
             ray_executor.disconnect()
@@ -147,7 +221,8 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
 
 
 def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root, device, retry_failed, download,
-                 threads, extras, write_tables, desc, cpus_per_run, gpus_per_run, log=None) -> None:
+                 threads, extras, write_tables, desc, cpus_per_run, gpus_per_run, log=None, pool=None,
+                 analyses=None) -> None:
     if executor == "ray":
         from benchmark import ray_executor
         device_type, ray_cpus, ray_gpus = ray_executor.resolve_resources(device, cpus_per_run or threads,
@@ -170,23 +245,21 @@ def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root,
             pending.append(spec)
     for name in sorted({s.dataset for s in pending}):      # missing data fails before any training
         load_dataset(name, data_root, download=download)
-    cores = os.cpu_count() or 1
-    if executor == "process" and jobs > 1 and torch_device.type == "cpu":
-        per_run_threads = threads or max(1, cores // jobs)
-    else:
-        per_run_threads = threads or cores
     progress = Progress(len(pending), (desc or f"grid {grid_name}") + where, store, log)
     try:
         if executor == "ray":
             _run_ray(stages(pending, store, torch_device.type), store, outcome, progress, data_root,
                      torch_device.type, ray_cpus, ray_gpus, extras)
         else:
-            for stage in stages(pending, store, torch_device.type):
-                if executor == "process" and jobs > 1:
-                    _run_pool(stage, store, outcome, progress, jobs, data_root, torch_device, per_run_threads,
-                              extras)
-                else:
-                    _run_local(stage, store, outcome, progress, data_root, torch_device, per_run_threads, extras)
+            with nullcontext(pool) if pool or not pending else worker_pool(executor, jobs, threads, device) as own:
+                for stage in stages(pending, store, torch_device.type):
+                    if own is not None:
+                        from benchmark.analyze import analysis_threads
+                        _run_pool(stage, store, outcome, progress, own, data_root, torch_device, extras,
+                                  None if analyses is None else (analyses, analysis_threads(threads)))
+                    else:
+                        _run_local(stage, store, outcome, progress, data_root, torch_device,
+                                   threads or os.cpu_count() or 1, extras)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -241,6 +314,17 @@ class Progress:
         else:
             print(line, file=sys.stderr, flush=True)
 
+    def analyse(self, spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
+                threads: int) -> futures.Future:
+        """The per-run analyses of a done run (`analyze.analyse_run_or_say_why`), submitted once per run: the
+        reported runs' stage starts them as each run finishes, on workers its last runs would leave idle, and the
+        analysis step of `bench run` waits on the same futures."""
+        from benchmark.analyze import analyse_run_or_say_why
+        if spec.run_id not in self.analysed:
+            self.analysed[spec.run_id] = self.submit(analyse_run_or_say_why, spec.to_json(), str(store.root),
+                                                     settings, str(data_root), str(device), threads)
+        return self.analysed[spec.run_id]
+
     def close(self) -> None:
         self.bar.close()
 
@@ -266,35 +350,21 @@ def _run_local(stage, store, outcome, progress, data_root, device, threads, extr
         progress.record(outcome, spec, status, message)
 
 
-def _run_pool(stage, store, outcome, progress, jobs, data_root, device, threads, extras) -> None:
-    """Workers start with Ctrl-C blocked (a blocked signal stays blocked across their exec), so an interrupt reaches
-    only this process, which stops them: no tracebacks from workers, and the runs they had in flight stay pending.
-    While workers are spawned this process only notes a Ctrl-C (its other threads may take the signal, so blocking
-    it here is not enough) and acts on it once they all have started."""
-    context = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                                       initargs=(threads,))
-    noted = []
+def _run_pool(stage, store, outcome, progress, pool: WorkerPool, data_root, device, extras,
+              analyses: tuple[dict, int] | None) -> None:
+    """An exception (Ctrl-C included) stops the workers at once: the runs in flight stay pending. With `analyses`
+    (the grid's [analyses] settings, their torch threads), each run's analyses start as soon as it is done."""
     try:
-        handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:                                # every worker is spawned by a submit, so all start with it blocked
-            pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), threads,
-                                   extras): spec for spec in stage}
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            signal.signal(signal.SIGINT, handler)
-        if noted:
-            raise KeyboardInterrupt
+        pending = {pool.submit(_worker, spec.to_json(), str(store.root), str(data_root), str(device), pool.threads,
+                               extras): spec for spec in stage}
         for future in futures.as_completed(pending):
             _, status, message = future.result()
             progress.record(outcome, pending[future], status, message)
+            if status == DONE and analyses is not None:
+                pool.analyse(pending[future], store, analyses[0], data_root, device, analyses[1])
     except BaseException:
-        for worker in multiprocessing.active_children():
-            worker.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.terminate()
         raise
-    pool.shutdown()
 
 
 def _run_ray(stages_, store, outcome, progress, data_root, device_type, cpus, gpus, extras) -> None:

@@ -137,11 +137,24 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert not list(results.rglob("*.tmp")), "no temporary file may survive a completed rerun"
 
 
+POOL_ANALYSES = '[analyses]\nrun_after = true\nmodel = ["rank", "robustness"]\nsamples = 100\n' \
+                'corruptions = ["gaussian_noise"]\nseverities = [1]\n'
+
+
 def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_file, tmp_path):
+    """Also: the workers start each run's analyses as soon as it is done, with this process's numbers."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    grid = grid_file(epochs=2)
+    grid = grid_file(epochs=2, extra=POOL_ANALYSES)
     result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2", "--log", "tensorboard")
     assert result.returncode == 0, result.stderr
+    per_run = sorted((tmp_path / "out" / "runs").glob("*/r*.csv"))
+    assert len(per_run) == 6                            # rank.csv and robustness.csv of each of the 3 runs
+    here = copy_of(tmp_path / "out", tmp_path / "here")
+    for path in here.glob("runs/*/r*.csv"):
+        path.unlink()
+    again = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(here)])
+    assert again.exit_code == 0, again.output
+    assert all(path.read_bytes() == (here / path.relative_to(tmp_path / "out")).read_bytes() for path in per_run)
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     assert len(runs) == 3 and runs.threads.eq(1).all()
     assert len(list((tmp_path / "out" / "backbones").iterdir())) == 1       # disjoint's and mixed's P1, trained once
