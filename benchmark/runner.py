@@ -159,8 +159,11 @@ class WorkerPool:
     def terminate(self) -> None:
         """Stop the workers now: at the end, when every result is in (an idle worker is stopped rather than asked to
         exit, which would wait ~0.5 s for its interpreter's teardown), or on an interrupt or error."""
-        for worker in multiprocessing.active_children():
+        workers = multiprocessing.active_children()
+        for worker in workers:
             worker.terminate()
+        for worker in workers:
+            worker.join()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
