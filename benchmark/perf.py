@@ -22,7 +22,7 @@ step, cosine lr step.
   own overhead.
 - **exitbench trainer** (`run_phase`): adds per-exit loss logging, the non-finite check, the step-FLOP
   measurement and one validation pass per epoch (reported separately).
-Goals: trainer <= 5 % slower than the in-memory loop per step; on a GPU at least 2x the plain DataLoader loop for
+Goals: trainer <= 2 % slower than the in-memory loop per step; on a GPU at least 2x the plain DataLoader loop for
 the CIFAR ResNet-18 cell. `synthetic-cifar` is random 8-bit 3x32x32 images (50 000, 10 classes, crop+flip), held
 as exitbench holds CIFAR: it measures throughput on machines without CIFAR files; its accuracies mean nothing.
 """
