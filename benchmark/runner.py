@@ -317,17 +317,6 @@ class Progress:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    def analyse(self, spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
-                threads: int) -> futures.Future:
-        """The per-run analyses of a done run (`analyze.analyse_run_or_say_why`), submitted once per run: the
-        reported runs' stage starts them as each run finishes, on workers its last runs would leave idle, and the
-        analysis step of `bench run` waits on the same futures."""
-        from benchmark.analyze import analyse_run_or_say_why
-        if spec.run_id not in self.analysed:
-            self.analysed[spec.run_id] = self.submit(analyse_run_or_say_why, spec.to_json(), str(store.root),
-                                                     settings, str(data_root), str(device), threads)
-        return self.analysed[spec.run_id]
-
     def close(self) -> None:
         self.bar.close()
 
