@@ -115,8 +115,7 @@ def _analysed(done: list[RunSpec], store: ResultsStore, settings: dict, data_roo
     numbers are the same)."""
     if pool is None:
         for spec in done:
-            yield spec, analyse_run_or_say_why(spec.to_json(), str(store.root), settings, str(data_root), str(device),
-                                               threads)
+            yield spec, analyse_run_or_say_why(spec, store, settings, data_root, device, threads)
         return
     from concurrent.futures import as_completed
     submitted = {pool.analyse(spec, store, settings, data_root, device, threads): spec for spec in done}
@@ -124,13 +123,13 @@ def _analysed(done: list[RunSpec], store: ResultsStore, settings: dict, data_roo
         yield submitted[future], future.result()
 
 
-def analyse_run_or_say_why(spec_json: dict, root: str, settings: dict, data_root: str, device: str,
+def analyse_run_or_say_why(spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
                            threads: int) -> str | None:
     """`analyse_run` with `threads` torch threads, in this process or a worker's; a run without model.pt gives the
     reason instead (the other errors propagate)."""
     torch.set_num_threads(threads)
     try:
-        analyse_run(RunSpec.from_json(spec_json), ResultsStore(root), settings, Path(data_root), torch.device(device))
+        analyse_run(spec, store, settings, data_root, device)
     except FileNotFoundError as error:
         return str(error)
     return None

@@ -152,8 +152,8 @@ class WorkerPool:
         analysis step of `bench run` waits on the same futures."""
         from benchmark.analyze import analyse_run_or_say_why
         if spec.run_id not in self.analysed:
-            self.analysed[spec.run_id] = self.submit(analyse_run_or_say_why, spec.to_json(), str(store.root),
-                                                     settings, str(data_root), str(device), threads)
+            self.analysed[spec.run_id] = self.submit(analyse_run_or_say_why, spec, ResultsStore(store.root),
+                                                     settings, data_root, device, threads)   # unlocked: the lock is ours
         return self.analysed[spec.run_id]
 
     def terminate(self) -> None:
@@ -254,12 +254,12 @@ def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root,
             _run_ray(stages(pending, store, torch_device.type), store, outcome, progress, data_root,
                      torch_device.type, ray_cpus, ray_gpus, extras)
         else:
+            from benchmark.analyze import analysis_threads
+            analysed = None if analyses is None else (analyses, analysis_threads(threads))
             with nullcontext(pool) if pool or not pending else worker_pool(executor, jobs, threads, device) as own:
                 for stage in stages(pending, store, torch_device.type):
                     if own is not None:
-                        from benchmark.analyze import analysis_threads
-                        _run_pool(stage, store, outcome, progress, own, data_root, torch_device, extras,
-                                  None if analyses is None else (analyses, analysis_threads(threads)))
+                        _run_pool(stage, store, outcome, progress, own, data_root, torch_device, extras, analysed)
                     else:
                         _run_local(stage, store, outcome, progress, data_root, torch_device,
                                    threads or os.cpu_count() or 1, extras)
