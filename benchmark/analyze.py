@@ -257,6 +257,7 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     for stale in (path for pattern in ANALYSIS_FIGURES for path in figures.glob(pattern)):
         stale.unlink()              # every figure below is drawn afresh or, if it cannot be now, left absent
     written = {}
+    draw, drawn = _figure_drawer(pool)
 
     def emit(name: str, frame: pd.DataFrame) -> None:
         if not frame.empty:
@@ -266,14 +267,14 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     rank_frame = _gather(store, everything, "rank.csv")
     emit("rank", rank_frame)
     if not rank_frame.empty:
-        rank.plot_rank_profiles(rank_frame, figures / "rank_profiles.png")
+        draw(rank.plot_rank_profiles, rank_frame, figures / "rank_profiles.png")
 
     info = pd.concat([_gather(store, everything, "information.csv"),
                       _gather(store, everything, "information_snapshots.csv")], ignore_index=True)
     emit("information", info)
     snapshots = info[info.get("stage", pd.Series(dtype=str)) == "snapshot"] if not info.empty else info
     if not snapshots.empty:
-        information.plot_information_plane(snapshots, figures / "information_plane.png")
+        draw(information.plot_information_plane, snapshots, figures / "information_plane.png")
 
     land = _gather(store, everything, "landscape.csv")
     pairs = (joint_to_mixed(everything, store, settings, data_root, device) if "landscape" in settings["model"]
@@ -282,7 +283,7 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         land = pd.concat([land, pairs.assign(kind="interpolation")], ignore_index=True)
     emit("landscape", land)
     if not land.empty:
-        _landscape_figures(land, figures)
+        draw(_landscape_figures, land, figures)
         one_d = land[land.kind == "slice_1d"].dropna(axis=1, how="all")
         emit("sharpness", landscape.sharpness(one_d.drop(columns=["kind"])))
 
@@ -290,7 +291,7 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     emit("robustness", robust)
     if not robust.empty:
         emit("robustness_summary", robustness.robustness_summary(robust))
-        robustness.plot_severity_curves(robust, figures)
+        draw(robustness.plot_severity_curves, robust, figures)
 
     runs_path = tables / "runs.csv"
     calib, bins = calibration.calibration_table(stored_test_logits(everything, store),
@@ -298,7 +299,8 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
     emit("calibration", calib)
     emit("reliability", bins)
     if not bins.empty:
-        calibration.plot_reliability_diagrams(bins, figures, read_csv(runs_path) if runs_path.is_file() else None)
+        draw(calibration.plot_reliability_diagrams, bins, figures,
+             read_csv(runs_path) if runs_path.is_file() else None)
 
     curves_path = tables / "curves.csv"
     if curves_path.is_file() and runs_path.is_file():
@@ -307,17 +309,32 @@ def analyze_grid(specs: list[RunSpec], store: ResultsStore, settings: dict, *, d
         curves, runs = curves[curves.run_id.isin(ids)], runs[runs.run_id.isin(ids)]
         emit("pareto", pareto.pareto_table(curves))
         emit("hypervolume", pareto.hypervolume_table(curves))
-        pareto.plot_pareto_fronts(curves, figures / "pareto_fronts.png")
+        draw(pareto.plot_pareto_fronts, curves, figures / "pareto_fronts.png")
         if "joint" in set(runs.regime):
             summary = statistics.summary_table(runs, [m for m in SUMMARY_METRICS if m in runs.columns])
             emit("summary", summary)
-            statistics.plot_confidence_intervals(summary, "final_accuracy", figures / "final_accuracy_ci.png")
+            draw(statistics.plot_confidence_intervals, summary, "final_accuracy", figures / "final_accuracy_ci.png")
         emit("leaderboard", leaderboard(runs))
     for name in ANALYSIS_TABLES.difference(written):
         (tables / f"{name}.csv").unlink(missing_ok=True)    # cannot be computed from today's runs: no stale copy
+    drawn()
     written["per_run_seconds"] = round(per_run_seconds, 1)
     written["missing_models"] = len(failures)
     return written
+
+
+def _figure_drawer(pool):
+    """(draw, drawn): `draw(plot, *args)` draws one figure here, or submits it to a worker of `pool` (`bench run
+    --executor process`), where the grid's figures (~0.3 s each) draw side by side while this process writes the
+    tables; `drawn()` waits for them, raising a worker's error here."""
+    if pool is None:
+        return (lambda plot, *args: plot(*args)), (lambda: None)
+    pending = []
+
+    def drawn() -> None:
+        for future in pending:
+            future.result()
+    return (lambda plot, *args: pending.append(pool.submit(plot, *args))), drawn
 
 
 def stored_test_logits(specs: list[RunSpec], store: ResultsStore):

@@ -121,29 +121,20 @@ class WorkerPool:
     screen, each successive-halving stage, the reported runs, the per-run analyses): starting one imports torch and
     exitbench, seconds of a core that a pool per stage paid again at every stage (issue 19).
 
-    Workers start with Ctrl-C blocked (a blocked signal stays blocked across their exec), so an interrupt reaches
+    Workers start with Ctrl-C blocked (a blocked signal stays blocked across fork and exec), so an interrupt reaches
     only this process, which stops them: no tracebacks from workers, and the runs they had in flight stay pending.
-    A worker is spawned by a submit, so every submit blocks Ctrl-C while it runs; a Ctrl-C that arrives meanwhile
-    (another thread of this process may take it, so blocking it here is not enough) is noted and raised after."""
+    A worker is started by a submit (from the fork server, `worker_context`, or spawned), so every submit blocks
+    Ctrl-C while it runs."""
 
     def __init__(self, jobs: int, threads: int):
         self.jobs, self.threads = jobs, threads
-        self.executor = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        self.executor = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(),
                                                     initializer=_worker_init, initargs=(threads,))
         self.analysed: dict[str, futures.Future] = {}
 
     def submit(self, fn, *args) -> futures.Future:
-        noted = []
-        handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            future = self.executor.submit(fn, *args)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            signal.signal(signal.SIGINT, handler)
-        if noted:
-            raise KeyboardInterrupt
-        return future
+        with _interrupt_deferred():
+            return self.executor.submit(fn, *args)
 
     def analyse(self, spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
                 threads: int) -> futures.Future:
@@ -157,14 +148,69 @@ class WorkerPool:
         return self.analysed[spec.run_id]
 
     def terminate(self) -> None:
-        """Stop the workers now: at the end, when every result is in (an idle worker is stopped rather than asked to
-        exit, which would wait ~0.5 s for its interpreter's teardown), or on an interrupt or error."""
+        """Stop the workers now, then their fork server: at the end, when every result is in (an idle worker is
+        stopped rather than asked to exit, which would wait ~0.5 s for its interpreter's teardown; the server would
+        outlive this process by ~1.5 s of its own, holding this process's output open), or on an interrupt or
+        error."""
         workers = multiprocessing.active_children()
         for worker in workers:
             worker.terminate()
         for worker in workers:
             worker.join()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        _stop_fork_server()
+
+
+WORKER_PRELOAD = ["benchmark.runner", "benchmark.analyze", "torch._dynamo", "sklearn.model_selection",
+                  "matplotlib.pyplot", "seaborn"]
+"""What every worker imports anyway: torch and exitbench (~1.7 s), torch._dynamo (~1 s: the optimizers' step, the
+FLOP counter and deterministic mode import it), scikit-learn's splitter (~1 s, building any dataset) and the plotting
+libraries (~0.5 s, the grid's figures; importing pyplot picks no backend, `analysis.style` sets Agg)."""
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How `WorkerPool` starts its workers. On Linux, forked from a fork server that imported `WORKER_PRELOAD` once,
+    so a worker starts with those imports done (a spawned worker pays them itself: ~3.5 s of a core each, at every
+    `bench run`); the server is a fresh interpreter that has only imported, so no thread or CUDA state is forked.
+    Calling this early (`bench run` does, before loading the grid) lets the server import while this process works.
+    Elsewhere (macOS forks unsafely, Windows cannot) workers are spawned."""
+    if sys.platform != "linux":
+        return multiprocessing.get_context("spawn")
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    multiprocessing.resource_tracker.ensure_running()   # first: starting it unblocks Ctrl-C in this process
+    with _interrupt_deferred():            # the server, and every worker forked from it, starts with Ctrl-C blocked
+        multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _stop_fork_server() -> None:
+    """Kill the fork server `worker_context` started, if it runs, and forget it (the next pool starts another).
+    `multiprocessing` offers no public way; its `_stop` (which its own tests use) reaps the server."""
+    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None or not hasattr(server, "_stop"):
+        return
+    os.kill(pid, signal.SIGKILL)
+    server._stop()
+
+
+@contextmanager
+def _interrupt_deferred():
+    """Block Ctrl-C while a child process starts, so the child inherits it blocked; a Ctrl-C that arrives meanwhile
+    (another thread of this process may take it, so blocking it is not enough) is noted and raised after."""
+    noted = []
+    handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, handler)
+    if noted:
+        raise KeyboardInterrupt
 
 
 @contextmanager

@@ -142,7 +142,8 @@ POOL_ANALYSES = '[analyses]\nrun_after = true\nmodel = ["rank", "robustness"]\ns
 
 
 def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_file, tmp_path):
-    """Also: the workers start each run's analyses as soon as it is done, with this process's numbers."""
+    """Also: the workers start each run's analyses as soon as it is done and draw the grid's figures, with this
+    process's numbers and pixels."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     grid = grid_file(epochs=2, extra=POOL_ANALYSES)
     result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2", "--log", "tensorboard")
@@ -155,6 +156,9 @@ def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_
     again = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(here)])
     assert again.exit_code == 0, again.output
     assert all(path.read_bytes() == (here / path.relative_to(tmp_path / "out")).read_bytes() for path in per_run)
+    figures = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    assert {"rank_profiles.png", "pareto_fronts.png"} <= {path.name for path in figures}
+    assert [path.read_bytes() for path in figures] == [(here / "figures" / path.name).read_bytes() for path in figures]
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     assert len(runs) == 3 and runs.threads.eq(1).all()
     assert len(list((tmp_path / "out" / "backbones").iterdir())) == 1       # disjoint's and mixed's P1, trained once
