@@ -17,7 +17,7 @@ from benchmark.cli import main
 from benchmark.grid import load_grid
 from benchmark.runner import run_grid
 from benchmark.store import DONE, PENDING, ResultsStore, pack_folder, read_json
-from benchmark.ray_executor import MAX_RETRIES
+from benchmark import ray_executor
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]   # one local Ray at a time: all in one worker
@@ -149,16 +149,20 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost(cluster, tmp_pat
     assert [store.state(s.run_id) for s in smoke_specs()] == [DONE] * 3
 
 
-def test_a_run_whose_worker_dies_every_time_stays_pending_and_the_next_run_finishes_it(cluster, tmp_path):
+def test_a_run_whose_worker_dies_every_time_stays_pending_and_the_next_run_finishes_it(cluster, tmp_path,
+                                                                                      monkeypatch):
+    """With one retry instead of MAX_RETRIES: the same path, and two workers killed instead of four (each one a
+    new Ray worker importing torch: seconds of this suite's time)."""
+    monkeypatch.setattr(ray_executor, "MAX_RETRIES", 1)
     joint = [s for s in smoke_specs() if s.regime == "joint"]
-    killer = Killer(times=MAX_RETRIES + 1, after=0.2)
+    killer = Killer(times=ray_executor.MAX_RETRIES + 1, after=0.2)
     killer.start()
     try:
         outcome = train(joint, tmp_path, "ray", cpus_per_run=1)
     finally:
         killer.stop.set()
         killer.join()
-    assert len(killer.killed) == MAX_RETRIES + 1
+    assert len(killer.killed) == ray_executor.MAX_RETRIES + 1
     assert list(outcome.lost) == [joint[0].run_id] and not outcome.failed and not outcome.done
     store = ResultsStore(tmp_path)
     assert store.state(joint[0].run_id) == PENDING
