@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -193,7 +193,8 @@ def _stop_fork_server() -> None:
     pid = getattr(server, "_forkserver_pid", None)
     if pid is None or not hasattr(server, "_stop"):
         return
-    os.kill(pid, signal.SIGKILL)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     server._stop()
 
 
