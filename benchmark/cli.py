@@ -129,19 +129,20 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
     same command to resume: finished runs are kept)."""
+    from benchmark.worker_start import worker_context
+    if executor == "process" and jobs > 1 and not dry_run:
+        worker_context()          # the workers' fork server imports torch while this process imports and loads
     from benchmark.checks import cell_warnings
     from benchmark.data import load_dataset
     from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid
     from benchmark.provenance import new_timing_batch
-    from benchmark.runner import damaged, run_grid, worker_context, worker_pool
+    from benchmark.runner import damaged, run_grid, worker_pool
     from benchmark.store import DONE, FAILED, ResultsStore
     from benchmark.trackers import Trackers
     from benchmark.tuning import make_plan
     from benchmark.weights import stage as stage_weights
 
-    if executor == "process" and jobs > 1 and not dry_run:
-        worker_context()          # the workers' fork server imports torch while the grid loads here
     grid = load_grid(grid_name, data_root)
     if fast:       # part of every spec (and run id): tuning, tables and analyses of this command all see fast runs
         grid = dataclasses.replace(grid, specs=[dataclasses.replace(s, fast=True) for s in grid.specs])

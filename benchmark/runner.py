@@ -11,10 +11,9 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -28,6 +27,7 @@ from benchmark.pipeline import safe_execute
 from benchmark.provenance import new_timing_batch
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, ResultsStore, read_json
+from benchmark.worker_start import interrupt_deferred, stop_fork_server, worker_context
 from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
@@ -133,7 +133,7 @@ class WorkerPool:
         self.analysed: dict[str, futures.Future] = {}
 
     def submit(self, fn, *args) -> futures.Future:
-        with _interrupt_deferred():
+        with interrupt_deferred():
             return self.executor.submit(fn, *args)
 
     def analyse(self, spec: RunSpec, store: ResultsStore, settings: dict, data_root: Path, device: torch.device,
@@ -158,60 +158,7 @@ class WorkerPool:
         for worker in workers:
             worker.join()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        _stop_fork_server()
-
-
-WORKER_PRELOAD = ["benchmark.runner", "benchmark.analyze", "torch._dynamo", "sklearn.model_selection",
-                  "matplotlib.pyplot", "seaborn"]
-"""What every worker imports anyway: torch and exitbench (~1.7 s), torch._dynamo (~1 s: the optimizers' step, the
-FLOP counter and deterministic mode import it), scikit-learn's splitter (~1 s, building any dataset) and the plotting
-libraries (~0.5 s, the grid's figures; importing pyplot picks no backend, `analysis.style` sets Agg)."""
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """How `WorkerPool` starts its workers. On Linux, forked from a fork server that imported `WORKER_PRELOAD` once,
-    so a worker starts with those imports done (a spawned worker pays them itself: ~3.5 s of a core each, at every
-    `bench run`); the server is a fresh interpreter that has only imported, so no thread or CUDA state is forked.
-    Calling this early (`bench run` does, before loading the grid) lets the server import while this process works.
-    Elsewhere (macOS forks unsafely, Windows cannot) workers are spawned."""
-    if sys.platform != "linux":
-        return multiprocessing.get_context("spawn")
-    import multiprocessing.forkserver
-    import multiprocessing.resource_tracker
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    multiprocessing.resource_tracker.ensure_running()   # first: starting it unblocks Ctrl-C in this process
-    with _interrupt_deferred():            # the server, and every worker forked from it, starts with Ctrl-C blocked
-        multiprocessing.forkserver.ensure_running()
-    return context
-
-
-def _stop_fork_server() -> None:
-    """Kill the fork server `worker_context` started, if it runs, and forget it (the next pool starts another).
-    `multiprocessing` offers no public way; its `_stop` (which its own tests use) reaps the server."""
-    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is None or not hasattr(server, "_stop"):
-        return
-    with suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    server._stop()
-
-
-@contextmanager
-def _interrupt_deferred():
-    """Block Ctrl-C while a child process starts, so the child inherits it blocked; a Ctrl-C that arrives meanwhile
-    (another thread of this process may take it, so blocking it is not enough) is noted and raised after."""
-    noted = []
-    handler = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        signal.signal(signal.SIGINT, handler)
-    if noted:
-        raise KeyboardInterrupt
+        stop_fork_server()
 
 
 @contextmanager

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from benchmark.runner import WorkerPool, worker_context
+from benchmark.runner import WorkerPool
+from benchmark.worker_start import worker_context
 
 LATE_IMPORTS = ("torch._dynamo", "sklearn.model_selection")
 """Preloaded modules that neither this file nor the runner imports: present in a worker only if it was forked
