@@ -129,8 +129,8 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
     same command to resume: finished runs are kept)."""
-    from benchmark.worker_start import worker_context
-    if executor == "process" and jobs > 1 and not dry_run:
+    from benchmark.worker_start import uses_worker_pool, worker_context
+    if uses_worker_pool(executor, jobs) and not dry_run:
         worker_context()          # the workers' fork server imports torch while this process imports and loads
     from benchmark.checks import cell_warnings
     from benchmark.data import load_dataset

@@ -27,7 +27,7 @@ from benchmark.pipeline import safe_execute
 from benchmark.provenance import new_timing_batch
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, ResultsStore, read_json
-from benchmark.worker_start import interrupt_deferred, stop_fork_server, worker_context
+from benchmark.worker_start import interrupt_deferred, stop_fork_server, uses_worker_pool, worker_context
 from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
@@ -165,7 +165,7 @@ class WorkerPool:
 def worker_pool(executor: str, jobs: int, threads: int | None, device: str):
     """A `WorkerPool` for `--executor process --jobs N` (N > 1), kept until the block ends, then stopped (at once if it
     ends by an exception, Ctrl-C included); None for the other executors."""
-    if executor != "process" or jobs <= 1:
+    if not uses_worker_pool(executor, jobs):
         yield None
         return
     pool = WorkerPool(jobs, pool_threads(jobs, threads, resolve_device(device)))

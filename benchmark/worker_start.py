@@ -17,6 +17,11 @@ FLOP counter and deterministic mode import it), scikit-learn's splitter (~1 s, b
 libraries (~0.5 s, the grid's figures; importing pyplot picks no backend, `analysis.style` sets Agg)."""
 
 
+def uses_worker_pool(executor: str, jobs: int) -> bool:
+    """Whether a command runs on a `WorkerPool`: `--executor process` with more than one job (one job runs here)."""
+    return executor == "process" and jobs > 1
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """How `WorkerPool` starts its workers. On Linux, forked from a fork server that imported `WORKER_PRELOAD` once,
     so a worker starts with those imports done (a spawned worker pays them itself: ~3.5 s of a core each, at every
