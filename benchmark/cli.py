@@ -84,11 +84,13 @@ def main() -> None:
               help="Registered grid name (see `bench list grids`) or path to a grid .toml file.")
 @click.option("--only", multiple=True, metavar="KEY=GLOB",
               help="Keep runs whose KEY (dataset, arch, regime, seed, run_id) matches GLOB; repeatable.")
-@click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
-              help="local: one run after another; process: --jobs worker processes; ray: every run a Ray task, on "
-                   "this machine or the cluster at --address.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Parallel runs for --executor process.")
+@click.option("--executor", type=click.Choice(["auto", "local", "process", "ray"]), default="auto", show_default=True,
+              help="auto: process with --jobs workers, local when that is one; local: one run after another; "
+                   "process: --jobs worker processes; ray: every run a Ray task, on this machine or the cluster at "
+                   "--address.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Runs at a time for --executor auto and process [default: on the CPU one per --threads cores "
+                   "(one per core), on a GPU 1].")
 @click.option("--address", default=None, metavar="auto|HOST:PORT",
               help="--executor ray: the cluster to join (auto: the one `ray start` runs here) [default: a local Ray].")
 @click.option("--cpus-per-run", type=click.IntRange(min=1), default=None,
@@ -105,7 +107,8 @@ def main() -> None:
 @click.option("--download", is_flag=True, help="Download missing standard datasets into --data-root.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads per run [default: all cores, split between --jobs].")
+              help="Torch threads per run [default: the cores split between --jobs; 1 with the default --jobs on "
+                   "the CPU].")
 @click.option("--retry-failed", is_flag=True, help="Rerun runs that failed before (they are skipped otherwise).")
 @click.option("--allow-failed", is_flag=True,
               help="Exit 0 even if reported runs are failed (they stay in runs.csv with their error). Failed tuning "
@@ -129,9 +132,12 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
 
     Exits 1 while a reported run of the grid is failed (see --allow-failed), 130 when interrupted (rerun the
     same command to resume: finished runs are kept)."""
-    from benchmark.worker_start import uses_worker_pool, worker_context
-    if uses_worker_pool(executor, jobs) and not dry_run:
+    from benchmark.worker_start import (resolve_executor, stop_fork_server, threads_per_run, uses_worker_pool,
+                                        worker_context)
+    guess = resolve_executor(executor, jobs, threads, "cuda" if device == "cuda" else "cpu")  # torch not imported yet
+    if uses_worker_pool(*guess) and not dry_run:
         worker_context()          # the workers' fork server imports torch while this process imports and loads
+        click.get_current_context().call_on_close(stop_fork_server)    # also when a mistake ends the command
     from benchmark.checks import cell_warnings
     from benchmark.data import load_dataset
     from benchmark.determinism import resolve_device
@@ -152,11 +158,15 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(specs, grid.tuning, store)
     device_type = resolve_device(device).type
+    executor, jobs = resolve_executor(executor, jobs, threads, device_type)
+    if uses_worker_pool(*guess) and not uses_worker_pool(executor, jobs):
+        stop_fork_server()        # --device auto found a GPU: one run at a time
     for line in damaged(plan.tuning + plan.reported, store, device_type):
         click.echo(f"warning: {line}", err=True)
     if dry_run:
         store.check_writable(write=False)          # what `run` would refuse, refused without writing anything
-        _print_plan(plan, store, device_type, grid.analyses["run_after"])
+        _print_plan(plan, store, device_type, grid.analyses["run_after"], None if executor == "ray" else jobs,
+                    threads_per_run(executor, jobs, threads, device_type))
         if grid.screen is not None:
             screen = grid.screen
             click.echo(f"screen: {screen['regime']} is tuned and trained first in every cell; a cell's other runs "
@@ -173,7 +183,7 @@ def run(grid_name, only, executor, jobs, address, cpus_per_run, gpus_per_run, dr
                   cpus_per_run=cpus_per_run or grid.resources["cpus_per_run"],
                   gpus_per_run=gpus_per_run if gpus_per_run is not None else grid.resources["gpus_per_run"],
                   write_tables=lambda: _write_grid_tables(grid, store),
-                  timing_batch=new_timing_batch(executor, jobs, threads),   # one sitting: every stage of this run
+                  timing_batch=new_timing_batch(executor, jobs, threads, device_type),   # one sitting: every stage
                   log=Trackers.of(log, grid))       # --log: tuning, screen and reported runs, as each finishes
     reported = dict(save_models=save_models or bool(settings["model"] and settings["run_after"]),
                     snapshot_every=settings["snapshot_every"], snapshot_samples=settings["snapshot_samples"])
@@ -506,9 +516,10 @@ def claim(a, b, metric, direction, margin, cells, grid_name, results):
     click.echo(f"Verdict rule: {VERDICT_RULE.format(alpha=ALPHA, m=claims_phrase(int(row.family_size)))}.")
 
 
-def _print_plan(plan, store, device_type: str, analyses: bool) -> None:
+def _print_plan(plan, store, device_type: str, analyses: bool, jobs: int | None, run_threads: int) -> None:
     """Every run the grid will train — tuning runs, then reported runs — with its state and its shared P1; then the
-    estimated cost per (dataset, arch) cell and in total (benchmark/cost_model.py)."""
+    estimated cost per (dataset, arch) cell and in total (benchmark/cost_model.py), its wall time for `jobs` runs at a
+    time of `run_threads` threads (none for Ray: None)."""
     from benchmark import cost_model
     from benchmark.runner import p1_stored
     from benchmark.store import DONE, FAILED
@@ -537,12 +548,12 @@ def _print_plan(plan, store, device_type: str, analyses: bool) -> None:
                   f"go on is known once a stage is done)" if plan.expected else ""))
     context = click.get_current_context(silent=True)          # the grid's name, for the calibration command
     grid_name = context.params.get("grid_name") if context else None
-    calibration = cost_model.choose_calibration(cost_model.read_calibration(), device_type)
+    calibration = cost_model.choose_calibration(cost_model.read_calibration(), device_type, run_threads=run_threads)
     costs = cost_model.estimate(rows[:len(plan.tuning)] + [("tune", s) for s in plan.expected] + rows[len(plan.tuning):]
                                 + [("report", s) for s in plan.awaiting], calibration, device_type=device_type,
                                 done=lambda s: store.state(s.run_id) == DONE,
                                 p1_done=lambda s: bool(p1_stored(s, store, device_type)), analyses=analyses)
-    for line in cost_model.format_estimate(costs, grid_name, device_type):
+    for line in cost_model.format_estimate(costs, grid_name, device_type, jobs):
         click.echo(line)
 
 
@@ -748,16 +759,19 @@ def latency(run_id, grid_name, results, data_root, device, threads, repeats, sam
               help="A seed to sweep (of the grid's); repeatable: --seeds 0 --seeds 1 [default: the grid's seeds].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Sweep at this lr instead of the grid's [train] lr (writes tables/budget_sweep_lr<LR>.csv).")
-@click.option("--executor", type=click.Choice(["local", "process"]), default="local", show_default=True,
-              help="local: one run after another; process: --jobs worker processes.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Parallel runs for --executor process.")
+@click.option("--executor", type=click.Choice(["auto", "local", "process"]), default="auto", show_default=True,
+              help="auto: process with --jobs workers, local when that is one; local: one run after another; "
+                   "process: --jobs worker processes.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Runs at a time for --executor auto and process [default: on the CPU one per --threads cores "
+                   "(one per core), on a GPU 1].")
 @click.option("--results", type=click.Path(path_type=Path), default=None, callback=_results_folder,
               help="Results folder [default: results/<grid>].")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_ROOT,
               show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads per run [default: all cores, split between --jobs].")
+              help="Torch threads per run [default: the cores split between --jobs; 1 with the default --jobs on "
+                   "the CPU].")
 def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root, threads):
     """Is each cell's epoch budget E enough? Train `joint` in every (dataset, arch) cell of the grid, at the grid's
     seeds and [train] lr (or --seeds, --lr), at E/2, E and 2E epochs — ordinary runs of the grid's results folder,
@@ -767,10 +781,12 @@ def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root,
 
     Exits 1 when a run failed, 130 when interrupted (rerun the same command to resume: finished runs are kept)."""
     from benchmark.budget_sweep import sweep_specs, sweep_table, table_path
+    from benchmark.determinism import resolve_device
     from benchmark.grid import load_grid
     from benchmark.runner import run_grid
     from benchmark.store import ResultsStore, write_csv
     from benchmark.weights import stage as stage_weights
+    from benchmark.worker_start import resolve_executor
 
     grid = load_grid(grid_name, data_root)
     specs = _selected(grid, only)
@@ -780,6 +796,7 @@ def budget_sweep(grid_name, only, seeds, lr, executor, jobs, results, data_root,
                         f"({', '.join(map(str, sorted({s.seed for s in specs})))})")
     runs = sweep_specs(specs, list(seeds) or None, lr)
     store = ResultsStore(results or Path("results") / grid.name)
+    executor, jobs = resolve_executor(executor, jobs, threads, resolve_device("auto").type)
     with store.lock():
         stage_weights(store.root, grid.weights)
         outcome = run_grid([spec for _, spec in runs], store, grid_name=grid.name, data_root=data_root,

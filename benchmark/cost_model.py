@@ -277,9 +277,12 @@ def this_device_name(device_type: str) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
+    """A device's calibration rows; `run_threads`: the torch threads `bench run` gives each run here (on a CPU, rows
+    measured with that many threads are preferred, so the hours are this machine's wall-clock hours)."""
     device_type: str
     device_name: str
     rows: tuple[dict, ...]
+    run_threads: int | None = None
 
     @property
     def unit(self) -> str:
@@ -292,12 +295,6 @@ class Calibration:
         matches.sort(key=lambda r: (r["optimizer"] != optimizer, str(r["threads"]) != str(self.run_threads)))
         return (matches or [{"seconds_per_step": None}])[0]["seconds_per_step"]
 
-    @property
-    def run_threads(self) -> int | None:
-        """The torch threads `bench run` gives a run on this machine (all cores) — on a CPU, rows measured with that
-        many threads are preferred, so the hours are this machine's wall-clock hours."""
-        return os.cpu_count() if self.device_type == "cpu" else None
-
     def describe(self) -> str:
         first = self.rows[0]
         threads = f", {first['threads']} thread(s)" if self.device_type == "cpu" else ""
@@ -306,16 +303,18 @@ class Calibration:
                 f"{dates[0]}{'..' + dates[-1] if len(dates) > 1 else ''})")
 
 
-def choose_calibration(rows: list[dict], device_type: str, device_name: str | None = None) -> Calibration | None:
+def choose_calibration(rows: list[dict], device_type: str, device_name: str | None = None,
+                       run_threads: int | None = None) -> Calibration | None:
     """This machine's device if it is calibrated, else a calibrated CUDA device (the first by name), else None: another
-    machine's CPU says nothing about this one."""
+    machine's CPU says nothing about this one. `run_threads`: as `Calibration`'s, on a CPU."""
     by_device: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_device.setdefault((row["device_type"], row["device_name"]), []).append(row)
     name = device_name if device_name is not None else this_device_name(device_type)
     gpus = sorted(d for d in by_device if d[0] == "cuda")
     choice = (device_type, name) if (device_type, name) in by_device else (gpus[0] if gpus else None)
-    return None if choice is None else Calibration(choice[0], choice[1], tuple(by_device[choice]))
+    return None if choice is None else Calibration(choice[0], choice[1], tuple(by_device[choice]),
+                                                   run_threads if choice[0] == "cpu" else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,8 +454,10 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str) -> list[str]:
-    """The lines `bench run --dry-run` prints under its run listing."""
+def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str, jobs: int | None = None) -> list[str]:
+    """The lines `bench run --dry-run` prints under its run listing. `jobs`: runs at a time on this machine's CPU
+    (`bench run --jobs`), for its wall time: the runs' seconds spread evenly over them (each at the calibration's
+    `run_threads`); None: no wall time (Ray)."""
     grid = grid_name or "GRID"
     command = f"bench calibrate --grid {grid} --device cuda"
     calibration = estimate.calibration
@@ -491,11 +492,13 @@ def format_estimate(estimate: Estimate, grid_name: str | None, device_type: str)
     if calibration is not None:
         lines.append(f"total: {runs} runs, {total_text} {unit} on {calibration.device_name} "
                      f"({left_text} still to run)")
-    if calibration is not None and calibration.device_type == device_type == "cpu" and left is not None:
+    if calibration is not None and calibration.device_type == device_type == "cpu" and left is not None and jobs:
         used = sorted({str(r["threads"]) for r in calibration.rows})
-        lines.append(f"estimated wall time on this machine: {_clock(left)} still to run ({_clock(total)} from empty), "
-                     f"training, evaluation and the per-run analyses, {calibration.run_threads} threads per run as "
-                     f"`bench run` uses here (calibrated with {'/'.join(used)} thread(s))")
+        at_a_time = f"{jobs} runs at a time" if jobs > 1 else "one run at a time"
+        lines.append(f"estimated wall time on this machine: {_clock(left / jobs)} still to run ({_clock(total / jobs)} "
+                     f"from empty), training, evaluation and the per-run analyses, {at_a_time} with "
+                     f"{calibration.run_threads} thread(s) each as this `bench run` runs them (calibrated with "
+                     f"{'/'.join(used)} thread(s))")
     missing = estimate.uncalibrated_cells
     if calibration is not None and missing:
         lines.append(f"n/c: {len(missing)} cells have no calibration row on {calibration.device_name} "
@@ -528,8 +531,11 @@ def grid_estimate(grid, specs: list[RunSpec], grid_name: str, device_type: str,
     from benchmark.tuning import make_plan
     plan = make_plan(specs, grid.tuning, ResultsStore(Path("results") / grid.name))
     runs = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported + plan.awaiting]
-    calibration = choose_calibration(read_calibration(calibration_file), device_type)
-    return format_estimate(estimate(runs, calibration), grid_name, device_type)
+    from benchmark.worker_start import resolve_executor, threads_per_run
+    executor, jobs = resolve_executor("auto", None, None, device_type)        # as a plain `bench run` runs them
+    calibration = choose_calibration(read_calibration(calibration_file), device_type,
+                                     run_threads=threads_per_run(executor, jobs, None, device_type))
+    return format_estimate(estimate(runs, calibration), grid_name, device_type, jobs)
 
 
 # --------------------------------------------------------------------------------------------------------------

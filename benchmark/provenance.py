@@ -9,7 +9,6 @@ runs.csv, so that a reader can follow a number to its commit and compare wall ti
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import subprocess
 import time
@@ -42,10 +41,10 @@ def checkout_version(root: Path) -> dict:
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
 
 
-def new_timing_batch(executor: str, jobs: int, threads: int | None) -> str:
+def new_timing_batch(executor: str, jobs: int, threads: int | None, device_type: str = "cpu") -> str:
     """A fresh batch id, e.g. '20261206T203512Z/host/process-2x1' (executor-jobs x torch threads per run, resolved
     as the runner resolves them)."""
-    cores = os.cpu_count() or 1
-    per_run = threads or (max(1, cores // jobs) if executor == "process" else cores)
+    from benchmark.worker_start import threads_per_run
+    per_run = threads_per_run(executor, jobs, threads, device_type)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return f"{stamp}/{socket.gethostname()}/{executor}-{jobs if executor != 'local' else 1}x{per_run}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,7 +26,8 @@ from benchmark.pipeline import safe_execute
 from benchmark.provenance import new_timing_batch
 from benchmark.spec import RunSpec
 from benchmark.store import DONE, FAILED, ResultsStore, read_json
-from benchmark.worker_start import interrupt_deferred, stop_fork_server, uses_worker_pool, worker_context
+from benchmark.worker_start import (interrupt_deferred, stop_fork_server, threads_per_run, uses_worker_pool,
+                                    worker_context)
 from benchmark import tables
 from regimes.base import Budget
 from regimes.registry import build_regime
@@ -168,18 +168,11 @@ def worker_pool(executor: str, jobs: int, threads: int | None, device: str):
     if not uses_worker_pool(executor, jobs):
         yield None
         return
-    pool = WorkerPool(jobs, pool_threads(jobs, threads, resolve_device(device)))
+    pool = WorkerPool(jobs, threads_per_run(executor, jobs, threads, resolve_device(device).type))
     try:
         yield pool
     finally:
         pool.terminate()
-
-
-def pool_threads(jobs: int, threads: int | None, device: torch.device) -> int:
-    """Torch threads of each of `jobs` workers: --threads, else the cores split between them on the CPU (all cores
-    on a GPU, where the device does the arithmetic)."""
-    cores = os.cpu_count() or 1
-    return threads or (max(1, cores // jobs) if device.type == "cpu" else cores)
 
 
 def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, executor: str = "local", jobs: int = 1,
@@ -198,7 +191,7 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
     also starts the per-run analyses of `analyses` (the grid's [analyses] settings) of each run as soon as it is done
     (the other executors leave them to `analyze.analyze_grid`)."""
     outcome = GridOutcome()
-    timing_batch = timing_batch or new_timing_batch(executor, jobs, threads)
+    timing_batch = timing_batch or new_timing_batch(executor, jobs, threads, resolve_device(device).type)
     ray_started = False
     if executor == "ray":
         from benchmark import ray_executor
@@ -256,7 +249,7 @@ def _run_pending(specs, store, outcome, *, grid_name, executor, jobs, data_root,
                         _run_pool(stage, store, outcome, progress, own, data_root, torch_device, extras, analysed)
                     else:
                         _run_local(stage, store, outcome, progress, data_root, torch_device,
-                                   threads or os.cpu_count() or 1, extras)
+                                   threads_per_run(executor, 1, threads, torch_device.type), extras)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:

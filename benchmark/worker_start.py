@@ -17,6 +17,28 @@ FLOP counter and deterministic mode import it), scikit-learn's splitter (~1 s, b
 libraries (~0.5 s, the grid's figures; importing pyplot picks no backend, `analysis.style` sets Agg)."""
 
 
+def resolve_executor(executor: str, jobs: int | None, threads: int | None, device_type: str) -> tuple[str, int]:
+    """`--executor auto` and `--jobs`'s default, as (executor, jobs). On the CPU, as many runs at a time as the cores
+    hold runs of `threads` (default 1) threads — `process` workers, or `local` when that is one: a small model trains
+    barely faster on two threads than on one (BENCHMARK.md, "Runs per CPU-hour"), so one run per core does about
+    twice the runs of one run on all cores, and runs get the same thread count (which can move a number's last bits)
+    on every machine. On a GPU one run at a time, the device doing the arithmetic."""
+    if executor in ("local", "ray"):
+        return executor, 1                # one run at a time here; Ray's cluster schedules its own
+    if jobs is None:
+        jobs = max(1, (os.cpu_count() or 1) // (threads or 1)) if device_type == "cpu" else 1
+    if executor == "auto":
+        executor = "process" if jobs > 1 else "local"
+    return executor, jobs
+
+
+def threads_per_run(executor: str, jobs: int, threads: int | None, device_type: str) -> int:
+    """Torch threads of each run: `--threads`, else the cores split between the runs at a time of `process` on the
+    CPU, all cores for one run at a time or on a GPU (the device does the arithmetic)."""
+    cores = os.cpu_count() or 1
+    return threads or (max(1, cores // jobs) if executor == "process" and device_type == "cpu" else cores)
+
+
 def uses_worker_pool(executor: str, jobs: int) -> bool:
     """Whether a command runs on a `WorkerPool`: `--executor process` with more than one job (one job runs here)."""
     return executor == "process" and jobs > 1

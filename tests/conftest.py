@@ -17,9 +17,13 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
 """Torch threads of this test process and of what it trains (in-process or in a `bench` subprocess: pass
-`"--threads", THREADS` to every `bench run` that trains): its share of the cores, at most 2. Two xdist workers on 2
+`SERIAL_RUN` to every `bench run` that trains): its share of the cores, at most 2. Two xdist workers on 2
 cores get 1 each; two processes with 2 threads each on 2 cores slow each other 10-20x (OpenMP spin-waits)."""
 torch.set_num_threads(THREADS)
+SERIAL_RUN = ["--executor", "local", "--threads", str(THREADS)]
+"""What every `bench run` that trains in a test passes (in-process or in a `bench` subprocess): one run at a time on
+THREADS threads. The default, one worker process per core, would run two on a core an xdist worker already fills
+(and its workers would not see what a test patches in this process); the tests of the process executor name it."""
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = [sys.executable, "-m", "benchmark.cli"]
@@ -96,7 +100,7 @@ def smoke_results(shared_folder):
     tests that run more commands on it use a copy."""
     def build(folder):
         grid = write_grid(folder / "grid.toml", epochs=2)
-        result = bench_subprocess("run", "--grid", grid, "--results", folder / "out", "--threads", THREADS)
+        result = bench_subprocess("run", "--grid", grid, "--results", folder / "out", *SERIAL_RUN)
         assert result.returncode == 0, result.stderr
         (folder / "stdout.txt").write_text(result.stdout)
     folder = shared_folder("smoke", build)
@@ -133,7 +137,7 @@ def analysed(shared_folder):
                                 'severities = [1, 5]\n')
         runner = CliRunner()
         trained = runner.invoke(main, ["run", "--grid", str(grid), "--results", str(root / "out"), "--save-models",
-                                       "--threads", str(THREADS)])
+                                       *SERIAL_RUN])
         assert trained.exit_code == 0, trained.output
         result = runner.invoke(main, ["analyze", "--grid", str(grid), "--results", str(root / "out")])
         assert result.exit_code == 0, result.output

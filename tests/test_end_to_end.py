@@ -1,5 +1,6 @@
 """`bench run` on real data through the real entry point: files, tables, resume, determinism, failures, kill."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from benchmark import PROTOCOL_VERSION
 from benchmark.cli import main
 from benchmark.provenance import code_version
-from conftest import BENCH, REPO, THREADS
+from conftest import BENCH, REPO, SERIAL_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results, tmp_path
     grid, results, _ = smoke_results
     results = copy_of(results, tmp_path)
     before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
-    again = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results)])   # trains nothing
+    again = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])  # no training
     assert again.exit_code == 0 and "0 trained, 3 already done" in again.stdout
     assert before == {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
     assert len(pd.read_csv(results / "tables" / "runs.csv")) == 3
@@ -83,7 +84,7 @@ def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results, tmp_path
 def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
     grid, first, _ = smoke_results
     second = tmp_path / "second"
-    assert bench_run(grid, second, "--threads", THREADS).returncode == 0      # the thread count of the first
+    assert bench_run(grid, second, *SERIAL_RUN).returncode == 0      # the thread count of the first
     for folder in run_dirs(first):
         a = json.loads((folder / "metrics.json").read_text())
         b = json.loads((second / "runs" / folder.name / "metrics.json").read_text())
@@ -98,7 +99,7 @@ def test_same_grid_twice_gives_identical_numbers(smoke_results, tmp_path):
 def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     grid = grid_file(archs=("small_cnn", "cifar_resnet8"), regimes=("joint", "mixed"),
                      extra="[arch_overrides.small_cnn]\nlr = 1e30\n")
-    result = bench_run(grid, tmp_path / "out", "--threads", THREADS)
+    result = bench_run(grid, tmp_path / "out", *SERIAL_RUN)
     assert result.returncode == 1, result.stderr
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     done, failed = runs[runs.status == "done"], runs[runs.status == "failed"]
@@ -106,19 +107,18 @@ def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     assert sorted(failed.arch) == ["small_cnn", "small_cnn"] and failed.final_accuracy.isna().all()
     assert sorted(failed.error) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
     # the reruns train nothing: in this process (the first run checked the real entry point's exit code)
-    skipped = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out")])
+    skipped = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"), *SERIAL_RUN])
     assert "2 failed earlier" in skipped.stdout and skipped.exit_code == 1  # failed runs: not retried, not forgotten
     assert "2 reported runs of grid" in skipped.stderr and "--allow-failed" in skipped.stderr
     allowed = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"),
-                                        "--allow-failed"])
+                                        "--allow-failed", *SERIAL_RUN])
     assert allowed.exit_code == 0, allowed.output
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1), epochs=2)
     results = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(results), "--threads",
-                                str(THREADS)], cwd=REPO,
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(results.glob("runs/*/metrics.json"))) < 2:
@@ -129,7 +129,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert 2 <= len(done_before) < 6, "the kill must land mid-grid"
     for path in results.glob("runs/*/metrics.json"):
         json.loads(path.read_text())                    # every metrics.json present is complete
-    resumed = bench_run(grid, results, "--threads", THREADS)
+    resumed = bench_run(grid, results, *SERIAL_RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{6 - len(done_before)} trained, {len(done_before)} already done" in resumed.stdout
     runs = pd.read_csv(results / "tables" / "runs.csv")
@@ -141,12 +141,14 @@ POOL_ANALYSES = '[analyses]\nrun_after = true\nmodel = ["rank", "robustness"]\ns
                 'corruptions = ["gaussian_noise"]\nseverities = [1]\n'
 
 
-def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_file, tmp_path):
-    """Also: the workers start each run's analyses as soon as it is done and draw the grid's figures, with this
-    process's numbers and pixels."""
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the default runs one run at a time, in-process")
+def test_by_default_one_process_per_core_runs_the_grid_and_the_main_process_logs_its_runs(grid_file, tmp_path):
+    """`bench run` without executor flags, on the CPU: one one-thread worker process per core. Also: the workers
+    start each run's analyses as soon as it is done and draw the grid's figures, with this process's numbers and
+    pixels."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     grid = grid_file(epochs=2, extra=POOL_ANALYSES)
-    result = bench_run(grid, tmp_path / "out", "--executor", "process", "--jobs", "2", "--log", "tensorboard")
+    result = bench_run(grid, tmp_path / "out", "--log", "tensorboard")
     assert result.returncode == 0, result.stderr
     per_run = sorted((tmp_path / "out" / "runs").glob("*/r*.csv"))
     assert len(per_run) == 6                            # rank.csv and robustness.csv of each of the 3 runs
@@ -161,6 +163,7 @@ def test_process_executor_runs_the_grid_and_the_main_process_logs_its_runs(grid_
     assert [path.read_bytes() for path in figures] == [(here / "figures" / path.name).read_bytes() for path in figures]
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs.csv")
     assert len(runs) == 3 and runs.threads.eq(1).all()
+    assert runs.timing_batch.str.endswith(f"/process-{os.cpu_count()}x1").all()
     assert len(list((tmp_path / "out" / "backbones").iterdir())) == 1       # disjoint's and mixed's P1, trained once
     assert runs.p1_reused.sum() == 1                                        # by one worker, reused by the other
     # --log: the workers' runs are logged by the main process, each once, with the run folder's numbers
@@ -192,7 +195,7 @@ severities = [1, 5]
 def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1), epochs=2, extra=ANALYSES)
     results = tmp_path / "out"
-    result = bench_run(grid, results, "--threads", THREADS)
+    result = bench_run(grid, results, *SERIAL_RUN)
     assert result.returncode == 0, result.stderr
     tables = results / "tables"
     for name in ("rank", "information", "landscape", "sharpness", "pareto", "hypervolume", "summary", "leaderboard"):

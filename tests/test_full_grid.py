@@ -1,6 +1,7 @@
 """The `full` grid: its cells, the TinyImageNet reader (on a fake folder in the official layout) and the cost model
 behind `bench run --grid full --dry-run`'s estimate."""
 import csv
+import dataclasses
 import re
 import tomllib
 
@@ -232,6 +233,22 @@ def test_cost_of_a_tiny_grid_is_steps_times_seconds_per_step_with_the_shared_p1_
     flops = cost_model.step_flops_per_example("small_cnn", 10, (1, 8, 8), "pool", "flops:0.25,0.5,0.75")
     examples = 64 * steps * (4 + 2 * 0.5 + 2 * 1.0 + 2 * 0.25)
     assert cell.train_flops == pytest.approx(2 * examples * flops)
+
+
+def test_the_wall_time_spreads_the_runs_over_the_runs_at_a_time(tmp_path):
+    grid = load_grid(str(write_grid(tmp_path / "g.toml", regimes=("joint", "mixed"), seeds=(0, 1, 2), epochs=20)))
+    calibration = dataclasses.replace(one_second_per_step(), run_threads=1)
+    estimate = cost_model.estimate([("report", s) for s in grid.specs], calibration)
+    seconds = estimate.total("seconds")
+    assert seconds > 1800                                # half an hour: minutes tell one and two runs at a time apart
+
+    def wall(jobs):
+        return [line for line in cost_model.format_estimate(estimate, "g", "cpu", jobs) if "wall time" in line]
+
+    (one,), (two,) = wall(1), wall(2)
+    assert f"({cost_model._clock(seconds)} from empty)" in one and "one run at a time with 1 thread(s) each" in one
+    assert f"({cost_model._clock(seconds / 2)} from empty)" in two and "2 runs at a time with 1 thread(s) each" in two
+    assert wall(None) == []                              # Ray: how many runs at a time is the cluster's business
 
 
 def test_an_uncalibrated_cell_has_no_hours_but_still_its_flops(tmp_path):

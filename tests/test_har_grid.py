@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from benchmark.cli import main
-from conftest import REPO, THREADS, write_uci_har
+from conftest import REPO, SERIAL_RUN, write_uci_har
 
 HAR_GRID = REPO / "benchmark" / "grids" / "har.toml"
 
@@ -48,7 +48,7 @@ def test_a_small_har_grid_measures_detection_under_corruption_and_tests_the_clai
     grid = tmp_path / "har_small.toml"
     grid.write_text(text)
     out = tmp_path / "out"
-    result = bench("run", "--grid", grid, "--data-root", tmp_path, "--results", out, "--threads", THREADS)
+    result = bench("run", "--grid", grid, "--data-root", tmp_path, "--results", out, *SERIAL_RUN)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "tables" / "robustness.csv")
     assert set(table.corruption) == {"none", "jitter", "scaling", "time_warp", "channel_dropout"}

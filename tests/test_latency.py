@@ -22,7 +22,7 @@ from benchmark.pipeline import initial_model
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, folder_digests, read_json, read_logits, write_json
 from benchmark.train import held
-from conftest import THREADS, write_grid
+from conftest import SERIAL_RUN, write_grid
 
 pytestmark = pytest.mark.xdist_group("latency")   # one xdist worker trains `trained` and loads `loaded` once
 DATA_ROOT = Path("/nonexistent")      # digits is embedded: no data root is read
@@ -57,7 +57,7 @@ def trained(shared_folder):
     """(grid file, results folder, run id) of one joint run trained with --save-models, once per session."""
     def build(root):
         grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2)
-        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", "--threads", THREADS)
+        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", *SERIAL_RUN)
         assert result.exit_code == 0, result.output
     root = shared_folder("latency", build)
     (run_id,) = ResultsStore(root / "out").done_run_ids()

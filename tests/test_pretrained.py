@@ -16,7 +16,7 @@ from benchmark.pipeline import collect_logits, initial_model
 from benchmark.spec import RunSpec
 from benchmark.store import ResultsStore, read_csv, read_json, read_torch
 from benchmark.weights import load_backbone, read_weights
-from conftest import THREADS, write_grid
+from conftest import SERIAL_RUN, write_grid
 
 CPU = torch.device("cpu")
 
@@ -58,7 +58,7 @@ def test_runs_start_from_the_weights_and_skip_p1(tmp_path):
     grid = weights_grid(tmp_path, "backbone.pt")
     dry = bench("run", "--grid", grid, "--results", tmp_path / "out", "--dry-run")
     assert dry.exit_code == 0 and dry.output.count("pretrained") == 3, dry.output
-    result = bench("run", "--grid", grid, "--results", tmp_path / "out", "--save-models", "--threads", THREADS)
+    result = bench("run", "--grid", grid, "--results", tmp_path / "out", "--save-models", *SERIAL_RUN)
     assert result.exit_code == 0, result.output
     store = ResultsStore(tmp_path / "out")
     digest = load_grid(str(grid), "/nonexistent").specs[0].model["weights"]

@@ -1,4 +1,5 @@
 """Every run records the code it trained on (issue 21): the commit, and whether the code differed from it."""
+import os
 import subprocess
 
 import pytest
@@ -50,3 +51,4 @@ def test_a_timing_batch_names_the_sitting_and_how_runs_shared_the_machine():
     batch = new_timing_batch("process", 2, 1)
     assert batch.endswith("/process-2x1") and batch[:8].isdigit()
     assert new_timing_batch("local", 1, 3).endswith("/local-1x3")
+    assert new_timing_batch("process", 2, None, "cpu").endswith(f"/process-2x{max(1, (os.cpu_count() or 1) // 2)}")

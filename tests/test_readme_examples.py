@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmark.cli import main
-from conftest import REPO, THREADS
+from conftest import REPO, SERIAL_RUN, THREADS
 
 matplotlib.use("Agg")
 
@@ -45,7 +45,7 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
             assert command.startswith("bench "), f"example '{name}': only bench commands run here, not {command!r}"
             args = shlex.split(command)[1:]
             if args[0] == "run":            # this worker's share of the cores (conftest.py, THREADS)
-                args += ["--threads", str(THREADS)]
+                args += ["--threads", str(THREADS)] if "--executor" in args else SERIAL_RUN
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, (name, command, result.output)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000

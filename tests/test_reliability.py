@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from benchmark.cli import main
 from benchmark.store import CorruptFile, ResultsStore, read_json, read_logits, read_torch, write_json
-from conftest import BENCH, REPO, THREADS, write_grid
+from conftest import BENCH, REPO, SERIAL_RUN, write_grid
 
 REGIMES = ("joint", "mixed")
 ANALYSES = '[analyses]\nmodel = ["rank"]\nsamples = 100\n'
@@ -73,7 +73,7 @@ def trained(shared_folder):
     in a subprocess; tests work on copies."""
     def build(root):
         grid = write_grid(root / "grid.toml", regimes=REGIMES, extra=ANALYSES)
-        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", "--threads", THREADS)
+        result = bench("run", "--grid", grid, "--results", root / "out", "--save-models", *SERIAL_RUN)
         assert result.returncode == 0, result.stderr
     return shared_folder("reliability", build)
 
@@ -89,7 +89,7 @@ def results(trained, tmp_path):
 
 def recomputed(grid, out, run_id, *extra):
     """`bench run` recomputes exactly `run_id` and the tables list it as done again."""
-    result = cli("run", "--grid", grid, "--results", out, *extra, "--threads", THREADS)
+    result = cli("run", "--grid", grid, "--results", out, *extra, *SERIAL_RUN)
     assert result.returncode == 0, result.stderr
     assert f"1 trained, {len(REGIMES) - 1} already done" in result.stdout, result.stdout
     runs = pd.read_csv(out / "tables" / "runs.csv")
@@ -197,7 +197,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_run(result
     for path in stale:
         path.write_bytes(b"")
     assert ResultsStore(out).state(ids["joint"]) == "done", "a temporary is never part of a run"
-    result = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
+    result = cli("run", "--grid", grid, "--results", out, *SERIAL_RUN)
     assert result.returncode == 0 and "2 already done" in result.stdout
     assert not [p for p in stale if p.exists()] and not list(out.rglob("*.tmp"))
 
@@ -218,7 +218,7 @@ def test_p1_cost_goes_to_the_run_that_trained_it_whenever_the_kill_came(results)
 
 def test_when_every_run_failed_the_tables_are_valid_csv_with_a_header(grid_file, tmp_path):
     grid = grid_file(regimes=REGIMES, extra="[arch_overrides.small_cnn]\nlr = 1e30\n")
-    result = cli("run", "--grid", grid, "--results", tmp_path / "out", "--threads", THREADS)
+    result = cli("run", "--grid", grid, "--results", tmp_path / "out", *SERIAL_RUN)
     assert result.returncode == 1 and "2 reported runs of grid" in result.stderr
     tables = {p.stem: pd.read_csv(p) for p in (tmp_path / "out" / "tables").glob("*.csv")}
     assert set(tables) >= {"runs", "exits", "curves", "selected"}
@@ -253,12 +253,12 @@ def test_a_full_disk_leaves_the_run_pending_and_the_rerun_trains_it(grid_file, s
     disk = small_tmpfs(4 << 20)
     out, filler = disk / "out", disk / "filler"
     filler.write_bytes(b"\0" * ((4 << 20) - (96 << 10)))          # leave less than one run's files need
-    full = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
+    full = cli("run", "--grid", grid, "--results", out, *SERIAL_RUN)
     assert_one_line(full, 1, "full disk", "free space")
     run_dir, = (out / "runs").iterdir()
     assert not (run_dir / "error.json").exists(), "a full disk is not the run's failure"
     filler.unlink()
-    again = cli("run", "--grid", grid, "--results", out, "--threads", THREADS)
+    again = cli("run", "--grid", grid, "--results", out, *SERIAL_RUN)
     assert again.returncode == 0 and "1 trained, 0 already done" in again.stdout, again.stdout + again.stderr
 
 
@@ -358,7 +358,7 @@ def test_ctrl_c_during_the_analyses_says_how_to_resume_and_exits_130(grid_file, 
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank", "landscape"]\n'
                                              'landscape_points_2d = 41\nlandscape_2d_seeds = [0]\n')
     out = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--threads", str(THREADS)],
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), *SERIAL_RUN],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     code, _, stderr = interrupt_when(process, lambda: any(out.glob("runs/*/rank.csv")))
@@ -422,7 +422,7 @@ def test_analyze_regenerates_missing_run_tables(results):
 def test_the_lock_is_held_from_training_to_the_end_of_the_analyses(grid_file, tmp_path):
     grid = grid_file(regimes=REGIMES, extra='[analyses]\nrun_after = true\nmodel = ["rank"]\n')
     out = tmp_path / "out"
-    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--threads", str(THREADS)],
+    process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), *SERIAL_RUN],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held_once, free_after = False, []
     while process.poll() is None:
@@ -457,7 +457,7 @@ def test_a_log_file_gets_one_plain_line_per_run(grid_file, tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as handle:
         done = subprocess.run([*BENCH, "run", "--grid", str(grid_file(regimes=REGIMES)), "--results",
-                               str(tmp_path / "out"), "--threads", str(THREADS)], cwd=REPO, stdout=handle,
+                               str(tmp_path / "out"), *SERIAL_RUN], cwd=REPO, stdout=handle,
                               stderr=subprocess.STDOUT, timeout=300)
     text = log.read_text()
     assert done.returncode == 0, text
@@ -471,7 +471,7 @@ def test_a_log_file_gets_one_plain_line_per_run(grid_file, tmp_path):
 def test_a_terminal_also_gets_one_line_per_finished_run(grid_file, tmp_path):
     leader, follower = pty.openpty()
     process = subprocess.Popen([*BENCH, "run", "--grid", str(grid_file(regimes=("joint",))), "--results",
-                                str(tmp_path / "out"), "--threads", str(THREADS)], cwd=REPO, stdout=subprocess.PIPE,
+                                str(tmp_path / "out"), *SERIAL_RUN], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=follower)
     os.close(follower)
     received = b""

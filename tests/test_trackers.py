@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmark.cli import main
-from conftest import THREADS, write_grid
+from conftest import SERIAL_RUN, write_grid
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trackers")]   # one xdist worker trains `logged` once
 
@@ -37,7 +37,7 @@ def logged(tmp_path_factory):
         pytest.skip("neither tensorboard nor wandb is installed")
     root = tmp_path_factory.mktemp("trackers")
     grid = write_grid(root / "grid.toml", regimes=("joint",), epochs=2, extra=TUNING)
-    args = ["run", "--grid", str(grid), "--results", str(root / "out"), "--threads", str(THREADS),
+    args = ["run", "--grid", str(grid), "--results", str(root / "out"), *SERIAL_RUN,
             *(a for name in TRACKERS for a in ("--log", name))]
     with pytest.MonkeyPatch.context() as monkeypatch:
         offline_wandb(monkeypatch, root / "home")
@@ -207,7 +207,7 @@ def test_a_missing_package_is_one_line_and_exit_2_before_anything_is_written(tmp
     grid = write_grid(tmp_path / "grid.toml", regimes=("joint",), epochs=2)
     for extra in ([], ["--dry-run"]):
         result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"),
-                                           "--threads", str(THREADS), "--log", name, *extra])
+                                           *SERIAL_RUN, "--log", name, *extra])
         assert result.exit_code == 2
         assert result.stderr == f"error: --log {name} needs the {name} package: pip install -e '.[{name}]'\n"
         assert result.stdout == ""
@@ -228,7 +228,7 @@ def test_a_tracker_that_fails_is_a_warning_not_a_failed_run(tmp_path, monkeypatc
     monkeypatch.setattr(trackers, "log_tensorboard", broken)
     grid = write_grid(tmp_path / "grid.toml", regimes=("joint",), epochs=2)
     result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"),
-                                       "--threads", str(THREADS), "--log", "tensorboard"])
+                                       *SERIAL_RUN, "--log", "tensorboard"])
     assert result.exit_code == 0, result.output
     assert "not logged to tensorboard (OSError: disk full)" in result.stderr
     assert "1 trained" in result.stdout

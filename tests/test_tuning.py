@@ -9,7 +9,7 @@ from benchmark.cli import main
 from benchmark.grid import load_grid
 from benchmark.store import ResultsStore
 from benchmark.tuning import NOT_TUNED, TUNING_METRIC, candidates, make_plan
-from conftest import THREADS, record_run
+from conftest import SERIAL_RUN, record_run
 
 TUNING = '[tuning]\nseeds = [7, 8]\nlr = [0.1, 0.02]\n'
 
@@ -86,7 +86,7 @@ def test_bench_run_tunes_then_trains_the_reported_seeds_with_the_winner(grid_fil
     assert before.exit_code == 0, before.output
     assert "2 reported runs await their cell's tuning" in before.stdout and "awaiting" in before.stdout
 
-    result = bench("--threads", str(THREADS))
+    result = bench(*SERIAL_RUN)
     assert result.exit_code == 0, result.output
     assert "tuning runs of grid" in result.stdout
     tuning = pd.read_csv(out / "tables" / "tuning.csv")
