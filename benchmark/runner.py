@@ -103,8 +103,13 @@ def planned_epochs(spec: RunSpec, store: ResultsStore, device_type: str) -> int:
 
 
 def _worker_init(threads: int) -> None:
+    """A worker computes on its share of the cores (`threads` torch threads), and --fast's inductor compiles its
+    kernels in the worker itself, not in a compile pool of its own beside the other workers (a pool whose semaphore
+    a worker stopped at the end would leak, with a warning)."""
     import torch
+    import torch._inductor.config as inductor        # preloaded with torch._dynamo (worker_start.WORKER_PRELOAD)
     torch.set_num_threads(threads)
+    inductor.compile_threads = 1
 
 
 def _worker(spec_json: dict, root: str, data_root: str, device: str, threads: int,

@@ -132,8 +132,6 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
     grad_enabled, training = torch.is_grad_enabled(), model.training
     import torch._dynamo as dynamo          # here, not at the top: importing it costs ~1 s
-    import torch._inductor.config as inductor
-    inductor.compile_threads = min(inductor.compile_threads, torch.get_num_threads())   # a run's share of the cores
     try:
         dynamo.config.suppress_errors = False
         for module in modules:

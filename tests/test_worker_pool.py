@@ -15,11 +15,14 @@ LATE_IMPORTS = ("torch._dynamo", "sklearn.model_selection")
 from the preloaded server."""
 
 
-def worker_state() -> tuple[list[str], bool, int]:
-    """(the LATE_IMPORTS present, whether Ctrl-C is blocked, torch's threads) as a worker sees them on arrival."""
+def worker_state() -> tuple[list[str], bool, int, int]:
+    """(the LATE_IMPORTS present, whether Ctrl-C is blocked, torch's threads, inductor's compile threads) as a worker
+    sees them on arrival."""
     import torch
+    import torch._inductor.config as inductor
     return ([m for m in LATE_IMPORTS if m in sys.modules],
-            signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), torch.get_num_threads())
+            signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), torch.get_num_threads(),
+            inductor.compile_threads)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers fork from a preloaded server on Linux only")
@@ -30,7 +33,7 @@ def test_workers_arrive_with_the_heavy_imports_done_and_ctrl_c_blocked():
         states = [future.result(timeout=120) for future in [pool.submit(worker_state) for _ in range(2)]]
     finally:
         pool.terminate()
-    assert states == [(list(LATE_IMPORTS), True, 1)] * 2
+    assert states == [(list(LATE_IMPORTS), True, 1, 1)] * 2      # one compile thread: no compile pool per worker
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])     # this process: Ctrl-C as before
 
 
