@@ -529,9 +529,9 @@ def grid_estimate(grid, specs: list[RunSpec], grid_name: str, device_type: str,
     tuning and reported runs its results/<grid> plans, from `calibration_file` [default: `calibration_path()`]."""
     from benchmark.store import ResultsStore
     from benchmark.tuning import make_plan
+    from benchmark.worker_start import resolve_executor, threads_per_run
     plan = make_plan(specs, grid.tuning, ResultsStore(Path("results") / grid.name))
     runs = [("tune", s) for s in plan.tuning] + [("report", s) for s in plan.reported + plan.awaiting]
-    from benchmark.worker_start import resolve_executor, threads_per_run
     executor, jobs = resolve_executor("auto", None, None, device_type)        # as a plain `bench run` runs them
     calibration = choose_calibration(read_calibration(calibration_file), device_type,
                                      run_threads=threads_per_run(executor, jobs, None, device_type))
