@@ -201,16 +201,16 @@ def step_flops_per_example(arch: str, num_classes: int, input_shape: tuple[int, 
     trainer counts its first step (forward through every exit, loss, backward; the optimizer counts none)."""
     import torch
 
-    from benchmark.flops import counting_flops
+    from benchmark.flops import counting_flops, without_batch_norm
     from benchmark.models import build_model
     from regimes.base import StepContext
     from regimes.registry import build_regime
 
-    batch = 2                                 # BatchNorm in training mode needs two values per channel
+    batch = 2                                 # counted per example: the total over the batch, divided by it
     try:
         with torch.random.fork_rng(), torch.device("meta"):
-            model = build_model(arch, num_classes, input_shape, head=head,
-                                exits=list(exits) if isinstance(exits, tuple) else exits)
+            model = without_batch_norm(build_model(arch, num_classes, input_shape, head=head,
+                                                   exits=list(exits) if isinstance(exits, tuple) else exits))
         model.train()
         x = torch.zeros(batch, *input_shape, device="meta")
         y = torch.zeros(batch, dtype=torch.long, device="meta")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.flops import backbone_flops, block_flops, classifier_flops, exit_costs, head_flops
+from benchmark.flops import (backbone_flops, block_flops, classifier_flops, counting_flops, exit_costs, head_flops,
+                             without_batch_norm)
 from benchmark.models import build_model
 from benchmark.models.multi_exit import MultiExitNet
 
@@ -35,6 +36,21 @@ def test_parts_match_hand_counts():
     assert head_flops(net, INPUT) == HEAD_FLOPS
     assert classifier_flops(net, INPUT) == CLASSIFIER_FLOPS
     assert backbone_flops(net, INPUT) == sum(BLOCK_FLOPS) + CLASSIFIER_FLOPS
+
+
+def test_batch_norm_counts_nothing_so_the_meta_copy_leaves_it_out():
+    """Counting skips batch norm on its meta-device copy (`without_batch_norm`, for speed): right only because the
+    counter gives it 0 FLOPs, checked here on the real layer; the hand counts hold with batch norms in the net."""
+    with counting_flops() as counter:
+        nn.BatchNorm2d(4).train()(torch.randn(2, 4, 8, 8)).sum().backward()
+    assert counter.get_total_flops() == 0
+    net = hand_made_net()
+    for block, channels in zip(net.blocks, (4, 8, 8)):
+        block.append(nn.BatchNorm2d(channels))
+    net.heads[0].insert(1, nn.BatchNorm1d(4 * 8 * 8))
+    assert block_flops(net, INPUT) == BLOCK_FLOPS and head_flops(net, INPUT) == HEAD_FLOPS
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()) == 4     # the net keeps them
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in without_batch_norm(net).modules())
 
 
 def test_exit_costs_charge_every_earlier_head():
@@ -73,6 +89,7 @@ def test_counting_leaves_the_model_as_it_was():
     net = build_model("small_cnn", 10, (1, 28, 28)).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     exit_costs(net, (1, 28, 28))
+    assert net.state_dict().keys() == before.keys()                  # its batch norms too
     assert all(m.training for m in net.modules())
     assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
 
