@@ -196,7 +196,8 @@ def run_grid(specs: list[RunSpec], store: ResultsStore, *, grid_name: str, execu
     also starts the per-run analyses of `analyses` (the grid's [analyses] settings) of each run as soon as it is done
     (the other executors leave them to `analyze.analyze_grid`)."""
     outcome = GridOutcome()
-    timing_batch = timing_batch or new_timing_batch(executor, jobs, threads, resolve_device(device).type)
+    device_type = "cpu" if executor == "ray" else resolve_device(device).type     # Ray's nodes resolve their own
+    timing_batch = timing_batch or new_timing_batch(executor, jobs, threads, device_type)
     ray_started = False
     if executor == "ray":
         from benchmark import ray_executor
