@@ -129,8 +129,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert 2 <= len(done_before) < 6, "the kill must land mid-grid"
     for path in results.glob("runs/*/metrics.json"):
         json.loads(path.read_text())                    # every metrics.json present is complete
-    resumed = bench_run(grid, results, *SERIAL_RUN)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])
+    assert resumed.exit_code == 0, resumed.output
     assert f"{6 - len(done_before)} trained, {len(done_before)} already done" in resumed.stdout
     runs = pd.read_csv(results / "tables" / "runs.csv")
     assert len(runs) == 6 and runs.run_id.is_unique
@@ -195,8 +195,8 @@ severities = [1, 5]
 def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1), epochs=2, extra=ANALYSES)
     results = tmp_path / "out"
-    result = bench_run(grid, results, *SERIAL_RUN)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])
+    assert result.exit_code == 0, result.output        # in this process: the other tests here cover the entry point
     tables = results / "tables"
     for name in ("rank", "information", "landscape", "sharpness", "pareto", "hypervolume", "summary", "leaderboard"):
         assert len(pd.read_csv(tables / f"{name}.csv")) > 0, name
