@@ -109,14 +109,20 @@ def smoke_results(shared_folder):
 
 @pytest.fixture(scope="session")
 def smoke_analyzed(shared_folder, smoke_results):
-    """(grid, results folder, exit code, stderr) of `bench analyze` (a subprocess) on a copy of `smoke_results`,
-    once per session; read-only. Its runs have no model.pt: only the analyses of stored logits and the tables run."""
+    """(grid, results folder, exit code, stderr) of `bench analyze` (in-process: `smoke_results` went through the
+    entry point) on a copy of `smoke_results`, once per session; read-only. Its runs have no model.pt: only the
+    analyses of stored logits and the tables run."""
+    from click.testing import CliRunner
+
+    from benchmark.cli import main
     grid, results, _ = smoke_results
 
     def build(folder):
         shutil.copytree(results, folder / "out")
-        result = bench_subprocess("analyze", "--grid", grid, "--results", folder / "out")
-        (folder / "returncode.txt").write_text(str(result.returncode))
+        result = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(folder / "out")])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        (folder / "returncode.txt").write_text(str(result.exit_code))
         (folder / "stderr.txt").write_text(result.stderr)
     folder = shared_folder("smoke_analyzed", build)
     return (grid, folder / "out", int((folder / "returncode.txt").read_text()),
