@@ -160,9 +160,9 @@ def test_ztw_cascades_and_ensembles_each_pixel_as_a_classification_exit():
 
 @pytest.fixture(scope="module")
 def scenes():
-    """mnist_scenes cut to a few batches: 48 training, 24 validation and 24 test scenes."""
+    """mnist_scenes cut to a few batches: 32 training (two batches), 16 validation and 16 test scenes."""
     data = load_dataset("mnist_scenes", ".")
-    cut = {f"x_{s}": data.stored(s)[:n] for s, n in (("train", 48), ("val", 24), ("test", 24))}
+    cut = {f"x_{s}": data.stored(s)[:n] for s, n in (("train", 32), ("val", 16), ("test", 16))}
     return replace(data, **cut, **{f"y_{s}": getattr(data, f"y_{s}")[:len(cut[f"x_{s}"])] for s in
                                    ("train", "val", "test")})
 
@@ -192,7 +192,7 @@ def test_every_regime_trains_a_segmentation_network_and_its_run_evaluates_from_d
 
     costs = {"backbone": 1e6, "exits": [2.5e5 * (k + 1) for k in range(model.num_exits)]}
     evaluation = stored_evaluation(model, scenes, tmp_path, CPU, costs)
-    stored = read_dense(tmp_path / "dense.npz", model.num_exits, 24, 24, scenes.num_classes, SUMMARY_RULES, N_BINS)
+    stored = read_dense(tmp_path / "dense.npz", model.num_exits, 16, 16, scenes.num_classes, SUMMARY_RULES, N_BINS)
     assert not (tmp_path / "logits.npz").exists()
     assert evaluation.exits["test_accuracy"].tolist() == mean_iou(stored["test"]["confusion"].sum(axis=1)).tolist()
     calibration, _ = pixel_calibration(stored["test"]["reliability"], stored["test"]["likelihood"])
