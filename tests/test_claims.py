@@ -14,8 +14,8 @@ from scipy import stats
 
 from benchmark.claims import (ALPHA, COLUMNS, POWER, RUN_METRICS, Claim, claim_findings, detectable_effect,
                               evaluate_claims, exit_metrics, holm, load_claims, pairs_needed, test_claim)
-from benchmark.errors import UserError
 from benchmark.cli import main
+from benchmark.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TABLES = REPO / "results" / "cpu" / "tables"
