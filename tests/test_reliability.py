@@ -373,7 +373,7 @@ def test_ctrl_c_or_sigterm_with_process_workers_prints_no_worker_tracebacks_and_
                                                                                           moment, sig,
                                                                                           ctrl_c_reaches_children):
     """SIGTERM (a cluster's time limit, `kill`) reaches the main process alone and takes Ctrl-C's path."""
-    grid = grid_file(regimes=REGIMES, seeds=(0, 1), epochs=40)      # long enough that Ctrl-C lands mid-grid
+    grid = grid_file(regimes=REGIMES, seeds=(0, 1), epochs=400)    # no run can end before the interrupt
     out = tmp_path / "out"
     process = subprocess.Popen([*BENCH, "run", "--grid", str(grid), "--results", str(out), "--executor", "process",
                                 "--jobs", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
