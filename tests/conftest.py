@@ -93,6 +93,19 @@ def bench_subprocess(*args, timeout=300):
     return subprocess.run([*BENCH, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def bench_in_process(*args):
+    """`bench ARGS` in this process through click's CliRunner (the real commands, not the entry point's fresh
+    interpreter): the result's exit_code, stdout and stderr; an exception other than SystemExit is raised, so a
+    traceback fails the test with its own message instead of a bare exit code 1."""
+    from click.testing import CliRunner
+
+    from benchmark.cli import main
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 @pytest.fixture(scope="session")
 def smoke_results(shared_folder):
     """(grid, results folder, stdout of the `bench run` that trained it): joint, disjoint, mixed on digits x
@@ -112,16 +125,11 @@ def smoke_analyzed(shared_folder, smoke_results):
     """(grid, results folder, exit code, stderr) of `bench analyze` (in-process: `smoke_results` went through the
     entry point) on a copy of `smoke_results`, once per session; read-only. Its runs have no model.pt: only the
     analyses of stored logits and the tables run."""
-    from click.testing import CliRunner
-
-    from benchmark.cli import main
     grid, results, _ = smoke_results
 
     def build(folder):
         shutil.copytree(results, folder / "out")
-        result = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(folder / "out")])
-        if result.exception and not isinstance(result.exception, SystemExit):
-            raise result.exception
+        result = bench_in_process("analyze", "--grid", grid, "--results", folder / "out")
         (folder / "returncode.txt").write_text(str(result.exit_code))
         (folder / "stderr.txt").write_text(result.stderr)
     folder = shared_folder("smoke_analyzed", build)

@@ -11,13 +11,11 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
 import benchmark.check as check_module
 from benchmark.check import (GOLDEN_COLUMNS, Difference, compare, measured_tolerances, observed, render,
                              sample_floor)
-from benchmark.cli import main
-from conftest import write_grid
+from conftest import bench_in_process, write_grid
 
 pytestmark = [pytest.mark.slow,                  # its session fixture reruns a grid: scheduled first (conftest.py)
               pytest.mark.xdist_group("check")]  # one xdist worker: the other would wait for `written` doing nothing
@@ -35,12 +33,9 @@ ANALYSIS_METRICS = {"calibration.ece", "calibration.nll", "rank.effective_rank",
 def bench(*args):
     threads = torch.get_num_threads()
     try:
-        result = CliRunner().invoke(main, [str(a) for a in args])
+        return bench_in_process(*args)
     finally:
         torch.set_num_threads(threads)          # the rerun trains with 1 thread: leave other tests' setting alone
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 from scipy import stats
 
 from benchmark.claims import (ALPHA, COLUMNS, POWER, RUN_METRICS, Claim, claim_findings, detectable_effect,
                               evaluate_claims, exit_metrics, holm, load_claims, pairs_needed, test_claim)
-from benchmark.cli import main
 from benchmark.errors import UserError
+from conftest import bench_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TABLES = REPO / "results" / "cpu" / "tables"
@@ -345,9 +344,9 @@ def test_any_claim_can_be_tested_by_the_same_rules_from_python_and_the_command_l
     tables.mkdir(parents=True)
     runs.to_csv(tables / "runs.csv", index=False)
     NO_EXITS.to_csv(tables / "exits.csv", index=False)
-    command = ["claim", "mixed", "joint", "--metric", "final_accuracy", "--results", str(tmp_path / "out")]
-    done = CliRunner().invoke(main, command)
+    command = ["claim", "mixed", "joint", "--metric", "final_accuracy", "--results", tmp_path / "out"]
+    done = bench_in_process(*command)
     assert done.exit_code == 0, done.output
     assert "(mixed > joint on final_accuracy): reproduced" in done.stdout and "Verdict rule: reproduced:" in done.stdout
-    wrong = CliRunner().invoke(main, command[:-2] + ["--metric", "final_acc", "--results", str(tmp_path / "out")])
+    wrong = bench_in_process(*command[:-2], "--metric", "final_acc", "--results", tmp_path / "out")
     assert wrong.exit_code == 2 and wrong.stderr.startswith("error: ") and "unknown metric 'final_acc'" in wrong.stderr

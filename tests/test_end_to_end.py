@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from benchmark import PROTOCOL_VERSION
 from benchmark.cli import main
 from benchmark.provenance import code_version
-from conftest import BENCH, REPO, SERIAL_RUN
+from conftest import BENCH, REPO, SERIAL_RUN, bench_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(grid_file, tmp_path):
     assert 2 <= len(done_before) < 6, "the kill must land mid-grid"
     for path in results.glob("runs/*/metrics.json"):
         json.loads(path.read_text())                    # every metrics.json present is complete
-    resumed = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])
+    resumed = bench_in_process("run", "--grid", grid, "--results", results, *SERIAL_RUN)
     assert resumed.exit_code == 0, resumed.output
     assert f"{6 - len(done_before)} trained, {len(done_before)} already done" in resumed.stdout
     runs = pd.read_csv(results / "tables" / "runs.csv")
@@ -195,7 +195,7 @@ severities = [1, 5]
 def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
     grid = grid_file(seeds=(0, 1), epochs=2, extra=ANALYSES)
     results = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])
+    result = bench_in_process("run", "--grid", grid, "--results", results, *SERIAL_RUN)
     assert result.exit_code == 0, result.output        # in this process: the other tests here cover the entry point
     tables = results / "tables"
     for name in ("rank", "information", "landscape", "sharpness", "pareto", "hypervolume", "summary", "leaderboard"):

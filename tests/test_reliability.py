@@ -25,11 +25,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from benchmark.cli import main
 from benchmark.store import CorruptFile, ResultsStore, read_json, read_logits, read_torch, write_json
-from conftest import BENCH, REPO, SERIAL_RUN, write_grid
+from conftest import BENCH, REPO, SERIAL_RUN, bench_in_process, write_grid
 
 REGIMES = ("joint", "mixed")
 ANALYSES = '[analyses]\nmodel = ["rank"]\nsamples = 100\n'
@@ -52,9 +50,7 @@ def cli(*args):
     (an exception other than SystemExit is raised: a traceback fails the test)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
+        result = bench_in_process(*args)
     printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     return Result(result.exit_code, result.stdout, result.stderr + printed)
 

@@ -4,13 +4,11 @@ import json
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from benchmark.cli import main
 from benchmark.errors import UserError
 from benchmark.grid import load_grid
 from benchmark.spec import RunSpec
-from conftest import SERIAL_RUN
+from conftest import SERIAL_RUN, bench_in_process
 
 TUNING = "[tuning]\nseeds = [100]\nlr = [0.05, 0.1]\n"
 
@@ -48,7 +46,7 @@ def test_only_cells_that_pass_train_their_other_regimes(tmp_path, grid_file, scr
     other regime trains only in a cell that passes. max_final = 0 fails every cell; with min_gap 0 and max_final 1
     the verdict is whatever the numbers say, and the runs follow it."""
     grid = grid_file(regimes=("joint", "disjoint"), seeds=(0, 1), epochs=2, extra=TUNING + "[screen]\n" + screen)
-    result = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"), *SERIAL_RUN])
+    result = bench_in_process("run", "--grid", grid, "--results", tmp_path / "out", *SERIAL_RUN)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "out" / "tables" / "screen.csv")
     assert len(table) == 1
