@@ -115,6 +115,12 @@ def eager(on: bool = True):
 COMPILE_BACKEND = "inductor"
 """The torch.compile backend of --fast (tests swap in a failing one to exercise the fallback)."""
 _COMPILE_WARNED: set[str] = set()
+COMPILES_PER_MODULE = 4
+"""Compiled graphs a module may need: `Module.compile` runs every compiled module through one wrapper function, so
+dynamo counts all their graphs against that one function's recompile limit, 8 by default — which small_cnn passed
+under l2w, metagf and disjoint, and vgg16_bn (11 distinct modules) under any regime; the modules after the 8th graph
+then ran eagerly. One graph per module as it trains, one with its parameters frozen (disjoint's P3), and room for
+the look-ahead steps' substituted parameters (l2w: 21 graphs for small_cnn's 13 modules)."""
 
 
 def compile_for_training(model, data, batch_size: int, device: torch.device) -> dict:
@@ -122,6 +128,11 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
     hooks, `forward_final` and `functional_call` keep working) and probe the compiled model at once with one
     forward and backward on a training-sized batch, so that a compilation failure shows here rather than mid-run.
     The probe leaves no trace: weights, BatchNorm statistics, gradients and RNG states are restored.
+
+    Shapes are static (`dynamic=False`): a module sees one batch shape in training (the ragged last batch is
+    dropped; evaluation runs eagerly), so the kernels are specialised to it instead of being made shape-generic
+    when the next module's different shapes reach the shared wrapper (that took 20 % longer to compile small_cnn
+    on the CPU). The recompile limit grows to `COMPILES_PER_MODULE` graphs per module (process-wide, never lowered).
 
     If compiling or the probe raises, the modules are returned to eager, a warning with the reason is given (once
     per reason and process) and training goes on eagerly. Returns {"compiled": bool, "compile_error": str|None}
@@ -134,8 +145,10 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
     import torch._dynamo as dynamo          # here, not at the top: importing it costs ~1 s
     try:
         dynamo.config.suppress_errors = False
+        # cache_size_limit: the recompile limit's name in every torch this supports (newer ones alias it)
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, COMPILES_PER_MODULE * len(modules))
         for module in modules:
-            module.compile(backend=COMPILE_BACKEND)
+            module.compile(backend=COMPILE_BACKEND, dynamic=False)
         x_train, prepare = held(data, "train")
         x = prepare(x_train[:batch_size])
         if device.type == "cuda" and x.dim() == 4:

@@ -2,6 +2,7 @@
 normalising upfront), augmentation on uint8 pixels, `--fast` in the run id and spec.json, torch.compile and its
 fallback to eager, the per-device evaluation batch size."""
 
+import logging
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
@@ -198,13 +199,13 @@ def test_configure_records_fast_and_the_evaluation_batch_size():
 # --- torch.compile and its fallback ---------------------------------------------------------------------------
 
 
-def tiny_spec(fast: bool) -> RunSpec:
-    return RunSpec(dataset="digits", arch="small_cnn", regime="joint", seed=0, train=dict(TINY_TRAIN),
+def tiny_spec(fast: bool, regime: str = "joint") -> RunSpec:
+    return RunSpec(dataset="digits", arch="small_cnn", regime=regime, seed=0, train=dict(TINY_TRAIN),
                    model=dict(MODEL), fast=fast)
 
 
-def run_tiny(tmp_path, fast: bool) -> tuple[dict, dict]:
-    spec = tiny_spec(fast)
+def run_tiny(tmp_path, fast: bool, regime: str = "joint") -> tuple[dict, dict]:
+    spec = tiny_spec(fast, regime)
     store = ResultsStore(tmp_path)
     metrics = execute_run(spec, store, data_root=Path("/nonexistent"), device=CPU, threads=1)
     logits = np.load(store.run_dir(spec.run_id) / "logits.npz")
@@ -249,6 +250,39 @@ def test_compiling_with_the_eager_backend_leaves_the_numbers_alone(tmp_path, mon
     reference, reference_logits = run_tiny(tmp_path, fast=False)
     assert all(np.array_equal(logits[k], reference_logits[k]) for k in logits)
     assert metrics["cost"]["train_flops"] == reference["cost"]["train_flops"]
+
+
+class RecompileLimitHits(logging.Handler):
+    """Collects dynamo's warning that a function passed its recompile limit (it then runs that function eagerly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        if "recompile_limit" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("regime", ["joint+l2w", "disjoint+ztw"])
+def test_every_module_stays_compiled_through_every_phase(tmp_path, monkeypatch, restore_dynamo, regime):
+    """Compiled modules share one wrapper function, and dynamo counts all their graphs against its recompile limit:
+    torch's default (8) was passed by l2w's look-ahead steps and by disjoint's P3 (backbone frozen), after which
+    modules silently trained eagerly under a run that said `compiled: true`. Traced with the eager backend."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")
+    counters.clear()
+    hits, dynamo_log = RecompileLimitHits(), logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(hits)
+    try:
+        with torch._dynamo.config.patch(cache_size_limit=8):        # torch's default, whatever ran before
+            metrics, _ = run_tiny(tmp_path, fast=True, regime=regime)
+    finally:
+        dynamo_log.removeHandler(hits)
+    assert metrics["environment"]["compiled"] is True
+    assert counters["stats"]["unique_graphs"] > 8, "the run must need more graphs than torch's default limit"
+    assert not hits.messages, hits.messages[0]
 
 
 @pytest.mark.slow
