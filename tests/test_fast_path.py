@@ -253,14 +253,15 @@ def test_compiling_with_the_eager_backend_leaves_the_numbers_alone(tmp_path, mon
 
 
 class RecompileLimitHits(logging.Handler):
-    """Collects dynamo's warning that a function passed its recompile limit (it then runs that function eagerly)."""
+    """Collects dynamo's warning that a function passed its recompile limit (it then runs that function eagerly);
+    older torch names the limit cache_size_limit."""
 
     def __init__(self):
         super().__init__()
         self.messages = []
 
     def emit(self, record):
-        if "recompile_limit" in record.getMessage():
+        if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
             self.messages.append(record.getMessage())
 
 
