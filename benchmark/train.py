@@ -132,7 +132,9 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
     Shapes are static (`dynamic=False`): a module sees one batch shape in training (the ragged last batch is
     dropped; evaluation runs eagerly), so the kernels are specialised to it instead of being made shape-generic
     when the next module's different shapes reach the shared wrapper (that took 20 % longer to compile small_cnn
-    on the CPU). The recompile limit grows to `COMPILES_PER_MODULE` graphs per module (process-wide, never lowered).
+    on the CPU). The recompile limit grows to `COMPILES_PER_MODULE` graphs per module (process-wide, never lowered),
+    and dynamo's caches are emptied first, so a run compiles the same graphs whatever a worker trained before it
+    (graphs of earlier runs would count against the same limits; the on-disk inductor cache still spares the C++).
 
     If compiling or the probe raises, the modules are returned to eager, a warning with the reason is given (once
     per reason and process) and training goes on eagerly. Returns {"compiled": bool, "compile_error": str|None}
@@ -144,6 +146,7 @@ def compile_for_training(model, data, batch_size: int, device: torch.device) -> 
     grad_enabled, training = torch.is_grad_enabled(), model.training
     import torch._dynamo as dynamo          # here, not at the top: importing it costs ~1 s
     try:
+        dynamo.reset()                    # this run's graphs only: a worker's earlier runs fill no limit here
         dynamo.config.suppress_errors = False
         # cache_size_limit: the recompile limit's name in every torch this supports (newer ones alias it)
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, COMPILES_PER_MODULE * len(modules))

@@ -286,6 +286,19 @@ def test_every_module_stays_compiled_through_every_phase(tmp_path, monkeypatch, 
     assert not hits.messages, hits.messages[0]
 
 
+def test_a_run_compiles_its_graphs_whatever_ran_before_it_in_the_process(tmp_path, monkeypatch, restore_dynamo):
+    """A worker trains run after run: each --fast run starts from empty dynamo caches, so earlier runs' graphs
+    neither count against its recompile limits nor stand in for its own (the second, identical run traces again)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")
+    traced = []
+    for attempt in ("first", "second"):
+        before = counters["stats"]["unique_graphs"]
+        run_tiny(tmp_path / attempt, fast=True)
+        traced.append(counters["stats"]["unique_graphs"] - before)
+    assert traced[0] > 0 and traced[1] == traced[0]
+
+
 @pytest.mark.slow
 def test_inductor_compiles_and_trains_on_the_cpu(tmp_path, restore_dynamo):
     """The real --fast path on this CPU (inductor generates C++; ~30 s on 2 cores, most of it compiling)."""
