@@ -9,10 +9,8 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 from benchmark import PROTOCOL_VERSION
-from benchmark.cli import main
 from benchmark.provenance import code_version
 from conftest import BENCH, REPO, SERIAL_RUN, bench_in_process
 
@@ -75,7 +73,7 @@ def test_rerun_skips_done_runs_and_never_duplicates_rows(smoke_results, tmp_path
     grid, results, _ = smoke_results
     results = copy_of(results, tmp_path)
     before = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
-    again = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(results), *SERIAL_RUN])  # no training
+    again = bench_in_process("run", "--grid", grid, "--results", results, *SERIAL_RUN)  # no training
     assert again.exit_code == 0 and "0 trained, 3 already done" in again.stdout
     assert before == {p.name: (p / "metrics.json").stat().st_mtime_ns for p in run_dirs(results)}
     assert len(pd.read_csv(results / "tables" / "runs.csv")) == 3
@@ -107,11 +105,10 @@ def test_non_finite_loss_fails_that_run_only(grid_file, tmp_path):
     assert sorted(failed.arch) == ["small_cnn", "small_cnn"] and failed.final_accuracy.isna().all()
     assert sorted(failed.error) == ["non-finite loss at epoch 1, phase P1", "non-finite loss at epoch 1, phase P2"]
     # the reruns train nothing: in this process (the first run checked the real entry point's exit code)
-    skipped = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"), *SERIAL_RUN])
+    skipped = bench_in_process("run", "--grid", grid, "--results", tmp_path / "out", *SERIAL_RUN)
     assert "2 failed earlier" in skipped.stdout and skipped.exit_code == 1  # failed runs: not retried, not forgotten
     assert "2 reported runs of grid" in skipped.stderr and "--allow-failed" in skipped.stderr
-    allowed = CliRunner().invoke(main, ["run", "--grid", str(grid), "--results", str(tmp_path / "out"),
-                                        "--allow-failed", *SERIAL_RUN])
+    allowed = bench_in_process("run", "--grid", grid, "--results", tmp_path / "out", "--allow-failed", *SERIAL_RUN)
     assert allowed.exit_code == 0, allowed.output
 
 
@@ -155,7 +152,7 @@ def test_by_default_one_process_per_core_runs_the_grid_and_the_main_process_logs
     here = copy_of(tmp_path / "out", tmp_path / "here")
     for path in here.glob("runs/*/r*.csv"):
         path.unlink()
-    again = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(here)])
+    again = bench_in_process("analyze", "--grid", grid, "--results", here)
     assert again.exit_code == 0, again.output
     assert all(path.read_bytes() == (here / path.relative_to(tmp_path / "out")).read_bytes() for path in per_run)
     figures = sorted((tmp_path / "out" / "figures").glob("*.png"))
@@ -212,7 +209,7 @@ def test_run_with_analyses_writes_every_table_and_figure(grid_file, tmp_path):
             "landscape_1d_digits_small_cnn.png", "landscape_2d_digits_small_cnn.png",
             "interpolation_digits_small_cnn.png", "final_accuracy_ci.png"} <= set(figures)
     cached = {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}
-    again = CliRunner().invoke(main, ["analyze", "--grid", str(grid), "--results", str(results)])
+    again = bench_in_process("analyze", "--grid", grid, "--results", results)
     assert again.exit_code == 0, again.output
     assert cached == {p: p.stat().st_mtime_ns for p in results.glob("runs/*/rank.csv")}, "per-run analyses are cached"
 
