@@ -192,7 +192,8 @@ def test_every_regime_trains_a_segmentation_network_and_its_run_evaluates_from_d
 
     costs = {"backbone": 1e6, "exits": [2.5e5 * (k + 1) for k in range(model.num_exits)]}
     evaluation = stored_evaluation(model, scenes, tmp_path, CPU, costs)
-    stored = read_dense(tmp_path / "dense.npz", model.num_exits, 16, 16, scenes.num_classes, SUMMARY_RULES, N_BINS)
+    stored = read_dense(tmp_path / "dense.npz", model.num_exits, len(scenes.y_val), len(scenes.y_test),
+                        scenes.num_classes, SUMMARY_RULES, N_BINS)
     assert not (tmp_path / "logits.npz").exists()
     assert evaluation.exits["test_accuracy"].tolist() == mean_iou(stored["test"]["confusion"].sum(axis=1)).tolist()
     calibration, _ = pixel_calibration(stored["test"]["reliability"], stored["test"]["likelihood"])
