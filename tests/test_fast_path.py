@@ -261,8 +261,9 @@ class RecompileLimitHits(logging.Handler):
         self.messages = []
 
     def emit(self, record):
-        if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
-            self.messages.append(record.getMessage())
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
+            self.messages.append(message)
 
 
 @pytest.mark.parametrize("regime", ["joint+l2w", "disjoint+ztw"])
