@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from analysis.style import (BASELINE, new_figure, place_legend, regime_handles, regime_order, regime_style, save,
                             schedule_groups)
 from benchmark.data.dataset import IGNORE_INDEX
+from benchmark.data.stratify import stratified_sample
 from benchmark.models.eval_mode import evaluating
 from benchmark.models.multi_exit import Hidden, coarsest_scale
 
@@ -70,10 +71,7 @@ def stratified_indices(y: Tensor | np.ndarray, n_samples: int | None, seed: int 
         return np.arange(len(labels))
     if labels.ndim > 1:
         return np.sort(np.random.default_rng(seed).choice(len(labels), size=n_samples, replace=False))
-    from sklearn.model_selection import train_test_split  # ~0.8 s, so not at import: `bench run` imports this module
-
-    chosen, _ = train_test_split(np.arange(len(labels)), train_size=n_samples, stratify=labels, random_state=seed)
-    return np.sort(chosen)
+    return stratified_sample(labels, len(labels) - n_samples, seed)[0]
 
 
 # ------------------------------------------------------------------------ matrix-based Rényi entropy

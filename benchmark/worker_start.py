@@ -10,11 +10,10 @@ import sys
 from contextlib import contextmanager, suppress
 
 
-WORKER_PRELOAD = ["benchmark.runner", "benchmark.analyze", "torch._dynamo", "sklearn.model_selection",
-                  "matplotlib.pyplot", "seaborn"]
+WORKER_PRELOAD = ["benchmark.runner", "benchmark.analyze", "torch._dynamo", "matplotlib.pyplot", "seaborn"]
 """What every worker imports anyway: torch and exitbench (~1.7 s), torch._dynamo (~1 s: the optimizers' step, the
-FLOP counter and deterministic mode import it), scikit-learn's splitter (~1 s, building any dataset) and the plotting
-libraries (~0.5 s, the grid's figures; importing pyplot picks no backend, `analysis.style` sets Agg)."""
+FLOP counter and deterministic mode import it) and the plotting libraries (~0.5 s, the grid's figures; importing
+pyplot picks no backend, `analysis.style` sets Agg). Not scikit-learn: no run imports it (benchmark/data/stratify.py)."""
 
 
 def resolve_executor(executor: str, jobs: int | None, threads: int | None, device_type: str) -> tuple[str, int]:

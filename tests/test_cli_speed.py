@@ -1,8 +1,8 @@
 """`bench list` and `bench run --dry-run` answer in about a second or two: they build no backbone and draw no figure,
 so they must not import torchvision or timm (~1.3 s together; torchvision.ops pulls in torch._dynamo) nor matplotlib
 and seaborn (~0.5 s). Checked by what a fresh interpreter has imported, not by a clock, so it holds on a loaded
-machine. `list` needs no dataset either, so not scikit-learn or SciPy (~0.8 s); a dry run loads its datasets to check
-its cells, and digits comes from scikit-learn."""
+machine. Neither imports scikit-learn or SciPy (~0.9 s): `list` needs no dataset, and a dry run, which loads its
+datasets to check its cells, reads digits and draws its splits without them (benchmark/data/stratify.py)."""
 
 import json
 import os
@@ -44,8 +44,8 @@ def test_listing_imports_no_model_zoo_plotting_or_data_library(what, expected):
     assert imported == set()
 
 
-def test_a_dry_run_imports_no_model_zoo_nor_plotting(tmp_path):
+def test_a_dry_run_imports_no_model_zoo_plotting_or_data_library(tmp_path):
     output, imported = run_bench(["run", "--grid", "smoke", "--dry-run", "--results", str(tmp_path / "results")],
-                                 BUILDING + PLOTTING + TRACKERS)
+                                 BUILDING + PLOTTING + DATA + TRACKERS)
     assert "small_cnn" in output and "pending" in output
     assert imported == set()

