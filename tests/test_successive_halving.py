@@ -47,14 +47,15 @@ def _same_run(store_a: ResultsStore, store_b: ResultsStore, run_id: str) -> None
 
 @pytest.mark.parametrize("objective", objective_names())
 def test_resumed_run_is_bitwise_the_uninterrupted_run(tmp_path, objective):
-    spec = digits_spec(_regime(objective), TRAIN)
+    """Three epochs: a rung, a rung resumed from it, and the full run resumed from that."""
+    spec = digits_spec(_regime(objective), {**TRAIN, "epochs": 3})
     whole, halves = ResultsStore(tmp_path / "whole"), ResultsStore(tmp_path / "halves")
     _train(spec, whole)
     rung = _train(spec.at_epoch(1), halves)
     assert rung["stop_after"] == 1 and (halves.run_dir(spec.at_epoch(1).run_id) / CHECKPOINT).is_file()
-    _train(spec.at_epoch(3), halves)                      # resumes from epoch 1, stops after 3
-    metrics = _train(spec, halves)                        # resumes from epoch 3
-    assert metrics["cost"]["resumed_from"] == spec.at_epoch(3).run_id
+    _train(spec.at_epoch(2), halves)                      # resumes from epoch 1, stops after 2
+    metrics = _train(spec, halves)                        # resumes from epoch 2
+    assert metrics["cost"]["resumed_from"] == spec.at_epoch(2).run_id
     _same_run(whole, halves, spec.run_id)
 
 
