@@ -430,4 +430,5 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    from benchmark.quick_exit import without_teardown
+    without_teardown(lambda: _main(sys.argv[1:]))

@@ -916,5 +916,12 @@ def calibrate(grid_name, only, device, threads, warmup, steps, memory_fraction, 
     click.echo(f"calibration of grid {grid.name} on {device_type}: {len(rows)} rows merged into {path}")
 
 
+def entry() -> None:
+    """The `bench` command (the console script, `python -m benchmark.cli`): `main`, its process ending without the
+    interpreter's teardown (benchmark/quick_exit.py)."""
+    from benchmark.quick_exit import without_teardown
+    without_teardown(main)         # click's standalone mode ends in SystemExit, on success too
+
+
 if __name__ == "__main__":
-    main()
+    entry()
