@@ -3,8 +3,10 @@ object of torch and the libraries beside it one by one: about 1 s of a core afte
 perturbed rerun of `bench check`, a sixth of a small `bench run` (BENCHMARK.md). What must happen at exit still
 does: Python joins the threads and runs every atexit handler (Ray's shutdown, logging's flush, multiprocessing's
 cleanup of the fork server), the last of them the one registered here, which flushes the two streams and ends the
-process with the command's exit status. An uncaught exception (a bug: its traceback) keeps the interpreter's own
-exit."""
+process with the command's exit status. Handlers registered before it would run after it, so never: the one a
+module imported that early registers is logging's flush (`python -m benchmark.check` imports logging with torch
+before its `__main__` block runs), which it runs itself. An uncaught exception (a bug: its traceback) keeps the
+interpreter's own exit."""
 from __future__ import annotations
 
 import atexit
@@ -31,6 +33,8 @@ def without_teardown(command: Callable[[], object]) -> None:
 def _exit_now() -> None:
     if not _EXIT_STATUS:
         return
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()       # flush and close every handler (again, if its own ran already)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
