@@ -1,6 +1,6 @@
-"""`bench`'s exit (benchmark.cli.entry, benchmark/quick_exit.py): main's exit status and everything it wrote, every atexit handler run, and
-no interpreter teardown after a command — checked in fresh interpreters whose `main` is replaced by a small one
-(importing benchmark.cli costs no torch: each process takes a fraction of a second)."""
+"""`bench`'s exit (benchmark.cli.entry, benchmark/quick_exit.py): main's exit status and everything it wrote, every
+atexit handler run, and no interpreter teardown after a command — checked in fresh interpreters whose `main` is
+replaced by a small one (importing benchmark.cli costs no torch: each process takes a fraction of a second)."""
 import subprocess
 import sys
 import textwrap

@@ -8,11 +8,13 @@ import pytest
 from sklearn.model_selection import train_test_split
 
 from benchmark.data.build import SPLIT_SEED, TEST_FRACTION, VALIDATION_FRACTION, stratified_split
+from benchmark.data.digit_sources import SOURCE_SHARES
 from benchmark.data.stratify import stratified_sample
 
 
-def scikit_learns(labels, n_held_out, seed):
-    kept, held_out = train_test_split(np.arange(len(labels)), test_size=n_held_out, stratify=labels,
+def scikit_learns(labels, test_size, seed):
+    """train_test_split's (kept, held out) indices, sorted; `test_size` a count or a fraction, as it takes them."""
+    kept, held_out = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
                                       random_state=seed)
     return np.sort(kept), np.sort(held_out)
 
@@ -30,14 +32,13 @@ def embedded_labels():
 
 @pytest.mark.parametrize("name", ["digits", "mnist5k"])
 def test_the_embedded_datasets_splits_are_scikit_learns(name):
-    """The test split carved from the source, validation from the rest, and the generated tasks' 25 % source
-    share — with the fraction rounded up as train_test_split(test_size=fraction) rounds it."""
+    """The test split carved from the source, validation from the rest, and the generated tasks' validation source
+    share (25 % of what the test share leaves) — the fraction rounded up as train_test_split(test_size=fraction)
+    rounds it."""
     labels = embedded_labels()[name]
-    for fraction in (TEST_FRACTION, 0.25):
+    for fraction in (TEST_FRACTION, SOURCE_SHARES["val"] / (1 - SOURCE_SHARES["test"])):
         kept, held_out = stratified_split(labels, fraction)
-        assert all(np.array_equal(a, b) for a, b in zip(
-            (kept, held_out), (np.sort(x) for x in train_test_split(np.arange(len(labels)), test_size=fraction,
-                                                                      stratify=labels, random_state=SPLIT_SEED))))
+        assert all(np.array_equal(a, b) for a, b in zip((kept, held_out), scikit_learns(labels, fraction, SPLIT_SEED)))
         rest = labels[kept]
         assert_same(rest, math.ceil(VALIDATION_FRACTION * len(rest)), SPLIT_SEED)
 
